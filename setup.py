@@ -1,0 +1,39 @@
+"""Install rlhf_jax: `pip install -e .` (add `[test]`, `[torch]`, `[tpu]` as needed)."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10,<0.11",
+    "jaxlib>=0.10,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.12,<0.13",
+    "chex>=0.1.90",
+    "numpy>=1.26",
+    "transformers>=5.0,<6",
+    "tokenizers>=0.21",
+    "safetensors>=0.4",
+    "tensorflow-datasets>=4.9.8,<5",
+    "array_record>=0.5",
+    "ml_collections>=1.0",
+    "absl-py>=2.0",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+]
+
+setup(
+    name="rlhf_jax",
+    version="0.1.0",
+    description="InstructGPT (SFT -> K-way reward model -> PPO-ptx) in JAX/Flax, sharded for TPU pods.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+        "torch": ["torch==2.13.0"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+    },
+    entry_points={"console_scripts": ["rlhf-jax=rlhf_jax.cli:main"]},
+)
