@@ -1,0 +1,8 @@
+"""The transformer, its config, and Hugging Face checkpoint interop."""
+from rlhf_jax.models.config import (TransformerConfig, gpt2_config, llama_config, qwen2_config,
+                                    tiny_config)
+from rlhf_jax.models.transformer import (CACHE_AXES, Transformer, default_position_ids,
+                                         init_cache)
+from rlhf_jax.models.params import (abstract_params, init_params, param_shardings, place_params,
+                                    stack_layers, unstack_layers)
+from rlhf_jax.models.hf import CheckpointFormatError, from_pretrained, save_pretrained

@@ -1,0 +1,387 @@
+"""Hugging Face interop: local ``config.json`` + safetensors <-> our parameter trees.
+
+Local files only: nothing is downloaded, and nothing is unpickled (no ``torch.load``). Supported
+architectures: GPT-2 (``GPT2LMHeadModel``), Llama (``LlamaForCausalLM``), Qwen2
+(``Qwen2ForCausalLM``). Every tensor is checked against the shape ``config.json`` implies, and a
+mismatch names the file, the tensor, the shape found and the shape expected.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from rlhf_jax.models.config import TransformerConfig, gpt2_config, llama_config, qwen2_config
+from rlhf_jax.models.params import (param_shardings, stack_layers, unstack_layers)
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.sharding import DEFAULT_RULES, LogicalRules
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = {"GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2", "LlamaForCausalLM": "llama",
+             "Qwen2ForCausalLM": "qwen2"}
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint directory that does not match what its config.json describes."""
+
+
+# --- config ----------------------------------------------------------------------------------
+
+def _architecture(hf: dict[str, Any], path: str) -> str:
+    names = hf.get("architectures") or []
+    for name in names:
+        if name in SUPPORTED:
+            return SUPPORTED[name]
+    model_type = hf.get("model_type")
+    if not names and model_type in ("gpt2", "llama", "qwen2"):
+        return model_type
+    raise CheckpointFormatError(
+        f"{path}: unsupported architecture {names or model_type!r}; supported: {sorted(SUPPORTED)}")
+
+
+def _rope_theta(hf: dict[str, Any], path: str) -> float:
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise CheckpointFormatError(
+            f"{path}: rope_type {rope_type!r} is not supported (only plain RoPE, 'default')")
+    return float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+
+
+def config_from_hf(hf: dict[str, Any], path: str = "config.json", **overrides: Any) -> TransformerConfig:
+    """Our TransformerConfig from a transformers config dict."""
+    arch = _architecture(hf, path)
+    ids = dict(pad_token_id=hf.get("pad_token_id"), bos_token_id=hf.get("bos_token_id"),
+               eos_token_id=_first(hf.get("eos_token_id")))
+    if arch == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise CheckpointFormatError(
+                f"{path}: activation_function {act!r} unsupported; expected 'gelu_new'")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise CheckpointFormatError(f"{path}: scale_attn_by_inverse_layer_idx / "
+                                        "reorder_and_upcast_attn are not supported")
+        d = hf["n_embd"]
+        cfg = dict(vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"],
+                   n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
+                   max_position=hf.get("n_positions", 1024),
+                   norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                   tie_embeddings=hf.get("tie_word_embeddings", True), **ids)
+        cfg.update(overrides)
+        return gpt2_config(**cfg)
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointFormatError(f"{path}: hidden_act {hf.get('hidden_act')!r} unsupported; expected 'silu'")
+    if hf.get("use_sliding_window"):
+        raise CheckpointFormatError(f"{path}: sliding-window attention is not supported")
+    cfg = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+               n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+               n_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
+               d_ff=hf["intermediate_size"], max_position=hf.get("max_position_embeddings", 2048),
+               norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(hf, path),
+               tie_embeddings=hf.get("tie_word_embeddings", False), **ids)
+    if arch == "llama":
+        attn_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
+        if attn_bias != mlp_bias:
+            raise CheckpointFormatError(
+                f"{path}: attention_bias={attn_bias} with mlp_bias={mlp_bias} is not supported "
+                "(both must match)")
+        cfg.update(qkv_bias=attn_bias, out_bias=attn_bias)
+        cfg.update(overrides)
+        return llama_config(**cfg)
+    cfg.update(overrides)
+    return qwen2_config(**cfg)
+
+
+def _first(x: Any) -> Any:
+    return x[0] if isinstance(x, (list, tuple)) and x else x
+
+
+def config_to_hf(cfg: TransformerConfig):
+    """A transformers config object for our config (LM head only)."""
+    import transformers
+    ids = dict(pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id,
+               eos_token_id=cfg.eos_token_id)
+    if cfg.arch == "gpt2":
+        if not cfg.tie_embeddings:
+            raise ValueError("GPT-2 export needs tie_embeddings=True (transformers ties GPT-2's head)")
+        return transformers.GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.max_position, n_embd=cfg.d_model,
+            n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff,
+            activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+            architectures=["GPT2LMHeadModel"], **ids)
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+                  num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                  num_key_value_heads=cfg.kv_heads, head_dim=cfg.dims_per_head,
+                  max_position_embeddings=cfg.max_position, rms_norm_eps=cfg.norm_eps,
+                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                  tie_word_embeddings=cfg.tie_embeddings, **ids)
+    if cfg.arch == "qwen2":
+        return transformers.Qwen2Config(architectures=["Qwen2ForCausalLM"], **common)
+    return transformers.LlamaConfig(attention_bias=cfg.qkv_bias, mlp_bias=cfg.out_bias,
+                                    architectures=["LlamaForCausalLM"], **common)
+
+
+# --- tensor name maps --------------------------------------------------------------------------
+# Each entry: (our path, HF name, to_ours(hf_array) -> array, to_hf(our_array) -> array, hf_shape).
+
+def _gpt2_entries(cfg: TransformerConfig) -> Iterator[tuple]:
+    d, h, dh, f = cfg.d_model, cfg.n_heads, cfg.dims_per_head, cfg.d_ff
+    yield ("embed/embedding", "wte.weight", _same, _same, (cfg.vocab_size, d))
+    yield ("pos_embed/embedding", "wpe.weight", _same, _same, (cfg.max_position, d))
+    for i in range(cfg.n_layers):
+        p, hp = f"layer_{i}", f"h.{i}"
+        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            yield (f"{p}/{ours}/scale", f"{hp}.{theirs}.weight", _same, _same, (d,))
+            yield (f"{p}/{ours}/bias", f"{hp}.{theirs}.bias", _same, _same, (d,))
+        # c_attn is a Conv1D: weight [in, out] with out = [q | k | v].
+        for j, name in enumerate("qkv"):
+            yield (f"{p}/attn/{name}/kernel", f"{hp}.attn.c_attn.weight",
+                   _slice_cols(j, d, (d, h, dh)), None, (d, 3 * d))
+            yield (f"{p}/attn/{name}/bias", f"{hp}.attn.c_attn.bias",
+                   _slice_cols(j, d, (h, dh)), None, (3 * d,))
+        yield (f"{p}/attn/o/kernel", f"{hp}.attn.c_proj.weight", _reshape((h, dh, d)),
+               _reshape((h * dh, d)), (d, d))
+        yield (f"{p}/attn/o/bias", f"{hp}.attn.c_proj.bias", _same, _same, (d,))
+        yield (f"{p}/mlp/fc_in/kernel", f"{hp}.mlp.c_fc.weight", _same, _same, (d, f))
+        yield (f"{p}/mlp/fc_in/bias", f"{hp}.mlp.c_fc.bias", _same, _same, (f,))
+        yield (f"{p}/mlp/fc_out/kernel", f"{hp}.mlp.c_proj.weight", _same, _same, (f, d))
+        yield (f"{p}/mlp/fc_out/bias", f"{hp}.mlp.c_proj.bias", _same, _same, (d,))
+    yield ("final_norm/scale", "ln_f.weight", _same, _same, (d,))
+    yield ("final_norm/bias", "ln_f.bias", _same, _same, (d,))
+
+
+def _llama_entries(cfg: TransformerConfig) -> Iterator[tuple]:
+    d, h, kv, dh, f = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dims_per_head, cfg.d_ff
+    yield ("embed/embedding", "model.embed_tokens.weight", _same, _same, (cfg.vocab_size, d))
+    for i in range(cfg.n_layers):
+        p, hp = f"layer_{i}", f"model.layers.{i}"
+        yield (f"{p}/attn_norm/scale", f"{hp}.input_layernorm.weight", _same, _same, (d,))
+        yield (f"{p}/mlp_norm/scale", f"{hp}.post_attention_layernorm.weight", _same, _same, (d,))
+        for name, n in (("q", h), ("k", kv), ("v", kv)):
+            # nn.Linear stores [out, in]; ours is [in, heads, head_dim].
+            yield (f"{p}/attn/{name}/kernel", f"{hp}.self_attn.{name}_proj.weight",
+                   _linear_in(( n, dh), d), _linear_out(d, n * dh), (n * dh, d))
+            if cfg.qkv_bias:
+                yield (f"{p}/attn/{name}/bias", f"{hp}.self_attn.{name}_proj.bias",
+                       _reshape((n, dh)), _reshape((n * dh,)), (n * dh,))
+        yield (f"{p}/attn/o/kernel", f"{hp}.self_attn.o_proj.weight",
+               lambda w: w.T.reshape(h, dh, d), lambda w: w.reshape(h * dh, d).T, (d, h * dh))
+        for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+            yield (f"{p}/mlp/{name}/kernel", f"{hp}.mlp.{name}_proj.weight", _t, _t, shape)
+        if cfg.out_bias:
+            yield (f"{p}/attn/o/bias", f"{hp}.self_attn.o_proj.bias", _same, _same, (d,))
+            for name, n in (("gate", f), ("up", f), ("down", d)):
+                yield (f"{p}/mlp/{name}/bias", f"{hp}.mlp.{name}_proj.bias", _same, _same, (n,))
+    yield ("final_norm/scale", "model.norm.weight", _same, _same, (d,))
+    if not cfg.tie_embeddings:
+        yield ("lm_head/kernel", "lm_head.weight", _t, _t, (cfg.vocab_size, d))
+
+
+def _same(x):
+    return x
+
+
+def _t(x):
+    return x.T
+
+
+def _reshape(shape):
+    return lambda x: x.reshape(shape)
+
+
+def _slice_cols(j, width, shape):
+    return lambda x: x[..., j * width:(j + 1) * width].reshape(shape)
+
+
+def _linear_in(shape, d):
+    return lambda w: w.T.reshape(d, *shape)
+
+
+def _linear_out(d, out):
+    return lambda w: w.reshape(d, out).T
+
+
+def _entries(cfg: TransformerConfig):
+    return _gpt2_entries(cfg) if cfg.arch == "gpt2" else _llama_entries(cfg)
+
+
+# --- safetensors reading -----------------------------------------------------------------------
+
+class _TensorStore:
+    """Name -> (file, lazy reader) over one or more safetensors files; framework-free numpy."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            bins = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
+            hint = (f" (found {', '.join(os.path.basename(b) for b in bins)}: pickled PyTorch "
+                    "files are never loaded; re-save with safe_serialization=True)") if bins else ""
+            raise FileNotFoundError(f"{path}: no *.safetensors files{hint}")
+        self.where: dict[str, str] = {}
+        self._handles = {}
+        for file in files:
+            handle = safe_open(file, framework="flax")
+            self._handles[file] = handle
+            for key in handle.keys():
+                self.where[key] = file
+        self.files = files
+
+    def resolve(self, name: str, prefixes: tuple[str, ...]) -> str | None:
+        for prefix in prefixes:
+            if prefix + name in self.where:
+                return prefix + name
+        return None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handles[self.where[key]].get_slice(key).get_shape())
+
+    def get(self, key: str) -> jax.Array:
+        return self._handles[self.where[key]].get_tensor(key)
+
+
+def _set_path(tree: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.split("/")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def _get_path(tree: dict, path: str) -> Any:
+    for p in path.split("/"):
+        tree = tree[p]
+    return tree
+
+
+def load_params(path: str, cfg: TransformerConfig, shardings: Any = None,
+                dtype: Any = jnp.float32) -> dict:
+    """Read safetensors into our (unstacked) tree, one tensor at a time, checking shapes.
+
+    With ``shardings`` (a tree of NamedSharding for the unstacked layout) each tensor goes straight
+    to its sharding, so the full model is never gathered on one device.
+    """
+    store = _TensorStore(path)
+    prefixes = ("", "transformer.") if cfg.arch == "gpt2" else ("",)
+    params: dict = {}
+    for ours, theirs, to_ours, _, hf_shape in _entries(cfg):
+        key = store.resolve(theirs, prefixes)
+        if key is None:
+            raise CheckpointFormatError(
+                f"{path}: tensor {theirs!r} (for {ours}) is missing from "
+                f"{', '.join(os.path.basename(f) for f in store.files)}")
+        found = store.shape(key)
+        if found != tuple(hf_shape):
+            raise CheckpointFormatError(
+                f"{os.path.basename(store.where[key])}: tensor {key!r} has shape {found}, but "
+                f"config.json implies {tuple(hf_shape)}")
+        value = to_ours(store.get(key)).astype(dtype)
+        if shardings is not None:
+            value = jax.device_put(value, _get_path(shardings, ours))
+        _set_path(params, ours, value)
+    return params
+
+
+def _read_hf_config(path: str) -> dict[str, Any]:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a directory (expected a checkpoint directory "
+                                "with config.json and *.safetensors)")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path}: missing; a checkpoint directory needs config.json "
+                                "(transformers format) beside its *.safetensors files")
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointFormatError(f"{config_path}:{e.lineno}: invalid JSON ({e.msg})") from e
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved beside a checkpoint, or None (with a warning) when there is none."""
+    from transformers import AutoTokenizer
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    if not any(os.path.exists(os.path.join(path, n)) for n in names):
+        log.warning("%s: no tokenizer files; returning tokenizer=None", path)
+        return None
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def from_pretrained(path: str, mesh: Mesh | None = None, dtype: Any = jnp.float32, *,
+                    rules: LogicalRules = DEFAULT_RULES, with_tokenizer: bool = True,
+                    **config_overrides: Any) -> tuple[Transformer, dict, Any]:
+    """``model, params, tokenizer`` from a local transformers checkpoint directory.
+
+    ``dtype`` is the parameter and compute dtype (override ``dtype=``/``param_dtype=`` names
+    through ``config_overrides``, e.g. ``scan_layers=True, remat=True, dropout=0.1``).
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    hf = _read_hf_config(path)
+    dtype_name = jnp.dtype(dtype).name
+    overrides = dict(dtype=dtype_name, param_dtype=dtype_name)
+    overrides.update(config_overrides)
+    cfg = config_from_hf(hf, os.path.join(path, "config.json"), **overrides)
+    model = Transformer(cfg, mesh=mesh, rules=rules)
+    shardings = None
+    if mesh is not None:
+        unstacked_model = Transformer(cfg.replace(scan_layers=False), mesh=mesh, rules=rules)
+        shardings = param_shardings(unstacked_model, mesh)
+    params = load_params(path, cfg, shardings, dtype=cfg.params_dtype)
+    if cfg.scan_layers:
+        stack = lambda p: stack_layers(p, cfg.n_layers)
+        if mesh is not None:
+            stack = jax.jit(stack, out_shardings=param_shardings(model, mesh))
+        params = stack(params)
+    tokenizer = load_tokenizer(path) if with_tokenizer else None
+    return model, params, tokenizer
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def save_pretrained(path: str, model: Transformer, params: dict, tokenizer: Any = None) -> str:
+    """Write ``config.json`` + ``model.safetensors`` (+ tokenizer) that transformers loads.
+
+    Every process must call it on a multi-host run (the gather is collective); process 0 writes.
+    Weights are written in float32 (numpy has no bfloat16).
+    """
+    from safetensors.numpy import save_file
+    cfg = model.config
+    if cfg.head != "lm":
+        raise ValueError("save_pretrained exports LM-head models; got head='scalar' (reward/value "
+                         "models are stored with rlhf_jax.checkpoint)")
+    hf_config = config_to_hf(cfg)
+    params = unstack_layers(params)
+    tensors: dict[str, np.ndarray] = {}
+    prefix = "transformer." if cfg.arch == "gpt2" else ""
+    fused: dict[str, list] = {}
+    for ours, theirs, _, to_hf, _ in _entries(cfg):
+        value = _to_host(_get_path(params, ours)).astype(np.float32)
+        if to_hf is None:   # GPT-2's fused c_attn: collect q, k, v and concatenate below
+            fused.setdefault(theirs, []).append(value.reshape(value.shape[0], -1)
+                                                if value.ndim == 3 else value.reshape(-1))
+            continue
+        tensors[prefix + theirs] = np.ascontiguousarray(to_hf(value))
+    for theirs, parts in fused.items():
+        tensors[prefix + theirs] = np.ascontiguousarray(np.concatenate(parts, axis=-1))
+    path = os.path.abspath(os.path.expanduser(path))
+    if jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        hf_config.save_pretrained(path)
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(path)
+    return path

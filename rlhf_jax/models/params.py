@@ -1,0 +1,97 @@
+"""Creating, sharding and reshaping parameter pytrees.
+
+Parameters are born in their final shardings: ``init_params`` jits ``model.init`` with
+``out_shardings`` derived from the logical axis names, so no host ever holds a full copy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rlhf_jax.models.transformer import CACHE_AXES, Transformer
+from rlhf_jax.sharding import logical_to_spec, shardings_from_boxed
+
+PyTree = Any
+
+
+def _dummy_inputs(model: Transformer) -> jax.Array:
+    return jnp.zeros((1, 2), jnp.int32)
+
+
+def abstract_boxed_params(model: Transformer) -> PyTree:
+    """Shapes, dtypes and logical names of every parameter, without allocating anything."""
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_inputs(model)))
+    return variables["params"]
+
+
+def abstract_params(model: Transformer, mesh: Mesh | None = None) -> PyTree:
+    """ShapeDtypeStructs (with shardings when a mesh is given) of the unboxed parameter tree."""
+    boxed = abstract_boxed_params(model)
+    unboxed = nn.meta.unbox(boxed)
+    if mesh is None:
+        return unboxed
+    shardings = param_shardings(model, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        unboxed, shardings)
+
+
+def param_shardings(model: Transformer, mesh: Mesh) -> PyTree:
+    """NamedSharding per parameter, from the model's logical axes and its rules table."""
+    return shardings_from_boxed(abstract_boxed_params(model), mesh, model.rules)
+
+
+def init_params(model: Transformer, rng: jax.Array, mesh: Mesh | None = None) -> PyTree:
+    """Random parameters, created directly in their shardings when a mesh is given."""
+    def init(key):
+        return nn.meta.unbox(model.init(key, _dummy_inputs(model))["params"])
+    if mesh is None:
+        return jax.jit(init)(rng)
+    return jax.jit(init, out_shardings=param_shardings(model, mesh))(rng)
+
+
+def place_params(params: PyTree, model: Transformer, mesh: Mesh | None) -> PyTree:
+    """Move an existing (host or device) parameter tree onto the model's shardings."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, params)
+    return jax.device_put(params, param_shardings(model, mesh))
+
+
+def cache_sharding(model: Transformer, mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(CACHE_AXES, mesh, model.rules, shape=shape))
+
+
+def count_params(params: PyTree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def stack_layers(params: PyTree, n_layers: int) -> PyTree:
+    """``layer_0 .. layer_{L-1}`` -> ``layers`` with a leading layer axis (for scan_layers)."""
+    params = dict(params)
+    layers = [params.pop(f"layer_{i}") for i in range(n_layers)]
+    params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return params
+
+
+def unstack_layers(params: PyTree) -> PyTree:
+    """Inverse of ``stack_layers``; a tree without ``layers`` is returned as is."""
+    if "layers" not in params:
+        return params
+    params = dict(params)
+    stacked = params.pop("layers")
+    n_layers = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(n_layers):
+        params[f"layer_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+    return params
+
+
+def cast_floating(params: PyTree, dtype: Any) -> PyTree:
+    """Cast floating-point leaves (e.g. to the config's param_dtype)."""
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+

@@ -1,0 +1,328 @@
+"""One decoder-only transformer for the policy, reference, reward and value networks.
+
+The module is applied functionally: ``model.apply({"params": params}, input_ids, attention_mask)``.
+Every parameter is created with logical axis names (see ``rlhf_jax.sharding``), so the same code
+runs on one CPU or sharded over a pod.
+
+Parameter tree (``layers`` is stacked with a leading layer axis when ``scan_layers``; otherwise
+``layer_0 .. layer_{L-1}``)::
+
+    embed/embedding [V, D]            pos_embed/embedding [P, D]   (learned positions only)
+    layer_i/attn_norm/{scale, bias}   layer_i/mlp_norm/{scale, bias}   (bias: LayerNorm only)
+    layer_i/attn/{q,k,v}/kernel [D, H|KV, Dh]  (+ bias [H|KV, Dh])
+    layer_i/attn/o/kernel [H, Dh, D]           (+ bias [D])
+    layer_i/mlp/fc_in/kernel [D, F], fc_out/kernel [F, D]       (GELU, + biases)
+    layer_i/mlp/gate|up/kernel [D, F], down/kernel [F, D]       (SwiGLU)
+    final_norm/{scale, bias}          lm_head/kernel [D, V] (untied)   score_head/{kernel [D,1], bias [1]}
+
+KV cache: ``{"k": [L, B, S, KV, Dh], "v": ...}``. All sequences of a batch write slot
+``cache_index`` together; left padding is handled by the attention mask over slots and by
+per-sequence position ids, so prefill + one-token steps give the full forward's logits.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from rlhf_jax.models.config import TransformerConfig
+from rlhf_jax.sharding import DEFAULT_RULES, LogicalRules, with_logical_constraint
+
+Array = jax.Array
+Cache = dict[str, Array]
+
+_NEG_INF = -1e30  # finite, so fully-masked rows (left padding) give uniform weights, not NaN
+
+
+def _init(stddev: float, axes: tuple[str, ...]) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
+
+
+def _zeros(axes: tuple[str, ...]) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _ones(axes: tuple[str, ...]) -> Callable:
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+class _Sharded(nn.Module):
+    """Mixin: logical sharding constraints on activations when a mesh is set."""
+    config: TransformerConfig
+    mesh: Mesh | None = None
+    rules: LogicalRules = DEFAULT_RULES
+
+    def constrain(self, x: Array, *axes: str | None) -> Array:
+        return with_logical_constraint(x, axes, self.mesh, self.rules)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm, computed in float32 (as both reference implementations do)."""
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        scale = self.param("scale", _ones(("norm",)), (x.shape[-1],), cfg.params_dtype)
+        h = x.astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            bias = self.param("bias", _zeros(("norm",)), (x.shape[-1],), cfg.params_dtype)
+            mean = h.mean(-1, keepdims=True)
+            var = jnp.square(h - mean).mean(-1, keepdims=True)
+            h = (h - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+            return (h * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(cfg.compute_dtype)
+        h = h * jax.lax.rsqrt(jnp.square(h).mean(-1, keepdims=True) + cfg.norm_eps)
+        return scale.astype(cfg.compute_dtype) * h.astype(cfg.compute_dtype)
+
+
+class Projection(nn.Module):
+    """``x @ kernel (+ bias)`` with a multi-dim kernel and logical axes per kernel dim."""
+    in_dims: int                 # how many trailing dims of x are contracted
+    features: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    use_bias: bool
+    config: TransformerConfig
+    stddev: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        in_shape = x.shape[x.ndim - self.in_dims:]
+        kernel = self.param("kernel", _init(self.stddev, self.kernel_axes),
+                            (*in_shape, *self.features), cfg.params_dtype)
+        contract = tuple(range(x.ndim - self.in_dims, x.ndim))
+        y = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
+                                ((contract, tuple(range(self.in_dims))), ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", _zeros(self.kernel_axes[self.in_dims:]), self.features,
+                              cfg.params_dtype)
+            y = y + bias.astype(cfg.compute_dtype)
+        return y
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos/sin [B, T, head_dim] for the rotate-half RoPE convention (Llama, Qwen2)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """x: [B, T, N, Dh]; rotate pairs (i, i + Dh/2)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    x32 = x.astype(jnp.float32)
+    out = x32 * cos[:, :, None, :] + rotated.astype(jnp.float32) * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention_mask_bias(key_mask: Array, n_queries: int, query_offset: Array | int) -> Array:
+    """Boolean [B, 1, Tq, S]: query i (at slot ``query_offset + i``) may see key slot j.
+
+    Causal over slots and restricted to real (non-padding) keys.
+    """
+    slots = jnp.arange(key_mask.shape[-1])
+    query_slots = query_offset + jnp.arange(n_queries)
+    causal = slots[None, :] <= query_slots[:, None]                       # [Tq, S]
+    return causal[None, None] & (key_mask[:, None, None, :] > 0)
+
+
+class Embed(nn.Module):
+    """A lookup table ``embedding [N, D]``; ``attend`` is its transpose (the tied LM head)."""
+    num_embeddings: int
+    axes: tuple[str, str]
+    config: TransformerConfig
+    stddev: float = 0.02
+
+    def setup(self):
+        cfg = self.config
+        self.embedding = self.param("embedding", _init(self.stddev, self.axes),
+                                    (self.num_embeddings, cfg.d_model), cfg.params_dtype)
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.config.compute_dtype)
+
+    def attend(self, x: Array) -> Array:
+        dtype = self.config.compute_dtype
+        return jnp.einsum("btd,vd->btv", x.astype(dtype), self.embedding.astype(dtype))
+
+
+class Attention(_Sharded):
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, allowed: Array, rope: tuple[Array, Array] | None,
+                 layer_cache: tuple[Array, Array] | None, cache_index: Array | None):
+        cfg = self.config
+        h, kv, dh = cfg.n_heads, cfg.kv_heads, cfg.dims_per_head
+        proj = lambda name, n: Projection(1, (n, dh), ("embed", "heads" if n == h else "kv_heads",
+                                                       "head_dim"), cfg.qkv_bias, cfg, name=name)
+        q = self.constrain(proj("q", h)(x), "activation_batch", "activation_length",
+                           "activation_heads", None)
+        k = self.constrain(proj("k", kv)(x), "activation_batch", "activation_length",
+                           "activation_kv_heads", None)
+        v = self.constrain(proj("v", kv)(x), "activation_batch", "activation_length",
+                           "activation_kv_heads", None)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        new_cache = None
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            start = (0, cache_index, 0, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            new_cache = (cache_k, cache_v)
+            k, v = cache_k.astype(cfg.compute_dtype), cache_v.astype(cfg.compute_dtype)
+
+        b, t = q.shape[:2]
+        q = q.reshape(b, t, kv, h // kv, dh)   # group query heads over their shared K/V head
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(dh))
+        scores = jnp.where(allowed[:, :, None], scores, _NEG_INF)
+        weights = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, h, dh)
+        out = Projection(2, (cfg.d_model,), ("heads", "head_dim", "embed"), cfg.out_bias, cfg,
+                         name="o")(out)
+        return out, new_cache
+
+
+class MLP(_Sharded):
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        dense = lambda name, feats, axes: Projection(1, (feats,), axes, cfg.out_bias, cfg, name=name)
+        if cfg.mlp == "gelu":
+            hidden = jax.nn.gelu(dense("fc_in", cfg.d_ff, ("embed", "mlp"))(x), approximate=True)
+        else:
+            hidden = (jax.nn.silu(dense("gate", cfg.d_ff, ("embed", "mlp"))(x))
+                      * dense("up", cfg.d_ff, ("embed", "mlp"))(x))
+        hidden = self.constrain(hidden, "activation_batch", "activation_length", "activation_mlp")
+        return dense("fc_out" if cfg.mlp == "gelu" else "down", cfg.d_model, ("mlp", "embed"))(hidden)
+
+
+class Block(_Sharded):
+    """Pre-norm residual block: x + Attn(Norm(x)), then x + MLP(Norm(x))."""
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, layer_cache, allowed: Array, rope, cache_index):
+        cfg = self.config
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic or cfg.dropout == 0.0)
+        attn_out, new_cache = Attention(cfg, self.mesh, self.rules, self.deterministic, name="attn")(
+            Norm(cfg, name="attn_norm")(x), allowed, rope, layer_cache, cache_index)
+        x = x + drop(attn_out)
+        x = x + drop(MLP(cfg, self.mesh, self.rules, name="mlp")(Norm(cfg, name="mlp_norm")(x)))
+        x = self.constrain(x, "activation_batch", "activation_length", "activation_embed")
+        return x, new_cache
+
+
+def default_position_ids(attention_mask: Array) -> Array:
+    """Positions that ignore left padding: 0 at each sequence's first real token."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def init_cache(config: TransformerConfig, batch_size: int, max_length: int,
+               dtype: Any = None) -> Cache:
+    """An empty KV cache with ``max_length`` slots (prompt + generated tokens)."""
+    shape = (config.n_layers, batch_size, max_length, config.kv_heads, config.dims_per_head)
+    dtype = dtype or config.compute_dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+CACHE_AXES = ("cache_layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+
+
+class Transformer(_Sharded):
+    """Decoder-only transformer with an LM head or a scalar (reward / value) head.
+
+    Call with ``input_ids [B, T]`` and ``attention_mask [B, T]`` (1 = real token). Returns
+    logits ``[B, T, V]`` (head="lm") or float32 scalars ``[B, T]`` (head="scalar"). With
+    ``cache`` (and ``cache_index``, the first slot the new tokens occupy) ``attention_mask`` spans
+    all cache slots ``[B, S]`` and the call returns ``(outputs, new_cache)``.
+    """
+
+    @nn.compact
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+                 position_ids: Array | None = None, *, cache: Cache | None = None,
+                 cache_index: Array | int | None = None, deterministic: bool = True):
+        cfg = self.config
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t) if cache is None else (b, cache["k"].shape[2]), jnp.int32)
+        if cache is not None and cache_index is None:
+            raise ValueError("a KV-cache call needs cache_index (the slot of the first new token)")
+        if position_ids is None:
+            if cache is None:
+                position_ids = default_position_ids(attention_mask)
+            else:
+                # Positions of the new tokens = real tokens before their slots.
+                full = default_position_ids(attention_mask)
+                position_ids = jax.lax.dynamic_slice_in_dim(full, cache_index, t, axis=1)
+
+        embed = Embed(cfg.vocab_size, ("vocab", "embed"), cfg, stddev=0.02, name="embed")
+        x = embed(input_ids)
+        if cfg.position == "learned":
+            x = x + Embed(cfg.max_position, ("position", "embed"), cfg, stddev=0.01,
+                          name="pos_embed")(position_ids)
+            rope = None
+        else:
+            rope = rope_tables(position_ids, cfg.dims_per_head, cfg.rope_theta)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic or cfg.dropout == 0.0)(x)
+        x = self.constrain(x, "activation_batch", "activation_length", "activation_embed")
+
+        allowed = attention_mask_bias(attention_mask, t, 0 if cache is None else cache_index)
+        x, new_cache = self.layers(x, cache, allowed, rope, cache_index, deterministic)
+        x = Norm(cfg, name="final_norm")(x)
+
+        if cfg.head == "scalar":
+            out = self.score_head(x)
+        else:
+            out = self.lm_logits(x, embed)
+        return out if cache is None else (out, new_cache)
+
+    # --- pieces -----------------------------------------------------------------------------
+
+    def layers(self, x, cache, allowed, rope, cache_index, deterministic):
+        cfg = self.config
+        block = nn.remat(Block, prevent_cse=not cfg.scan_layers) if cfg.remat else Block
+        if cfg.scan_layers:
+            scanned = nn.scan(block, variable_axes={"params": 0},
+                              split_rngs={"params": True, "dropout": True},
+                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                              length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            layer_caches = None if cache is None else (cache["k"], cache["v"])
+            x, stacked = scanned(cfg, self.mesh, self.rules, deterministic, name="layers")(
+                x, layer_caches, allowed, rope, cache_index)
+            new_cache = None if cache is None else {"k": stacked[0], "v": stacked[1]}
+            return x, new_cache
+        new_k, new_v = [], []
+        for i in range(cfg.n_layers):
+            layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
+            x, updated = block(cfg, self.mesh, self.rules, deterministic, name=f"layer_{i}")(
+                x, layer_cache, allowed, rope, cache_index)
+            if updated is not None:
+                new_k.append(updated[0])
+                new_v.append(updated[1])
+        new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+        return x, new_cache
+
+    def lm_logits(self, x: Array, embed: "Embed") -> Array:
+        cfg = self.config
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Projection(1, (cfg.vocab_size,), ("embed", "vocab"), False, cfg,
+                                name="lm_head")(x)
+        return self.constrain(logits, "activation_batch", "activation_length", "activation_vocab")
+
+    def score_head(self, x: Array) -> Array:
+        """Scalar per position, float32. Init N(0, 1/sqrt(d_model + 1)), bias 0 (Stiennon et al.)."""
+        cfg = self.config
+        head = Projection(1, (1,), ("embed", "score"), True, cfg,
+                          stddev=1.0 / (cfg.d_model + 1) ** 0.5, name="score_head")
+        return head(x)[..., 0].astype(jnp.float32)
