@@ -231,3 +231,71 @@ def load_pytree(path: str | os.PathLike, target: PyTree | None = None) -> PyTree
         return checkpointer.restore(absolute, abstract_tree)
     finally:
         checkpointer.close()
+
+
+# --- stage outputs: a model directory -------------------------------------------------------
+# <dir>/model_config.json   the TransformerConfig
+# <dir>/params/             orbax pytree of the parameters
+# <dir>/extra.json          stage extras (e.g. the reward model's normalization)
+# <dir>/tokenizer files     saved with tokenizer.save_pretrained
+
+MODEL_CONFIG_FILE = "model_config.json"
+EXTRA_FILE = "extra.json"
+
+
+def save_model_dir(directory: str, model: Any, params: PyTree, tokenizer: Any = None,
+                   extra: dict | None = None) -> str:
+    """Write a stage's output model; every process calls it (the orbax save is collective)."""
+
+    directory = _absolute_path(directory)
+    save_pytree(os.path.join(directory, "params"), params, overwrite=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(directory, MODEL_CONFIG_FILE), "w", encoding="utf-8") as f:
+            f.write(model.config.to_json())
+        with open(os.path.join(directory, EXTRA_FILE), "w", encoding="utf-8") as f:
+            json.dump(extra or {}, f, indent=2, sort_keys=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+    return directory
+
+
+def is_model_dir(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, MODEL_CONFIG_FILE)) and os.path.isdir(
+        os.path.join(directory, "params"))
+
+
+def load_model_dir(directory: str, mesh: Any = None, *, with_tokenizer: bool = True,
+                   **config_overrides: Any):
+    """``(model, params, tokenizer, extra)`` from a directory written by ``save_model_dir``.
+
+    ``config_overrides`` change run-time fields (dtype, remat, dropout, scan_layers); params are
+    restored straight into the shardings of ``mesh`` when one is given.
+    """
+    from rlhf_jax.models.config import TransformerConfig
+    from rlhf_jax.models.params import abstract_params, stack_layers, unstack_layers
+    from rlhf_jax.models.transformer import Transformer
+
+    directory = _absolute_path(directory)
+    if not is_model_dir(directory):
+        raise FileNotFoundError(f"{directory}: not a model directory (expected {MODEL_CONFIG_FILE} "
+                                "and params/, as written by a finished stage)")
+    with open(os.path.join(directory, MODEL_CONFIG_FILE), encoding="utf-8") as f:
+        saved = TransformerConfig.from_dict(json.load(f))
+    stored_model = Transformer(saved, mesh=mesh)
+    params = load_pytree(os.path.join(directory, "params"), abstract_params(stored_model, mesh))
+    config = saved.replace(**config_overrides)
+    model = Transformer(config, mesh=mesh)
+    if config.scan_layers != saved.scan_layers:
+        params = (stack_layers(params, config.n_layers) if config.scan_layers
+                  else unstack_layers(params))
+    if config.param_dtype != saved.param_dtype:
+        params = jax.tree.map(lambda x: x.astype(config.params_dtype), params)
+    extra = {}
+    if os.path.exists(os.path.join(directory, EXTRA_FILE)):
+        with open(os.path.join(directory, EXTRA_FILE), encoding="utf-8") as f:
+            extra = json.load(f)
+    tokenizer = None
+    if with_tokenizer and os.path.exists(os.path.join(directory, "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return model, params, tokenizer, extra

@@ -247,6 +247,15 @@ def _last_valid_one_hot(mask: Array) -> Array:
     return (positions[None, :] == last_index[:, None]).astype(jnp.float32)
 
 
+def value_at_last_token(values: Array, mask: Array) -> Array:
+    """[B, T] per-position values -> [B] float32 value at each row's last real token.
+
+    The reward model's score for prompt+response is read here (the last token of the response,
+    wherever padding puts it); rows with an empty mask give 0.
+    """
+    return jnp.sum(values.astype(jnp.float32) * _last_valid_one_hot(mask), axis=-1)
+
+
 def per_token_rewards(
     logprobs: Array,
     ref_logprobs: Array,

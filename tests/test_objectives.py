@@ -544,3 +544,16 @@ def test_adaptive_kl_update_golden_values():
     traced = jitted(jnp.float32(0.1), jnp.float32(6.6), jnp.float32(512), target=6.0,
                     horizon=10000.0)
     assert float(traced) == pytest.approx(0.1 * (1 + 0.1 * 0.0512), rel=1e-6)
+
+
+def test_value_at_last_token_golden():
+    from rlhf_jax.objectives import value_at_last_token
+    values = np.arange(12, dtype=np.float32).reshape(3, 4) + 0.25
+    mask = np.array([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    expected = []
+    for row in range(3):
+        last = [t for t in range(4) if mask[row, t]]
+        expected.append(values[row, last[-1]] if last else 0.0)
+    out = value_at_last_token(jnp.asarray(values, jnp.bfloat16).astype(jnp.float32), mask)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6)

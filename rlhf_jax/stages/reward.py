@@ -1,0 +1,219 @@
+"""Stage 2: the reward model, trained on K-way rankings with InstructGPT's loss (Eq. 1).
+
+Every batch element is one prompt with its K (2..max_k) ranked completions. All K completions
+of the batch go through the network in one forward pass (``[B*K, T]``), the reward is read at the
+last real token, and the loss averages ``-log sigmoid(r_w - r_l)`` over the prompt's C(K, 2)
+pairs before averaging over prompts. ``mode = "shuffled_pairs"`` instead makes every pair its own
+example (the baseline the paper says overfits).
+
+After training, the bias (and optionally the gain) that makes labeler demonstrations score mean 0
+(std 1) is stored with the model in ``extra.json`` and applied by ``score`` everywhere.
+
+    rlhf-jax rm --config experiments/tiny_rm.py --workdir runs/rm
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax.data import (BatchIterator, comparisons_to_pairs, tokenize_comparisons,
+                           tokenize_demonstrations)
+from rlhf_jax.data.sources import read_source
+from rlhf_jax.metrics import MetricsWriter, ProgressBar
+from rlhf_jax.models.params import param_shardings
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.objectives import kway_ranking_loss, value_at_last_token
+from rlhf_jax.optim import current_lr
+from rlhf_jax.sharding import shard_batch
+from rlhf_jax.stages import common
+from rlhf_jax.train_state import (create_train_state, make_eval_step, make_train_step,
+                                  train_state_shardings)
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "ranks", "valid")
+
+
+# --- the reward model as a function -----------------------------------------------------------
+
+def raw_rewards(params: Any, model: Transformer, input_ids: jax.Array, attention_mask: jax.Array,
+                position_ids: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
+    """[N, T] sequences -> [N] float32 rewards read at each sequence's last real token."""
+    values = model.apply({"params": params}, input_ids, attention_mask, position_ids,
+                         deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
+    return value_at_last_token(values, attention_mask)
+
+
+def normalize(raw: jax.Array, norm: dict[str, float] | None) -> jax.Array:
+    """Apply the stored demonstration normalization: ``(raw - mean) / std``."""
+    if not norm:
+        return raw
+    return (raw - norm["mean"]) / norm.get("std", 1.0)
+
+
+def score(params: Any, model: Transformer, norm: dict[str, float] | None, input_ids: jax.Array,
+          attention_mask: jax.Array, position_ids: jax.Array | None = None) -> jax.Array:
+    """Normalized RM score [N] (what PPO and evaluation use)."""
+    return normalize(raw_rewards(params, model, input_ids, attention_mask, position_ids), norm)
+
+
+def rm_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array | None,
+            model: Transformer) -> tuple[jax.Array, dict]:
+    """InstructGPT Eq. 1 over a batch of prompts, all B*K completions in one forward pass."""
+    b, k, t = batch["input_ids"].shape
+    flat = lambda x: x.reshape(b * k, t)
+    rewards = raw_rewards(params, model, flat(batch["input_ids"]), flat(batch["attention_mask"]),
+                          flat(batch["position_ids"]), rng).reshape(b, k)
+    return kway_ranking_loss(rewards, batch["ranks"], batch["valid"])
+
+
+def reward_model_from_lm(model: Transformer, params: Any, rng: jax.Array,
+                         mesh: Mesh | None) -> tuple[Transformer, Any]:
+    """Swap the LM head for a fresh scalar head on the same trunk (SFT -> RM initialization).
+
+    The head is N(0, 1/sqrt(d_model + 1)) with bias 0; the trunk (and tied embedding) is kept.
+    """
+    rm = Transformer(model.config.replace(head="scalar"), mesh=mesh, rules=model.rules)
+    fresh = jax.jit(lambda key: nn.meta.unbox(rm.init(key, jnp.zeros((1, 2), jnp.int32))["params"]),
+                    out_shardings=param_shardings(rm, mesh) if mesh is not None else None)(rng)
+    merged = {name: params[name] if name in params and name != "score_head" else value
+              for name, value in fresh.items()}
+    return rm, merged
+
+
+# --- data --------------------------------------------------------------------------------------
+
+def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict | None]:
+    data = cfg.data
+    read = lambda spec: read_source(spec, "comparisons", data_dir=data.get("tfds_data_dir"),
+                                    field_map=data.get("field_map"), max_k=data.max_k)
+    rows = read(data.train)
+    if data.get("valid"):
+        train_rows, valid_rows = rows, read(data.valid)
+    else:
+        train_rows, valid_rows = common.split_rows(rows, data.valid_fraction, cfg.seed)
+    max_k = data.max_k
+    if cfg.mode == "shuffled_pairs":
+        train_rows, max_k = comparisons_to_pairs(train_rows), 2
+        log.info("shuffled_pairs: %d pair examples", len(train_rows))
+
+    def tokenize(rows_, k, kind):
+        arrays, stats = tokenize_comparisons(rows_, tokenizer, data.max_prompt_len,
+                                             data.max_response_len, k, data.overlong)
+        log.info("%s %s", kind, stats)
+        return {key: arrays[key] for key in BATCH_KEYS}
+
+    train = tokenize(train_rows, max_k, "train")
+    # Validation always uses whole rankings: accuracy over every strict pair of a prompt.
+    valid = tokenize(valid_rows, data.max_k, "valid") if valid_rows else None
+    return train, valid
+
+
+def demonstration_norm(cfg: Any, tokenizer: Any, params: Any, model: Transformer,
+                       mesh: Mesh) -> dict[str, float]:
+    """Mean (and std) of the RM's raw rewards on labeler demonstrations."""
+    rows = read_source(cfg.normalize.demonstrations, "demonstrations",
+                       data_dir=cfg.data.get("tfds_data_dir"))
+    arrays, _ = tokenize_demonstrations(rows, tokenizer, cfg.data.max_prompt_len,
+                                        cfg.data.max_response_len, "truncate")
+    keys = ("input_ids", "attention_mask", "position_ids")
+    batch_size = cfg.train.batch_size * cfg.data.max_k
+    n = len(arrays["input_ids"])
+    fn = jax.jit(lambda p, b: raw_rewards(p, model, b["input_ids"], b["attention_mask"],
+                                          b["position_ids"]))
+    rewards = []
+    for batch in common.fixed_batches({k: arrays[k] for k in keys}, batch_size):
+        rewards.append(np.asarray(jax.device_get(fn(params, shard_batch(batch, mesh)))))
+    rewards = np.concatenate(rewards)[:n] if jax.process_count() == 1 else np.concatenate(rewards)
+    norm = {"mean": float(rewards.mean()), "std": 1.0, "n_demonstrations": int(n)}
+    if cfg.normalize.unit_std:
+        norm["std"] = float(max(rewards.std(), 1e-6))
+    return norm
+
+
+# --- the loop ----------------------------------------------------------------------------------
+
+def train(cfg: Any, workdir: str) -> dict[str, float]:
+    """Train the reward model; returns final validation metrics and the stored normalization."""
+    workdir = os.path.abspath(workdir)
+    mesh = common.setup_mesh(cfg)
+    rng = jax.random.key(cfg.seed)
+    lm, lm_params, tokenizer, extra = common.init_or_load_model(cfg, mesh, rng, dropout=cfg.train.dropout)
+    if lm.config.head == "scalar":
+        model, params = lm, lm_params          # continuing from a reward model
+    else:
+        model, params = reward_model_from_lm(lm, lm_params, jax.random.fold_in(rng, 1), mesh)
+    del lm_params
+    common.log_params(params)
+    train_arrays, valid_arrays = load_arrays(cfg, tokenizer)
+
+    iterators = {"train": BatchIterator(train_arrays, cfg.train.batch_size, seed=cfg.seed)}
+    steps_per_epoch = max(1, iterators["train"].steps_per_epoch)
+    total_steps = cfg.train.steps or int(math.ceil(cfg.train.epochs * steps_per_epoch))
+
+    optimizer, schedule = common.optimizer_from(cfg.optim, total_steps)
+    state_shardings = train_state_shardings(model, optimizer, mesh)
+    state = create_train_state(params, optimizer, state_shardings)
+    del params
+
+    loss_fn = functools.partial(rm_loss, model=model)
+    example = {k: v[: cfg.train.batch_size] for k, v in train_arrays.items()}
+    train_step = make_train_step(loss_fn, optimizer, mesh, state_shardings, example)
+    eval_example = {k: v[: cfg.train.batch_size] for k, v in (valid_arrays or train_arrays).items()}
+    eval_step = make_eval_step(loss_fn, mesh, param_shardings(model, mesh), eval_example)
+
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=cfg.train.get("keep_checkpoints", 2))
+    state, start_step, _ = common.resume(checkpointer, state, iterators)
+    writer = MetricsWriter(workdir)
+    valid_batches = common.fixed_batches(valid_arrays, cfg.train.batch_size) if valid_arrays else []
+
+    def validate(step: int) -> dict[str, float]:
+        if not valid_batches:
+            return {}
+        metrics = common.evaluate(eval_step, state.params, valid_batches, mesh, "n_pairs")
+        metrics = {f"valid/{k}": v for k, v in metrics.items()}
+        writer.write(step, metrics)
+        return metrics
+
+    bar = ProgressBar(total_steps, desc=cfg.get("name", "rm"), initial=start_step)
+    for step in range(start_step, total_steps):
+        host_batch = next(iterators["train"])
+        state, metrics = train_step(state, shard_batch(host_batch, mesh), common.step_rng(cfg.seed, step))
+        bar.update(tokens=common.tokens_in(host_batch), loss=float(metrics["loss"]),
+                   acc=float(metrics["pair_accuracy"]))
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
+            writer.write(step + 1, common.as_float_dict(metrics, "train/") | {
+                "train/lr": float(current_lr(schedule, step)),
+                "train/tokens_per_s": bar.tokens_per_second,
+                "train/epoch": (step + 1) / steps_per_epoch})
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total_steps:
+            validate(step + 1)
+        if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < total_steps:
+            checkpointer.save(step + 1, state, {"iterators": common.iterator_states(iterators)})
+    bar.close()
+    final = validate(total_steps)
+    checkpointer.wait()
+
+    final_model = model.clone(config=model.config.replace(dropout=0.0))
+    norm = (demonstration_norm(cfg, tokenizer, state.params, final_model, mesh)
+            if cfg.normalize.demonstrations else {})
+    if norm:
+        log.info("reward normalization from %d demonstrations: mean %.4f std %.4f",
+                 norm["n_demonstrations"], norm["mean"], norm["std"])
+    ckpt_lib.save_model_dir(os.path.join(workdir, "model"), final_model, state.params, tokenizer,
+                            extra={"stage": cfg.get("name", "rm"), "reward_norm": norm,
+                                   "mode": cfg.mode, **final})
+    writer.close()
+    checkpointer.close()
+    return final | {"reward_norm": norm}

@@ -1,0 +1,159 @@
+"""Stage 1: supervised fine-tuning on demonstrations (and plain-text LM pretraining).
+
+Loss: next-token cross-entropy on **response tokens only** (prompt and padding are masked out).
+``cfg.data.format = "pretrain"`` trains on every token of plain text instead, which is how the
+small runs make their base LM. An optional pretraining mix puts ``pretrain_mix`` of every batch's
+rows from the text corpus (InstructGPT's PPO-init SFT uses 10%).
+
+    rlhf-jax sft --config experiments/tiny_sft.py --workdir runs/sft
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax.data import BatchIterator, tokenize_demonstrations, tokenize_pretrain
+from rlhf_jax.data.sources import read_source
+from rlhf_jax.metrics import MetricsWriter, ProgressBar
+from rlhf_jax.models.params import param_shardings
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.objectives import next_token_loss
+from rlhf_jax.optim import current_lr
+from rlhf_jax.sharding import shard_batch
+from rlhf_jax.stages import common
+from rlhf_jax.train_state import (create_train_state, make_eval_step, make_train_step,
+                                  train_state_shardings)
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask")
+
+
+def lm_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array | None,
+            model: Transformer) -> tuple[jax.Array, dict]:
+    """Token-mean NLL of the tokens ``loss_mask`` marks (predicted from the previous position)."""
+    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                         batch["position_ids"], deterministic=rng is None,
+                         rngs=None if rng is None else {"dropout": rng})
+    return next_token_loss(logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:])
+
+
+def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict, dict | None]:
+    """Tokenized (train, valid, pretrain-mix) arrays as numpy dicts with BATCH_KEYS."""
+    data = cfg.data
+    seq_len = data.max_prompt_len + data.max_response_len
+    rows = read_source(data.train, data.format, data_dir=data.get("tfds_data_dir"),
+                       field_map=data.get("field_map"))
+    if data.get("valid"):
+        train_rows = rows
+        valid_rows = read_source(data.valid, data.format, data_dir=data.get("tfds_data_dir"),
+                                 field_map=data.get("field_map"))
+    else:
+        train_rows, valid_rows = common.split_rows(rows, data.valid_fraction, cfg.seed)
+
+    def tokenize(rows_, kind):
+        if data.format == "pretrain":
+            arrays, stats = tokenize_pretrain(rows_, tokenizer, seq_len, data.get("pretrain_overlong", "chunk"))
+        else:
+            arrays, stats = tokenize_demonstrations(rows_, tokenizer, data.max_prompt_len,
+                                                    data.max_response_len, data.overlong)
+        log.info("%s %s", kind, stats)
+        return {k: arrays[k] for k in BATCH_KEYS}
+
+    train = tokenize(train_rows, "train")
+    valid = tokenize(valid_rows, "valid") if valid_rows else None
+    mix = None
+    if data.get("pretrain_mix", 0.0) > 0:
+        mix_rows = read_source(data.pretrain_path, "pretrain", data_dir=data.get("tfds_data_dir"))
+        mix_arrays, stats = tokenize_pretrain(mix_rows, tokenizer, seq_len, "chunk")
+        log.info("pretrain mix %s", stats)
+        mix = {k: mix_arrays[k] for k in BATCH_KEYS}
+    return train, valid, mix
+
+
+def mix_sizes(batch_size: int, fraction: float) -> tuple[int, int]:
+    """(demonstration rows, pretraining rows) per batch for a mix fraction."""
+    n_mix = int(round(batch_size * fraction))
+    return batch_size - n_mix, n_mix
+
+
+def train(cfg: Any, workdir: str) -> dict[str, float]:
+    """Run the SFT (or LM pretraining) loop; returns the final validation metrics."""
+    workdir = os.path.abspath(workdir)
+    mesh = common.setup_mesh(cfg)
+    model, params, tokenizer, _ = common.init_or_load_model(
+        cfg, mesh, jax.random.key(cfg.seed), dropout=cfg.train.dropout)
+    common.log_params(params)
+    train_arrays, valid_arrays, mix_arrays = load_arrays(cfg, tokenizer)
+
+    # Data: demonstrations, plus a pretraining stream for the mix; both deterministic and resumable.
+    n_demo, n_mix = mix_sizes(cfg.train.batch_size, cfg.data.get("pretrain_mix", 0.0) if mix_arrays else 0.0)
+    iterators = {"train": BatchIterator(train_arrays, n_demo, seed=cfg.seed)}
+    if n_mix:
+        iterators["pretrain_mix"] = BatchIterator(mix_arrays, n_mix, seed=cfg.seed + 1)
+    steps_per_epoch = max(1, iterators["train"].steps_per_epoch)
+    total_steps = cfg.train.steps or int(math.ceil(cfg.train.epochs * steps_per_epoch))
+
+    optimizer, schedule = common.optimizer_from(cfg.optim, total_steps)
+    state_shardings = train_state_shardings(model, optimizer, mesh)
+    state = create_train_state(params, optimizer, state_shardings)
+    del params
+
+    def next_batch() -> dict[str, np.ndarray]:
+        parts = [next(iterators["train"])]
+        if n_mix:
+            parts.append(next(iterators["pretrain_mix"]))
+        return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
+
+    example = {k: v[: cfg.train.batch_size] for k, v in train_arrays.items()}
+    loss_fn = functools.partial(lm_loss, model=model)
+    train_step = make_train_step(loss_fn, optimizer, mesh, state_shardings, example)
+    eval_step = make_eval_step(loss_fn, mesh, param_shardings(model, mesh), example)
+
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=cfg.train.get("keep_checkpoints", 2))
+    state, start_step, _ = common.resume(checkpointer, state, iterators)
+    writer = MetricsWriter(workdir)
+    valid_batches = common.fixed_batches(valid_arrays, cfg.train.batch_size) if valid_arrays else []
+
+    def validate(step: int) -> dict[str, float]:
+        if not valid_batches:
+            return {}
+        metrics = common.evaluate(eval_step, state.params, valid_batches, mesh, "n_tokens")
+        metrics = {f"valid/{k}": v for k, v in metrics.items()}
+        writer.write(step, metrics)
+        return metrics
+
+    bar = ProgressBar(total_steps, desc=cfg.get("name", "sft"), initial=start_step)
+    metrics: dict[str, float] = {}
+    for step in range(start_step, total_steps):
+        host_batch = next_batch()
+        state, metrics = train_step(state, shard_batch(host_batch, mesh), common.step_rng(cfg.seed, step))
+        bar.update(tokens=common.tokens_in(host_batch, "loss_mask"), loss=float(metrics["loss"]))
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
+            writer.write(step + 1, common.as_float_dict(metrics, "train/") | {
+                "train/lr": float(current_lr(schedule, step)),
+                "train/tokens_per_s": bar.tokens_per_second,
+                "train/epoch": (step + 1) / steps_per_epoch})
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total_steps:
+            validate(step + 1)
+        if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < total_steps:
+            checkpointer.save(step + 1, state, {"iterators": common.iterator_states(iterators)})
+    bar.close()
+    final = validate(total_steps)
+    checkpointer.wait()
+    ckpt_lib.save_model_dir(os.path.join(workdir, "model"), model.clone(
+        config=model.config.replace(dropout=0.0)), state.params, tokenizer,
+        extra={"stage": cfg.get("name", "sft"), "steps": total_steps, **final})
+    writer.close()
+    checkpointer.close()
+    log.info("finished %d steps; %s", total_steps, final)
+    return final | {"train/loss": float(metrics.get("loss", jnp.nan)) if metrics else float("nan")}
