@@ -1,0 +1,187 @@
+"""Write the labeler world to disk in the project's data formats, and build its tokenizer.
+
+``write_world(out_dir, seed, sizes)`` writes (one JSON object per line; extra fields are allowed):
+
+====================  ==========================================================================
+``pretrain.jsonl``    ``{"text", "style"}`` - web text for the base LM
+``sft.jsonl``         ``{"prompt", "completion", "meta", "labeler"}`` - training-labeler
+                      demonstrations (``completion`` has no ``<eos>``: the data pipeline appends it;
+                      prompt and completion join with one space)
+``rm_prompts.jsonl``  ``{"prompt", "meta"}`` - to be answered K times by the SFT model, then ranked
+                      with ``make_comparisons``
+``ppo_prompts.jsonl`` ``{"prompt", "meta"}``
+``eval_prompts.jsonl`` ``{"prompt", "meta"}`` - held out from every training stage
+``capability_mc.jsonl`` ``{"context", "choices", "answer", "meta"}``
+``capability_qa.jsonl`` ``{"question", "answer", "meta"}``
+``labelers.json``     the labeler pool's parameters (``LabelerPool.to_dict``)
+``world.json``        the facts (``World.to_dict``)
+``tokenizer/``        a word-level ``PreTrainedTokenizerFast`` (``save_pretrained``)
+====================  ==========================================================================
+
+The tokenizer's vocabulary is the *complete* word list of the world (every template word, value,
+name, number and rude word), not the words that happen to occur in a sample, so any text the world
+can produce - including a policy's recombinations of it - encodes without ``<unk>``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from rlhf_jax.world.capability import make_capability_evals
+from rlhf_jax.world.corpus import corpus_words, pretraining_documents
+from rlhf_jax.world.facts import World, fact_words, make_world
+from rlhf_jax.world.labelers import SPECIAL_TOKENS, Labeler, LabelerPool, make_labeler_pool, write_demonstration
+from rlhf_jax.world.prompts import SPLITS, make_prompt_splits, prompt_words
+
+PAD, EOS, UNK, BOS = SPECIAL_TOKENS
+
+DEFAULT_SIZES: dict[str, int] = {
+    "entities": 30, "pretrain": 20000, "sft": 1500, "rm": 1000, "ppo": 1500, "eval": 300,
+    "capability_mc": 300, "capability_qa": 200,
+}
+PROMPT_FILES: dict[str, str] = {"rm": "rm_prompts.jsonl", "ppo": "ppo_prompts.jsonl", "eval": "eval_prompts.jsonl"}
+
+
+def fixed_vocabulary() -> set[str]:
+    """Every seed-independent word the world can produce."""
+    return fact_words() | corpus_words() | prompt_words()
+
+
+def world_vocabulary(world: World) -> list[str]:
+    """The complete, sorted word list of ``world`` (fixed words plus its names and cities)."""
+    fixed = fixed_vocabulary()
+    clash = fixed & world.words()
+    if clash:
+        raise ValueError(f"generated names collide with vocabulary words: {sorted(clash)}")
+    return sorted(fixed | world.words())
+
+
+def build_word_tokenizer(texts: Iterable[str], out_dir: str | Path) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose vocabulary is every whitespace token of ``texts``.
+
+    Pass the complete word list (``world_vocabulary``) rather than samples. Ids: ``<pad>`` 0,
+    ``<eos>`` 1, ``<unk>`` 2, ``<bos>`` 3, then the words in sorted order. The pre-tokenizer is
+    ``WhitespaceSplit`` (not ``Whitespace``, which would split words at punctuation): world text is
+    already space-separated. No special tokens are added on encoding. Saved with ``save_pretrained``.
+    """
+    words = sorted({token for text in texts for token in text.split()} - set(SPECIAL_TOKENS))
+    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS,
+                                        unk_token=UNK, bos_token=BOS)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def make_demonstrations(prompt_rows: Sequence[Mapping], labelers: Sequence[Labeler], seed: int) -> list[dict]:
+    """One demonstration per prompt, each by a labeler drawn uniformly from ``labelers``."""
+    rng = np.random.default_rng([seed, 8])
+    rows = []
+    for row in prompt_rows:
+        labeler = labelers[int(rng.integers(len(labelers)))]
+        rows.append({"prompt": row["prompt"], "completion": write_demonstration(row, labeler, rng),
+                     "meta": row["meta"], "labeler": labeler.name})
+    return rows
+
+
+def make_comparisons(prompt_rows: Sequence[Mapping], completions_per_prompt: Sequence[Sequence[str]],
+                     labelers: Sequence[Labeler], seed: int) -> list[dict]:
+    """Have labelers rank the K completions of each prompt (the RM's training or test data).
+
+    Each prompt is ranked by one labeler drawn uniformly from ``labelers`` (pass the training
+    labelers for RM data, the held-out ones for held-out accuracy). Returns rows
+    ``{"prompt", "completions", "ranking", "meta", "labeler", "group"}`` where ``ranking[i]`` is the
+    rank of ``completions[i]`` (0 = best; identical completions tie).
+    """
+    if len(prompt_rows) != len(completions_per_prompt):
+        raise ValueError("need one list of completions per prompt")
+    rng = np.random.default_rng([seed, 7])
+    rows = []
+    for row, completions in zip(prompt_rows, completions_per_prompt):
+        labeler = labelers[int(rng.integers(len(labelers)))]
+        rows.append({"prompt": row["prompt"], "completions": list(completions),
+                     "ranking": labeler.rank(row, completions, rng), "meta": row["meta"],
+                     "labeler": labeler.name, "group": labeler.group})
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Mapping]) -> None:
+    """Write rows as JSON lines (key order kept, so output is byte-for-byte reproducible)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSON-lines file."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_world(out_dir: str | Path) -> tuple[World, LabelerPool]:
+    """The world and labeler pool written by ``write_world`` (to judge model samples later)."""
+    out = Path(out_dir)
+    world = World.from_dict(json.loads((out / "world.json").read_text(encoding="utf-8")))
+    pool = LabelerPool.from_dict(json.loads((out / "labelers.json").read_text(encoding="utf-8")), world)
+    return world, pool
+
+
+def write_world(out_dir: str | Path, seed: int, sizes: Mapping[str, int] | None = None) -> dict[str, str]:
+    """Generate the whole world from ``seed`` and write it under ``out_dir``.
+
+    ``sizes`` overrides entries of ``DEFAULT_SIZES`` (numbers of animals, documents, prompts per
+    split and capability items). Returns the written paths by name (``"pretrain"``, ``"sft"``,
+    ``"rm_prompts"``, ``"ppo_prompts"``, ``"eval_prompts"``, ``"capability_mc"``,
+    ``"capability_qa"``, ``"labelers"``, ``"world"``, ``"tokenizer"``).
+    """
+    unknown = set(sizes or {}) - set(DEFAULT_SIZES)
+    if unknown:
+        raise KeyError(f"unknown sizes {sorted(unknown)}")
+    n = {**DEFAULT_SIZES, **(sizes or {})}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    world = make_world(seed, n_entities=n["entities"])
+    pool = make_labeler_pool(world, seed)
+    docs = pretraining_documents(world, n["pretrain"], seed)
+    splits = make_prompt_splits(world, {s: n[s] for s in SPLITS}, seed)
+    demonstrations = make_demonstrations(splits["sft"], pool.training, seed)
+    capability = make_capability_evals(world, n["capability_mc"], n["capability_qa"], seed)
+
+    paths = {name: out / f"{name}.jsonl" for name in ("pretrain", "sft", "capability_mc", "capability_qa")}
+    paths.update({f"{split}_prompts": out / filename for split, filename in PROMPT_FILES.items()})
+    write_jsonl(paths["pretrain"], docs)
+    write_jsonl(paths["sft"], demonstrations)
+    for split in PROMPT_FILES:
+        write_jsonl(paths[f"{split}_prompts"], splits[split])
+    write_jsonl(paths["capability_mc"], capability["mc"])
+    write_jsonl(paths["capability_qa"], capability["qa"])
+    paths["labelers"] = out / "labelers.json"
+    paths["labelers"].write_text(json.dumps(pool.to_dict(), indent=1) + "\n", encoding="utf-8")
+    paths["world"] = out / "world.json"
+    paths["world"].write_text(json.dumps(world.to_dict(), indent=1) + "\n", encoding="utf-8")
+
+    vocabulary = world_vocabulary(world)
+    _check_covered(vocabulary, [d["text"] for d in docs],
+                   [r["prompt"] for rows in splits.values() for r in rows],
+                   [r["completion"] for r in demonstrations],
+                   [" ".join([m["context"], *m["choices"]]) for m in capability["mc"]],
+                   [f'{q["question"]} {q["answer"]}' for q in capability["qa"]])
+    paths["tokenizer"] = out / "tokenizer"
+    build_word_tokenizer(vocabulary, paths["tokenizer"])
+    return {name: str(path) for name, path in paths.items()}
+
+
+def _check_covered(vocabulary: Sequence[str], *text_lists: Sequence[str]) -> None:
+    """Fail loudly if generated text uses a word outside the declared vocabulary."""
+    known = set(vocabulary)
+    missing = {w for texts in text_lists for text in texts for w in text.split()} - known
+    if missing:
+        raise ValueError(f"generated words missing from the vocabulary: {sorted(missing)}")
