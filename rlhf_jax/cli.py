@@ -23,6 +23,9 @@ TRAIN_COMMANDS: dict[str, tuple[str, str]] = {
            "reward model on K-way rankings (InstructGPT Eq. 1), then the demo-mean-0 bias"),
     "ppo": ("rlhf_jax.stages.ppo:train",
             "PPO / PPO-ptx from an SFT policy, value from the RM, frozen SFT reference and RM"),
+    "pipeline": ("rlhf_jax.pipeline:run",
+                 "the whole method: world, pretrain, SFT, comparisons, RM, PPO, PPO-ptx, eval "
+                 "(finished stages are skipped, so a killed run continues)"),
 }
 
 EPILOG = """\
@@ -129,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(os.path.join(args.workdir, f"config_{args.command}.json"), "w", encoding="utf-8") as f:
         json.dump(cfg.to_dict(), f, indent=2, sort_keys=True, default=str)
     result = _call(TRAIN_COMMANDS[args.command][0])(cfg, args.workdir)
-    print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    if args.command != "pipeline":   # the pipeline prints its own results table
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
 
 

@@ -107,3 +107,147 @@ def model_config_from(model_cfg: ml_collections.ConfigDict | dict, tokenizer: An
 def to_dict(cfg: ml_collections.ConfigDict) -> dict:
     """A JSON-able dict (stored beside checkpoints so a run can be audited or resumed)."""
     return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+# --- stage defaults (experiments/ files start from these) ------------------------------------
+
+def sft_config() -> ml_collections.ConfigDict:
+    """Defaults of `rlhf-jax sft` (also LM pretraining with data.format="pretrain")."""
+    c = ml_collections.ConfigDict()
+    c.name = "sft"
+    c.seed = 0
+    c.init_from = ""                 # a model dir (stage output) or a transformers checkpoint dir
+    c.tokenizer = ""                 # used when init_from is empty (random init of c.model)
+    c.model = ml_collections.ConfigDict(dict(
+        arch="gpt2", d_model=64, n_layers=2, n_heads=4, d_ff=256, max_position=128))
+    c.model_runtime = ml_collections.ConfigDict(dict(dtype="float32", remat=False, scan_layers=False))
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.format = "demonstrations"  # or "pretrain": plain-text LM training
+    c.data.train = ""                 # JSONL path or tfds:<name>:<split>
+    c.data.valid = ""                 # empty: hold out valid_fraction of train
+    c.data.valid_fraction = 0.1
+    c.data.tfds_data_dir = ""
+    c.data.field_map = ml_collections.ConfigDict()
+    c.data.max_prompt_len = 24
+    c.data.max_response_len = 24
+    c.data.overlong = "truncate"      # or "drop"
+    c.data.pretrain_mix = 0.0         # fraction of each batch from pretraining text (paper: 0.1)
+    c.data.pretrain_path = ""
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 16
+    c.train.epochs = 2.0
+    c.train.steps = 0                 # >0 overrides epochs
+    c.train.dropout = 0.0             # residual dropout (paper: 0.2)
+    c.train.log_every = 10
+    c.train.eval_every = 50
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 2
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, warmup_steps=0,
+        decay="cosine", final_fraction=0.1, warmup_start_fraction=0.0, grad_clip_norm=1.0))
+    return c
+
+
+def rm_config() -> ml_collections.ConfigDict:
+    """Defaults of `rlhf-jax rm`."""
+    c = ml_collections.ConfigDict()
+    c.name = "rm"
+    c.seed = 0
+    c.mode = "kway"                    # "kway" (InstructGPT Eq. 1) or "shuffled_pairs" (baseline)
+    c.init_from = ""                   # the SFT model dir (or a transformers checkpoint dir)
+    c.tokenizer = ""                   # only for random init from c.model (tests)
+    c.model = ml_collections.ConfigDict(dict(
+        arch="gpt2", d_model=64, n_layers=2, n_heads=4, d_ff=256, max_position=128))
+    c.model_runtime = ml_collections.ConfigDict(dict(dtype="float32", remat=False, scan_layers=False))
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""                  # comparisons JSONL ({"prompt","completions","ranking"} or
+    c.data.valid = ""                  #   TRL pairs) or tfds:<name>:<split>
+    c.data.valid_fraction = 0.1
+    c.data.tfds_data_dir = ""
+    c.data.field_map = ml_collections.ConfigDict()
+    c.data.max_k = 9
+    c.data.max_prompt_len = 24
+    c.data.max_response_len = 24
+    c.data.overlong = "truncate"
+
+    c.normalize = ml_collections.ConfigDict()
+    c.normalize.demonstrations = ""    # demonstrations JSONL: bias so they score mean 0
+    c.normalize.unit_std = False       # also scale to std 1 (Ziegler et al.)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 16            # prompts per batch (paper: 64, i.e. up to 2,304 pairs)
+    c.train.epochs = 1.0               # paper: 1 epoch (more overfits)
+    c.train.steps = 0
+    c.train.dropout = 0.0
+    c.train.log_every = 10
+    c.train.eval_every = 50
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 2
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, warmup_steps=0,
+        decay="cosine", final_fraction=0.1, warmup_start_fraction=0.0, grad_clip_norm=1.0))
+    return c
+
+
+def ppo_config() -> ml_collections.ConfigDict:
+    """Defaults of `rlhf-jax ppo`: InstructGPT values in comments, CPU-sized numbers."""
+    c = ml_collections.ConfigDict()
+    c.name = "ppo"
+    c.seed = 0
+    c.policy_from = ""                 # PPO-init SFT model dir: the policy and the KL reference
+    c.reward_from = ""                 # reward model dir (scalar head + demo normalization)
+    c.value_from = ""                  # empty: initialize the value network from the RM (paper)
+    c.model_runtime = ml_collections.ConfigDict(dict(dtype="float32", remat=False))
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.prompts = ""                # prompts JSONL ({"prompt"}) or tfds:<name>:<split>
+    c.data.pretrain = ""               # pretraining text for the ptx term ({"text"})
+    c.data.tfds_data_dir = ""
+    c.data.field_map = ml_collections.ConfigDict()
+    c.data.max_prompt_len = 24
+    c.data.max_response_len = 24       # = max new tokens per episode
+    c.data.ptx_seq_len = 48
+    c.data.overlong = "truncate"
+
+    c.ppo = ml_collections.ConfigDict()
+    c.ppo.iterations = 0               # >0 overrides total_episodes / rollout_batch_size
+    c.ppo.total_episodes = 2048        # paper: 256k
+    c.ppo.rollout_batch_size = 64      # paper: 512 episodes per iteration
+    c.ppo.minibatch_size = 16          # paper: 64 (8 minibatches)
+    c.ppo.epochs = 1                   # paper: a single inner epoch
+    c.ppo.lr = 1e-4                    # paper: ~1e-5 scale for 1.3B; tiny models need more
+    c.ppo.value_lr = 1e-4              # paper: 9e-6
+    c.ppo.warmup_iterations = 10       # paper: 10 iterations from 0.1x
+    c.ppo.b1 = 0.9
+    c.ppo.b2 = 0.95
+    c.ppo.grad_clip_norm = 1.0         # not stated by the paper
+    c.ppo.clip_eps = 0.2               # paper: 0.2
+    c.ppo.value_clip = 0.2             # not stated; <= 0 disables value clipping
+    c.ppo.entropy_coef = 0.0           # not stated
+    c.ppo.gamma = 1.0                  # paper: no discount
+    c.ppo.lam = 0.95                   # Stiennon et al.
+    c.ppo.whiten_advantages = True     # not stated
+    c.ppo.whiten_rewards = False       # not stated
+    c.ppo.kl_coef = 0.02               # paper: beta = 0.02 fixed
+    c.ppo.kl_controller = "fixed"      # or "adaptive" (Ziegler et al.)
+    c.ppo.kl_target = 6.0
+    c.ppo.kl_horizon = 10000
+    c.ppo.ptx_coef = 0.0               # gamma; paper's PPO-ptx: 27.8
+    c.ppo.ptx_per_episode = 1          # paper: 8 pretraining sequences per RL episode
+    c.ppo.ema_decay = 0.0              # paper: 0.992
+    c.ppo.missing_eos_penalty = ml_collections.FieldReference(None, field_type=float)
+    c.ppo.temperature = 1.0            # paper: 1
+    c.ppo.top_k = 0
+    c.ppo.top_p = 1.0
+    c.ppo.sample_every = 10            # iterations between sample tables
+    c.ppo.n_samples_logged = 8
+    c.ppo.checkpoint_every = 20
+    return c

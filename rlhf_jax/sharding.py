@@ -77,6 +77,10 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MES
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh over all (or the given) devices; axis types Auto (see module docstring)."""
     devices = list(jax.devices() if devices is None else devices)
+    wanted = math.prod(int(s) for s in shape)
+    if -1 not in tuple(shape) and 0 < wanted < len(devices) and jax.process_count() == 1:
+        # A smaller mesh on one host (e.g. (1, 1, 1) for a single-device reference run).
+        devices = devices[:wanted]
     resolved = resolve_mesh_shape(shape, len(devices))
     if len(resolved) != len(axis_names):
         raise ValueError(f"mesh shape {tuple(shape)} does not match axis names {tuple(axis_names)}")

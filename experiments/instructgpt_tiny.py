@@ -1,0 +1,95 @@
+"""The whole pipeline on the built-in labeler world, sized for a 2-core CPU (about 10 minutes).
+
+    rlhf-jax pipeline --config experiments/instructgpt_tiny.py --workdir runs/tiny
+    rlhf-jax pipeline --config experiments/instructgpt_tiny.py:micro --workdir runs/micro  # CI
+
+Each stage section is a full stage config (see rlhf_jax/config.py); the pipeline fills in the
+paths between stages. To run on real data and checkpoints instead, see experiments/gpt2_hh.py.
+"""
+import ml_collections
+
+from rlhf_jax.config import ppo_config, rm_config, sft_config
+
+MODEL = dict(arch="gpt2", d_model=128, n_layers=4, n_heads=4, d_ff=512, max_position=128)
+
+
+def get_config(arg=None):
+    micro = arg == "micro"
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.world = ml_collections.ConfigDict(dict(enabled=True, seed=0, sizes=dict(
+        entities=30, pretrain=12000, sft=1500, rm=800, ppo=1500, eval=300,
+        capability_mc=200, capability_qa=100)))
+
+    c.pretrain = sft_config()
+    c.pretrain.name = "pretrain"
+    c.pretrain.model = ml_collections.ConfigDict(MODEL)
+    c.pretrain.data.format = "pretrain"
+    c.pretrain.data.max_prompt_len = 32      # pretraining sequences: 32 + 32 = 64 tokens
+    c.pretrain.data.max_response_len = 32
+    c.pretrain.data.valid_fraction = 0.02
+    c.pretrain.train.batch_size = 32
+    c.pretrain.train.epochs = 1.0
+    c.pretrain.train.eval_every = 0
+    c.pretrain.train.log_every = 20
+    c.pretrain.optim.lr = 2e-3
+    c.pretrain.optim.warmup_steps = 20
+
+    c.sft = sft_config()
+    c.sft.data.max_prompt_len = 24
+    c.sft.data.max_response_len = 24
+    c.sft.train.batch_size = 32
+    c.sft.train.epochs = 3.0
+    c.sft.train.eval_every = 0
+    c.sft.optim.lr = 1e-3
+
+    c.sft_ptx = ml_collections.ConfigDict(c.sft.to_dict())   # PPO init and KL reference
+    c.sft_ptx.name = "sft_ptx"
+    c.sft_ptx.data.pretrain_mix = 0.1        # paper: 10% pretraining data
+
+    c.comparisons = ml_collections.ConfigDict(dict(
+        k=4, n_prompts=800, n_test_prompts=150, temperature=1.0))
+
+    c.rm = rm_config()
+    c.rm.data.max_k = 4
+    c.rm.data.max_prompt_len = 24
+    c.rm.data.max_response_len = 24
+    c.rm.train.batch_size = 16
+    c.rm.train.epochs = 2.0
+    c.rm.train.eval_every = 0
+    c.rm.optim.lr = 3e-4
+
+    c.ppo = ppo_config()
+    c.ppo.data.max_prompt_len = 24
+    c.ppo.data.max_response_len = 24
+    c.ppo.data.ptx_seq_len = 64
+    c.ppo.ppo.iterations = 40
+    c.ppo.ppo.rollout_batch_size = 64
+    c.ppo.ppo.minibatch_size = 16
+    c.ppo.ppo.lr = 5e-5
+    c.ppo.ppo.value_lr = 1e-4
+    c.ppo.ppo.warmup_iterations = 5
+    c.ppo.ppo.kl_coef = 0.02
+    c.ppo.ppo.ptx_per_episode = 1
+    c.ppo.ppo.sample_every = 10
+    c.ppo_ptx_coef = 1.0                     # gamma for the ppo_ptx run (paper: 27.8)
+
+    c.eval = ml_collections.ConfigDict(dict(
+        n_prompts=300, temperature=1.0, few_shot=2, prompted_max_prompt_len=96,
+        n_capability=200, capability_max_prompt_len=32))
+
+    if micro:   # every stage, tiny sizes: a CI smoke test of the whole pipeline
+        c.world.sizes = dict(entities=12, pretrain=300, sft=96, rm=64, ppo=64, eval=32,
+                             capability_mc=16, capability_qa=16)
+        c.pretrain.model = ml_collections.ConfigDict(dict(MODEL, d_model=32, n_layers=1, d_ff=64))
+        for s in (c.pretrain, c.sft, c.sft_ptx, c.rm):
+            s.train.batch_size = 16
+            s.train.steps = 4
+            s.optim.warmup_steps = 0
+        c.comparisons.n_prompts, c.comparisons.n_test_prompts = 48, 16
+        c.ppo.ppo.iterations = 2
+        c.ppo.ppo.rollout_batch_size = 16
+        c.ppo.ppo.minibatch_size = 8
+        c.eval.n_prompts = 16
+        c.eval.n_capability = 16
+    return c

@@ -1,0 +1,195 @@
+"""Conversion between Hugging Face checkpoints and our own checkpoint layout.
+
+Our layout (what every stage writes as its output and reads as its input)::
+
+    our_dir/
+        model_config.json   TransformerConfig.to_json()
+        params/             orbax pytree (rlhf_jax.checkpoint.save_pytree)
+        tokenizer files     (optional) tokenizer.json, tokenizer_config.json, ...
+
+``hf_to_orbax`` and ``orbax_to_hf`` back the ``rlhf-jax convert`` CLI; ``load_our_checkpoint``
+is how a stage loads the output of the previous one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from rlhf_jax.checkpoint import load_pytree, save_pytree
+from rlhf_jax.models.config import TransformerConfig
+from rlhf_jax.models.hf import from_pretrained, load_tokenizer, save_pretrained
+from rlhf_jax.models.params import (abstract_params, cast_floating, place_params, stack_layers,
+                                    unstack_layers)
+from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.sharding import DEFAULT_RULES, LogicalRules
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def _local_dir(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _write_text(path: str, text: str) -> None:
+    if "://" in path:
+        from etils import epath  # orbax's path library, handles gs:// and friends
+        epath.Path(path).write_text(text)
+        return
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _read_text(path: str) -> str:
+    if "://" in path:
+        from etils import epath
+        return epath.Path(path).read_text()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _exists(path: str) -> bool:
+    if "://" in path:
+        from etils import epath
+        return epath.Path(path).exists()
+    return os.path.exists(path)
+
+
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer_as_saved(path: str):
+    """The tokenizer in ``path`` (None if there is none), built from its own tokenizer.json.
+
+    ``AutoTokenizer`` in transformers 5 swaps in the model family's class for some model types
+    (e.g. ``Qwen2Tokenizer`` whenever config.json says qwen2), which rebuilds a custom
+    tokenizer.json (say a WordLevel vocabulary) as byte-level BPE and silently changes every id.
+    A tokenizer saved as the generic fast class is therefore loaded as exactly that class.
+    """
+    if not any(_exists(os.path.join(path, name)) for name in _TOKENIZER_FILES):
+        log.warning("%s: no tokenizer files; returning tokenizer=None", path)
+        return None
+    declared = None
+    config_path = os.path.join(path, "tokenizer_config.json")
+    if _exists(config_path):
+        declared = json.loads(_read_text(config_path)).get("tokenizer_class")
+    if declared in _GENERIC_TOKENIZER_CLASSES and _exists(os.path.join(path, "tokenizer.json")):
+        import transformers
+        return transformers.PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return load_tokenizer(path)
+
+
+def save_our_checkpoint(our_dir: str, model: Transformer, params: Any, tokenizer: Any = None,
+                        *, overwrite: bool = False) -> str:
+    """Write ``model_config.json``, the orbax ``params`` and the tokenizer into ``our_dir``.
+
+    Multi-host: call on every process (the orbax save is collective); process 0 writes the
+    config and tokenizer.
+    """
+    our_dir = _local_dir(our_dir)
+    if "://" not in our_dir:
+        os.makedirs(our_dir, exist_ok=True)
+    save_pytree(os.path.join(our_dir, PARAMS_DIR), params, overwrite=overwrite)
+    if jax.process_index() == 0:
+        _write_text(os.path.join(our_dir, MODEL_CONFIG_FILE), model.config.to_json())
+        if tokenizer is not None:
+            tokenizer.save_pretrained(our_dir)
+    return our_dir
+
+
+def read_model_config(our_dir: str) -> TransformerConfig:
+    """The TransformerConfig stored in ``our_dir/model_config.json``."""
+    config_path = os.path.join(_local_dir(our_dir), MODEL_CONFIG_FILE)
+    if not _exists(config_path):
+        raise FileNotFoundError(
+            f"{config_path}: missing; an rlhf_jax checkpoint directory holds {MODEL_CONFIG_FILE} "
+            f"and {PARAMS_DIR}/ (for a transformers checkpoint use rlhf_jax.models.from_pretrained "
+            "or `rlhf-jax convert`)")
+    try:
+        return TransformerConfig.from_dict(json.loads(_read_text(config_path)))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_path}: not a valid TransformerConfig: {e}") from e
+
+
+def _restore_target(model: Transformer, mesh: Mesh | None) -> Any:
+    """ShapeDtypeStructs with shardings: the mesh's, or all on the first local device."""
+    if mesh is not None:
+        return abstract_params(model, mesh)
+    single = SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=single),
+                        abstract_params(model))
+
+
+def load_our_checkpoint(our_dir: str, mesh: Mesh | None = None, *,
+                        rules: LogicalRules = DEFAULT_RULES, with_tokenizer: bool = True,
+                        **config_overrides: Any) -> tuple[Transformer, Any, Any]:
+    """``model, params, tokenizer`` from a directory written by ``save_our_checkpoint``.
+
+    Params are restored straight into their shardings on ``mesh`` (no full host copy).
+    ``config_overrides`` change the returned model's config, e.g. ``remat=True``, ``dropout=0.1``,
+    ``scan_layers=True`` (params are restacked) or ``param_dtype="bfloat16"`` (params are cast).
+    The parameter tree itself (``head``, sizes) cannot change here.
+    """
+    our_dir = _local_dir(our_dir)
+    saved_cfg = read_model_config(our_dir)
+    cfg = saved_cfg.replace(**config_overrides)
+    structural = [name for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                                    "head_dim", "d_ff", "max_position", "arch", "position",
+                                    "norm", "mlp", "tie_embeddings", "qkv_bias", "out_bias",
+                                    "head")
+                  if getattr(cfg, name) != getattr(saved_cfg, name)]
+    if structural:
+        raise ValueError(f"{our_dir}: overrides {structural} change the parameter tree of the "
+                         "saved model; load it as saved and convert the params explicitly")
+
+    saved_model = Transformer(saved_cfg, mesh=mesh, rules=rules)
+    params = load_pytree(os.path.join(our_dir, PARAMS_DIR), _restore_target(saved_model, mesh))
+
+    model = Transformer(cfg, mesh=mesh, rules=rules)
+    if cfg.scan_layers != saved_cfg.scan_layers:
+        params = (stack_layers(params, cfg.n_layers) if cfg.scan_layers
+                  else unstack_layers(params))
+    if cfg.param_dtype != saved_cfg.param_dtype:
+        params = cast_floating(params, cfg.params_dtype)
+    if cfg.scan_layers != saved_cfg.scan_layers or cfg.param_dtype != saved_cfg.param_dtype:
+        params = place_params(params, model, mesh)
+
+    tokenizer = load_tokenizer_as_saved(our_dir) if with_tokenizer else None
+    return model, params, tokenizer
+
+
+def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", mesh: Mesh | None = None,
+                overwrite: bool = False) -> str:
+    """Convert a local transformers checkpoint (config.json + safetensors) to our layout.
+
+    ``dtype`` ("float32" or "bfloat16") is the stored parameter dtype and the compute dtype
+    recorded in ``model_config.json``. Returns the absolute ``out_dir``.
+    """
+    model, params, _ = from_pretrained(hf_dir, mesh=mesh, dtype=jnp.dtype(dtype),
+                                       with_tokenizer=False)
+    tokenizer = load_tokenizer_as_saved(_local_dir(hf_dir))
+    return save_our_checkpoint(out_dir, model, params, tokenizer, overwrite=overwrite)
+
+
+def orbax_to_hf(our_dir: str, hf_dir: str) -> str:
+    """Export our layout (LM-head models) to a transformers checkpoint directory.
+
+    Weights are written as float32 safetensors beside config.json (and the tokenizer, if
+    ``our_dir`` has one). Returns the absolute ``hf_dir``.
+    """
+    model, params, tokenizer = load_our_checkpoint(our_dir)
+    if model.config.head != "lm":
+        raise ValueError(f"{our_dir}: head={model.config.head!r}; only LM-head models can be "
+                         "exported to transformers")
+    return save_pretrained(hf_dir, model, params, tokenizer)

@@ -1,0 +1,255 @@
+"""Evaluation: samples, win rates with confidence intervals, gold/proxy scores, KL, capability.
+
+The measures mirror the paper's: labelers compare each model's response with the SFT model's on
+held-out prompts (win rate, 95% CI), split by labelers who made training data and labelers who
+never did; the RM's (proxy) score; KL to the SFT policy on the model's own samples; and stand-ins
+for the public NLP benchmarks (multiple choice by log-probability, exact-match QA) to measure
+the alignment tax.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from rlhf_jax import objectives as obj
+from rlhf_jax.data import tokenize_demonstrations, tokenize_prompts
+from rlhf_jax.models.transformer import Transformer, default_position_ids
+from rlhf_jax.sampling import SamplingConfig, make_generate_fn
+from rlhf_jax.sharding import shard_batch
+from rlhf_jax.stages.reward import normalize
+
+
+# --- batching ----------------------------------------------------------------------------------
+
+def _padded_batches(arrays: Mapping[str, np.ndarray], batch_size: int):
+    """Fixed-size batches over all rows, the last one padded by repeating row 0 (static shapes).
+
+    Yields (batch, n_real) pairs; callers keep the first n_real outputs.
+    """
+    n = len(next(iter(arrays.values())))
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        n_real = int(min(batch_size, n - start))
+        idx[n_real:] = 0
+        yield {k: v[idx] for k, v in arrays.items()}, n_real
+
+
+def _batch_size_for(mesh: Mesh | None, wanted: int) -> int:
+    """Round ``wanted`` up to a multiple of the mesh's batch parallelism."""
+    if mesh is None:
+        return wanted
+    par = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    return int(math.ceil(wanted / par) * par)
+
+
+def _place(batch: Mapping[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    return shard_batch(batch, mesh)
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+def generate_texts(model: Transformer, params: Any, tokenizer: Any, prompts: Sequence[str], *,
+                   max_prompt_len: int, max_new_tokens: int, temperature: float = 1.0,
+                   greedy: bool = False, seed: int = 0, mesh: Mesh | None = None,
+                   batch_size: int = 64) -> dict[str, Any]:
+    """Sample one response per prompt; returns decoded texts and the token arrays.
+
+    Returns {"texts": [N] str, "sequences" [N, P+M], "attention_mask", "response_mask" [N, M],
+    "prompt_len": P}. Decoding stops at EOS; special tokens are stripped from the texts.
+    """
+    rows = [{"prompt": p} for p in prompts]
+    arrays, _ = tokenize_prompts(rows, tokenizer, max_prompt_len, "truncate")
+    if len(arrays["input_ids"]) != len(prompts):
+        raise ValueError("some prompts tokenized to nothing; check the tokenizer")
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    fn = make_generate_fn(model, cfg, mesh)
+    batch_size = _batch_size_for(mesh, batch_size)
+    outs = {"sequences": [], "attention_mask": [], "response_mask": []}
+    keys = ("input_ids", "attention_mask")
+    for i, (batch, n_real) in enumerate(_padded_batches({k: arrays[k] for k in keys}, batch_size)):
+        device = _place(batch, mesh)
+        result = jax.device_get(fn(params, device["input_ids"], device["attention_mask"],
+                                   jax.random.fold_in(jax.random.key(seed), i)))
+        for k in outs:
+            outs[k].append(np.asarray(result[k])[:n_real])
+    out = {k: np.concatenate(v) for k, v in outs.items()}
+    out["prompt_len"] = max_prompt_len
+    out["texts"] = [
+        tokenizer.decode(seq[max_prompt_len:][mask > 0].tolist(), skip_special_tokens=True).strip()
+        for seq, mask in zip(out["sequences"], out["response_mask"])]
+    return out
+
+
+# --- scoring token arrays ----------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("model", "prompt_len"))
+def _response_logprob_sum(model, params, sequences, attention_mask, response_mask, prompt_len):
+    logits = model.apply({"params": params}, sequences, attention_mask,
+                         default_position_ids(attention_mask))[:, prompt_len - 1:-1]
+    lp = obj.token_logprobs(logits, sequences[:, prompt_len:])
+    return obj.masked_sum(lp, response_mask.astype(jnp.float32), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _last_token_value(model, params, sequences, attention_mask):
+    values = model.apply({"params": params}, sequences, attention_mask,
+                         default_position_ids(attention_mask))
+    return obj.value_at_last_token(values, attention_mask)
+
+
+def _map_batches(fn, arrays: Mapping[str, np.ndarray], mesh: Mesh | None, batch_size: int) -> np.ndarray:
+    batch_size = _batch_size_for(mesh, batch_size)
+    outs = []
+    for batch, n_real in _padded_batches(arrays, batch_size):
+        outs.append(np.asarray(jax.device_get(fn(_place(batch, mesh))))[:n_real])
+    return np.concatenate(outs)
+
+
+def response_logprobs(model: Transformer, params: Any, samples: Mapping[str, Any],
+                      mesh: Mesh | None = None, batch_size: int = 64) -> np.ndarray:
+    """Sum of log pi(response | prompt) for each sample, [N] float32."""
+    keys = ("sequences", "attention_mask", "response_mask")
+    return _map_batches(lambda b: _response_logprob_sum(model, params, b["sequences"],
+                                                        b["attention_mask"], b["response_mask"],
+                                                        samples["prompt_len"]),
+                        {k: samples[k] for k in keys}, mesh, batch_size)
+
+
+def kl_to_reference(model: Transformer, params: Any, ref_params: Any, samples: Mapping[str, Any],
+                    mesh: Mesh | None = None) -> float:
+    """Monte-Carlo KL(pi || pi_ref) per response, on the policy's own samples (nats)."""
+    return float(np.mean(response_logprobs(model, params, samples, mesh)
+                         - response_logprobs(model, ref_params, samples, mesh)))
+
+
+def proxy_scores(reward_model: Transformer, params: Any, norm: Mapping[str, float] | None,
+                 samples: Mapping[str, Any], mesh: Mesh | None = None) -> np.ndarray:
+    """Normalized RM scores of the samples, [N] float32."""
+    raw = _map_batches(lambda b: _last_token_value(reward_model, params, b["sequences"],
+                                                   b["attention_mask"]),
+                       {k: samples[k] for k in ("sequences", "attention_mask")}, mesh, 64)
+    return np.asarray(normalize(jnp.asarray(raw), dict(norm or {})))
+
+
+def score_texts(reward_model: Transformer, params: Any, norm: Mapping[str, float] | None,
+                tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *,
+                max_prompt_len: int, max_response_len: int, mesh: Mesh | None = None) -> np.ndarray:
+    """Normalized RM scores of (prompt, response) text pairs (laid out as in RM training)."""
+    rows = [{"prompt": p, "completion": r if r else tokenizer.eos_token}
+            for p, r in zip(prompts, responses)]
+    arrays, _ = tokenize_demonstrations(rows, tokenizer, max_prompt_len, max_response_len, "truncate")
+    raw = _map_batches(lambda b: _last_token_value(reward_model, params, b["input_ids"],
+                                                   b["attention_mask"]),
+                       {k: arrays[k] for k in ("input_ids", "attention_mask")}, mesh, 64)
+    return np.asarray(normalize(jnp.asarray(raw), dict(norm or {})))
+
+
+# --- labeler judgements ------------------------------------------------------------------------
+
+def wilson_interval(wins: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion (ties count as half a win)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = wins / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(prompt_rows: Sequence[Mapping], responses: Sequence[str], baseline: Sequence[str],
+             labelers: Sequence[Any], seed: int) -> dict[str, float]:
+    """Share of prompts where a labeler prefers ``responses`` over ``baseline`` (ties = 1/2).
+
+    Each prompt is judged by one labeler drawn from the group, with the labeler's own noise,
+    as a human comparison would be.
+    """
+    rng = np.random.default_rng([seed, 11])
+    wins = 0.0
+    for row, ours, theirs in zip(prompt_rows, responses, baseline):
+        labeler = labelers[int(rng.integers(len(labelers)))]
+        if ours == theirs:
+            wins += 0.5
+            continue
+        ranking = labeler.rank(row, [ours, theirs], rng)
+        wins += 1.0 if ranking[0] < ranking[1] else 0.5 if ranking[0] == ranking[1] else 0.0
+    n = len(responses)
+    lo, hi = wilson_interval(wins, n)
+    return {"rate": wins / max(n, 1), "ci95": [lo, hi], "n": n}
+
+
+def gold_score(prompt_rows: Sequence[Mapping], responses: Sequence[str],
+               labelers: Sequence[Any]) -> float:
+    """Mean noise-free score over a labeler group (the 'true' quality of the responses)."""
+    return float(np.mean([np.mean([lab.gold_score(row, resp) for lab in labelers])
+                          for row, resp in zip(prompt_rows, responses)]))
+
+
+def rm_pair_accuracy(reward_model: Transformer, params: Any, tokenizer: Any,
+                     comparisons: Sequence[Mapping], *, max_prompt_len: int, max_response_len: int,
+                     mesh: Mesh | None = None) -> dict[str, float]:
+    """Fraction of strict labeler preferences the RM orders the same way."""
+    prompts, responses, owners = [], [], []
+    for i, row in enumerate(comparisons):
+        for completion in row["completions"]:
+            prompts.append(row["prompt"])
+            responses.append(completion)
+            owners.append(i)
+    scores = score_texts(reward_model, params, None, tokenizer, prompts, responses,
+                         max_prompt_len=max_prompt_len, max_response_len=max_response_len, mesh=mesh)
+    correct = total = 0
+    offset = 0
+    for row in comparisons:
+        k = len(row["completions"])
+        r = scores[offset:offset + k]
+        offset += k
+        for a in range(k):
+            for b in range(k):
+                if row["ranking"][a] < row["ranking"][b]:
+                    total += 1
+                    correct += int(r[a] > r[b])
+    return {"accuracy": correct / max(total, 1), "n_pairs": total}
+
+
+# --- capability evals (the alignment tax) -------------------------------------------------------
+
+def multiple_choice_accuracy(model: Transformer, params: Any, tokenizer: Any,
+                             items: Sequence[Mapping], *, max_prompt_len: int,
+                             max_choice_len: int = 8, mesh: Mesh | None = None) -> float:
+    """Pick the choice with the highest log-probability after the context; accuracy."""
+    rows = [{"prompt": item["context"], "completion": choice}
+            for item in items for choice in item["choices"]]
+    arrays, _ = tokenize_demonstrations(rows, tokenizer, max_prompt_len, max_choice_len, "truncate")
+    # Score the choice tokens only: drop the EOS the demonstration layout appends.
+    choice_mask = arrays["loss_mask"] * (arrays["input_ids"] != tokenizer.eos_token_id)
+    samples = {"sequences": arrays["input_ids"], "attention_mask": arrays["attention_mask"],
+               "response_mask": choice_mask[:, max_prompt_len:], "prompt_len": max_prompt_len}
+    scores = response_logprobs(model, params, samples, mesh)
+    correct, offset = 0, 0
+    for item in items:
+        k = len(item["choices"])
+        correct += int(int(np.argmax(scores[offset:offset + k])) == int(item["answer"]))
+        offset += k
+    return correct / max(len(items), 1)
+
+
+def qa_exact_match(model: Transformer, params: Any, tokenizer: Any, items: Sequence[Mapping], *,
+                   max_prompt_len: int, mesh: Mesh | None = None) -> float:
+    """Greedy answer's first word equals the reference answer."""
+    out = generate_texts(model, params, tokenizer, [item["question"] for item in items],
+                         max_prompt_len=max_prompt_len, max_new_tokens=4, greedy=True, mesh=mesh)
+    hits = 0
+    for item, text in zip(items, out["texts"]):
+        words = text.split()
+        hits += int(bool(words) and words[0] == str(item["answer"]).split()[0])
+    return hits / max(len(items), 1)

@@ -1,0 +1,188 @@
+"""`rlhf-jax eval`: evaluate every model of a pipeline workdir and write the results.
+
+Models: ``base`` (the pretrained LM), ``base_prompted`` (the same with a few-shot prefix of
+demonstrations), ``sft``, ``ppo`` and ``ppo_ptx``. Writes ``results.json``, ``results.md`` and
+PNG plots into the workdir.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from rlhf_jax import evaluation as ev
+from rlhf_jax.data import read_jsonl
+from rlhf_jax.metrics import format_table, plot_curves, plot_win_rates
+
+log = logging.getLogger(__name__)
+
+MODELS = ("base", "base_prompted", "sft", "ppo", "ppo_ptx")
+MODEL_DIRS = {"base": "pretrain", "base_prompted": "pretrain", "sft": "sft", "ppo": "ppo",
+              "ppo_ptx": "ppo_ptx"}
+
+
+def few_shot_prefix(demonstrations: list[dict], n_shots: int) -> str:
+    """The shortest demonstrations, rendered as the instruction format, as a prompt prefix."""
+    chosen = sorted(demonstrations, key=lambda r: len(r["prompt"]) + len(r["completion"]))[:n_shots]
+    return " ".join(f"{r['prompt']} {r['completion']}" for r in chosen)
+
+
+def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str, Any]:
+    from rlhf_jax.stages.common import load_model, setup_mesh
+    from rlhf_jax.world import load_world
+
+    e = cfg.eval
+    mesh = setup_mesh(cfg.sft)
+    _, pool = load_world(files["world"])
+    prompt_rows = read_jsonl(files["eval_prompts"], "prompts")[: e.n_prompts]
+    prompts = [row["prompt"] for row in prompt_rows]
+    prefix = few_shot_prefix(read_jsonl(files["sft"], "demonstrations"), e.few_shot)
+    mc_items = _plain_jsonl(files["capability_mc"])[: e.n_capability]
+    qa_items = _plain_jsonl(files["capability_qa"])[: e.n_capability]
+
+    load = lambda stage: load_model(os.path.join(workdir, stage, "model"), mesh)
+    sft_model, sft_params, tokenizer, _ = load("sft")
+    rm, rm_params, _, rm_extra = load("rm")
+    norm = rm_extra.get("reward_norm") or {}
+    max_p, max_r = cfg.rm.data.max_prompt_len, cfg.rm.data.max_response_len
+
+    results: dict[str, Any] = {"win_rate_vs_sft": {}, "capability": {}, "kl_to_sft": {},
+                               "gold_score": {}, "proxy_score": {}, "samples": {}}
+    responses: dict[str, list[str]] = {}
+    for name in MODELS:
+        model, params = (sft_model, sft_params) if name == "sft" else load(MODEL_DIRS[name])[:2]
+        model_prompts = [f"{prefix} {p}" for p in prompts] if name == "base_prompted" else prompts
+        prompt_len = e.prompted_max_prompt_len if name == "base_prompted" else max_p
+        samples = ev.generate_texts(model, params, tokenizer, model_prompts, max_prompt_len=prompt_len,
+                                    max_new_tokens=max_r, temperature=e.temperature, seed=cfg.seed,
+                                    mesh=mesh)
+        responses[name] = samples["texts"]
+        results["kl_to_sft"][name] = ev.kl_to_reference(model, params, sft_params, samples, mesh)
+        results["proxy_score"][name] = float(np.mean(ev.score_texts(
+            rm, rm_params, norm, tokenizer, prompts, samples["texts"], max_prompt_len=max_p,
+            max_response_len=max_r, mesh=mesh)))
+        results["gold_score"][name] = ev.gold_score(prompt_rows, samples["texts"], pool.heldout)
+        if name != "base_prompted":
+            mc = ev.multiple_choice_accuracy(model, params, tokenizer, mc_items,
+                                             max_prompt_len=e.capability_max_prompt_len, mesh=mesh)
+            qa = ev.qa_exact_match(model, params, tokenizer, qa_items,
+                                   max_prompt_len=e.capability_max_prompt_len, mesh=mesh)
+            results["capability"][name] = {"score": (mc + qa) / 2, "multiple_choice": mc,
+                                           "qa_exact_match": qa}
+        results["samples"][name] = [{"prompt": p, "response": r}
+                                    for p, r in zip(prompts[:5], samples["texts"][:5])]
+        log.info("evaluated %s: gold %.3f proxy %.3f", name, results["gold_score"][name],
+                 results["proxy_score"][name])
+    results["capability"]["base_prompted"] = results["capability"]["base"]
+
+    for name in MODELS:
+        by_group = {}
+        for offset, (group, labelers) in enumerate((("train_labelers", pool.training),
+                                                    ("heldout_labelers", pool.heldout))):
+            by_group[group] = ev.win_rate(prompt_rows, responses[name], responses["sft"], labelers,
+                                          seed=cfg.seed + offset)
+        results["win_rate_vs_sft"][name] = {
+            "train_labelers": by_group["train_labelers"]["rate"],
+            "heldout_labelers": by_group["heldout_labelers"]["rate"],
+            "ci95": {g: by_group[g]["ci95"] for g in by_group}, "n": by_group["heldout_labelers"]["n"]}
+
+    results["rm_accuracy"] = {}
+    for group in ("train_labelers", "heldout_labelers"):
+        rows = read_jsonl(os.path.join(workdir, "comparisons", f"test_{group}.jsonl"), "comparisons")
+        acc = ev.rm_pair_accuracy(rm, rm_params, tokenizer, rows, max_prompt_len=max_p,
+                                  max_response_len=max_r, mesh=mesh)
+        results["rm_accuracy"][group] = acc["accuracy"]
+        results["rm_accuracy"][f"{group}_n_pairs"] = acc["n_pairs"]
+    results["capability_score"] = {k: v["score"] for k, v in results["capability"].items()}
+    return results
+
+
+def _plain_jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The headline table, one row per model."""
+    rows = []
+    for name in MODELS:
+        win = results.get("win_rate_vs_sft", {}).get(name, {})
+        ci = win.get("ci95", {}).get("heldout_labelers", [np.nan, np.nan])
+        rows.append({
+            "model": name,
+            "win vs SFT (held-out)": win.get("heldout_labelers", np.nan),
+            "95% CI": f"[{ci[0]:.2f}, {ci[1]:.2f}]",
+            "win vs SFT (train)": win.get("train_labelers", np.nan),
+            "gold score": results.get("gold_score", {}).get(name, np.nan),
+            "RM score": results.get("proxy_score", {}).get(name, np.nan),
+            "KL to SFT": results.get("kl_to_sft", {}).get(name, np.nan),
+            "capability": results.get("capability_score", {}).get(name, np.nan),
+        })
+    acc = results.get("rm_accuracy", {})
+    footer = (f"\nRM pair accuracy: training labelers {acc.get('train_labelers', np.nan):.3f}, "
+              f"held-out labelers {acc.get('heldout_labelers', np.nan):.3f}"
+              f"\nwall time: {results.get('wall_seconds', np.nan):.0f} s")
+    return format_table(rows) + footer
+
+
+def findings(results: dict[str, Any]) -> list[str]:
+    """The paper's findings, each stated with the measured numbers and whether it appeared."""
+    win = results["win_rate_vs_sft"]
+    cap = results["capability_score"]
+    acc = results["rm_accuracy"]
+    out = []
+    out.append(f"RM accuracy >= 0.70 on training labelers: {acc['train_labelers']:.3f} "
+               f"({'yes' if acc['train_labelers'] >= 0.70 else 'NO'}); held-out labelers "
+               f"{acc['heldout_labelers']:.3f}")
+    out.append(f"SFT beats base (held-out win rate of base vs SFT < 0.5): "
+               f"{win['base']['heldout_labelers']:.3f} "
+               f"({'yes' if win['base']['heldout_labelers'] < 0.5 else 'NO'})")
+    for name in ("ppo", "ppo_ptx"):
+        rate = win[name]["heldout_labelers"]
+        out.append(f"{name} beats SFT with held-out win rate >= 0.65: {rate:.3f} "
+                   f"({'yes' if rate >= 0.65 else 'NO'})")
+    tax = cap["sft"] - cap["ppo"]
+    recovered = (cap["ppo_ptx"] - cap["ppo"]) / tax if tax > 0 else float("nan")
+    out.append(f"alignment tax (capability SFT - PPO): {tax:+.3f}; PPO-ptx recovers "
+               f"{recovered:.0%} of it" if tax > 0 else
+               f"alignment tax (capability SFT - PPO): {tax:+.3f} (no regression measured)")
+    return out
+
+
+def write_report(results: dict[str, Any], workdir: str) -> None:
+    """results.json, results.md and the plots."""
+    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, sort_keys=True, default=float)
+    lines = ["# Results", "", results_table(results), "", "## Findings", ""]
+    try:
+        lines += [f"- {line}" for line in findings(results)]
+    except KeyError as missing:
+        lines.append(f"- (incomplete results: {missing} missing)")
+    lines += ["", "## Samples (held-out prompts)", ""]
+    for name, rows in results.get("samples", {}).items():
+        lines.append(f"### {name}")
+        lines.append(format_table(rows[:3]))
+        lines.append("")
+    with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    _plots(results, workdir)
+
+
+def _plots(results: dict[str, Any], workdir: str) -> None:
+    win = results.get("win_rate_vs_sft", {})
+    for group in ("heldout_labelers", "train_labelers"):
+        bars = {name: (w[group], *w["ci95"][group]) for name, w in win.items()}
+        if bars:
+            plot_win_rates(bars, os.path.join(workdir, f"win_rates_{group}.png"),
+                           f"Win rate against SFT ({group.replace('_', ' ')}, 95% CI)")
+    curves = {"pretrain": ["train/loss", "valid/loss"], "sft": ["train/loss", "valid/loss"],
+              "rm": ["train/loss", "valid/pair_accuracy"],
+              "ppo": ["objective/scores", "objective/kl", "val/var_explained"],
+              "ppo_ptx": ["objective/scores", "objective/kl", "ptx/loss"]}
+    for stage, keys in curves.items():
+        path = os.path.join(workdir, stage, "metrics.jsonl")
+        if os.path.exists(path):
+            plot_curves(path, keys, os.path.join(workdir, f"curves_{stage}.png"), title=stage)

@@ -1,0 +1,156 @@
+"""The whole InstructGPT method, stage by stage, on the built-in labeler world (or real data).
+
+    world -> pretrain (base LM) -> sft, sft_ptx (PPO init, 10% pretraining mix)
+          -> comparisons (K SFT samples per prompt, ranked by training labelers) -> rm
+          -> ppo, ppo_ptx -> eval (results.json, results.md, plots)
+
+Every stage writes ``<workdir>/<stage>/DONE`` when it finishes; a stage whose marker exists is
+skipped, so an interrupted run continues from its last finished stage (and a stage killed midway
+resumes from its own checkpoints).
+
+    rlhf-jax pipeline --config experiments/instructgpt_tiny.py --workdir runs/tiny
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+from rlhf_jax.data import read_jsonl, write_jsonl
+
+log = logging.getLogger(__name__)
+
+STAGES = ("world", "pretrain", "sft", "sft_ptx", "comparisons", "rm", "ppo", "ppo_ptx", "eval")
+
+
+def _done_path(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, stage, "DONE")
+
+
+def run_stage(workdir: str, stage: str, fn: Callable[[], Any], timings: dict) -> None:
+    """Run ``fn`` unless the stage finished before; record its wall time."""
+    marker = _done_path(workdir, stage)
+    if os.path.exists(marker):
+        with open(marker, encoding="utf-8") as f:
+            timings[stage] = json.load(f).get("seconds", 0.0)
+        log.info("stage %-11s already done, skipping", stage)
+        return
+    log.info("stage %-11s starting", stage)
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    start = time.time()
+    result = fn()
+    seconds = time.time() - start
+    timings[stage] = seconds
+    with open(marker, "w", encoding="utf-8") as f:
+        json.dump({"seconds": seconds, "result": result}, f, indent=2, default=str)
+    log.info("stage %-11s done in %.1fs", stage, seconds)
+
+
+def _with(cfg: ml_collections.ConfigDict, **paths: Any) -> ml_collections.ConfigDict:
+    """A copy of a stage config with dotted fields filled in (``data__train`` -> data.train)."""
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    for key, value in paths.items():
+        *parents, leaf = key.split("__")
+        node = out
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return out
+
+
+def world_files(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+    """Where the data comes from: the generated world, or the paths the config names."""
+    if cfg.world.enabled:
+        base = os.path.join(workdir, "world")
+        return {name: os.path.join(base, f"{name}.jsonl") for name in
+                ("pretrain", "sft", "rm_prompts", "ppo_prompts", "eval_prompts", "capability_mc",
+                 "capability_qa")} | {"tokenizer": os.path.join(base, "tokenizer"), "world": base}
+    return dict(cfg.data)
+
+
+def make_comparisons_stage(cfg, workdir: str, files: dict[str, str]) -> dict[str, Any]:
+    """Sample K completions per RM prompt from the SFT model and have labelers rank them."""
+    from rlhf_jax.evaluation import generate_texts
+    from rlhf_jax.stages.common import load_model, setup_mesh
+    from rlhf_jax.world import load_world, make_comparisons
+
+    c = cfg.comparisons
+    mesh = setup_mesh(cfg.sft)
+    model, params, tokenizer, _ = load_model(os.path.join(workdir, "sft", "model"), mesh)
+    _, pool = load_world(files["world"])
+    out_dir = os.path.join(workdir, "comparisons")
+
+    def sample_k(rows: list[dict], seed: int) -> list[list[str]]:
+        prompts = [row["prompt"] for row in rows for _ in range(c.k)]
+        texts = generate_texts(model, params, tokenizer, prompts, max_prompt_len=cfg.rm.data.max_prompt_len,
+                               max_new_tokens=cfg.rm.data.max_response_len,
+                               temperature=c.temperature, seed=seed, mesh=mesh)["texts"]
+        return [texts[i * c.k:(i + 1) * c.k] for i in range(len(rows))]
+
+    rm_rows = read_jsonl(files["rm_prompts"], "prompts")[: c.n_prompts]
+    train = make_comparisons(rm_rows, sample_k(rm_rows, cfg.seed), pool.training, cfg.seed)
+    train = [row for row in train if len(set(row["ranking"])) > 1]   # all-tied rows carry no pairs
+    write_jsonl(os.path.join(out_dir, "train.jsonl"), train)
+    # Held-out test comparisons on eval prompts, ranked by both labeler groups.
+    test_rows = read_jsonl(files["eval_prompts"], "prompts")[: c.n_test_prompts]
+    test_samples = sample_k(test_rows, cfg.seed + 1)
+    for group, labelers in (("train_labelers", pool.training), ("heldout_labelers", pool.heldout)):
+        rows = [r for r in make_comparisons(test_rows, test_samples, labelers, cfg.seed + 2)
+                if len(set(r["ranking"])) > 1]
+        write_jsonl(os.path.join(out_dir, f"test_{group}.jsonl"), rows)
+    return {"n_train": len(train)}
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Run every stage (skipping finished ones); returns the evaluation results."""
+    from rlhf_jax.stages import ppo, reward, sft
+    from rlhf_jax import evaluation_report
+
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    start = time.time()
+    timings: dict[str, float] = {}
+    files = world_files(cfg, workdir)
+    model_dir = lambda stage: os.path.join(workdir, stage, "model")
+    stage_dir = lambda stage: os.path.join(workdir, stage)
+
+    if cfg.world.enabled:
+        from rlhf_jax.world import write_world
+        run_stage(workdir, "world", lambda: write_world(files["world"], cfg.world.seed,
+                                                        dict(cfg.world.sizes)), timings)
+    run_stage(workdir, "pretrain", lambda: sft.train(_with(
+        cfg.pretrain, tokenizer=files["tokenizer"], data__train=files["pretrain"]),
+        stage_dir("pretrain")), timings)
+    run_stage(workdir, "sft", lambda: sft.train(_with(
+        cfg.sft, init_from=model_dir("pretrain"), data__train=files["sft"]), stage_dir("sft")), timings)
+    run_stage(workdir, "sft_ptx", lambda: sft.train(_with(
+        cfg.sft_ptx, init_from=model_dir("pretrain"), data__train=files["sft"],
+        data__pretrain_path=files["pretrain"]), stage_dir("sft_ptx")), timings)
+    run_stage(workdir, "comparisons", lambda: make_comparisons_stage(cfg, workdir, files), timings)
+    run_stage(workdir, "rm", lambda: reward.train(_with(
+        cfg.rm, init_from=model_dir("sft"), data__train=os.path.join(workdir, "comparisons", "train.jsonl"),
+        normalize__demonstrations=files["sft"]), stage_dir("rm")), timings)
+    for name, ptx_coef in (("ppo", 0.0), ("ppo_ptx", cfg.ppo_ptx_coef)):
+        run_stage(workdir, name, lambda ptx_coef=ptx_coef, name=name: ppo.train(_with(
+            cfg.ppo, name=name, policy_from=model_dir("sft_ptx"), reward_from=model_dir("rm"),
+            data__prompts=files["ppo_prompts"], data__pretrain=files["pretrain"],
+            ppo__ptx_coef=ptx_coef), stage_dir(name)), timings)
+    results: dict[str, Any] = {}
+
+    def evaluate():
+        results.update(evaluation_report.evaluate_pipeline(cfg, workdir, files))
+        return {"models": sorted(results.get("gold_score", {}))}
+    run_stage(workdir, "eval", evaluate, timings)
+    if not results:
+        with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+            results = json.load(f)
+    results["stage_seconds"] = timings
+    results["wall_seconds"] = float(sum(timings.values()))
+    results["this_invocation_seconds"] = time.time() - start
+    evaluation_report.write_report(results, workdir)
+    print(evaluation_report.results_table(results))
+    return results
