@@ -85,6 +85,33 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in TRAIN_COMMANDS.items():
         _add_train_parser(sub, name, help_text)
 
+    ev = sub.add_parser(
+        "eval", help="evaluate every model of a pipeline workdir (win rates, scores, KL, capability)",
+        description="Re-run the evaluation of a finished (or partly finished) pipeline workdir: "
+                    "win rate against SFT judged by training and by held-out labelers with 95%% "
+                    "CIs, gold and RM scores, KL to SFT, capability evals, RM pair accuracy. "
+                    "Writes results.json, results.md and plots into the workdir.")
+    ev.add_argument("--workdir", required=True, help="a pipeline workdir")
+    ev.add_argument("--config", default=None,
+                    help="pipeline config (default: the config_pipeline.json the run saved)")
+
+    sample = sub.add_parser(
+        "sample", help="sample responses from a model directory",
+        description="Sample from a model directory (a stage output such as runs/tiny/ppo/model, "
+                    "or a transformers checkpoint directory) with the jitted KV-cache sampler.")
+    sample.add_argument("--checkpoint", required=True, help="model directory")
+    sample.add_argument("--prompt", action="append", required=True,
+                        help="prompt text (repeat the flag for several prompts)")
+    sample.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (32)")
+    sample.add_argument("--max-prompt-len", type=int, default=64,
+                        help="prompt tokens kept (left-truncated; 64)")
+    sample.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
+    sample.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    sample.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    sample.add_argument("--greedy", action="store_true", help="argmax decoding")
+    sample.add_argument("--num-samples", type=int, default=1, help="samples per prompt (1)")
+    sample.add_argument("--seed", type=int, default=0, help="PRNG seed (0)")
+
     conv = sub.add_parser(
         "convert", help="convert checkpoints between transformers (safetensors) and rlhf_jax",
         description="Convert a local transformers checkpoint directory (config.json + "
@@ -120,7 +147,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(fn(args.src, args.dst, **kwargs))
         return 0
 
+    if args.command == "sample":
+        return _sample(args)
     from rlhf_jax.config import apply_overrides, load_config
+    if args.command == "eval":
+        from rlhf_jax.pipeline import evaluate_workdir
+        saved = os.path.join(args.workdir, "config_pipeline.json")
+        if args.config:
+            cfg = apply_overrides(load_config(args.config), overrides)
+        elif os.path.exists(saved):
+            import ml_collections
+            with open(saved, encoding="utf-8") as f:
+                cfg = apply_overrides(ml_collections.ConfigDict(json.load(f)), overrides)
+        else:
+            raise SystemExit(f"error: {saved} not found; pass --config")
+        evaluate_workdir(cfg, args.workdir)
+        return 0
     cfg = load_config(args.config)
     apply_overrides(cfg, overrides)
     if args.show_config:
@@ -134,6 +176,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = _call(TRAIN_COMMANDS[args.command][0])(cfg, args.workdir)
     if args.command != "pipeline":   # the pipeline prints its own results table
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from rlhf_jax.evaluation import generate_texts
+    from rlhf_jax.stages.common import load_model
+    model, params, tokenizer, _ = load_model(args.checkpoint, None)
+    if tokenizer is None:
+        raise SystemExit(f"error: {args.checkpoint} has no tokenizer saved beside the model")
+    prompts = [p for p in args.prompt for _ in range(args.num_samples)]
+    out = generate_texts(model, params, tokenizer, prompts, max_prompt_len=args.max_prompt_len,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed,
+                         batch_size=max(1, min(len(prompts), 64)))
+    for prompt, text in zip(prompts, out["texts"]):
+        print(json.dumps({"prompt": prompt, "response": text}))
     return 0
 
 

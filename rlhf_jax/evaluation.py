@@ -59,7 +59,7 @@ def _place(batch: Mapping[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.
 
 def generate_texts(model: Transformer, params: Any, tokenizer: Any, prompts: Sequence[str], *,
                    max_prompt_len: int, max_new_tokens: int, temperature: float = 1.0,
-                   greedy: bool = False, seed: int = 0, mesh: Mesh | None = None,
+                   top_k: int = 0, top_p: float = 1.0, greedy: bool = False, seed: int = 0, mesh: Mesh | None = None,
                    batch_size: int = 64) -> dict[str, Any]:
     """Sample one response per prompt; returns decoded texts and the token arrays.
 
@@ -70,7 +70,8 @@ def generate_texts(model: Transformer, params: Any, tokenizer: Any, prompts: Seq
     arrays, _ = tokenize_prompts(rows, tokenizer, max_prompt_len, "truncate")
     if len(arrays["input_ids"]) != len(prompts):
         raise ValueError("some prompts tokenized to nothing; check the tokenizer")
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, greedy=greedy,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     fn = make_generate_fn(model, cfg, mesh)
     batch_size = _batch_size_for(mesh, batch_size)

@@ -36,14 +36,19 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
 
     e = cfg.eval
     mesh = setup_mesh(cfg.sft)
-    _, pool = load_world(files["world"])
+    # Labelers exist only in the built-in world; on real data the report keeps the RM score, KL,
+    # capability (when its files are given) and RM accuracy on a held-out comparisons file.
+    pool = load_world(files["world"])[1] if cfg.world.enabled else None
     prompt_rows = read_jsonl(files["eval_prompts"], "prompts")[: e.n_prompts]
     prompts = [row["prompt"] for row in prompt_rows]
     prefix = few_shot_prefix(read_jsonl(files["sft"], "demonstrations"), e.few_shot)
-    mc_items = _plain_jsonl(files["capability_mc"])[: e.n_capability]
-    qa_items = _plain_jsonl(files["capability_qa"])[: e.n_capability]
+    mc_items = _plain_jsonl(files["capability_mc"])[: e.n_capability] if "capability_mc" in files else []
+    qa_items = _plain_jsonl(files["capability_qa"])[: e.n_capability] if "capability_qa" in files else []
 
-    load = lambda stage: load_model(os.path.join(workdir, stage, "model"), mesh)
+    def load(stage: str):
+        if stage == "pretrain" and cfg.get("base_model"):
+            return load_model(cfg.base_model, mesh)
+        return load_model(os.path.join(workdir, stage, "model"), mesh)
     sft_model, sft_params, tokenizer, _ = load("sft")
     rm, rm_params, _, rm_extra = load("rm")
     norm = rm_extra.get("reward_norm") or {}
@@ -64,8 +69,9 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
         results["proxy_score"][name] = float(np.mean(ev.score_texts(
             rm, rm_params, norm, tokenizer, prompts, samples["texts"], max_prompt_len=max_p,
             max_response_len=max_r, mesh=mesh)))
-        results["gold_score"][name] = ev.gold_score(prompt_rows, samples["texts"], pool.heldout)
-        if name != "base_prompted":
+        if pool is not None:
+            results["gold_score"][name] = ev.gold_score(prompt_rows, samples["texts"], pool.heldout)
+        if name != "base_prompted" and mc_items and qa_items:
             mc = ev.multiple_choice_accuracy(model, params, tokenizer, mc_items,
                                              max_prompt_len=e.capability_max_prompt_len, mesh=mesh)
             qa = ev.qa_exact_match(model, params, tokenizer, qa_items,
@@ -74,9 +80,19 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
                                            "qa_exact_match": qa}
         results["samples"][name] = [{"prompt": p, "response": r}
                                     for p, r in zip(prompts[:5], samples["texts"][:5])]
-        log.info("evaluated %s: gold %.3f proxy %.3f", name, results["gold_score"][name],
-                 results["proxy_score"][name])
-    results["capability"]["base_prompted"] = results["capability"]["base"]
+        log.info("evaluated %s: proxy %.3f, KL %.3f", name, results["proxy_score"][name],
+                 results["kl_to_sft"][name])
+    if "base" in results["capability"]:
+        results["capability"]["base_prompted"] = results["capability"]["base"]
+    results["capability_score"] = {k: v["score"] for k, v in results["capability"].items()}
+    results["rm_accuracy"] = {}
+    if pool is None:
+        if files.get("comparisons_test"):
+            rows = read_jsonl(files["comparisons_test"], "comparisons")
+            results["rm_accuracy"]["test"] = ev.rm_pair_accuracy(
+                rm, rm_params, tokenizer, rows, max_prompt_len=max_p, max_response_len=max_r,
+                mesh=mesh)["accuracy"]
+        return results
 
     for name in MODELS:
         by_group = {}
@@ -89,14 +105,12 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
             "heldout_labelers": by_group["heldout_labelers"]["rate"],
             "ci95": {g: by_group[g]["ci95"] for g in by_group}, "n": by_group["heldout_labelers"]["n"]}
 
-    results["rm_accuracy"] = {}
     for group in ("train_labelers", "heldout_labelers"):
         rows = read_jsonl(os.path.join(workdir, "comparisons", f"test_{group}.jsonl"), "comparisons")
         acc = ev.rm_pair_accuracy(rm, rm_params, tokenizer, rows, max_prompt_len=max_p,
                                   max_response_len=max_r, mesh=mesh)
         results["rm_accuracy"][group] = acc["accuracy"]
         results["rm_accuracy"][f"{group}_n_pairs"] = acc["n_pairs"]
-    results["capability_score"] = {k: v["score"] for k, v in results["capability"].items()}
     return results
 
 
@@ -122,8 +136,9 @@ def results_table(results: dict[str, Any]) -> str:
             "capability": results.get("capability_score", {}).get(name, np.nan),
         })
     acc = results.get("rm_accuracy", {})
-    footer = (f"\nRM pair accuracy: training labelers {acc.get('train_labelers', np.nan):.3f}, "
-              f"held-out labelers {acc.get('heldout_labelers', np.nan):.3f}"
+    accuracy = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in acc.items()
+                         if not k.endswith("n_pairs"))
+    footer = (f"\nRM pair accuracy: {accuracy or 'n/a'}"
               f"\nwall time: {results.get('wall_seconds', np.nan):.0f} s")
     return format_table(rows) + footer
 
@@ -156,11 +171,9 @@ def write_report(results: dict[str, Any], workdir: str) -> None:
     """results.json, results.md and the plots."""
     with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2, sort_keys=True, default=float)
-    lines = ["# Results", "", results_table(results), "", "## Findings", ""]
-    try:
-        lines += [f"- {line}" for line in findings(results)]
-    except KeyError as missing:
-        lines.append(f"- (incomplete results: {missing} missing)")
+    lines = ["# Results", "", results_table(results), ""]
+    if results.get("win_rate_vs_sft"):
+        lines += ["## Findings", "", *[f"- {line}" for line in findings(results)]]
     lines += ["", "## Samples (held-out prompts)", ""]
     for name, rows in results.get("samples", {}).items():
         lines.append(f"### {name}")

@@ -69,7 +69,13 @@ def world_files(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
         return {name: os.path.join(base, f"{name}.jsonl") for name in
                 ("pretrain", "sft", "rm_prompts", "ppo_prompts", "eval_prompts", "capability_mc",
                  "capability_qa")} | {"tokenizer": os.path.join(base, "tokenizer"), "world": base}
-    return dict(cfg.data)
+    files = {k: v for k, v in dict(cfg.data).items() if v}
+    missing = [k for k in ("pretrain", "sft", "comparisons", "ppo_prompts", "eval_prompts")
+               if k not in files]
+    if missing or not cfg.get("base_model"):
+        raise ValueError(f"world.enabled=False needs base_model and data.{{{', '.join(missing)}}}"
+                         if missing else "world.enabled=False needs base_model (a checkpoint dir)")
+    return files
 
 
 def make_comparisons_stage(cfg, workdir: str, files: dict[str, str]) -> dict[str, Any]:
@@ -105,6 +111,23 @@ def make_comparisons_stage(cfg, workdir: str, files: dict[str, str]) -> dict[str
     return {"n_train": len(train)}
 
 
+def evaluate_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """`rlhf-jax eval`: (re-)evaluate the models of a pipeline workdir and rewrite the report."""
+    from rlhf_jax import evaluation_report
+    workdir = os.path.abspath(workdir)
+    results = evaluation_report.evaluate_pipeline(cfg, workdir, world_files(cfg, workdir))
+    timings_path = os.path.join(workdir, "results.json")
+    if os.path.exists(timings_path):
+        with open(timings_path, encoding="utf-8") as f:
+            previous = json.load(f)
+        for key in ("stage_seconds", "wall_seconds"):
+            if key in previous:
+                results[key] = previous[key]
+    evaluation_report.write_report(results, workdir)
+    print(evaluation_report.results_table(results))
+    return results
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Run every stage (skipping finished ones); returns the evaluation results."""
     from rlhf_jax.stages import ppo, reward, sft
@@ -122,17 +145,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         from rlhf_jax.world import write_world
         run_stage(workdir, "world", lambda: write_world(files["world"], cfg.world.seed,
                                                         dict(cfg.world.sizes)), timings)
-    run_stage(workdir, "pretrain", lambda: sft.train(_with(
-        cfg.pretrain, tokenizer=files["tokenizer"], data__train=files["pretrain"]),
-        stage_dir("pretrain")), timings)
+    # The base LM: pretrained here on the world's corpus, or a checkpoint the config names.
+    base = cfg.get("base_model") or model_dir("pretrain")
+    if not cfg.get("base_model"):
+        run_stage(workdir, "pretrain", lambda: sft.train(_with(
+            cfg.pretrain, tokenizer=files["tokenizer"], data__train=files["pretrain"]),
+            stage_dir("pretrain")), timings)
     run_stage(workdir, "sft", lambda: sft.train(_with(
-        cfg.sft, init_from=model_dir("pretrain"), data__train=files["sft"]), stage_dir("sft")), timings)
+        cfg.sft, init_from=base, data__train=files["sft"]), stage_dir("sft")), timings)
     run_stage(workdir, "sft_ptx", lambda: sft.train(_with(
-        cfg.sft_ptx, init_from=model_dir("pretrain"), data__train=files["sft"],
+        cfg.sft_ptx, init_from=base, data__train=files["sft"],
         data__pretrain_path=files["pretrain"]), stage_dir("sft_ptx")), timings)
-    run_stage(workdir, "comparisons", lambda: make_comparisons_stage(cfg, workdir, files), timings)
+    # Comparisons: SFT samples ranked by the world's labelers, or a comparisons file.
+    comparisons = files.get("comparisons") or os.path.join(workdir, "comparisons", "train.jsonl")
+    if not files.get("comparisons"):
+        run_stage(workdir, "comparisons", lambda: make_comparisons_stage(cfg, workdir, files), timings)
     run_stage(workdir, "rm", lambda: reward.train(_with(
-        cfg.rm, init_from=model_dir("sft"), data__train=os.path.join(workdir, "comparisons", "train.jsonl"),
+        cfg.rm, init_from=model_dir("sft"), data__train=comparisons,
         normalize__demonstrations=files["sft"]), stage_dir("rm")), timings)
     for name, ptx_coef in (("ppo", 0.0), ("ppo_ptx", cfg.ppo_ptx_coef)):
         run_stage(workdir, name, lambda ptx_coef=ptx_coef, name=name: ppo.train(_with(

@@ -171,6 +171,14 @@ def replicated_fraction(tree: Any) -> float:
     return replicated / max(total, 1)
 
 
+def check_batch_size(name: str, size: int, mesh: Mesh) -> None:
+    """Batches are split over ('data', 'fsdp'): their size must divide evenly."""
+    ways = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+    if size % ways:
+        raise ValueError(f"{name}={size} must be a multiple of data x fsdp = {ways} "
+                         f"(mesh {dict(mesh.shape)})")
+
+
 def batch_spec(ndim: int) -> PartitionSpec:
     """Leading (batch) dim over ('data', 'fsdp'); the rest replicated."""
     return PartitionSpec(BATCH_AXES, *([None] * (ndim - 1)))

@@ -40,7 +40,7 @@ from rlhf_jax.models.params import param_shardings
 from rlhf_jax.models.transformer import Transformer, default_position_ids
 from rlhf_jax.optim import current_lr, ema_update, make_lr_schedule, make_optimizer
 from rlhf_jax.sampling import SamplingConfig, make_generate_fn
-from rlhf_jax.sharding import batch_sharding, shard_batch
+from rlhf_jax.sharding import batch_sharding, check_batch_size, shard_batch
 from rlhf_jax.stages import common
 from rlhf_jax.stages.reward import normalize
 from rlhf_jax.train_state import TrainState, train_state_shardings
@@ -237,6 +237,10 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         raise ValueError(f"ppo.rollout_batch_size={p.rollout_batch_size} must be a multiple of "
                          f"ppo.minibatch_size={p.minibatch_size}")
     n_minibatches = p.rollout_batch_size // p.minibatch_size
+    check_batch_size("ppo.rollout_batch_size", p.rollout_batch_size, mesh)
+    if p.ptx_coef > 0:
+        check_batch_size("ppo.ptx_per_episode x ppo.minibatch_size",
+                         p.ptx_per_episode * p.minibatch_size, mesh)
     iterators = {"prompts": BatchIterator(prompts, p.rollout_batch_size, seed=cfg.seed)}
     ptx_batch_size = p.ptx_per_episode * p.minibatch_size
     if ptx_arrays is not None:

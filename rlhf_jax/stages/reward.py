@@ -34,7 +34,7 @@ from rlhf_jax.models.params import param_shardings
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.objectives import kway_ranking_loss, value_at_last_token
 from rlhf_jax.optim import current_lr
-from rlhf_jax.sharding import shard_batch
+from rlhf_jax.sharding import check_batch_size, shard_batch
 from rlhf_jax.stages import common
 from rlhf_jax.train_state import (create_train_state, make_eval_step, make_train_step,
                                   train_state_shardings)
@@ -157,6 +157,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     common.log_params(params)
     train_arrays, valid_arrays = load_arrays(cfg, tokenizer)
 
+    check_batch_size("train.batch_size", cfg.train.batch_size, mesh)
     iterators = {"train": BatchIterator(train_arrays, cfg.train.batch_size, seed=cfg.seed)}
     steps_per_epoch = max(1, iterators["train"].steps_per_epoch)
     total_steps = cfg.train.steps or int(math.ceil(cfg.train.epochs * steps_per_epoch))

@@ -27,7 +27,7 @@ from rlhf_jax.models.params import param_shardings
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.objectives import next_token_loss
 from rlhf_jax.optim import current_lr
-from rlhf_jax.sharding import shard_batch
+from rlhf_jax.sharding import check_batch_size, shard_batch
 from rlhf_jax.stages import common
 from rlhf_jax.train_state import (create_train_state, make_eval_step, make_train_step,
                                   train_state_shardings)
@@ -95,6 +95,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     train_arrays, valid_arrays, mix_arrays = load_arrays(cfg, tokenizer)
 
     # Data: demonstrations, plus a pretraining stream for the mix; both deterministic and resumable.
+    check_batch_size("train.batch_size", cfg.train.batch_size, mesh)
     n_demo, n_mix = mix_sizes(cfg.train.batch_size, cfg.data.get("pretrain_mix", 0.0) if mix_arrays else 0.0)
     iterators = {"train": BatchIterator(train_arrays, n_demo, seed=cfg.seed)}
     if n_mix:
