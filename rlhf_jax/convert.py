@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 MODEL_CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 def _local_dir(path: str) -> str:
@@ -64,33 +63,13 @@ def _exists(path: str) -> bool:
     return os.path.exists(path)
 
 
-_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
-
-
-def load_tokenizer_as_saved(path: str):
-    """The tokenizer in ``path`` (None if there is none), built from its own tokenizer.json.
-
-    ``AutoTokenizer`` in transformers 5 swaps in the model family's class for some model types
-    (e.g. ``Qwen2Tokenizer`` whenever config.json says qwen2), which rebuilds a custom
-    tokenizer.json (say a WordLevel vocabulary) as byte-level BPE and silently changes every id.
-    A tokenizer saved as the generic fast class is therefore loaded as exactly that class.
-    """
-    if not any(_exists(os.path.join(path, name)) for name in _TOKENIZER_FILES):
-        log.warning("%s: no tokenizer files; returning tokenizer=None", path)
-        return None
-    declared = None
-    config_path = os.path.join(path, "tokenizer_config.json")
-    if _exists(config_path):
-        declared = json.loads(_read_text(config_path)).get("tokenizer_class")
-    if declared in _GENERIC_TOKENIZER_CLASSES and _exists(os.path.join(path, "tokenizer.json")):
-        import transformers
-        return transformers.PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-    return load_tokenizer(path)
+EXTRA_FILE = "extra.json"
 
 
 def save_our_checkpoint(our_dir: str, model: Transformer, params: Any, tokenizer: Any = None,
-                        *, overwrite: bool = False) -> str:
-    """Write ``model_config.json``, the orbax ``params`` and the tokenizer into ``our_dir``.
+                        *, extra: dict | None = None, overwrite: bool = False) -> str:
+    """Write ``model_config.json``, the orbax ``params``, the tokenizer and ``extra.json`` (stage
+    facts such as the reward model's normalization) into ``our_dir``: a stage's output.
 
     Multi-host: call on every process (the orbax save is collective); process 0 writes the
     config and tokenizer.
@@ -101,9 +80,22 @@ def save_our_checkpoint(our_dir: str, model: Transformer, params: Any, tokenizer
     save_pytree(os.path.join(our_dir, PARAMS_DIR), params, overwrite=overwrite)
     if jax.process_index() == 0:
         _write_text(os.path.join(our_dir, MODEL_CONFIG_FILE), model.config.to_json())
+        _write_text(os.path.join(our_dir, EXTRA_FILE), json.dumps(extra or {}, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(our_dir)
     return our_dir
+
+
+def is_our_checkpoint(path: str) -> bool:
+    """A directory written by ``save_our_checkpoint`` (as opposed to a transformers one)."""
+    path = _local_dir(path)
+    return _exists(os.path.join(path, MODEL_CONFIG_FILE)) and _exists(os.path.join(path, PARAMS_DIR))
+
+
+def read_extra(our_dir: str) -> dict:
+    """The stage facts stored with a model ({} when there are none)."""
+    path = os.path.join(_local_dir(our_dir), EXTRA_FILE)
+    return json.loads(_read_text(path)) if _exists(path) else {}
 
 
 def read_model_config(our_dir: str) -> TransformerConfig:
@@ -165,7 +157,7 @@ def load_our_checkpoint(our_dir: str, mesh: Mesh | None = None, *,
     if cfg.scan_layers != saved_cfg.scan_layers or cfg.param_dtype != saved_cfg.param_dtype:
         params = place_params(params, model, mesh)
 
-    tokenizer = load_tokenizer_as_saved(our_dir) if with_tokenizer else None
+    tokenizer = load_tokenizer(our_dir) if with_tokenizer else None
     return model, params, tokenizer
 
 
@@ -178,7 +170,7 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", mesh: Mesh
     """
     model, params, _ = from_pretrained(hf_dir, mesh=mesh, dtype=jnp.dtype(dtype),
                                        with_tokenizer=False)
-    tokenizer = load_tokenizer_as_saved(_local_dir(hf_dir))
+    tokenizer = load_tokenizer(_local_dir(hf_dir))
     return save_our_checkpoint(out_dir, model, params, tokenizer, overwrite=overwrite)
 
 

@@ -11,7 +11,7 @@ import glob
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -306,13 +306,29 @@ def _read_hf_config(path: str) -> dict[str, Any]:
             raise CheckpointFormatError(f"{config_path}:{e.lineno}: invalid JSON ({e.msg})") from e
 
 
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(path: str):
-    """The tokenizer saved beside a checkpoint, or None (with a warning) when there is none."""
-    from transformers import AutoTokenizer
+    """The tokenizer saved beside a checkpoint, or None (with a warning) when there is none.
+
+    A tokenizer saved as the generic fast class is loaded as exactly that class:
+    ``AutoTokenizer`` in transformers 5 swaps in the model family's class for some model types
+    (``Qwen2Tokenizer`` whenever config.json says qwen2), which rebuilds a custom tokenizer.json
+    (say a WordLevel vocabulary) as byte-level BPE and silently changes every id.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
     if not any(os.path.exists(os.path.join(path, n)) for n in names):
         log.warning("%s: no tokenizer files; returning tokenizer=None", path)
         return None
+    config_path = os.path.join(path, "tokenizer_config.json")
+    declared = None
+    if os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            declared = json.load(f).get("tokenizer_class")
+    if declared in _GENERIC_TOKENIZER_CLASSES and os.path.exists(os.path.join(path, "tokenizer.json")):
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from rlhf_jax.models.transformer import CACHE_AXES, Transformer
 from rlhf_jax.sharding import logical_to_spec, shardings_from_boxed

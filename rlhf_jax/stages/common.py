@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax.convert import is_our_checkpoint, load_our_checkpoint, read_extra
 from rlhf_jax.config import model_config_from
 from rlhf_jax.models.hf import from_pretrained, load_tokenizer
 from rlhf_jax.models.params import init_params
@@ -41,8 +42,9 @@ def runtime_overrides(cfg: Any) -> dict[str, Any]:
 
 def load_model(source: str, mesh: Mesh | None, **overrides: Any):
     """``(model, params, tokenizer, extra)`` from a stage output dir or a transformers dir."""
-    if ckpt_lib.is_model_dir(source):
-        return ckpt_lib.load_model_dir(source, mesh, **overrides)
+    if is_our_checkpoint(source):
+        model, params, tokenizer = load_our_checkpoint(source, mesh, **overrides)
+        return model, params, tokenizer, read_extra(source)
     model, params, tokenizer = from_pretrained(source, mesh, **_hf_overrides(overrides))
     return model, params, tokenizer, {}
 

@@ -29,9 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax.convert import save_our_checkpoint
 from rlhf_jax import objectives as obj
 from rlhf_jax.data import BatchIterator, tokenize_pretrain, tokenize_prompts
 from rlhf_jax.data.sources import read_source
@@ -215,7 +216,6 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     workdir = os.path.abspath(workdir)
     p = cfg.ppo
     mesh = common.setup_mesh(cfg)
-    rng = jax.random.key(cfg.seed)
     overrides = common.runtime_overrides(cfg)
 
     # Networks: policy (trained) and its frozen reference share one definition.
@@ -272,7 +272,6 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                               top_k=p.top_k, top_p=p.top_p, greedy=False,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     generate = make_generate_fn(policy, sampling, mesh)
-    seq_len = prompt_len + cfg.data.max_response_len
     exp_example = _experience_shapes(p.rollout_batch_size, prompt_len, cfg.data.max_response_len)
     exp_sh = {k: batch_sharding(mesh, len(s)) for k, s in exp_example.items()}
     p_sh, v_sh, r_sh = (param_shardings(m, mesh) for m in (policy, value, reward))
@@ -352,12 +351,12 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     bar.close()
     checkpointer.wait()
     final_policy = policy.clone(config=policy.config.replace(dropout=0.0))
-    ckpt_lib.save_model_dir(os.path.join(workdir, "model"), final_policy, state.policy.params,
+    save_our_checkpoint(os.path.join(workdir, "model"), final_policy, state.policy.params,
                             tokenizer, extra={"stage": cfg.get("name", "ppo"), "ptx_coef": p.ptx_coef,
-                                              "iterations": n_iterations})
+                                              "iterations": n_iterations}, overwrite=True)
     if p.ema_decay > 0:
-        ckpt_lib.save_model_dir(os.path.join(workdir, "model_ema"), final_policy, state.ema_params,
-                                tokenizer, extra={"stage": cfg.get("name", "ppo"), "ema_decay": p.ema_decay})
+        save_our_checkpoint(os.path.join(workdir, "model_ema"), final_policy, state.ema_params,
+                                tokenizer, extra={"stage": cfg.get("name", "ppo"), "ema_decay": p.ema_decay}, overwrite=True)
     writer.close()
     checkpointer.close()
     return metrics

@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax.convert import save_our_checkpoint
 from rlhf_jax.data import (BatchIterator, comparisons_to_pairs, tokenize_comparisons,
                            tokenize_demonstrations)
 from rlhf_jax.data.sources import read_source
@@ -212,9 +213,9 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     if norm:
         log.info("reward normalization from %d demonstrations: mean %.4f std %.4f",
                  norm["n_demonstrations"], norm["mean"], norm["std"])
-    ckpt_lib.save_model_dir(os.path.join(workdir, "model"), final_model, state.params, tokenizer,
+    save_our_checkpoint(os.path.join(workdir, "model"), final_model, state.params, tokenizer,
                             extra={"stage": cfg.get("name", "rm"), "reward_norm": norm,
-                                   "mode": cfg.mode, **final})
+                                   "mode": cfg.mode, **final}, overwrite=True)
     writer.close()
     checkpointer.close()
     return final | {"reward_norm": norm}

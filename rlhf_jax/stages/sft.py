@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax.convert import save_our_checkpoint
 from rlhf_jax.data import BatchIterator, tokenize_demonstrations, tokenize_pretrain
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.metrics import MetricsWriter, ProgressBar
@@ -151,9 +152,9 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     bar.close()
     final = validate(total_steps)
     checkpointer.wait()
-    ckpt_lib.save_model_dir(os.path.join(workdir, "model"), model.clone(
+    save_our_checkpoint(os.path.join(workdir, "model"), model.clone(
         config=model.config.replace(dropout=0.0)), state.params, tokenizer,
-        extra={"stage": cfg.get("name", "sft"), "steps": total_steps, **final})
+        extra={"stage": cfg.get("name", "sft"), "steps": total_steps, **final}, overwrite=True)
     writer.close()
     checkpointer.close()
     log.info("finished %d steps; %s", total_steps, final)

@@ -1,0 +1,388 @@
+"""Hugging Face interop: logit parity with transformers (PyTorch), export, meshes, bad input,
+and the HF <-> our-checkpoint conversion used by ``rlhf-jax convert``."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from jax.sharding import NamedSharding
+from safetensors.numpy import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from rlhf_jax.models.hf import load_tokenizer
+from rlhf_jax.convert import (hf_to_orbax, load_our_checkpoint,
+                              orbax_to_hf, save_our_checkpoint)
+from rlhf_jax.models import (CheckpointFormatError, Transformer, from_pretrained,
+                             save_pretrained)
+from rlhf_jax.sharding import make_mesh
+
+PARITY_ATOL = 1e-4
+VOCAB = 97
+WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "park", "and", "then"]
+PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
+
+
+def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    vocab = {"[PAD]": PAD_ID, "[UNK]": UNK_ID, "[EOS]": EOS_ID}
+    vocab.update({word: i + 3 for i, word in enumerate(WORDS)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+
+
+def hf_model(arch: str) -> transformers.PreTrainedModel:
+    """A tiny random transformers model; Llama and Qwen2 use grouped-query attention."""
+    torch.manual_seed({"gpt2": 0, "llama": 1, "qwen2": 2}[arch])
+    ids = dict(pad_token_id=PAD_ID, bos_token_id=EOS_ID, eos_token_id=EOS_ID)
+    if arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2,
+                                      n_head=4, **ids)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **ids)
+    if arch == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
+
+
+def left_padded_batch() -> tuple[np.ndarray, np.ndarray]:
+    """4 rows of length 10 with 0, 3, 6 and 1 left-padding tokens."""
+    ids = np.random.RandomState(0).randint(3, VOCAB, (4, 10)).astype(np.int32)
+    mask = np.ones_like(ids)
+    for row, pads in enumerate((0, 3, 6, 1)):
+        mask[row, :pads] = 0
+        ids[row, :pads] = PAD_ID
+    return ids, mask
+
+
+def torch_logits(model: transformers.PreTrainedModel, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                    attention_mask=torch.tensor(mask, dtype=torch.long),
+                    position_ids=torch.tensor(positions, dtype=torch.long))
+    return out.logits.float().numpy()
+
+
+def our_logits(model, params, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids),
+                                           jnp.asarray(mask)), np.float32)
+
+
+def max_diff_at_real_positions(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    return float(np.abs(a - b)[mask.astype(bool)].max())
+
+
+ARCHS = ("gpt2", "llama", "qwen2")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """arch -> (checkpoint dir with tokenizer, torch model, reference logits on the batch)."""
+    ids, mask = left_padded_batch()
+    out = {}
+    for arch in ARCHS:
+        model = hf_model(arch)
+        path = tmp_path_factory.mktemp(f"hf_{arch}")
+        model.save_pretrained(path)
+        make_tokenizer().save_pretrained(path)
+        out[arch] = (str(path), model, torch_logits(model, ids, mask))
+    return out
+
+
+# --- parity ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [{}, {"scan_layers": True}, {"remat": True},
+                                       {"scan_layers": True, "remat": True}],
+                         ids=["plain", "scan", "remat", "scan+remat"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_match_transformers_on_left_padded_batch(checkpoints, arch, overrides):
+    path, _, reference = checkpoints[arch]
+    ids, mask = left_padded_batch()
+    model, params, _ = from_pretrained(path, **overrides)
+    assert model.config.arch == arch
+    if arch != "gpt2":
+        assert model.config.kv_heads == 2 < model.config.n_heads
+    if overrides.get("scan_layers"):
+        assert "layers" in params and "layer_0" not in params
+    logits = our_logits(model, params, ids, mask)
+    assert logits.shape == reference.shape
+    diff = max_diff_at_real_positions(logits, reference, mask)
+    print(f"\n[parity] {arch} {overrides or 'plain'}: max |logit diff| = {diff:.3e}")
+    assert diff <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_round_trip_through_transformers_and_our_loader(checkpoints, arch, tmp_path):
+    path, _, reference = checkpoints[arch]
+    ids, mask = left_padded_batch()
+    model, params, tokenizer = from_pretrained(path, scan_layers=(arch == "llama"))
+    ours = our_logits(model, params, ids, mask)
+
+    export = save_pretrained(str(tmp_path / "export"), model, params, tokenizer)
+    assert os.path.exists(os.path.join(export, "config.json"))
+    assert os.path.exists(os.path.join(export, "model.safetensors"))
+    reloaded_torch = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    assert type(reloaded_torch).__name__ == type(checkpoints[arch][1]).__name__
+    exported = torch_logits(reloaded_torch, ids, mask)
+    # Same fp32 weights as the original torch model, so the same logits up to rounding.
+    assert max_diff_at_real_positions(exported, reference, mask) <= 1e-6
+
+    model2, params2, tokenizer2 = from_pretrained(export)
+    reread = our_logits(model2, params2, ids, mask)
+    assert max_diff_at_real_positions(reread, ours, mask) <= 1e-6
+    # The tokenizer written beside the export encodes like the one passed in.
+    exported_tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(export)
+    text = "the dog ran to the park"
+    assert exported_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert tokenizer2 is not None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_tokenizer_saved_beside_checkpoint_is_returned(checkpoints, arch):
+    _, _, tokenizer = from_pretrained(checkpoints[arch][0])
+    assert tokenizer is not None
+    assert tokenizer("the cat sat on the mat")["input_ids"] == [3, 4, 5, 6, 3, 7]
+    assert tokenizer.pad_token_id == PAD_ID and tokenizer.eos_token_id == EOS_ID
+
+
+def test_checkpoint_without_tokenizer_returns_none(checkpoints, tmp_path):
+    path = tmp_path / "no_tokenizer"
+    path.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(checkpoints["gpt2"][0], name), path / name)
+    _, params, tokenizer = from_pretrained(str(path))
+    assert tokenizer is None
+    assert "embed" in params
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loading_onto_a_mesh_gives_same_logits_and_sharded_params(checkpoints, arch):
+    path, _, reference = checkpoints[arch]
+    ids, mask = left_padded_batch()
+    mesh = make_mesh((2, 2, 2))
+    model, params, _ = from_pretrained(path, mesh=mesh)
+    assert model.mesh is mesh
+    leaves = jax.tree.leaves(params)
+    assert all(isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == mesh
+               for leaf in leaves)
+    # The embedding table is split (vocab over tensor is 97 % 2 != 0, so only embed over fsdp).
+    embedding = params["embed"]["embedding"]
+    assert not embedding.sharding.is_fully_replicated
+    assert embedding.sharding.spec[1] == "fsdp"
+    q_kernel = params["layer_0"]["attn"]["q"]["kernel"]
+    assert tuple(q_kernel.sharding.spec)[:2] == ("fsdp", "tensor")
+    logits = our_logits(model, params, ids, mask)
+    diff = max_diff_at_real_positions(logits, reference, mask)
+    print(f"\n[parity on mesh (2,2,2)] {arch}: max |logit diff| = {diff:.3e}")
+    assert diff <= PARITY_ATOL
+
+
+def test_loading_onto_a_mesh_with_scanned_layers(checkpoints):
+    path, _, reference = checkpoints["llama"]
+    ids, mask = left_padded_batch()
+    mesh = make_mesh((1, 2, 4))
+    model, params, _ = from_pretrained(path, mesh=mesh, scan_layers=True)
+    k_kernel = params["layers"]["attn"]["k"]["kernel"]     # [L, D, KV=2, Dh]
+    assert k_kernel.shape == (2, 32, 2, 8)
+    # kv_heads=2 is not divisible by tensor=4: stays replicated on that dim, D still on fsdp.
+    assert tuple(k_kernel.sharding.spec)[:3] == (None, "fsdp", None)
+    logits = our_logits(model, params, ids, mask)
+    assert max_diff_at_real_positions(logits, reference, mask) <= PARITY_ATOL
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def copy_checkpoint(source: str, dest) -> str:
+    shutil.copytree(source, dest)
+    return str(dest)
+
+
+def test_directory_without_config_json(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["gpt2"][0], tmp_path / "ckpt")
+    os.remove(os.path.join(path, "config.json"))
+    with pytest.raises(FileNotFoundError, match=r"config\.json: missing"):
+        from_pretrained(path)
+
+
+def test_path_that_is_not_a_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        from_pretrained(str(tmp_path / "does_not_exist"))
+
+
+def test_directory_without_safetensors(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["gpt2"][0], tmp_path / "ckpt")
+    os.remove(os.path.join(path, "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors files"):
+        from_pretrained(path)
+
+
+class _CreatesFileWhenUnpickled:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_pytorch_checkpoint_is_refused_and_never_unpickled(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["gpt2"][0], tmp_path / "ckpt")
+    os.remove(os.path.join(path, "model.safetensors"))
+    marker = tmp_path / "unpickled.marker"
+    with open(os.path.join(path, "pytorch_model.bin"), "wb") as f:
+        pickle.dump(_CreatesFileWhenUnpickled(str(marker)), f)
+    with pytest.raises(FileNotFoundError,
+                       match=r"no \*\.safetensors.*pytorch_model\.bin.*never loaded"):
+        from_pretrained(path)
+    assert not marker.exists()
+
+
+def test_unsupported_architecture(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["gpt2"][0], tmp_path / "ckpt")
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["architectures"] = ["BertModel"]
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(CheckpointFormatError,
+                       match=r"config\.json: unsupported architecture \['BertModel'\]"):
+        from_pretrained(path)
+
+
+def test_invalid_config_json(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["gpt2"][0], tmp_path / "ckpt")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write("{\n  \"n_embd\": 32,\n  oops\n}")
+    with pytest.raises(CheckpointFormatError, match=r"config\.json:3: invalid JSON"):
+        from_pretrained(path)
+
+
+def rewrite_tensors(path: str, edit) -> None:
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_tensor_with_wrong_shape(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["llama"][0], tmp_path / "ckpt")
+    name = "model.layers.0.self_attn.k_proj.weight"      # [kv_heads * head_dim, d] = [16, 32]
+
+    def widen(tensors):
+        tensors[name] = np.zeros((32, 32), np.float32)
+    rewrite_tensors(path, widen)
+    with pytest.raises(CheckpointFormatError,
+                       match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.k_proj\."
+                             r"weight' has shape \(32, 32\), but config\.json implies \(16, 32\)"):
+        from_pretrained(path)
+
+
+def test_gpt2_fused_attention_with_wrong_shape(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["gpt2"][0], tmp_path / "ckpt")
+    name = next(k for k in load_file(os.path.join(path, "model.safetensors"))
+                if k.endswith("h.1.attn.c_attn.weight"))
+
+    def transpose(tensors):
+        tensors[name] = np.ascontiguousarray(tensors[name].T)     # [96, 32] instead of [32, 96]
+    rewrite_tensors(path, transpose)
+    with pytest.raises(CheckpointFormatError, match=r"h\.1\.attn\.c_attn\.weight' has shape "
+                                                    r"\(96, 32\), but config\.json implies \(32, 96\)"):
+        from_pretrained(path)
+
+
+def test_missing_tensor(checkpoints, tmp_path):
+    path = copy_checkpoint(checkpoints["qwen2"][0], tmp_path / "ckpt")
+    rewrite_tensors(path, lambda tensors: tensors.pop("model.layers.1.mlp.down_proj.weight"))
+    with pytest.raises(CheckpointFormatError,
+                       match=r"tensor 'model\.layers\.1\.mlp\.down_proj\.weight' \(for "
+                             r"layer_1/mlp/down/kernel\) is missing from model\.safetensors"):
+        from_pretrained(path)
+
+
+# --- conversion (rlhf-jax convert) -----------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_to_ours_to_hf_gives_identical_logits_in_transformers(checkpoints, arch, tmp_path):
+    path, _, reference = checkpoints[arch]
+    ids, mask = left_padded_batch()
+    ours_dir = hf_to_orbax(path, str(tmp_path / "ours"))
+    assert os.path.isdir(os.path.join(ours_dir, "params"))
+    with open(os.path.join(ours_dir, "model_config.json")) as f:
+        assert json.load(f)["arch"] == arch
+
+    model, params, tokenizer = load_our_checkpoint(ours_dir)
+    assert tokenizer is not None and tokenizer("dog ran")["input_ids"] == [9, 10]
+    ours = our_logits(model, params, ids, mask)
+    assert max_diff_at_real_positions(ours, reference, mask) <= PARITY_ATOL
+
+    hf_dir = orbax_to_hf(ours_dir, str(tmp_path / "back_to_hf"))
+    back = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    np.testing.assert_array_equal(torch_logits(back, ids, mask), reference)
+    for name, tensor in checkpoints[arch][1].state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], tensor, rtol=0, atol=0)
+    # The tokenizer survives both directions unchanged (also for qwen2, see load_tokenizer).
+    assert load_tokenizer(hf_dir)("the park")["input_ids"] == [3, 12]
+    if arch != "qwen2":   # AutoTokenizer rebuilds any qwen2 tokenizer as Qwen2Tokenizer
+        assert transformers.AutoTokenizer.from_pretrained(hf_dir)("the park")["input_ids"] == [3, 12]
+
+
+def test_load_our_checkpoint_onto_mesh_with_overrides(checkpoints, tmp_path):
+    path, _, reference = checkpoints["qwen2"]
+    ids, mask = left_padded_batch()
+    ours_dir = hf_to_orbax(path, str(tmp_path / "ours"))
+    mesh = make_mesh((1, 2, 4))
+    model, params, _ = load_our_checkpoint(ours_dir, mesh=mesh, scan_layers=True, remat=True)
+    assert model.config.scan_layers and model.config.remat
+    q_kernel = params["layers"]["attn"]["q"]["kernel"]
+    assert q_kernel.sharding.mesh == mesh and tuple(q_kernel.sharding.spec)[:3] == (None, "fsdp", "tensor")
+    logits = our_logits(model, params, ids, mask)
+    assert max_diff_at_real_positions(logits, reference, mask) <= PARITY_ATOL
+    with pytest.raises(ValueError, match=r"overrides \['head'\] change the parameter tree"):
+        load_our_checkpoint(ours_dir, head="scalar")
+
+
+def test_hf_to_ours_in_bfloat16(checkpoints, tmp_path):
+    path, _, reference = checkpoints["llama"]
+    ids, mask = left_padded_batch()
+    ours_dir = hf_to_orbax(path, str(tmp_path / "ours"), dtype="bfloat16")
+    model, params, _ = load_our_checkpoint(ours_dir, with_tokenizer=False)
+    assert model.config.param_dtype == "bfloat16" and model.config.dtype == "bfloat16"
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    logits = our_logits(model, params, ids, mask)
+    scale = np.abs(reference).max()
+    assert max_diff_at_real_positions(logits, reference, mask) <= 0.05 * scale + 0.02
+
+
+def test_scalar_head_model_round_trips_through_our_format(checkpoints, tmp_path):
+    model, params, tokenizer = from_pretrained(checkpoints["gpt2"][0])
+    reward_model = Transformer(model.config.replace(head="scalar"))
+    rng = np.random.RandomState(0)
+    params = dict(params, score_head={
+        "kernel": jnp.asarray(rng.normal(0, 0.2, (model.config.d_model, 1)), jnp.float32),
+        "bias": jnp.asarray([0.5], jnp.float32)})
+    ours_dir = save_our_checkpoint(str(tmp_path / "rm"), reward_model, params, tokenizer)
+    loaded_model, loaded_params, loaded_tokenizer = load_our_checkpoint(ours_dir)
+    assert loaded_model.config == reward_model.config
+    ids, mask = left_padded_batch()
+    expected = our_logits(reward_model, params, ids, mask)
+    assert expected.shape == ids.shape
+    np.testing.assert_array_equal(our_logits(loaded_model, loaded_params, ids, mask), expected)
+    assert loaded_tokenizer("cat")["input_ids"] == [4]
+    with pytest.raises(ValueError, match="only LM-head models can be exported"):
+        orbax_to_hf(ours_dir, str(tmp_path / "hf"))
+
+
+def test_load_our_checkpoint_without_model_config(tmp_path):
+    (tmp_path / "params").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"model_config\.json: missing"):
+        load_our_checkpoint(str(tmp_path))
