@@ -70,11 +70,15 @@ class Models:
 # --- pure pieces -------------------------------------------------------------------------------
 
 def response_logits(model: Transformer, params: Any, sequences: jax.Array,
-                    attention_mask: jax.Array, prompt_len: int) -> jax.Array:
-    """Logits that predict each response token: positions P-1 .. P+N-2 -> [B, N, V]."""
+                    attention_mask: jax.Array, prompt_len: int, temperature: float = 1.0) -> jax.Array:
+    """Logits that predict each response token: positions P-1 .. P+N-2 -> [B, N, V].
+
+    Divided by the sampling temperature, so log-probs are those of the distribution the
+    rollout sampled from (the paper samples at temperature 1).
+    """
     logits = model.apply({"params": params}, sequences, attention_mask,
                          default_position_ids(attention_mask))
-    return logits[:, prompt_len - 1:-1]
+    return logits[:, prompt_len - 1:-1] / temperature
 
 
 def response_values(model: Transformer, params: Any, sequences: jax.Array,
@@ -93,9 +97,11 @@ def make_experience(models: Models, policy_params: Any, ref_params: Any, value_p
     response_ids = seqs[:, prompt_len:]
     mask = rollout["response_mask"].astype(jnp.float32)
     logprobs = obj.token_logprobs(
-        response_logits(models.policy, policy_params, seqs, attn, prompt_len), response_ids)
+        response_logits(models.policy, policy_params, seqs, attn, prompt_len, cfg.temperature),
+        response_ids)
     ref_logprobs = obj.token_logprobs(
-        response_logits(models.policy, ref_params, seqs, attn, prompt_len), response_ids)
+        response_logits(models.policy, ref_params, seqs, attn, prompt_len, cfg.temperature),
+        response_ids)
     values = response_values(models.value, value_params, seqs, attn, prompt_len) * mask
     raw = obj.value_at_last_token(models.reward.apply({"params": reward_params}, seqs, attn,
                                                       default_position_ids(attn)), attn)
@@ -119,7 +125,8 @@ def make_experience(models: Models, policy_params: Any, ref_params: Any, value_p
 def ppo_objective(params: Any, models: Models, mb: Batch, *, prompt_len: int,
                   cfg: Any) -> tuple[jax.Array, dict]:
     """Clipped PPO policy loss minus the entropy bonus, on one minibatch of experience."""
-    logits = response_logits(models.policy, params, mb["sequences"], mb["attention_mask"], prompt_len)
+    logits = response_logits(models.policy, params, mb["sequences"], mb["attention_mask"],
+                             prompt_len, cfg.temperature)
     logprobs = obj.token_logprobs(logits, mb["sequences"][:, prompt_len:])
     mask = mb["response_mask"]
     pg_loss, stats = obj.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
