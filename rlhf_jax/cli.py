@@ -75,6 +75,9 @@ def _add_train_parser(sub, name: str, help_text: str) -> None:
                         "unless --show-config)")
     p.add_argument("--show-config", action="store_true",
                    help="print the resolved config (after overrides) and exit")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="persist compiled steps in DIR and reuse them (default for `pipeline`: "
+                        "WORKDIR/jax_cache; 'none' disables)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.workdir:
         raise SystemExit("error: --workdir is required")
     os.makedirs(args.workdir, exist_ok=True)
+    cache = args.compilation_cache or (os.path.join(args.workdir, "jax_cache")
+                                       if args.command == "pipeline" else None)
+    if cache and cache.lower() != "none":
+        from rlhf_jax.stages.common import enable_compilation_cache
+        enable_compilation_cache(cache)
     with open(os.path.join(args.workdir, f"config_{args.command}.json"), "w", encoding="utf-8") as f:
         json.dump(cfg.to_dict(), f, indent=2, sort_keys=True, default=str)
     result = _call(TRAIN_COMMANDS[args.command][0])(cfg, args.workdir)

@@ -227,7 +227,7 @@ class ProgressBar:
         enabled: show the bar; defaults to process 0 only.
 
     ``update(n, tokens=..., **postfix)`` advances the bar and shows the postfix values (loss,
-    kl, ...). Throughput is total tokens passed to ``update`` divided by the wall-clock time
+    kl, ...); they stay shown until replaced (``set_postfix`` sets them without advancing). Throughput is total tokens passed to ``update`` divided by the wall-clock time
     since the bar was created, so it includes every phase of the step (and compilation).
     Passing jax arrays in ``postfix`` forces a device sync; pass values you already fetched.
     """
@@ -252,6 +252,7 @@ class ProgressBar:
         self.tokens_seen = 0
         # Counted here rather than read from tqdm: a disabled tqdm bar does not count.
         self._step = int(initial)
+        self._postfix: dict[str, str] = {}
 
     @property
     def step(self) -> int:
@@ -268,13 +269,21 @@ class ProgressBar:
         """Advance by ``n`` steps; ``tokens`` adds to the throughput count; ``postfix`` is shown."""
         if tokens is not None:
             self.tokens_seen += int(tokens)
-        shown = {name: _format_postfix_value(value) for name, value in postfix.items()}
+        self._postfix.update({name: _format_postfix_value(value) for name, value in postfix.items()})
+        shown = dict(self._postfix)
         if self.tokens_seen:
             shown["tok/s"] = f"{self.tokens_per_second:,.0f}"
         if shown:
             self._bar.set_postfix(shown, refresh=False)
         self._bar.update(n)
         self._step += n
+
+    def set_postfix(self, **postfix: Any) -> None:
+        """Values shown from now on (until replaced), e.g. the loss at each logging step.
+
+        Lets a loop update the bar every step without fetching device values every step.
+        """
+        self._postfix.update({name: _format_postfix_value(value) for name, value in postfix.items()})
 
     def close(self) -> None:
         """Close the underlying tqdm bar."""

@@ -168,3 +168,13 @@ def test_format_table_column_selection_and_truncation():
         "|     2 | a ver… |",
     ])
     assert format_table([]) == ""
+
+
+def test_progress_bar_postfix_stays_until_replaced():
+    bar = ProgressBar(10, desc="t", enabled=True)
+    bar.set_postfix(loss=1.5)
+    bar.update(tokens=8)
+    assert bar._bar.postfix is not None and "loss=1.5" in bar._bar.postfix
+    bar.update(loss=0.25)
+    assert "loss=0.25" in bar._bar.postfix and bar.step == 2
+    bar.close()

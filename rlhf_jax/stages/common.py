@@ -27,6 +27,18 @@ from rlhf_jax.sharding import make_mesh, replicated_fraction, shard_batch
 log = logging.getLogger(__name__)
 
 
+def enable_compilation_cache(directory: str) -> None:
+    """Persist compiled executables under ``directory`` (JAX's persistent compilation cache).
+
+    Stages that compile the same step (SFT and SFT-ptx, PPO and PPO-ptx, every sampler) and a
+    re-run of a pipeline then load executables instead of compiling them again.
+    """
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def setup_mesh(cfg: Any) -> Mesh:
     mesh = make_mesh(tuple(cfg.mesh.shape))
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
@@ -106,6 +118,24 @@ def evaluate(eval_fn: Callable, params: Any, batches: Iterable[Mapping[str, np.n
             totals[k] = totals.get(k, 0.0) + float(v) * w
     return {k: v / max(weight_sum, 1e-9) for k, v in totals.items() if k != weight_key} | {
         weight_key: weight_sum}
+
+
+def validate(eval_fn: Callable, params: Any, batches: list, mesh: Mesh, weight_key: str,
+             writer: Any, step: int) -> dict[str, float]:
+    """Validation metrics (prefixed ``valid/``), written at ``step``; {} without batches."""
+    if not batches:
+        return {}
+    metrics = {f"valid/{k}": v for k, v in evaluate(eval_fn, params, batches, mesh, weight_key).items()}
+    writer.write(step, metrics)
+    return metrics
+
+
+def train_log_row(metrics: Mapping[str, Any], lr: float, step: int, steps_per_epoch: int,
+                  bar: Any) -> dict[str, float]:
+    """The periodic ``train/`` metrics row of a supervised stage (blocks on ``metrics``)."""
+    return as_float_dict(metrics, "train/") | {
+        "train/lr": lr, "train/tokens_per_s": bar.tokens_per_second,
+        "train/epoch": (step + 1) / steps_per_epoch}
 
 
 def fixed_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:

@@ -180,31 +180,23 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     writer = MetricsWriter(workdir)
     valid_batches = common.fixed_batches(valid_arrays, cfg.train.batch_size) if valid_arrays else []
 
-    def validate(step: int) -> dict[str, float]:
-        if not valid_batches:
-            return {}
-        metrics = common.evaluate(eval_step, state.params, valid_batches, mesh, "n_pairs")
-        metrics = {f"valid/{k}": v for k, v in metrics.items()}
-        writer.write(step, metrics)
-        return metrics
-
     bar = ProgressBar(total_steps, desc=cfg.get("name", "rm"), initial=start_step)
     for step in range(start_step, total_steps):
         host_batch = next(iterators["train"])
         state, metrics = train_step(state, shard_batch(host_batch, mesh), common.step_rng(cfg.seed, step))
-        bar.update(tokens=common.tokens_in(host_batch), loss=float(metrics["loss"]),
-                   acc=float(metrics["pair_accuracy"]))
+        bar.update(tokens=common.tokens_in(host_batch))
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
-            writer.write(step + 1, common.as_float_dict(metrics, "train/") | {
-                "train/lr": float(current_lr(schedule, step)),
-                "train/tokens_per_s": bar.tokens_per_second,
-                "train/epoch": (step + 1) / steps_per_epoch})
+            row = common.train_log_row(metrics, float(current_lr(schedule, step)), step,
+                                       steps_per_epoch, bar)
+            writer.write(step + 1, row)
+            bar.set_postfix(loss=row["train/loss"], acc=row["train/pair_accuracy"])
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total_steps:
-            validate(step + 1)
+            common.validate(eval_step, state.params, valid_batches, mesh, "n_pairs", writer, step + 1)
         if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < total_steps:
             checkpointer.save(step + 1, state, {"iterators": common.iterator_states(iterators)})
     bar.close()
-    final = validate(total_steps)
+    final = common.validate(eval_step, state.params, valid_batches, mesh, "n_pairs", writer,
+                            total_steps)
     checkpointer.wait()
 
     final_model = model.clone(config=model.config.replace(dropout=0.0))
