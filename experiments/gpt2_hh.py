@@ -24,7 +24,7 @@ from rlhf_jax.config import ppo_config, rm_config, sft_config
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.world = ml_collections.ConfigDict(dict(enabled=False, seed=0, sizes={}))
+    c.world = ml_collections.ConfigDict(dict(enabled=False, seed=0, sizes={}, labeler_noise_scale=1.0))
     c.base_model = ""                        # transformers checkpoint dir (GPT-2 / Llama / Qwen2)
     c.data = ml_collections.ConfigDict(dict(
         pretrain="", sft="", comparisons="", comparisons_test="", ppo_prompts="", eval_prompts=""))

@@ -143,8 +143,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     if cfg.world.enabled:
         from rlhf_jax.world import write_world
-        run_stage(workdir, "world", lambda: write_world(files["world"], cfg.world.seed,
-                                                        dict(cfg.world.sizes)), timings)
+        run_stage(workdir, "world", lambda: write_world(
+            files["world"], cfg.world.seed, dict(cfg.world.sizes),
+            cfg.world.get("labeler_noise_scale", 1.0)), timings)
     # The base LM: pretrained here on the world's corpus, or a checkpoint the config names.
     base = cfg.get("base_model") or model_dir("pretrain")
     if not cfg.get("base_model"):

@@ -133,11 +133,13 @@ def load_world(out_dir: str | Path) -> tuple[World, LabelerPool]:
     return world, pool
 
 
-def write_world(out_dir: str | Path, seed: int, sizes: Mapping[str, int] | None = None) -> dict[str, str]:
+def write_world(out_dir: str | Path, seed: int, sizes: Mapping[str, int] | None = None,
+                labeler_noise_scale: float = 1.0) -> dict[str, str]:
     """Generate the whole world from ``seed`` and write it under ``out_dir``.
 
     ``sizes`` overrides entries of ``DEFAULT_SIZES`` (numbers of animals, documents, prompts per
-    split and capability items). Returns the written paths by name (``"pretrain"``, ``"sft"``,
+    split and capability items). ``labeler_noise_scale`` multiplies every labeler's ranking noise
+    (see ``make_labeler_pool``). Returns the written paths by name (``"pretrain"``, ``"sft"``,
     ``"rm_prompts"``, ``"ppo_prompts"``, ``"eval_prompts"``, ``"capability_mc"``,
     ``"capability_qa"``, ``"labelers"``, ``"world"``, ``"tokenizer"``).
     """
@@ -149,7 +151,7 @@ def write_world(out_dir: str | Path, seed: int, sizes: Mapping[str, int] | None 
     out.mkdir(parents=True, exist_ok=True)
 
     world = make_world(seed, n_entities=n["entities"])
-    pool = make_labeler_pool(world, seed)
+    pool = make_labeler_pool(world, seed, noise_scale=labeler_noise_scale)
     docs = pretraining_documents(world, n["pretrain"], seed)
     splits = make_prompt_splits(world, {s: n[s] for s in SPLITS}, seed)
     demonstrations = make_demonstrations(splits["sft"], pool.training, seed)
