@@ -65,8 +65,39 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+DEFAULT_CONFIGS = {"sft": "sft_config", "rm": "rm_config", "ppo": "ppo_config"}
+
+
+def _config_fields(command: str) -> str:
+    """Every field of a stage's default config with its default value (for --help)."""
+    if command not in DEFAULT_CONFIGS:
+        return ("config fields: see experiments/instructgpt_tiny.py (every stage section is a "
+                "full stage config; `rlhf-jax sft|rm|ppo --help` lists their fields)\n")
+    from rlhf_jax import config
+    cfg = getattr(config, DEFAULT_CONFIGS[command])()
+    lines = [f"config fields and defaults (rlhf_jax/config.py:{DEFAULT_CONFIGS[command]} "
+             "explains each; set with --config.<field>=value):"]
+    for key, value in sorted(cfg.to_dict().items()):
+        if isinstance(value, dict):
+            lines += [f"  {key}.{k} = {v!r}" for k, v in sorted(_flatten(value).items())]
+        else:
+            lines.append(f"  {key} = {value!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _add_train_parser(sub, name: str, help_text: str) -> None:
-    p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG,
+    p = sub.add_parser(name, help=help_text, description=help_text,
+                       epilog=EPILOG + "\n" + _config_fields(name),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True,
                    help="experiment config file defining get_config(), optionally FILE.py:ARG")

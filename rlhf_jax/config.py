@@ -7,6 +7,7 @@ convention of JAX research codebases (big_vision, Flax examples).
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -73,17 +74,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
         if leaf not in node:
             raise KeyError(f"--config.{key}: no field {key!r} in the config "
                            f"(fields here: {sorted(node.keys())})")
-        with node.unlocked() if hasattr(node, "unlocked") else _null():
+        with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
             node[leaf] = _parse_value(text, node[leaf], key)
     return cfg
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def model_config_from(model_cfg: ml_collections.ConfigDict | dict, tokenizer: Any = None,
@@ -102,11 +95,6 @@ def model_config_from(model_cfg: ml_collections.ConfigDict | dict, tokenizer: An
     if maker is None:
         raise ValueError(f"model.arch={arch!r}; expected gpt2, llama or qwen2")
     return maker(**fields)
-
-
-def to_dict(cfg: ml_collections.ConfigDict) -> dict:
-    """A JSON-able dict (stored beside checkpoints so a run can be audited or resumed)."""
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
 
 # --- stage defaults (experiments/ files start from these) ------------------------------------

@@ -386,3 +386,20 @@ def test_load_our_checkpoint_without_model_config(tmp_path):
     (tmp_path / "params").mkdir()
     with pytest.raises(FileNotFoundError, match=r"model_config\.json: missing"):
         load_our_checkpoint(str(tmp_path))
+
+
+def test_convert_cli_both_directions(tmp_path, capsys):
+    from rlhf_jax import cli
+    hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
+    hf_model.save_pretrained(tmp_path / "hf")
+    assert cli.main(["convert", "hf-to-jax", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    assert cli.main(["convert", "jax-to-hf", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
+    ids = torch.arange(10).reshape(1, 10)
+    with torch.no_grad():
+        np.testing.assert_array_equal(hf_model(ids).logits.numpy(), back(ids).logits.numpy())
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["convert", "--help"])
+    assert exit_info.value.code == 0
+    assert "safetensors" in capsys.readouterr().out

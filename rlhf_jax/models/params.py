@@ -10,7 +10,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from rlhf_jax.models.transformer import CACHE_AXES, Transformer
@@ -63,10 +62,6 @@ def place_params(params: PyTree, model: Transformer, mesh: Mesh | None) -> PyTre
 
 def cache_sharding(model: Transformer, mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(CACHE_AXES, mesh, model.rules, shape=shape))
-
-
-def count_params(params: PyTree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 def stack_layers(params: PyTree, n_layers: int) -> PyTree:

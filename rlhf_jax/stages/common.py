@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -193,15 +192,5 @@ def tokens_in(batch: Mapping[str, np.ndarray], key: str = "attention_mask") -> i
     return int(np.asarray(batch[key]).sum()) * jax.process_count()
 
 
-def workdir_path(workdir: str, *parts: str) -> str:
-    path = os.path.join(os.path.abspath(workdir), *parts)
-    os.makedirs(os.path.dirname(path) if "." in os.path.basename(path) else path, exist_ok=True)
-    return path
-
-
 def as_float_dict(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     return {prefix + k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
-
-
-def jnp_f32(x: Any) -> jax.Array:
-    return jnp.asarray(x, jnp.float32)
