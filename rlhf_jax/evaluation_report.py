@@ -15,6 +15,7 @@ import numpy as np
 
 from rlhf_jax import evaluation as ev
 from rlhf_jax.data import read_jsonl
+from rlhf_jax.world.export import read_jsonl as read_plain_jsonl
 from rlhf_jax.metrics import format_table, plot_curves, plot_win_rates
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
     prompt_rows = read_jsonl(files["eval_prompts"], "prompts")[: e.n_prompts]
     prompts = [row["prompt"] for row in prompt_rows]
     prefix = few_shot_prefix(read_jsonl(files["sft"], "demonstrations"), e.few_shot)
-    mc_items = _plain_jsonl(files["capability_mc"])[: e.n_capability] if "capability_mc" in files else []
-    qa_items = _plain_jsonl(files["capability_qa"])[: e.n_capability] if "capability_qa" in files else []
+    mc_items = read_plain_jsonl(files["capability_mc"])[: e.n_capability] if "capability_mc" in files else []
+    qa_items = read_plain_jsonl(files["capability_qa"])[: e.n_capability] if "capability_qa" in files else []
 
     def load(stage: str):
         if stage == "pretrain" and cfg.get("base_model"):
@@ -112,11 +113,6 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
         results["rm_accuracy"][group] = acc["accuracy"]
         results["rm_accuracy"][f"{group}_n_pairs"] = acc["n_pairs"]
     return results
-
-
-def _plain_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def results_table(results: dict[str, Any]) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from rlhf_jax.data.formats import write_jsonl
 from rlhf_jax.world.capability import make_capability_evals
 from rlhf_jax.world.corpus import corpus_words, pretraining_documents
 from rlhf_jax.world.facts import World, fact_words, make_world
@@ -110,13 +111,6 @@ def make_comparisons(prompt_rows: Sequence[Mapping], completions_per_prompt: Seq
                      "ranking": labeler.rank(row, completions, rng), "meta": row["meta"],
                      "labeler": labeler.name, "group": labeler.group})
     return rows
-
-
-def write_jsonl(path: str | Path, rows: Iterable[Mapping]) -> None:
-    """Write rows as JSON lines (key order kept, so output is byte-for-byte reproducible)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
