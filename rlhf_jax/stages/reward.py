@@ -127,18 +127,28 @@ def demonstration_norm(cfg: Any, tokenizer: Any, params: Any, model: Transformer
                        data_dir=cfg.data.get("tfds_data_dir"))
     arrays, _ = tokenize_demonstrations(rows, tokenizer, cfg.data.max_prompt_len,
                                         cfg.data.max_response_len, "truncate")
-    keys = ("input_ids", "attention_mask", "position_ids")
     batch_size = cfg.train.batch_size * cfg.data.max_k
     n = len(arrays["input_ids"])
-    fn = jax.jit(lambda p, b: raw_rewards(p, model, b["input_ids"], b["attention_mask"],
-                                          b["position_ids"]))
-    rewards = []
-    for batch in common.fixed_batches({k: arrays[k] for k in keys}, batch_size):
-        rewards.append(np.asarray(jax.device_get(fn(params, shard_batch(batch, mesh)))))
-    rewards = np.concatenate(rewards)[:n] if jax.process_count() == 1 else np.concatenate(rewards)
-    norm = {"mean": float(rewards.mean()), "std": 1.0, "n_demonstrations": int(n)}
+    # Pad to whole batches with weight-0 rows, and reduce inside the jit: the sums come back
+    # replicated, so every process of a multi-host run gets the same statistics.
+    n_padded = -(-n // batch_size) * batch_size
+    take = np.arange(n_padded) % n
+    padded = {k: arrays[k][take] for k in ("input_ids", "attention_mask", "position_ids")}
+    padded["weight"] = (np.arange(n_padded) < n).astype(np.float32)
+
+    def moments(p, b):
+        r = raw_rewards(p, model, b["input_ids"], b["attention_mask"], b["position_ids"])
+        return jnp.stack([jnp.sum(b["weight"] * r), jnp.sum(b["weight"] * r * r)])
+
+    fn = jax.jit(moments)
+    total = np.zeros(2)
+    for batch in common.fixed_batches(padded, batch_size):
+        total += np.asarray(jax.device_get(fn(params, shard_batch(batch, mesh))))
+    mean = total[0] / n
+    std = float(np.sqrt(max(total[1] / n - mean * mean, 0.0)))
+    norm = {"mean": float(mean), "std": 1.0, "n_demonstrations": int(n)}
     if cfg.normalize.unit_std:
-        norm["std"] = float(max(rewards.std(), 1e-6))
+        norm["std"] = max(std, 1e-6)
     return norm
 
 
