@@ -146,6 +146,50 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num-samples", type=int, default=1, help="samples per prompt (1)")
     sample.add_argument("--seed", type=int, default=0, help="PRNG seed (0)")
 
+    comp = sub.add_parser(
+        "compile", help="compile every step of a stage ahead of time for a TPU topology (fits?)",
+        description="Lower and compile each jitted step of the chosen stage(s) for a TPU topology "
+                    "on this machine (no TPU needed: `pip install -e \".[tpu]\"`, "
+                    "JAX_PLATFORMS=cpu), from abstract shapes only: no weights, no data. Reports "
+                    "per step the peak bytes per device against the chip's HBM, FLOPs per step "
+                    "(loop trip counts included), compile seconds, and an analytic step time and "
+                    "MFU at the chip's peak. Exits 1 naming the step and its largest buffers when "
+                    "a step does not fit.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  JAX_PLATFORMS=cpu rlhf-jax compile --config experiments/llama3_8b.py "
+               "--topology v5p:4x4x4 --stage all --out r.json")
+    comp.add_argument("--config", required=True,
+                      help="experiment config: a pipeline-style file with sft/rm/ppo sections, "
+                           "or one stage's config")
+    comp.add_argument("--topology", required=True,
+                      help="TPU topology name, e.g. v5e:2x2, v5e:4x4, v5p:4x4x4, v6e:8x8; "
+                           "'cpu' compiles for this machine's devices instead")
+    comp.add_argument("--stage", default="all", choices=["sft", "rm", "ppo", "all"],
+                      help="which stage's steps to compile (default all)")
+    comp.add_argument("--out", default=None, help="write the JSON report here")
+
+    prof = sub.add_parser(
+        "profile", help="time a stage's compiled steps on this machine (FLOPs, memory, MFU, trace)",
+        description="Build a stage's steps from its config, fill them with random weights of the "
+                    "config's shapes (no data needed) or a workdir's checkpoints, and report "
+                    "compile time, FLOPs and bytes, per-device memory, median step time after "
+                    "warm-up, achieved FLOP/s, MFU against a matmul peak measured in the same "
+                    "run, and tokens/s; PPO is broken down into rollout, experience, update and "
+                    "ptx. --trace writes a jax.profiler trace (TensorBoard profile plugin, "
+                    "Perfetto) with the phases named.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  rlhf-jax profile --config experiments/instructgpt_tiny.py --stage ppo "
+               "--out p.json --trace runs/trace")
+    prof.add_argument("--config", required=True, help="experiment config (pipeline-style or one stage's)")
+    prof.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo"],
+                      help="which stage to profile (default ppo)")
+    prof.add_argument("--steps", type=int, default=5, help="timed calls per step after warm-up (5)")
+    prof.add_argument("--warmup", type=int, default=1, help="untimed calls per step first (1)")
+    prof.add_argument("--workdir", default=None,
+                      help="a pipeline workdir: profile with its trained models instead of random weights")
+    prof.add_argument("--trace", default=None, metavar="DIR", help="write a jax.profiler trace to DIR")
+    prof.add_argument("--out", default=None, help="write the JSON report here")
+
     conv = sub.add_parser(
         "convert", help="convert checkpoints between transformers (safetensors) and rlhf_jax",
         description="Convert a local transformers checkpoint directory (config.json + "
@@ -183,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "sample":
         return _sample(args)
+    if args.command in ("compile", "profile"):
+        module = __import__(f"rlhf_jax.{args.command}", fromlist=["run"])
+        return module.run(args, overrides)
     from rlhf_jax.config import apply_overrides, load_config
     if args.command == "eval":
         from rlhf_jax.pipeline import evaluate_workdir

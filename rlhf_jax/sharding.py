@@ -88,6 +88,22 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MES
                          axis_types=(jax.sharding.AxisType.Auto,) * len(resolved), devices=devices)
 
 
+def as_auto_mesh(mesh: Mesh | None) -> Mesh | None:
+    """The same devices and axis names with every axis ``Auto`` (see module docstring).
+
+    Public entry points call this on the mesh they are given, so a mesh made the standard way
+    (``jax.make_mesh(shape, names)``, Explicit axes by default in jax 0.10) works as is.
+    """
+    if mesh is None or all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"mesh axes {mesh.axis_names}: {unknown} unknown; pass a mesh over "
+                         f"{MESH_AXES} (e.g. rlhf_jax.sharding.make_mesh((-1, 1, 1)))")
+    return Mesh(mesh.devices, mesh.axis_names,
+                axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+
+
 def _as_tuple(mesh_axes: str | Sequence[str] | None) -> tuple[str, ...]:
     if mesh_axes is None:
         return ()

@@ -241,7 +241,8 @@ class Transformer(_Sharded):
     """Decoder-only transformer with an LM head or a scalar (reward / value) head.
 
     Call with ``input_ids [B, T]`` and ``attention_mask [B, T]`` (1 = real token). Returns
-    logits ``[B, T, V]`` (head="lm") or float32 scalars ``[B, T]`` (head="scalar"). With
+    logits ``[B, T, V]`` (head="lm") or float32 scalars ``[B, T]`` (head="scalar"); with
+    ``return_hidden`` the final-normed hidden states ``[B, T, D]`` instead (see ``head_outputs``). With
     ``cache`` (and ``cache_index``, the first slot the new tokens occupy) ``attention_mask`` spans
     all cache slots ``[B, S]`` and the call returns ``(outputs, new_cache)``.
     """
@@ -249,7 +250,8 @@ class Transformer(_Sharded):
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                  position_ids: Array | None = None, *, cache: Cache | None = None,
-                 cache_index: Array | int | None = None, deterministic: bool = True):
+                 cache_index: Array | int | None = None, deterministic: bool = True,
+                 return_hidden: bool = False):
         cfg = self.config
         b, t = input_ids.shape
         if attention_mask is None:
@@ -279,6 +281,14 @@ class Transformer(_Sharded):
         x, new_cache = self.layers(x, cache, allowed, rope, cache_index, deterministic)
         x = Norm(cfg, name="final_norm")(x)
 
+        if return_hidden:
+            # The caller applies the head itself (``head_outputs``), e.g. only on response
+            # positions and in chunks. Under ``init`` the head still runs so its params exist.
+            if self.is_initializing() and cfg.head == "scalar":
+                self.score_head(x)
+            elif self.is_initializing():
+                self.lm_logits(x, embed)
+            return x if cache is None else (x, new_cache)
         if cfg.head == "scalar":
             out = self.score_head(x)
         else:
@@ -326,3 +336,21 @@ class Transformer(_Sharded):
         head = Projection(1, (1,), ("embed", "score"), True, cfg,
                           stddev=1.0 / (cfg.d_model + 1) ** 0.5, name="score_head")
         return head(x)[..., 0].astype(jnp.float32)
+
+
+def head_outputs(config: TransformerConfig, params: Any, hidden: Array) -> Array:
+    """The output head applied to hidden states ``[..., D]`` from ``return_hidden=True``.
+
+    LM head -> logits ``[..., V]`` in the compute dtype; scalar head -> float32 ``[...]``. A pure
+    function of the parameter tree, so a caller can run it on any slice of positions (only the
+    response, one chunk at a time) instead of the full ``[B, T, V]``.
+    """
+    dtype = config.compute_dtype
+    x = hidden.astype(dtype)
+    if config.head == "scalar":
+        head = params["score_head"]
+        out = x @ head["kernel"].astype(dtype) + head["bias"].astype(dtype)
+        return out[..., 0].astype(jnp.float32)
+    if config.tie_embeddings:
+        return x @ params["embed"]["embedding"].astype(dtype).T
+    return x @ params["lm_head"]["kernel"].astype(dtype)

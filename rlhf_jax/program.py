@@ -1,0 +1,79 @@
+"""A stage's compiled steps, built before (and without) weights or data.
+
+``stages.<stage>.build(cfg, mesh)`` returns a ``Program``: the abstract train state
+(ShapeDtypeStructs carrying their shardings), and every jitted step with named in/out shardings
+and the abstract arguments that lower it. ``train()`` runs its loop over these same steps;
+``rlhf_jax.compile`` lowers them for a TPU topology and ``rlhf_jax.profile`` times them here::
+
+    program = ppo.build(cfg, mesh)
+    compiled = program.steps["update"].lower().compile()     # AOT: memory_analysis, cost_analysis
+    state, frozen = program.init_state(jax.random.key(0))    # random weights, right shardings
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One jitted step and the abstract arguments it is compiled for.
+
+    ``tokens``: tokens one call processes (for tokens/s). ``loop_trips``: how many times the
+    step's data-dependent ``while`` loop may run at most (the rollout's decode loop), which XLA's
+    cost analysis counts once; ``loop_body`` is that body as its own step so its FLOPs can be
+    added ``loop_trips - 1`` more times.
+    """
+    name: str
+    fn: Any                       # a jax.jit-wrapped callable
+    args: tuple                   # pytrees of jax.ShapeDtypeStruct (with shardings)
+    tokens: int = 0
+    loop_trips: int = 1
+    loop_body: "Step | None" = None
+
+    def lower(self):
+        return self.fn.lower(*self.args)
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """Everything a stage compiles, and how to make random inputs of the same shapes.
+
+    ``state``/``frozen``: abstract trained state and frozen networks (PPO's reference and RM;
+    ``{}`` elsewhere). ``init_state(rng) -> (state, frozen)`` creates random weights directly in
+    their shardings (for profiling without a checkpoint). ``random_args(name, state, frozen,
+    rng)`` returns concrete arguments for step ``name`` (random tokens, all-ones masks), so a
+    step can run with no data at all.
+    """
+    stage: str
+    mesh: Mesh
+    models: dict[str, Any]
+    state: PyTree
+    frozen: PyTree
+    steps: dict[str, Step]
+    init_state: Callable[[jax.Array], tuple[PyTree, PyTree]]
+    random_args: Callable[[str, PyTree, PyTree, jax.Array], tuple]
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def abstract_like(tree: PyTree, shardings: PyTree) -> PyTree:
+    """ShapeDtypeStructs of ``tree`` (arrays or structs) carrying ``shardings``."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def abstract_batch(shapes: dict[str, tuple[tuple[int, ...], Any]], sharding_fn) -> dict:
+    """``{name: ShapeDtypeStruct}`` from ``{name: (shape, dtype)}``; ``sharding_fn(ndim)``."""
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_fn(len(shape)))
+            for k, (shape, dtype) in shapes.items()}
+
+
+def random_tokens_like(struct: jax.ShapeDtypeStruct, vocab_size: int, rng: np.random.Generator):
+    return rng.integers(0, vocab_size, size=struct.shape).astype(struct.dtype)
