@@ -192,7 +192,12 @@ def ppo_config() -> ml_collections.ConfigDict:
     c.policy_from = ""                 # PPO-init SFT model dir: the policy and the KL reference
     c.reward_from = ""                 # reward model dir (scalar head + demo normalization)
     c.value_from = ""                  # empty: initialize the value network from the RM (paper)
-    c.model_runtime = ml_collections.ConfigDict(dict(dtype="float32", remat=False))
+    # Architectures (arch + sizes, as sft's `model`): empty = read from the *_from directory.
+    # `rlhf-jax compile/profile` build the steps from these alone, without any checkpoint.
+    c.policy_model = ml_collections.ConfigDict()
+    c.reward_model = ml_collections.ConfigDict()
+    c.value_model = ml_collections.ConfigDict()      # empty: the reward model's architecture
+    c.model_runtime = ml_collections.ConfigDict(dict(dtype="float32", remat=False, scan_layers=False))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
 
     c.data = ml_collections.ConfigDict()
@@ -238,4 +243,79 @@ def ppo_config() -> ml_collections.ConfigDict:
     c.ppo.sample_every = 10            # iterations between sample tables
     c.ppo.n_samples_logged = 8
     c.ppo.checkpoint_every = 20
+    # Memory plan (pod scale): the frozen reference and RM may be held in bfloat16; log-probs and
+    # entropy are computed over `logprob_chunk` response positions at a time (0 = all at once),
+    # so no float32 [B, N, V] exists; the LM head only ever runs on response positions.
+    c.ppo.frozen_dtype = "float32"     # or "bfloat16"
+    c.ppo.logprob_chunk = 0
     return c
+
+
+# --- per-stage configs from an experiment file (compile / profile) ---------------------------
+
+STAGES = ("sft", "rm", "ppo")
+
+
+def stage_configs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """Each stage's config with its networks' architectures filled in, from a loaded config.
+
+    A pipeline-style config (``sft``/``rm``/``ppo`` sections) chains its stages the way the
+    pipeline does: SFT trains the base (``pretrain.model`` when the pipeline pretrains), the RM
+    starts from SFT (or from ``rm_model`` when the RM is a different network, as the paper's 6B
+    RM is for every policy size), PPO's policy is the SFT model and its value the RM; with a
+    ``base_model`` checkpoint the architectures are read from it (``*_from``). A single
+    stage's config is returned under its ``name``. ``vocab_size`` missing from an architecture
+    comes from ``cfg.vocab_size`` or, for the built-in world, the world's tokenizer.
+    """
+    if not any(s in cfg for s in STAGES):
+        name = cfg.get("name", "")
+        kind = "ppo" if "ppo" in name or "policy_from" in cfg else (
+            "rm" if "normalize" in cfg else "sft")
+        return {kind: cfg}
+    vocab = _pipeline_vocab_size(cfg)
+    with_vocab = lambda m: _with_vocab(m, vocab)
+    # A base checkpoint (no pretrain stage) fixes the architecture: read it from there.
+    base_dir = cfg.get("base_model") or ""
+    arch = {} if base_dir else with_vocab(cfg.pretrain.model if "pretrain" in cfg else cfg.sft.model)
+    rm_arch = with_vocab(cfg.get("rm_model") or arch)
+    rm_dir = "" if cfg.get("rm_model") else base_dir
+    out: dict[str, ml_collections.ConfigDict] = {}
+    if "sft" in cfg:
+        out["sft"] = _copy(cfg.sft, model=arch, init_from=base_dir)
+    if "rm" in cfg:
+        out["rm"] = _copy(cfg.rm, model=rm_arch, init_from=rm_dir)
+    if "ppo" in cfg:
+        ppo = cfg.ppo
+        policy = with_vocab(ppo.get("policy_model") or arch)
+        reward = with_vocab(ppo.get("reward_model") or rm_arch)
+        value = with_vocab(ppo.get("value_model") or reward)
+        out["ppo"] = _copy(ppo, policy_model=policy, reward_model=reward, value_model=value,
+                           policy_from="" if ppo.get("policy_model") else base_dir,
+                           reward_from="" if ppo.get("reward_model") else rm_dir,
+                           value_from="" if ppo.get("value_model") else rm_dir)
+    return out
+
+
+def _copy(section: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+    out = ml_collections.ConfigDict(section.to_dict())
+    for key, value in fields.items():
+        out[key] = ml_collections.ConfigDict(dict(value)) if isinstance(value, dict) else value
+    return out
+
+
+def _with_vocab(model: Any, vocab_size: int | None) -> dict:
+    model = dict(model)
+    if "vocab_size" not in model and vocab_size:
+        model["vocab_size"] = vocab_size
+    return model
+
+
+def _pipeline_vocab_size(cfg: ml_collections.ConfigDict) -> int | None:
+    if cfg.get("vocab_size"):
+        return int(cfg.vocab_size)
+    world = cfg.get("world")
+    if world is not None and world.get("enabled"):
+        from rlhf_jax.world.export import world_vocab_size   # generated, so computed here
+        return world_vocab_size(world.seed, dict(world.sizes).get("entities"))
+    return None
+

@@ -75,5 +75,30 @@ def abstract_batch(shapes: dict[str, tuple[tuple[int, ...], Any]], sharding_fn) 
             for k, (shape, dtype) in shapes.items()}
 
 
-def random_tokens_like(struct: jax.ShapeDtypeStruct, vocab_size: int, rng: np.random.Generator):
-    return rng.integers(0, vocab_size, size=struct.shape).astype(struct.dtype)
+def random_batch(structs: PyTree, vocab_size: int, seed: int = 0) -> PyTree:
+    """Concrete arrays for a batch of ShapeDtypeStructs, placed in their shardings.
+
+    Stand-in data for timing and AOT checks: token ids uniform over the vocabulary, masks all
+    ones, position ids 0..T-1, ranks 0..K-1 (a strict order), floats 1 and bools True.
+    """
+    rng = np.random.default_rng(seed)
+
+    def fill(path, struct):
+        name = jax.tree_util.keystr(path).lower()
+        shape, dtype = struct.shape, np.dtype(struct.dtype)
+        if "position" in name or "ranks" in name or "indices" in name:
+            value = np.broadcast_to(np.arange(shape[-1]), shape)
+        elif "mask" in name or dtype == np.bool_ or np.issubdtype(dtype, np.floating):
+            value = np.ones(shape)
+        else:
+            value = rng.integers(0, vocab_size, size=shape)
+        value = np.asarray(value).astype(dtype)
+        sharding = getattr(struct, "sharding", None)
+        return jax.device_put(value, sharding) if sharding is not None else value
+    return jax.tree_util.tree_map_with_path(fill, structs)
+
+
+def abstract_key(sharding=None) -> jax.ShapeDtypeStruct:
+    """A ShapeDtypeStruct for a typed PRNG key (``jax.random.key``)."""
+    struct = jax.eval_shape(lambda: jax.random.key(0))
+    return jax.ShapeDtypeStruct(struct.shape, struct.dtype, sharding=sharding)

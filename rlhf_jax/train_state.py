@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -54,8 +55,28 @@ def train_state_shardings(model: Transformer, optimizer: optax.GradientTransform
     return shardings_from_boxed(abstract, mesh, model.rules)
 
 
-def batch_shardings(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
-    return {k: batch_sharding(mesh, len(v.shape)) for k, v in batch.items()}
+def abstract_train_state(model: Transformer, optimizer: optax.GradientTransformation,
+                         mesh: Mesh) -> TrainState:
+    """ShapeDtypeStructs (with shardings) of the TrainState ``create_train_state`` would make."""
+    shardings = train_state_shardings(model, optimizer, mesh)
+    shapes = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                                 opt_state=optimizer.init(p)),
+                            nn.meta.unbox(abstract_boxed_params(model)))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        shapes, shardings)
+
+
+def shardings_of(abstract: PyTree) -> PyTree:
+    """The ``.sharding`` of every ShapeDtypeStruct (or array) of a tree."""
+    return jax.tree.map(lambda x: x.sharding, abstract)
+
+
+def batch_shardings(batch: PyTree, mesh: Mesh) -> PyTree:
+    """Batch-major sharding for any batch pytree (dict or dataclass): each leaf's leading dim
+    over ('data', 'fsdp'); scalars replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda v: batch_sharding(mesh, len(v.shape)) if len(v.shape) else replicated,
+                        batch)
 
 
 def apply_gradients(state: TrainState, grads: PyTree,

@@ -137,6 +137,8 @@ class Embed(nn.Module):
     axes: tuple[str, str]
     config: TransformerConfig
     stddev: float = 0.02
+    mesh: Mesh | None = None
+    rules: LogicalRules = DEFAULT_RULES
 
     def setup(self):
         cfg = self.config
@@ -144,7 +146,22 @@ class Embed(nn.Module):
                                     (self.num_embeddings, cfg.d_model), cfg.params_dtype)
 
     def __call__(self, ids: Array) -> Array:
-        return jnp.take(self.embedding, ids, axis=0).astype(self.config.compute_dtype)
+        import os
+        mode = os.environ.get("EMB_MODE", "orig")
+        table = self.embedding
+        out_axes = ("activation_batch", "activation_length", "activation_embed")
+        if mode == "orig":
+            return jnp.take(table, ids, axis=0).astype(self.config.compute_dtype)
+        if mode in ("table", "table_out"):
+            table = with_logical_constraint(table, (self.axes[0], None), self.mesh, self.rules)
+        if mode == "onehot":
+            oh = (ids[..., None] == jnp.arange(self.num_embeddings)).astype(table.dtype)
+            out = jnp.einsum("btv,vd->btd", oh, table, precision=jax.lax.Precision.HIGHEST)
+        else:
+            out = jnp.take(table, ids, axis=0)
+        if mode in ("out", "table_out", "onehot"):
+            out = with_logical_constraint(out, out_axes, self.mesh, self.rules)
+        return out.astype(self.config.compute_dtype)
 
     def attend(self, x: Array) -> Array:
         dtype = self.config.compute_dtype
@@ -266,11 +283,12 @@ class Transformer(_Sharded):
                 full = default_position_ids(attention_mask)
                 position_ids = jax.lax.dynamic_slice_in_dim(full, cache_index, t, axis=1)
 
-        embed = Embed(cfg.vocab_size, ("vocab", "embed"), cfg, stddev=0.02, name="embed")
+        embed = Embed(cfg.vocab_size, ("vocab", "embed"), cfg, stddev=0.02, mesh=self.mesh,
+                      rules=self.rules, name="embed")
         x = embed(input_ids)
         if cfg.position == "learned":
-            x = x + Embed(cfg.max_position, ("position", "embed"), cfg, stddev=0.01,
-                          name="pos_embed")(position_ids)
+            x = x + Embed(cfg.max_position, ("position", "embed"), cfg, stddev=0.01, mesh=self.mesh,
+                          rules=self.rules, name="pos_embed")(position_ids)
             rope = None
         else:
             rope = rope_tables(position_ids, cfg.dims_per_head, cfg.rope_theta)

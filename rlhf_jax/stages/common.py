@@ -15,9 +15,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax.convert import is_our_checkpoint, load_our_checkpoint, read_extra
+from rlhf_jax.convert import is_our_checkpoint, load_our_checkpoint, read_extra, read_model_config
 from rlhf_jax.config import model_config_from
-from rlhf_jax.models.hf import from_pretrained, load_tokenizer
+from rlhf_jax.models.config import TransformerConfig
+from rlhf_jax.models.hf import _read_hf_config as read_hf_config  # TODO rename public
+from rlhf_jax.models.hf import config_from_hf, from_pretrained, load_tokenizer
 from rlhf_jax.models.params import init_params
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.optim import make_lr_schedule, make_optimizer
@@ -83,6 +85,34 @@ def init_or_load_model(cfg: Any, mesh: Mesh, rng: jax.Array, **overrides: Any):
     model = Transformer(model_config_from(cfg.model, tokenizer, **overrides), mesh=mesh)
     params = init_params(model, rng, mesh)
     return model, params, tokenizer, {}
+
+
+def model_config_for_build(model_cfg: Any, source: str = "", **overrides: Any) -> TransformerConfig:
+    """A network's TransformerConfig without loading weights: the config stored in the
+    ``source`` model directory (ours or transformers') when one is named, else the architecture
+    section ``model_cfg`` (arch, sizes, vocab_size)."""
+    if source:
+        if is_our_checkpoint(source):
+            return read_model_config(source).replace(**overrides)
+        return config_from_hf(read_hf_config(source), source).replace(**overrides)
+    fields = dict(model_cfg or {})
+    if not fields:
+        raise ValueError("no architecture: set the model section (arch, sizes, vocab_size) or a "
+                         "model directory to read it from")
+    if "vocab_size" not in fields:
+        raise ValueError(f"model section {fields}: no vocab_size (set it, or --config.vocab_size "
+                         "for a pipeline config)")
+    return model_config_from(fields, None, **overrides)
+
+
+def stage_model(model: Transformer | None, arch: Any, source: str, mesh: Mesh,
+                overrides: dict[str, Any]) -> Transformer:
+    """A stage's network definition: a loaded ``model`` (with ``overrides`` on top), or one built
+    from an architecture section / a model directory's stored config."""
+    if model is not None:
+        changed = {k: v for k, v in overrides.items() if getattr(model.config, k) != v}
+        return model.clone(config=model.config.replace(**changed)) if changed else model
+    return Transformer(model_config_for_build(arch, source, **overrides), mesh=mesh)
 
 
 def log_params(params: Any) -> None:

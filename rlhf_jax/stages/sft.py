@@ -18,20 +18,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax.convert import save_our_checkpoint
 from rlhf_jax.data import BatchIterator, tokenize_demonstrations, tokenize_pretrain
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.metrics import MetricsWriter, ProgressBar
-from rlhf_jax.models.params import param_shardings
+from rlhf_jax.models.params import init_params
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.objectives import next_token_loss
 from rlhf_jax.optim import current_lr
-from rlhf_jax.sharding import check_batch_size, shard_batch
+from rlhf_jax.program import Program, Step, abstract_batch, abstract_key, random_batch
+from rlhf_jax.scoring import sequence_nll
+from rlhf_jax.sharding import (as_auto_mesh, batch_sharding, check_batch_size, replicated,
+                               shard_batch)
 from rlhf_jax.stages import common
-from rlhf_jax.train_state import (create_train_state, make_eval_step, make_train_step,
-                                  train_state_shardings)
+from rlhf_jax.train_state import (abstract_train_state, create_train_state, make_eval_step,
+                                  make_train_step, shardings_of)
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +42,50 @@ BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask")
 
 
 def lm_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array | None,
-            model: Transformer) -> tuple[jax.Array, dict]:
-    """Token-mean NLL of the tokens ``loss_mask`` marks (predicted from the previous position)."""
-    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                         batch["position_ids"], deterministic=rng is None,
-                         rngs=None if rng is None else {"dropout": rng})
-    return next_token_loss(logits[:, :-1], batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:])
+            model: Transformer, chunk: int = 0) -> tuple[jax.Array, dict]:
+    """Token-mean NLL of the tokens ``loss_mask`` marks (predicted from the previous position);
+    the LM head runs ``chunk`` positions at a time (0 = all at once)."""
+    return sequence_nll(model, params, batch, chunk=chunk, rng=rng)
+
+
+# --- the compiled steps, without weights or data ------------------------------------------------
+
+def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps: int | None = None,
+          model_overrides: dict | None = None) -> Program:
+    """The SFT train and eval steps for ``cfg`` on ``mesh``, from shapes alone.
+
+    The architecture comes from ``model`` (a loaded checkpoint's), else ``cfg.model`` or the
+    config stored in ``cfg.init_from``. ``total_steps`` only sets the learning-rate schedule's
+    length (default ``cfg.train.steps`` or 1000); ``model_overrides`` replace config fields of
+    the network (``rlhf-jax compile`` varies ``n_layers`` to count FLOPs per layer).
+    """
+    mesh = as_auto_mesh(mesh)
+    overrides = {**common.runtime_overrides(cfg), "dropout": cfg.train.dropout}
+    model = common.stage_model(model, cfg.get("model"), cfg.get("init_from", ""), mesh,
+                               {**overrides, **(model_overrides or {})})
+    optimizer, schedule = common.optimizer_from(cfg.optim, total_steps or cfg.train.steps or 1000)
+    state = abstract_train_state(model, optimizer, mesh)
+    batch_size = cfg.train.batch_size
+    seq_len = cfg.data.max_prompt_len + cfg.data.max_response_len
+    check_batch_size("train.batch_size", batch_size, mesh)
+    batch = abstract_batch({k: ((batch_size, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32)
+                            for k in BATCH_KEYS}, functools.partial(batch_sharding, mesh))
+    loss_fn = functools.partial(lm_loss, model=model, chunk=cfg.train.get("logprob_chunk", 0))
+    train_step = make_train_step(loss_fn, optimizer, mesh, shardings_of(state), batch)
+    eval_step = make_eval_step(loss_fn, mesh, shardings_of(state.params), batch)
+    tokens = batch_size * seq_len
+    steps = {"train": Step("train", train_step, (state, batch, abstract_key(replicated(mesh))), tokens),
+             "eval": Step("eval", eval_step, (state.params, batch), tokens)}
+
+    def init_state(rng):
+        return create_train_state(init_params(model, rng, mesh), optimizer, shardings_of(state)), {}
+
+    def random_args(name, state_, frozen, rng):
+        data = random_batch(batch, model.config.vocab_size, int(jax.random.randint(rng, (), 0, 2**30)))
+        return (state_, data, rng) if name == "train" else (state_.params, data)
+
+    return Program("sft", mesh, {"policy": model}, state, {}, steps, init_state, random_args,
+                   {"optimizer": optimizer, "schedule": schedule})
 
 
 def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict, dict | None]:
@@ -104,9 +145,10 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     steps_per_epoch = max(1, iterators["train"].steps_per_epoch)
     total_steps = cfg.train.steps or int(math.ceil(cfg.train.epochs * steps_per_epoch))
 
-    optimizer, schedule = common.optimizer_from(cfg.optim, total_steps)
-    state_shardings = train_state_shardings(model, optimizer, mesh)
-    state = create_train_state(params, optimizer, state_shardings)
+    program = build(cfg, mesh, model=model, total_steps=total_steps)
+    train_step, eval_step = program.steps["train"].fn, program.steps["eval"].fn
+    schedule = program.info["schedule"]
+    state = create_train_state(params, program.info["optimizer"], shardings_of(program.state))
     del params
 
     def next_batch() -> dict[str, np.ndarray]:
@@ -114,11 +156,6 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         if n_mix:
             parts.append(next(iterators["pretrain_mix"]))
         return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
-
-    example = {k: v[: cfg.train.batch_size] for k, v in train_arrays.items()}
-    loss_fn = functools.partial(lm_loss, model=model)
-    train_step = make_train_step(loss_fn, optimizer, mesh, state_shardings, example)
-    eval_step = make_eval_step(loss_fn, mesh, param_shardings(model, mesh), example)
 
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          max_to_keep=cfg.train.get("keep_checkpoints", 2))

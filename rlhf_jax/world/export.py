@@ -62,6 +62,12 @@ def world_vocabulary(world: World) -> list[str]:
     return sorted(fixed | world.words())
 
 
+def world_vocab_size(seed: int, n_entities: int | None = None) -> int:
+    """Size of the tokenizer ``write_world(seed, ...)`` builds, without writing anything."""
+    world = make_world(seed, **({} if n_entities is None else {"n_entities": n_entities}))
+    return len(SPECIAL_TOKENS) + len(world_vocabulary(world))
+
+
 def build_word_tokenizer(texts: Iterable[str], out_dir: str | Path) -> PreTrainedTokenizerFast:
     """A word-level tokenizer whose vocabulary is every whitespace token of ``texts``.
 

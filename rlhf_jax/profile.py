@@ -1,0 +1,649 @@
+"""``rlhf-jax profile``: time a stage's compiled steps on the machine at hand.
+
+For each step of a stage's ``Program`` (SFT/RM: train, eval; PPO: rollout, experience, update,
+ptx) this reports compile time, XLA's FLOPs and bytes accessed (``cost_analysis``), per-device
+memory (``memory_analysis``), the median wall time of a call after warm-up, achieved FLOP/s, MFU
+against a matmul peak measured in the same run on the same devices, and tokens/s. Weights are
+random, of the config's shapes (no data, no checkpoint needed), or a pipeline workdir's trained
+models; the batches are always random tokens with all-ones masks. ``--trace DIR`` also writes a
+``jax.profiler`` trace with every phase named (TensorBoard's profile plugin reads the
+``.xplane.pb``, https://ui.perfetto.dev the ``perfetto_trace.json.gz``).
+
+Library use (the CLI only adds argument checks and printing)::
+
+    cfg = load_config("experiments/instructgpt_tiny.py")
+    report = profile_stage(cfg, "ppo", steps=3)      # a JSON-able dict
+    print(format_table(report))
+
+What the numbers mean:
+
+* ``flops``: XLA's count for the compiled program, per device times the devices it runs on, so
+  what the hardware executes (remat recomputation and replicated work included): the "MFU" here
+  is closer to hardware-FLOPs utilization. A step with a data-dependent ``while`` loop (the
+  rollout's decode) is counted with its loop body ``loop_trips`` times (the most it can run).
+* ``peak``: a large jitted matmul in the model's compute dtype, its rows sharded over the same
+  devices the steps use, best of a few calls. On a CPU with simulated devices
+  (``--xla_force_host_platform_device_count``) they share the host's cores, and so does the
+  peak: MFU stays "of this machine", whatever the device count.
+* per-iteration time (PPO): ``calls_per_iteration`` times the median of each phase: one rollout
+  and one experience pass per iteration, ``epochs * rollout_batch_size / minibatch_size`` update
+  steps. ``ptx`` is the pretraining-gradient pass alone, already inside ``update``; it is timed on
+  its own only to show its share, and is not added to the iteration.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+STAGE_MODULES = {"sft": "rlhf_jax.stages.sft", "rm": "rlhf_jax.stages.reward",
+                 "ppo": "rlhf_jax.stages.ppo"}
+# Steps run each iteration (in this order); anything else a Program has runs after them.
+PHASE_ORDER = ("rollout", "experience", "update", "ptx", "train", "eval")
+# Steps whose time is already inside another step's (not added to the iteration).
+INCLUDED_IN = {"ptx": "update"}
+
+
+# --- the library: report dicts ---------------------------------------------------------------
+
+def measure_matmul_peak(mesh: Mesh, *, n: int | None = None, dtype: Any = "float32",
+                        repeats: int = 5) -> dict[str, Any]:
+    """FLOP/s of an ``[n, n] @ [n, n]`` matmul whose rows are sharded over all of ``mesh``.
+
+    The left operand and the result are split by rows over every device of the mesh, the right
+    operand replicated, so each device multiplies ``n / devices`` rows: the devices the profiled
+    steps use, working together. ``n`` defaults to 2048 on CPU and 8192 on accelerators (rounded
+    up to a multiple of the device count).
+    """
+    devices = int(mesh.devices.size)
+    platform_name = mesh.devices.flat[0].platform
+    n = n or (2048 if platform_name == "cpu" else 8192)
+    n = int(math.ceil(n / devices) * devices)
+    dtype = jnp.dtype(dtype)
+    rows = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.jit(lambda k: jax.random.normal(k, (n, n), dtype), out_shardings=rows)(k1)
+    b = jax.jit(lambda k: jax.random.normal(k, (n, n), dtype), out_shardings=replicated)(k2)
+    matmul = jax.jit(lambda x, y: x @ y, out_shardings=rows).lower(a, b).compile()
+    jax.block_until_ready(matmul(a, b))        # warm-up
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        times.append(time.perf_counter() - t0)
+    flops = 2.0 * n ** 3
+    best = min(times)
+    return {
+        "flops_per_s": flops / best,
+        "median_flops_per_s": flops / statistics.median(times),
+        "per_device_flops_per_s": flops / best / devices,
+        "n": n, "dtype": dtype.name, "devices": devices, "platform": platform_name,
+        "times_s": times,
+        "how": f"{n}x{n} @ {n}x{n} {dtype.name}, rows sharded over {devices} device(s), "
+               f"best of {len(times)}",
+    }
+
+
+def profile_program(program: Any, *, steps: int = 5, warmup: int = 1,
+                    trace_dir: str | None = None, state: Any = None, frozen: Any = None,
+                    peak: dict[str, Any] | None = None, peak_dtype: Any = "float32",
+                    calls_per_iteration: dict[str, float] | None = None,
+                    trace_iterations: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Compile, measure and time every step of ``program``; returns the report dict.
+
+    ``state``/``frozen`` default to ``program.init_state`` (random weights). Every iteration
+    calls each step once, in ``PHASE_ORDER``; the first ``warmup`` iterations are not timed.
+    A step that donates its first argument (train/update: the state) has its returned state fed
+    back to every step that was given that state (or part of it, like its params).
+    """
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
+    names = _ordered(program.steps)
+    n_devices = int(program.mesh.devices.size)
+    if state is None and frozen is None:
+        state, frozen = program.init_state(jax.random.key(seed))
+    if peak is None:
+        peak = measure_matmul_peak(program.mesh, dtype=peak_dtype)
+
+    phases: dict[str, dict[str, Any]] = {}
+    executables = {}
+    for name in names:
+        step = program.steps[name]
+        phase, executables[name] = _compile_step(step, n_devices)
+        phases[name] = phase
+
+    keys = jax.random.split(jax.random.key(seed + 1), len(names))
+    args = {name: tuple(program.random_args(name, state, frozen, key))
+            for name, key in zip(names, keys)}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for it in range(warmup + steps):
+        for name in names:
+            out, dt = _call(executables, program.steps[name], name, args[name])
+            if it >= warmup:
+                times[name].append(dt)
+            args = _feed_back(args, name, out)
+            del out
+
+    peak_flops = peak.get("flops_per_s")
+    calls = calls_per_iteration or {}
+    for name in names:
+        p = phases[name]
+        median = statistics.median(times[name])
+        p["times_s"] = times[name]
+        p["median_s"] = median
+        p["min_s"] = min(times[name])
+        p["flops_per_s"] = p["flops"] / median if p["flops"] is not None else None
+        p["mfu"] = (p["flops_per_s"] / peak_flops
+                    if p["flops_per_s"] is not None and peak_flops else None)
+        p["tokens_per_s"] = p["tokens"] / median if p["tokens"] else None
+        p["calls_per_iteration"] = calls.get(name)
+        p["included_in"] = INCLUDED_IN.get(name) if INCLUDED_IN.get(name) in phases else None
+
+    report: dict[str, Any] = {
+        "stage": program.stage,
+        "backend": jax.default_backend(),
+        "device_kind": program.mesh.devices.flat[0].device_kind,
+        "devices": n_devices,
+        "mesh": {k: int(v) for k, v in program.mesh.shape.items()},
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
+                 "processes": jax.process_count()},
+        "jax_version": jax.__version__,
+        "steps": steps, "warmup": warmup,
+        "peak": peak,
+        "phases": phases,
+        "iteration": _iteration(phases, peak_flops),
+        "measured_memory": _device_memory_stats(program.mesh),
+        "info": _jsonable(dict(getattr(program, "info", {}) or {})),
+    }
+    if trace_dir:
+        report["trace"] = write_trace(program.stage, executables, program.steps, args, names,
+                                      trace_dir, iterations=trace_iterations)
+    return _jsonable(report)
+
+
+def write_trace(stage: str, executables: dict, steps: dict, args: dict, names: Sequence[str],
+                trace_dir: str, iterations: int = 2) -> dict[str, Any]:
+    """A ``jax.profiler`` trace of ``iterations`` iterations, each a ``StepTraceAnnotation``
+    (``<stage>``, step_num) holding one ``TraceAnnotation`` per phase (its step's name)."""
+    os.makedirs(trace_dir, exist_ok=True)
+    before = set(_files_under(trace_dir))
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    try:
+        for i in range(max(1, iterations)):
+            with jax.profiler.StepTraceAnnotation(stage, step_num=i):
+                for name in names:
+                    with jax.profiler.TraceAnnotation(name):
+                        out, _ = _call(executables, steps[name], name, args[name])
+                    args = _feed_back(args, name, out)
+                    del out
+    finally:
+        jax.profiler.stop_trace()
+    files = sorted(set(_files_under(trace_dir)) - before)
+    return {
+        "dir": trace_dir,
+        "files": files,
+        "xplane": [f for f in files if f.endswith(".xplane.pb")],
+        "perfetto": [f for f in files if f.endswith("perfetto_trace.json.gz")],
+        "iterations": max(1, iterations),
+        "open_with": f"tensorboard --logdir {trace_dir} (profile plugin); or load the "
+                     "perfetto_trace.json.gz at https://ui.perfetto.dev",
+    }
+
+
+def stage_config(cfg: Any, stage: str, workdir: str | None = None) -> Any:
+    """The config of ``stage`` (architectures filled in) from an experiment config; with a
+    pipeline ``workdir`` its model paths point at that run's trained models."""
+    from rlhf_jax.config import stage_configs
+    configs = stage_configs(cfg)
+    if stage not in configs:
+        raise ValueError(f"the config has no {stage!r} stage (it has: {', '.join(configs) or 'none'})")
+    c = configs[stage]
+    if workdir:
+        c = _with_workdir_models(c, stage, workdir, cfg)
+    return c
+
+
+def build_program(stage: str, stage_cfg: Any, mesh: Mesh) -> Any:
+    """``rlhf_jax.stages.<stage>.build(stage_cfg, mesh)``."""
+    if stage not in STAGE_MODULES:
+        raise ValueError(f"stage {stage!r}; expected one of {', '.join(STAGE_MODULES)}")
+    module = importlib.import_module(STAGE_MODULES[stage])
+    return module.build(stage_cfg, mesh)
+
+
+def calls_per_iteration(stage: str, stage_cfg: Any, program: Any) -> dict[str, float]:
+    """How often each step runs per training iteration (``program.info`` may say so itself)."""
+    info = dict(getattr(program, "info", {}) or {})
+    if "calls_per_iteration" in info:
+        return {k: float(v) for k, v in dict(info["calls_per_iteration"]).items()}
+    if stage == "ppo":
+        p = stage_cfg.ppo
+        updates = p.epochs * max(1, p.rollout_batch_size // p.minibatch_size)
+        return {"rollout": 1.0, "experience": 1.0, "update": float(updates),
+                "ptx": float(updates)}
+    return {"train": 1.0, "eval": 0.0}
+
+
+def profile_stage(cfg: Any, stage: str, *, steps: int = 5, warmup: int = 1,
+                  workdir: str | None = None, trace_dir: str | None = None, seed: int = 0,
+                  peak: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Profile one stage of a loaded experiment config (pipeline-style or one stage's)."""
+    from rlhf_jax.stages.common import setup_mesh
+    stage_cfg = stage_config(cfg, stage, workdir)
+    mesh = setup_mesh(stage_cfg)
+    t0 = time.perf_counter()
+    program = build_program(stage, stage_cfg, mesh)
+    build_s = time.perf_counter() - t0
+    state, frozen = program.init_state(jax.random.key(seed))
+    if workdir:
+        state, frozen = load_workdir_weights(program, stage_cfg, state, frozen)
+    report = profile_program(program, steps=steps, warmup=warmup, trace_dir=trace_dir,
+                             state=state, frozen=frozen, peak=peak,
+                             peak_dtype=_compute_dtype(stage_cfg),
+                             calls_per_iteration=calls_per_iteration(stage, stage_cfg, program),
+                             seed=seed)
+    report["build_s"] = build_s
+    report["weights"] = workdir or "random"
+    report["models"] = {name: _model_summary(m) for name, m in program.models.items()}
+    return report
+
+
+# --- workdir weights -----------------------------------------------------------------------
+
+def _with_workdir_models(c: Any, stage: str, workdir: str, cfg: Any) -> Any:
+    """Point ``init_from`` / ``policy_from`` / ``reward_from`` at a pipeline workdir's models
+    (the layout of ``rlhf_jax.pipeline``)."""
+    import ml_collections
+    c = ml_collections.ConfigDict(c.to_dict())
+    model_dir = lambda s: os.path.join(workdir, s, "model")
+    if stage == "sft":
+        paths = {"init_from": cfg.get("base_model") or model_dir("pretrain")}
+    elif stage == "rm":
+        paths = {"init_from": model_dir("sft")}
+    else:
+        paths = {"policy_from": model_dir("sft_ptx"), "reward_from": model_dir("rm")}
+    for key, path in paths.items():
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--workdir {workdir}: {path} not found (has the pipeline "
+                                    f"finished the stage {stage} starts from?)")
+        with c.unlocked():
+            c[key] = path
+    return c
+
+
+def load_workdir_weights(program: Any, stage_cfg: Any, state: Any, frozen: Any):
+    """Replace the random parameters of ``state``/``frozen`` by the stage's trained models.
+
+    Uses ``program.info["weights"]`` when the stage provides it: ``{config_key: [where, ...]}``
+    with ``where`` an attribute path into ``state`` or ``frozen`` ("state.params",
+    "frozen.reward", ...). Without it, the trained parameters go wherever the tree has a
+    parameter tree of the same structure.
+    """
+    from rlhf_jax.stages.common import load_model
+    sources = [k for k in ("init_from", "policy_from", "reward_from", "value_from")
+               if stage_cfg.get(k)]
+    targets = dict(getattr(program, "info", {}) or {}).get("weights")
+    trees = {"state": state, "frozen": frozen}
+    for key in sources:
+        _, params, _, _ = load_model(stage_cfg[key], program.mesh)
+        where = (targets or {}).get(key) or _matching_subtrees(trees, params)
+        if not where:
+            raise ValueError(f"{key}={stage_cfg[key]}: no parameter tree of this model's "
+                             "structure in the stage's state")
+        for path in where:
+            trees = _replace_at(trees, path, params)
+        log.info("%s: %s -> %s", key, stage_cfg[key], ", ".join(where))
+    return trees["state"], trees["frozen"]
+
+
+def _matching_subtrees(trees: dict, params: Any) -> list[str]:
+    target = jax.tree.structure(params)
+    shapes = [x.shape for x in jax.tree.leaves(params)]
+    found = []
+
+    def visit(node, path):
+        try:
+            same = (jax.tree.structure(node) == target
+                    and [x.shape for x in jax.tree.leaves(node)] == shapes)
+        except Exception:   # noqa: BLE001 - a node that is not a pytree of arrays
+            same = False
+        if same:
+            found.append(path)
+            return
+        if isinstance(node, dict):
+            for k, v in node.items():
+                visit(v, f"{path}.{k}")
+        elif hasattr(node, "__dataclass_fields__"):
+            for k in node.__dataclass_fields__:
+                visit(getattr(node, k), f"{path}.{k}")
+    for name, tree in trees.items():
+        visit(tree, name)
+    return found
+
+
+def _replace_at(trees: dict, path: str, params: Any) -> dict:
+    head, *rest = path.split(".")
+
+    def put(node, keys):
+        if not keys:
+            shardings = jax.tree.map(lambda x: x.sharding, node)
+            dtypes = jax.tree.map(lambda x: x.dtype, node)
+            return jax.device_put(jax.tree.map(lambda p, d: p.astype(d), params, dtypes), shardings)
+        k, *more = keys
+        if isinstance(node, dict):
+            return {**node, k: put(node[k], more)}
+        return node.replace(**{k: put(getattr(node, k), more)})
+    return {**trees, head: put(trees[head], rest)}
+
+
+# --- pieces ----------------------------------------------------------------------------------
+
+def _ordered(steps: dict) -> list[str]:
+    known = [n for n in PHASE_ORDER if n in steps]
+    return known + [n for n in steps if n not in known]
+
+
+def _compile_step(step: Any, n_devices: int) -> tuple[dict[str, Any], Any]:
+    t0 = time.perf_counter()
+    lowered = step.lower()
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    cost = _cost(compiled)
+    flops_dev, bytes_dev = cost.get("flops"), cost.get("bytes accessed")
+    trips = int(getattr(step, "loop_trips", 1) or 1)
+    body = getattr(step, "loop_body", None)
+    phase: dict[str, Any] = {"lower_s": lower_s, "compile_s": compile_s, "loop_trips": trips}
+    if body is not None and trips > 1:
+        t0 = time.perf_counter()
+        body_cost = _cost(body.lower().compile())
+        phase["loop_body_compile_s"] = time.perf_counter() - t0
+        phase["loop_body_flops_per_device"] = body_cost.get("flops")
+        if flops_dev is not None and body_cost.get("flops") is not None:
+            flops_dev += (trips - 1) * body_cost["flops"]
+        if bytes_dev is not None and body_cost.get("bytes accessed") is not None:
+            bytes_dev += (trips - 1) * body_cost["bytes accessed"]
+    phase.update({
+        "flops_per_device": flops_dev,
+        "flops": None if flops_dev is None else flops_dev * n_devices,
+        "bytes_accessed_per_device": bytes_dev,
+        "bytes_accessed": None if bytes_dev is None else bytes_dev * n_devices,
+        "memory_per_device": _memory(compiled),
+        "tokens": int(getattr(step, "tokens", 0) or 0),
+    })
+    return phase, compiled
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception as e:   # noqa: BLE001 - some backends have none
+        log.warning("cost_analysis unavailable: %s", e)
+        return {}
+    if isinstance(cost, (list, tuple)):     # older jax: one dict per program
+        cost = cost[0] if cost else {}
+    return {k: float(v) for k, v in (cost or {}).items() if k in ("flops", "bytes accessed",
+                                                                   "transcendentals")}
+
+
+def _memory(compiled: Any) -> dict[str, int] | None:
+    try:
+        m = compiled.memory_analysis()
+    except Exception as e:   # noqa: BLE001
+        log.warning("memory_analysis unavailable: %s", e)
+        return None
+    if m is None:
+        return None
+    fields = {"argument_bytes": "argument_size_in_bytes", "output_bytes": "output_size_in_bytes",
+              "alias_bytes": "alias_size_in_bytes", "temp_bytes": "temp_size_in_bytes",
+              "code_bytes": "generated_code_size_in_bytes"}
+    out = {k: int(getattr(m, attr, 0) or 0) for k, attr in fields.items()}
+    # Live at once: inputs, outputs not aliased to (donated) inputs, and the scratch space.
+    out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                          + out["temp_bytes"])
+    if getattr(m, "peak_memory_in_bytes", None):
+        out["peak_bytes"] = int(m.peak_memory_in_bytes)
+    return out
+
+
+def _call(executables: dict, step: Any, name: str, args: tuple) -> tuple[Any, float]:
+    """One blocking call of the compiled step (falls back to the jitted function, which
+    compiles again, if the AOT executable rejects the arguments)."""
+    fn = executables[name]
+    t0 = time.perf_counter()
+    try:
+        out = fn(*args)
+    except (TypeError, ValueError) as e:
+        if fn is step.fn:
+            raise
+        log.warning("%s: compiled executable rejected the arguments (%s); using the jitted "
+                    "step", name, str(e).splitlines()[0])
+        executables[name] = fn = step.fn
+        t0 = time.perf_counter()
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return out, time.perf_counter() - t0
+
+
+def _feed_back(args: dict[str, tuple], name: str, out: Any) -> dict[str, tuple]:
+    """After a step that returned an updated first argument (a donated state), give every
+    step the new arrays in place of the old ones (matched by identity, leaf by leaf)."""
+    first = args[name][0] if args[name] else None
+    if not isinstance(out, tuple) or not out or first is None:
+        return args
+    try:
+        if jax.tree.structure(out[0]) != jax.tree.structure(first):
+            return args
+    except Exception:   # noqa: BLE001
+        return args
+    old, new = jax.tree.leaves(first), jax.tree.leaves(out[0])
+    if [getattr(x, "shape", None) for x in old] != [getattr(x, "shape", None) for x in new]:
+        return args
+    mapping = {id(o): n for o, n in zip(old, new)}
+    return {k: jax.tree.map(lambda x: mapping.get(id(x), x), v) for k, v in args.items()}
+
+
+def _iteration(phases: dict[str, dict], peak_flops: float | None) -> dict[str, Any] | None:
+    """One training iteration: sum of calls x median over the steps that run in it."""
+    parts = {n: p for n, p in phases.items()
+             if p.get("calls_per_iteration") and not p.get("included_in")}
+    if not parts:
+        return None
+    seconds = {n: p["calls_per_iteration"] * p["median_s"] for n, p in parts.items()}
+    total = sum(seconds.values())
+    flops = (sum(p["calls_per_iteration"] * p["flops"] for p in parts.values())
+             if all(p["flops"] is not None for p in parts.values()) else None)
+    tokens = sum(p["calls_per_iteration"] * p["tokens"] for p in parts.values())
+    for n, p in phases.items():
+        if n in seconds:
+            p["iteration_s"] = seconds[n]
+            p["share"] = seconds[n] / total if total else None
+        elif p.get("included_in") and p.get("calls_per_iteration"):
+            p["iteration_s"] = p["calls_per_iteration"] * p["median_s"]
+            p["share"] = p["iteration_s"] / total if total else None
+    return {
+        "seconds": total,
+        "flops": flops,
+        "flops_per_s": flops / total if flops is not None and total else None,
+        "mfu": flops / total / peak_flops if flops is not None and total and peak_flops else None,
+        "tokens": tokens,
+        "calls": {n: p["calls_per_iteration"] for n, p in parts.items()},
+    }
+
+
+def _device_memory_stats(mesh: Mesh) -> dict[str, Any] | None:
+    """Allocator statistics where the backend keeps them (GPU/TPU; None on CPU)."""
+    stats = {}
+    for d in mesh.devices.flat:
+        try:
+            s = d.memory_stats()
+        except Exception:   # noqa: BLE001
+            s = None
+        if s:
+            stats[str(d.id)] = {k: int(v) for k, v in s.items()
+                                if k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")}
+    return stats or None
+
+
+def _files_under(directory: str) -> list[str]:
+    out = []
+    for root, _, files in os.walk(directory):
+        out += [os.path.relpath(os.path.join(root, f), directory) for f in files]
+    return out
+
+
+def _compute_dtype(stage_cfg: Any) -> str:
+    run = stage_cfg.get("model_runtime") or {}
+    return str(dict(run).get("dtype") or "float32")
+
+
+def _model_summary(model: Any) -> dict[str, Any]:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return {}
+    from rlhf_jax.models.params import abstract_params
+    try:
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(model)))
+    except Exception:   # noqa: BLE001
+        n = None
+    return {"params": n, "arch": cfg.arch, "d_model": cfg.d_model, "n_layers": cfg.n_layers,
+            "vocab_size": cfg.vocab_size, "head": cfg.head, "dtype": cfg.dtype}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if hasattr(x, "to_dict"):
+        return _jsonable(x.to_dict())
+    return str(x)
+
+
+# --- printing --------------------------------------------------------------------------------
+
+def _si(x: float | None, unit: str = "", digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= factor:
+            return f"{x / factor:.{digits}g}{prefix}{unit}"
+    return f"{x:.{digits}g}{unit}"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{1e3 * x:.1f}"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The per-phase table ``rlhf-jax profile`` prints."""
+    peak = report["peak"]
+    mesh = " ".join(f"{k}={v}" for k, v in report["mesh"].items())
+    lines = [
+        f"rlhf-jax profile: stage {report['stage']}, {report['devices']} {report['backend']} "
+        f"device(s) ({report['device_kind']}; mesh {mesh}; {report['host']['cpus']} host CPUs), "
+        f"weights: {report.get('weights', 'random')}",
+        f"matmul peak: {_si(peak['flops_per_s'], 'FLOP/s')} ({peak['how']}; median "
+        f"{_si(peak['median_flops_per_s'], 'FLOP/s')})",
+        f"timing: median of {report['steps']} calls after {report['warmup']} warm-up",
+        "",
+    ]
+    header = ("phase", "compile s", "FLOP/call", "bytes/call", "mem/dev", "median ms",
+              "FLOP/s", "MFU", "tokens/s", "calls/it", "ms/it", "share")
+    rows = []
+    for name, p in report["phases"].items():
+        mem = (p.get("memory_per_device") or {}).get("total_bytes")
+        calls = p.get("calls_per_iteration")
+        share = p.get("share")
+        share_text = "-" if share is None else f"{100 * share:.0f}%"
+        if p.get("included_in") and share is not None:
+            share_text = f"({share_text} in {p['included_in']})"
+        rows.append((
+            name, f"{p['compile_s']:.1f}", _si(p["flops"]), _si(p["bytes_accessed"], "B"),
+            _si(mem, "B"), _ms(p["median_s"]), _si(p["flops_per_s"]),
+            "-" if p["mfu"] is None else f"{100 * p['mfu']:.1f}%",
+            _si(p["tokens_per_s"]), "-" if calls is None else f"{calls:g}",
+            _ms(p.get("iteration_s")), share_text))
+    it = report.get("iteration")
+    if it:
+        rows.append(("iteration", "", _si(it["flops"]), "", "", "", _si(it["flops_per_s"]),
+                     "-" if it["mfu"] is None else f"{100 * it['mfu']:.1f}%",
+                     _si(it["tokens"] / it["seconds"] if it["seconds"] else None), "",
+                     _ms(it["seconds"]), "100%"))
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                              for i, (c, w) in enumerate(zip(r, widths)))
+    lines.append(fmt(header))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [fmt(r) for r in rows]
+    if "trace" in report:
+        t = report["trace"]
+        lines += ["", f"trace: {t['dir']} ({len(t['files'])} files: "
+                      f"{', '.join(os.path.basename(f) for f in t['files'])}); {t['open_with']}"]
+    return "\n".join(lines)
+
+
+# --- the CLI ---------------------------------------------------------------------------------
+
+def run(args: Any, overrides: Sequence[str]) -> int:
+    """``rlhf-jax profile``: one-line errors for bad input, the table on stdout, JSON to --out."""
+    from rlhf_jax.config import apply_overrides, load_config
+    if args.steps < 1:
+        raise SystemExit(f"error: --steps={args.steps}: need at least 1 timed call")
+    if args.warmup < 0:
+        raise SystemExit(f"error: --warmup={args.warmup}: must be >= 0")
+    if args.workdir and not os.path.isdir(args.workdir):
+        raise SystemExit(f"error: --workdir {args.workdir}: no such directory")
+    if args.trace and os.path.exists(args.trace) and not os.path.isdir(args.trace):
+        raise SystemExit(f"error: --trace {args.trace}: exists and is not a directory")
+    if args.out and os.path.isdir(args.out):
+        raise SystemExit(f"error: --out {args.out}: is a directory (give a .json file path)")
+    try:
+        cfg = apply_overrides(load_config(args.config), overrides)
+        stage_config(cfg, args.stage, args.workdir)     # checks the stage and workdir early
+    except (FileNotFoundError, AttributeError, KeyError, ValueError, SyntaxError) as e:
+        raise SystemExit(f"error: {_one_line(e)}") from None
+    try:
+        report = profile_stage(cfg, args.stage, steps=args.steps, warmup=args.warmup,
+                               workdir=args.workdir, trace_dir=args.trace)
+    except (FileNotFoundError, ValueError) as e:
+        log.debug("profile failed", exc_info=True)
+        raise SystemExit(f"error: {_one_line(e)}") from None
+    report["config"] = args.config
+    report["overrides"] = list(overrides)
+    print(format_table(report))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+            f.write("\n")
+        print(f"report: {args.out}")
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    text = text[0] if text else type(e).__name__
+    return text.strip("'\"") if isinstance(e, KeyError) else text
