@@ -19,11 +19,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rlhf_jax import objectives as obj
+from rlhf_jax import scoring
 from rlhf_jax.data import tokenize_demonstrations, tokenize_prompts
-from rlhf_jax.models.transformer import Transformer, default_position_ids
+from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.sampling import SamplingConfig, make_generate_fn
 from rlhf_jax.sharding import shard_batch
-from rlhf_jax.stages.reward import normalize
 
 
 # --- batching ----------------------------------------------------------------------------------
@@ -95,17 +95,11 @@ def generate_texts(model: Transformer, params: Any, tokenizer: Any, prompts: Seq
 
 @functools.partial(jax.jit, static_argnames=("model", "prompt_len"))
 def _response_logprob_sum(model, params, sequences, attention_mask, response_mask, prompt_len):
-    logits = model.apply({"params": params}, sequences, attention_mask,
-                         default_position_ids(attention_mask))[:, prompt_len - 1:-1]
-    lp = obj.token_logprobs(logits, sequences[:, prompt_len:])
+    lp = scoring.response_logprobs(model, params, sequences, attention_mask, prompt_len)["logprobs"]
     return obj.masked_sum(lp, response_mask.astype(jnp.float32), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _last_token_value(model, params, sequences, attention_mask):
-    values = model.apply({"params": params}, sequences, attention_mask,
-                         default_position_ids(attention_mask))
-    return obj.value_at_last_token(values, attention_mask)
+_raw_rewards = jax.jit(scoring.raw_rewards, static_argnames=("model",))
 
 
 def _map_batches(fn, arrays: Mapping[str, np.ndarray], mesh: Mesh | None, batch_size: int) -> np.ndarray:
@@ -136,10 +130,10 @@ def kl_to_reference(model: Transformer, params: Any, ref_params: Any, samples: M
 def proxy_scores(reward_model: Transformer, params: Any, norm: Mapping[str, float] | None,
                  samples: Mapping[str, Any], mesh: Mesh | None = None) -> np.ndarray:
     """Normalized RM scores of the samples, [N] float32."""
-    raw = _map_batches(lambda b: _last_token_value(reward_model, params, b["sequences"],
-                                                   b["attention_mask"]),
+    raw = _map_batches(lambda b: _raw_rewards(reward_model, params, b["sequences"],
+                                              b["attention_mask"]),
                        {k: samples[k] for k in ("sequences", "attention_mask")}, mesh, 64)
-    return np.asarray(normalize(jnp.asarray(raw), dict(norm or {})))
+    return np.asarray(scoring.normalize(jnp.asarray(raw), dict(norm or {})))
 
 
 def score_texts(reward_model: Transformer, params: Any, norm: Mapping[str, float] | None,
@@ -149,10 +143,10 @@ def score_texts(reward_model: Transformer, params: Any, norm: Mapping[str, float
     rows = [{"prompt": p, "completion": r if r else tokenizer.eos_token}
             for p, r in zip(prompts, responses)]
     arrays, _ = tokenize_demonstrations(rows, tokenizer, max_prompt_len, max_response_len, "truncate")
-    raw = _map_batches(lambda b: _last_token_value(reward_model, params, b["input_ids"],
+    raw = _map_batches(lambda b: _raw_rewards(reward_model, params, b["input_ids"],
                                                    b["attention_mask"]),
                        {k: arrays[k] for k in ("input_ids", "attention_mask")}, mesh, 64)
-    return np.asarray(normalize(jnp.asarray(raw), dict(norm or {})))
+    return np.asarray(scoring.normalize(jnp.asarray(raw), dict(norm or {})))
 
 
 # --- labeler judgements ------------------------------------------------------------------------

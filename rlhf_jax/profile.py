@@ -168,7 +168,8 @@ def profile_program(program: Any, *, steps: int = 5, warmup: int = 1,
         "phases": phases,
         "iteration": _iteration(phases, peak_flops),
         "measured_memory": _device_memory_stats(program.mesh),
-        "info": _jsonable(dict(getattr(program, "info", {}) or {})),
+        "info": {k: v for k, v in dict(getattr(program, "info", {}) or {}).items()
+                 if isinstance(v, (int, float, str, bool))},
     }
     if trace_dir:
         report["trace"] = write_trace(program.stage, executables, program.steps, args, names,
@@ -208,11 +209,19 @@ def write_trace(stage: str, executables: dict, steps: dict, args: dict, names: S
 def stage_config(cfg: Any, stage: str, workdir: str | None = None) -> Any:
     """The config of ``stage`` (architectures filled in) from an experiment config; with a
     pipeline ``workdir`` its model paths point at that run's trained models."""
+    import ml_collections
+
     from rlhf_jax.config import stage_configs
     configs = stage_configs(cfg)
     if stage not in configs:
         raise ValueError(f"the config has no {stage!r} stage (it has: {', '.join(configs) or 'none'})")
     c = configs[stage]
+    if stage == "ppo" and "ppo" in cfg and cfg.get("ppo_ptx_coef") and not c.ppo.ptx_coef:
+        # A pipeline config runs PPO and PPO-ptx; profile PPO-ptx (all four phases). Set
+        # --config.ppo_ptx_coef=0 to profile plain PPO.
+        c = ml_collections.ConfigDict(c.to_dict())
+        c.ppo.ptx_coef = float(cfg.ppo_ptx_coef)
+        c.name = "ppo_ptx"
     if workdir:
         c = _with_workdir_models(c, stage, workdir, cfg)
     return c
@@ -258,6 +267,9 @@ def profile_stage(cfg: Any, stage: str, *, steps: int = 5, warmup: int = 1,
                              calls_per_iteration=calls_per_iteration(stage, stage_cfg, program),
                              seed=seed)
     report["build_s"] = build_s
+    report["stage_config"] = stage_cfg.get("name", stage)
+    if stage == "ppo":
+        report["ptx_coef"] = float(stage_cfg.ppo.ptx_coef)
     report["weights"] = workdir or "random"
     report["models"] = {name: _model_summary(m) for name, m in program.models.items()}
     return report
@@ -289,54 +301,58 @@ def _with_workdir_models(c: Any, stage: str, workdir: str, cfg: Any) -> Any:
 def load_workdir_weights(program: Any, stage_cfg: Any, state: Any, frozen: Any):
     """Replace the random parameters of ``state``/``frozen`` by the stage's trained models.
 
-    Uses ``program.info["weights"]`` when the stage provides it: ``{config_key: [where, ...]}``
-    with ``where`` an attribute path into ``state`` or ``frozen`` ("state.params",
-    "frozen.reward", ...). Without it, the trained parameters go wherever the tree has a
-    parameter tree of the same structure.
+    SFT/RM: ``init_from`` -> ``state.params``; PPO: ``policy_from`` -> the policy, its EMA and the
+    frozen reference, ``reward_from`` -> the frozen RM and (unless ``value_from``) the value.
+    Optimizer moments stay as ``init_state`` made them. A scalar-head target loaded from an LM
+    (the RM starts from SFT) keeps its fresh score head, as the RM stage does.
     """
     from rlhf_jax.stages.common import load_model
-    sources = [k for k in ("init_from", "policy_from", "reward_from", "value_from")
-               if stage_cfg.get(k)]
-    targets = dict(getattr(program, "info", {}) or {}).get("weights")
+    targets = {"init_from": ["state.params"],
+               "policy_from": ["state.policy.params", "state.ema_params", "frozen.reference"],
+               "reward_from": ["frozen.reward"] + ([] if stage_cfg.get("value_from")
+                                                  else ["state.value.params"]),
+               "value_from": ["state.value.params"]}
     trees = {"state": state, "frozen": frozen}
-    for key in sources:
+    for key, paths in targets.items():
+        if not stage_cfg.get(key):
+            continue
         _, params, _, _ = load_model(stage_cfg[key], program.mesh)
-        where = (targets or {}).get(key) or _matching_subtrees(trees, params)
-        if not where:
-            raise ValueError(f"{key}={stage_cfg[key]}: no parameter tree of this model's "
-                             "structure in the stage's state")
-        for path in where:
-            trees = _replace_at(trees, path, params)
-        log.info("%s: %s -> %s", key, stage_cfg[key], ", ".join(where))
+        placed = []
+        for path in paths:
+            target = _get(trees, path)
+            if target is None or not jax.tree.leaves(target):
+                continue
+            trees = _replace_at(trees, path, _graft(params, target, f"{key}={stage_cfg[key]}"))
+            placed.append(path)
+        log.info("%s: %s -> %s", key, stage_cfg[key], ", ".join(placed))
     return trees["state"], trees["frozen"]
 
 
-def _matching_subtrees(trees: dict, params: Any) -> list[str]:
-    target = jax.tree.structure(params)
-    shapes = [x.shape for x in jax.tree.leaves(params)]
-    found = []
+def _get(trees: dict, path: str) -> Any:
+    node = trees
+    for k in path.split("."):
+        node = node.get(k) if isinstance(node, dict) else getattr(node, k, None)
+        if node is None:
+            return None
+    return node
 
-    def visit(node, path):
-        try:
-            same = (jax.tree.structure(node) == target
-                    and [x.shape for x in jax.tree.leaves(node)] == shapes)
-        except Exception:   # noqa: BLE001 - a node that is not a pytree of arrays
-            same = False
-        if same:
-            found.append(path)
-            return
-        if isinstance(node, dict):
-            for k, v in node.items():
-                visit(v, f"{path}.{k}")
-        elif hasattr(node, "__dataclass_fields__"):
-            for k in node.__dataclass_fields__:
-                visit(getattr(node, k), f"{path}.{k}")
-    for name, tree in trees.items():
-        visit(tree, name)
-    return found
+
+def _graft(params: dict, target: dict, what: str) -> dict:
+    """``params`` in ``target``'s structure: a head the checkpoint lacks (an LM's trunk into a
+    scalar-head network) is taken from ``target``; anything else must match exactly."""
+    params = {k: v for k, v in params.items() if k in target}
+    params.update({k: v for k, v in target.items() if k not in params and k.endswith("_head")})
+    same = jax.tree.structure(params) == jax.tree.structure(target) and all(
+        a.shape == b.shape for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(target)))
+    if not same:
+        raise ValueError(f"{what}: its parameters do not match the architecture the config "
+                         "builds (profile a workdir with the config that made it)")
+    return params
 
 
 def _replace_at(trees: dict, path: str, params: Any) -> dict:
+    """``trees`` with the subtree at ``path`` replaced by ``params``, placed in that subtree's
+    shardings and dtypes."""
     head, *rest = path.split(".")
 
     def put(node, keys):

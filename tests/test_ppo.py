@@ -29,7 +29,8 @@ from rlhf_jax.metrics import read_jsonl_metrics
 from rlhf_jax.models import Transformer, init_params, tiny_config
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.stages import common, ppo
-from rlhf_jax.stages.reward import normalize, reward_model_from_lm
+from rlhf_jax.scoring import norm_array, normalize
+from rlhf_jax.stages.reward import reward_model_from_lm
 from rlhf_jax.train_state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,11 +186,12 @@ def nets(base):
     reward_params = perturbed(reward_init, 13, 0.3)
     value_params = perturbed(reward_params, 12, 0.05)
     norm = {"mean": 0.3, "std": 2.0}
-    models = ppo.Models(policy, reward, reward, norm)
+    models = ppo.Models(policy, reward, reward)
     bf16 = lambda m: m.clone(config=m.config.replace(dtype="bfloat16"))
-    models_bf16 = ppo.Models(bf16(policy), bf16(reward), bf16(reward), norm)
+    models_bf16 = ppo.Models(bf16(policy), bf16(reward), bf16(reward))
+    frozen = ppo.Frozen(ref_params, reward_params, norm_array(norm))
     return dict(models=models, models_bf16=models_bf16, policy=policy_params, ref=ref_params,
-                reward=reward_params, value=value_params)
+                reward=reward_params, value=value_params, frozen=frozen)
 
 
 BETA = 0.1
@@ -204,7 +206,7 @@ def experiences(nets):
     """Experience of one hand rollout: f32 with GAE unwhitened (gamma<1 to exercise it),
     f32 with the default whitening, and bf16 compute."""
     rollout = hand_rollout()
-    args = (nets["policy"], nets["ref"], nets["value"], nets["reward"], rollout, jnp.float32(BETA))
+    args = (nets["policy"], nets["value"], nets["frozen"], ppo.Rollout(**rollout), jnp.float32(BETA))
     raw_cfg = ppo_config("ppo.whiten_advantages=False", "ppo.gamma=0.9", "ppo.lam=0.8").ppo
     default_cfg = ppo_config().ppo
     out = dict(rollout=rollout, raw_cfg=raw_cfg, default_cfg=default_cfg)
@@ -255,64 +257,64 @@ def test_make_experience_rewards_golden(nets, experiences):
 
     expected = -BETA * (logp - ref_logp)
     expected[np.arange(B), mask.sum(-1).astype(int) - 1] += scores
-    np.testing.assert_allclose(exp["old_logprobs"], logp, atol=2e-5)
-    np.testing.assert_allclose(exp["ref_logprobs"], ref_logp, atol=2e-5)
-    np.testing.assert_allclose(exp["scores"], scores, atol=2e-5)
-    np.testing.assert_allclose(exp["kl"], (logp - ref_logp) * mask, atol=4e-5)
-    np.testing.assert_allclose(exp["rewards"], expected, atol=1e-5)
-    assert np.all(exp["rewards"][mask == 0] == 0)
-    assert np.abs(exp["kl"]).sum() > 0.1                                 # the KL term is exercised
+    np.testing.assert_allclose(exp.old_logprobs, logp, atol=2e-5)
+    np.testing.assert_allclose(exp.ref_logprobs, ref_logp, atol=2e-5)
+    np.testing.assert_allclose(exp.scores, scores, atol=2e-5)
+    np.testing.assert_allclose(exp.kl, (logp - ref_logp) * mask, atol=4e-5)
+    np.testing.assert_allclose(exp.rewards, expected, atol=1e-5)
+    assert np.all(exp.rewards[mask == 0] == 0)
+    assert np.abs(exp.kl).sum() > 0.1                                 # the KL term is exercised
     # Values: the value network read where the policy decides each response token.
-    np.testing.assert_allclose(exp["old_values"], values[:, P - 1:-1] * mask, atol=2e-5)
+    np.testing.assert_allclose(exp.old_values, values[:, P - 1:-1] * mask, atol=2e-5)
 
 
 def test_experience_is_float32_under_bf16_compute(nets, experiences):
     exp, ref = experiences["bf16"], jax.device_get(experiences["default"])
     for key in ("rewards", "old_values", "advantages", "returns", "kl", "scores", "old_logprobs",
                 "ref_logprobs", "response_mask"):
-        assert exp[key].dtype == np.float32, key
-        assert np.all(np.isfinite(exp[key])), key
-    mask = exp["response_mask"]
+        assert getattr(exp, key).dtype == np.float32, key
+        assert np.all(np.isfinite(getattr(exp, key))), key
+    mask = exp.response_mask
     # Same formula holds on the bf16 run's own quantities...
-    expected = -BETA * (exp["old_logprobs"] - exp["ref_logprobs"])
-    expected[np.arange(B), mask.sum(-1).astype(int) - 1] += exp["scores"]
-    np.testing.assert_allclose(exp["rewards"], expected * mask, atol=1e-5)
+    expected = -BETA * (exp.old_logprobs - exp.ref_logprobs)
+    expected[np.arange(B), mask.sum(-1).astype(int) - 1] += exp.scores
+    np.testing.assert_allclose(exp.rewards, expected * mask, atol=1e-5)
     # ...and bf16 compute stays close to the f32 experience (bf16 has ~3 significant digits).
-    np.testing.assert_allclose(exp["old_logprobs"], ref["old_logprobs"], atol=0.15)
-    np.testing.assert_allclose(exp["scores"], ref["scores"], atol=0.15)
+    np.testing.assert_allclose(exp.old_logprobs, ref.old_logprobs, atol=0.15)
+    np.testing.assert_allclose(exp.scores, ref.scores, atol=0.15)
 
 
 def test_missing_eos_penalty_replaces_score(nets, experiences):
     pcfg = ppo_config("ppo.missing_eos_penalty=-3.0").ppo
     rollout = experiences["rollout"]
     exp = jax.device_get(experience_fn(nets["models"], pcfg)(
-        nets["policy"], nets["ref"], nets["value"], nets["reward"], rollout, jnp.float32(BETA)))
+        nets["policy"], nets["value"], nets["frozen"], ppo.Rollout(**rollout), jnp.float32(BETA)))
     base = jax.device_get(experiences["default"])
     has_eos = np.asarray(rollout["has_eos"])
-    np.testing.assert_allclose(exp["scores"][~has_eos], -3.0)
-    np.testing.assert_allclose(exp["scores"][has_eos], base["scores"][has_eos], atol=1e-6)
-    last = exp["response_mask"].sum(-1).astype(int) - 1
-    np.testing.assert_allclose(exp["rewards"][np.arange(B), last],
-                               -3.0 * ~has_eos + base["scores"] * has_eos
-                               - BETA * exp["kl"][np.arange(B), last], atol=1e-5)
+    np.testing.assert_allclose(exp.scores[~has_eos], -3.0)
+    np.testing.assert_allclose(exp.scores[has_eos], base.scores[has_eos], atol=1e-6)
+    last = exp.response_mask.sum(-1).astype(int) - 1
+    np.testing.assert_allclose(exp.rewards[np.arange(B), last],
+                               -3.0 * ~has_eos + base.scores * has_eos
+                               - BETA * exp.kl[np.arange(B), last], atol=1e-5)
 
 
 # --- 4. GAE --------------------------------------------------------------------------------------
 
 def test_gae_in_experience_matches_numpy_loop(experiences):
     exp, pcfg = experiences["raw"], experiences["raw_cfg"]
-    adv, ret = gae_numpy(exp["rewards"], exp["old_values"], exp["response_mask"], pcfg.gamma,
+    adv, ret = gae_numpy(exp.rewards, exp.old_values, exp.response_mask, pcfg.gamma,
                          pcfg.lam)
-    np.testing.assert_allclose(exp["advantages"], adv, atol=1e-5)
-    np.testing.assert_allclose(exp["returns"], ret, atol=1e-5)
+    np.testing.assert_allclose(exp.advantages, adv, atol=1e-5)
+    np.testing.assert_allclose(exp.returns, ret, atol=1e-5)
     # Default config: gamma = 1, lam = 0.95, advantages whitened over the response tokens.
     exp = jax.device_get(experiences["default"])
-    mask = exp["response_mask"].astype(bool)
-    adv, ret = gae_numpy(exp["rewards"], exp["old_values"], mask, 1.0, 0.95)
-    np.testing.assert_allclose(exp["returns"], ret, atol=1e-5)
+    mask = exp.response_mask.astype(bool)
+    adv, ret = gae_numpy(exp.rewards, exp.old_values, mask, 1.0, 0.95)
+    np.testing.assert_allclose(exp.returns, ret, atol=1e-5)
     flat = adv[mask]
     whitened = (adv - flat.mean()) / np.sqrt(flat.var(ddof=1) + 1e-8) * mask
-    np.testing.assert_allclose(exp["advantages"], whitened, atol=1e-5)
+    np.testing.assert_allclose(exp.advantages, whitened, atol=1e-5)
 
 
 # --- 2./3. update step and the combined gradient ---------------------------------------------------

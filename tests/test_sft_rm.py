@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import scoring
 from rlhf_jax.config import apply_overrides, load_config
 from rlhf_jax.convert import is_our_checkpoint, load_our_checkpoint, read_extra
 from rlhf_jax.data import tokenize_demonstrations
@@ -281,6 +282,9 @@ class _CountingModel:
         self.calls.append(tuple(input_ids.shape))
         return self.model.apply(variables, input_ids, *args, **kwargs)
 
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
 
 def test_rm_loss_golden_variable_k_and_ties(rm_params):
     rng = np.random.default_rng(1)
@@ -298,8 +302,8 @@ def test_rm_loss_golden_variable_k_and_ties(rm_params):
     assert counting.calls == [(b * k, t)], "all B*K completions must go through one forward"
 
     flat = {key: batch[key].reshape(b * k, t) for key in ("input_ids", "attention_mask", "position_ids")}
-    rewards = np.asarray(jax.jit(lambda p, x: reward.raw_rewards(
-        p, model, x["input_ids"], x["attention_mask"], x["position_ids"]))(params, flat)).reshape(b, k)
+    rewards = np.asarray(jax.jit(lambda p, x: scoring.raw_rewards(
+        model, p, x["input_ids"], x["attention_mask"], x["position_ids"]))(params, flat)).reshape(b, k)
     # The reward is the scalar at each completion's last real token.
     values = np.asarray(jax.jit(model.apply)({"params": params}, flat["input_ids"],
                                              flat["attention_mask"], flat["position_ids"]))
@@ -331,8 +335,8 @@ def test_rm_loss_golden_variable_k_and_ties(rm_params):
     # One forward in the traced program too: as many matmuls as one [B*K, T] reward pass, and
     # the score head's matmul sees all B*K rows.
     loss_jaxpr = jax.make_jaxpr(functools.partial(reward.rm_loss, rng=None, model=model))(params, batch)
-    fwd_jaxpr = jax.make_jaxpr(lambda p, x: reward.raw_rewards(
-        p, model, x["input_ids"], x["attention_mask"], x["position_ids"]))(params, flat)
+    fwd_jaxpr = jax.make_jaxpr(lambda p, x: scoring.raw_rewards(
+        model, p, x["input_ids"], x["attention_mask"], x["position_ids"]))(params, flat)
     n_loss, n_fwd = (count_primitive(j.jaxpr, "dot_general") for j in (loss_jaxpr, fwd_jaxpr))
     assert n_fwd > 0 and n_loss == n_fwd
     head_dots = [e for e in loss_jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"
@@ -563,12 +567,12 @@ def test_rm_end_to_end_from_sft(files, rm_run):
     rows = [json.loads(line) for line in open(files["demos"], encoding="utf-8")]
     arrays, _ = tokenize_demonstrations(rows, tokenizer, 12, 8, "truncate")
     assert norm["n_demonstrations"] == len(arrays["input_ids"]) == len(rows)
-    raw = np.asarray(jax.jit(lambda p, x: reward.raw_rewards(
-        p, model, x["input_ids"], x["attention_mask"], x["position_ids"]))(
+    raw = np.asarray(jax.jit(lambda p, x: scoring.raw_rewards(
+        model, p, x["input_ids"], x["attention_mask"], x["position_ids"]))(
             params, {k: arrays[k] for k in ("input_ids", "attention_mask", "position_ids")}))
     assert raw.std() > 0.1
     np.testing.assert_allclose(raw.mean(), norm["mean"], atol=1e-3 * max(1.0, abs(norm["mean"])))
-    normalized = np.asarray(reward.normalize(jnp.asarray(raw), norm))
+    normalized = np.asarray(scoring.normalize(jnp.asarray(raw), norm))
     assert abs(normalized.mean()) < 1e-3
     np.testing.assert_allclose(normalized, raw - norm["mean"], rtol=1e-6, atol=1e-6)
 

@@ -29,22 +29,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax.convert import save_our_checkpoint
 from rlhf_jax import objectives as obj
+from rlhf_jax import scoring
+from rlhf_jax.convert import save_our_checkpoint
 from rlhf_jax.data import BatchIterator, tokenize_pretrain, tokenize_prompts
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.metrics import MetricsWriter, ProgressBar, StepTimer
-from rlhf_jax.models.params import param_shardings
-from rlhf_jax.models.transformer import Transformer, default_position_ids
+from rlhf_jax.models.params import abstract_params, cache_sharding, init_params
+from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.optim import current_lr, ema_update, make_lr_schedule, make_optimizer
-from rlhf_jax.sampling import SamplingConfig, make_generate_fn
-from rlhf_jax.sharding import batch_sharding, check_batch_size, shard_batch
+from rlhf_jax.program import Program, Step, abstract_batch, abstract_key, abstract_like, random_batch
+from rlhf_jax.sampling import SamplingConfig, generate
+from rlhf_jax.sharding import (as_auto_mesh, batch_sharding, check_batch_size, replicated,
+                               shard_batch)
 from rlhf_jax.stages import common
-from rlhf_jax.stages.reward import normalize
-from rlhf_jax.train_state import TrainState, train_state_shardings
+from rlhf_jax.train_state import TrainState, abstract_train_state, batch_shardings, shardings_of
 
 log = logging.getLogger(__name__)
 
@@ -53,98 +55,103 @@ Batch = dict[str, jax.Array]
 
 @flax.struct.dataclass
 class PPOState:
+    """What the update trains: policy and value with their optimizer states, and the policy EMA."""
     policy: TrainState
     value: TrainState
     ema_params: Any          # EMA of the policy weights ({} when disabled)
 
 
 @flax.struct.dataclass
+class Frozen:
+    """The networks PPO does not train: the KL reference (the initial policy) and the RM, with
+    the RM's demonstration normalization as ``[mean, std]`` (an argument, so another RM does not
+    recompile). Held in ``ppo.frozen_dtype`` (bfloat16 halves their memory)."""
+    reference: Any
+    reward: Any
+    reward_norm: jax.Array
+
+
+@flax.struct.dataclass
+class Rollout:
+    """Sampled episodes: prompt (left-padded) + response (right-padded), [B, P+N] / [B, N]."""
+    sequences: jax.Array
+    attention_mask: jax.Array
+    response_mask: jax.Array
+    has_eos: jax.Array        # [B] bool: the response ended with EOS (not cut at N tokens)
+
+
+@flax.struct.dataclass
+class Experience:
+    """Everything the update needs, computed once per rollout; float32 except the token arrays."""
+    sequences: jax.Array       # [B, P+N] int32
+    attention_mask: jax.Array  # [B, P+N] int32
+    response_mask: jax.Array   # [B, N]
+    old_logprobs: jax.Array    # [B, N] log pi_old (sampling temperature), 0 off the mask
+    ref_logprobs: jax.Array    # [B, N] log pi_ref
+    old_values: jax.Array      # [B, N] V_old(s_t)
+    rewards: jax.Array         # [B, N] -beta * KL_t (+ score at the last token)
+    kl: jax.Array              # [B, N] log pi_old - log pi_ref
+    scores: jax.Array          # [B] normalized RM score (or the missing-EOS penalty)
+    advantages: jax.Array      # [B, N] GAE (whitened if configured)
+    returns: jax.Array         # [B, N] advantages + values (before whitening)
+
+
+@flax.struct.dataclass
 class Models:
-    """The four networks' definitions (static: closed over by the jitted steps)."""
+    """The networks' definitions (static: closed over by the jitted steps). The reference uses
+    the policy's definition with the frozen params' dtype."""
     policy: Transformer = flax.struct.field(pytree_node=False)
     value: Transformer = flax.struct.field(pytree_node=False)
     reward: Transformer = flax.struct.field(pytree_node=False)
-    reward_norm: dict = flax.struct.field(pytree_node=False, default_factory=dict)
 
 
 # --- pure pieces -------------------------------------------------------------------------------
 
-def response_logits(model: Transformer, params: Any, sequences: jax.Array,
-                    attention_mask: jax.Array, prompt_len: int, temperature: float = 1.0) -> jax.Array:
-    """Logits that predict each response token: positions P-1 .. P+N-2 -> [B, N, V].
-
-    Divided by the sampling temperature, so log-probs are those of the distribution the
-    rollout sampled from (the paper samples at temperature 1).
-    """
-    logits = model.apply({"params": params}, sequences, attention_mask,
-                         default_position_ids(attention_mask))
-    return logits[:, prompt_len - 1:-1] / temperature
-
-
-def response_values(model: Transformer, params: Any, sequences: jax.Array,
-                    attention_mask: jax.Array, prompt_len: int) -> jax.Array:
-    """V(s_t) for each response token t, read where the policy decides it: [B, N] float32."""
-    values = model.apply({"params": params}, sequences, attention_mask,
-                         default_position_ids(attention_mask))
-    return values[:, prompt_len - 1:-1].astype(jnp.float32)
-
-
-def make_experience(models: Models, policy_params: Any, ref_params: Any, value_params: Any,
-                    reward_params: Any, rollout: Batch, kl_coef: jax.Array, *, prompt_len: int,
-                    cfg: Any) -> Batch:
+def make_experience(models: Models, policy_params: Any, value_params: Any, frozen: Frozen,
+                    rollout: Rollout, kl_coef: jax.Array, *, prompt_len: int, cfg: Any) -> Experience:
     """Everything the update needs, computed once per rollout batch, without gradients, in f32."""
-    seqs, attn = rollout["sequences"], rollout["attention_mask"]
-    response_ids = seqs[:, prompt_len:]
-    mask = rollout["response_mask"].astype(jnp.float32)
-    logprobs = obj.token_logprobs(
-        response_logits(models.policy, policy_params, seqs, attn, prompt_len, cfg.temperature),
-        response_ids)
-    ref_logprobs = obj.token_logprobs(
-        response_logits(models.policy, ref_params, seqs, attn, prompt_len, cfg.temperature),
-        response_ids)
-    values = response_values(models.value, value_params, seqs, attn, prompt_len) * mask
-    raw = obj.value_at_last_token(models.reward.apply({"params": reward_params}, seqs, attn,
-                                                      default_position_ids(attn)), attn)
-    scores = normalize(raw, models.reward_norm)
+    seqs, attn = rollout.sequences, rollout.attention_mask
+    mask = rollout.response_mask.astype(jnp.float32)
+    logprobs_of = lambda params: scoring.response_logprobs(
+        models.policy, params, seqs, attn, prompt_len, temperature=cfg.temperature,
+        chunk=cfg.logprob_chunk)["logprobs"]
+    logprobs, ref_logprobs = logprobs_of(policy_params), logprobs_of(frozen.reference)
+    values = scoring.response_values(models.value, value_params, seqs, attn, prompt_len) * mask
+    scores = scoring.rm_scores(models.reward, frozen.reward, frozen.reward_norm, seqs, attn)
     if cfg.missing_eos_penalty is not None:
         # A response cut at max_new_tokens without EOS gets a fixed low score instead.
-        has_eos = rollout["has_eos"]
-        scores = jnp.where(has_eos, scores, jnp.float32(cfg.missing_eos_penalty))
+        scores = jnp.where(rollout.has_eos, scores, jnp.float32(cfg.missing_eos_penalty))
     rewards, kl = obj.per_token_rewards(logprobs, ref_logprobs, scores, mask, kl_coef)
     if cfg.whiten_rewards:
         rewards = obj.masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = obj.gae_advantages(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = obj.masked_whiten(advantages, mask)
-    return dict(sequences=seqs, attention_mask=attn, response_mask=mask,
-                old_logprobs=logprobs * mask, ref_logprobs=ref_logprobs * mask,
-                old_values=values, rewards=rewards, kl=kl, scores=scores,
-                advantages=advantages, returns=returns)
+    return Experience(sequences=seqs, attention_mask=attn, response_mask=mask,
+                      old_logprobs=logprobs * mask, ref_logprobs=ref_logprobs * mask,
+                      old_values=values, rewards=rewards, kl=kl, scores=scores,
+                      advantages=advantages, returns=returns)
 
 
-def ppo_objective(params: Any, models: Models, mb: Batch, *, prompt_len: int,
+def ppo_objective(params: Any, models: Models, mb: Experience, *, prompt_len: int,
                   cfg: Any) -> tuple[jax.Array, dict]:
     """Clipped PPO policy loss minus the entropy bonus, on one minibatch of experience."""
-    logits = response_logits(models.policy, params, mb["sequences"], mb["attention_mask"],
-                             prompt_len, cfg.temperature)
-    logprobs = obj.token_logprobs(logits, mb["sequences"][:, prompt_len:])
-    mask = mb["response_mask"]
-    pg_loss, stats = obj.ppo_policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
-                                         cfg.clip_eps)
-    entropy = obj.masked_mean(obj.token_entropy(logits), mask)
+    out = scoring.response_logprobs(models.policy, params, mb.sequences, mb.attention_mask,
+                                    prompt_len, temperature=cfg.temperature,
+                                    chunk=cfg.logprob_chunk, entropy=True)
+    pg_loss, stats = obj.ppo_policy_loss(out["logprobs"], mb.old_logprobs, mb.advantages,
+                                         mb.response_mask, cfg.clip_eps)
+    entropy = obj.masked_mean(out["entropy"], mb.response_mask)
     loss = pg_loss - cfg.entropy_coef * entropy
     return loss, dict(stats, policy_loss=pg_loss, entropy=entropy)
 
 
-def ptx_objective(params: Any, models: Models, ptx: Batch) -> jax.Array:
+def ptx_objective(params: Any, models: Models, ptx: Batch, chunk: int = 0) -> jax.Array:
     """Pretraining term: token-mean NLL (= -E[log pi(x)]) of a pretraining minibatch."""
-    logits = models.policy.apply({"params": params}, ptx["input_ids"], ptx["attention_mask"],
-                                 ptx["position_ids"])
-    loss, _ = obj.next_token_loss(logits[:, :-1], ptx["input_ids"][:, 1:], ptx["loss_mask"][:, 1:])
-    return loss
+    return scoring.sequence_nll(models.policy, params, ptx, chunk=chunk)[0]
 
 
-def policy_gradient(params: Any, models: Models, mb: Batch, ptx: Batch | None, *,
+def policy_gradient(params: Any, models: Models, mb: Experience, ptx: Batch | None, *,
                     prompt_len: int, cfg: Any) -> tuple[Any, dict]:
     """grad(PPO loss) + gamma_ptx * grad(ptx NLL): one gradient for one optimizer step.
 
@@ -155,23 +162,25 @@ def policy_gradient(params: Any, models: Models, mb: Batch, ptx: Batch | None, *
         functools.partial(ppo_objective, models=models, mb=mb, prompt_len=prompt_len, cfg=cfg),
         has_aux=True)(params)
     if ptx is not None and cfg.ptx_coef > 0:
-        ptx_loss, ptx_grads = jax.value_and_grad(ptx_objective)(params, models, ptx)
+        ptx_loss, ptx_grads = jax.value_and_grad(ptx_objective)(params, models, ptx,
+                                                                cfg.logprob_chunk)
         grads = jax.tree.map(lambda g, h: g + cfg.ptx_coef * h, grads, ptx_grads)
         stats = dict(stats, ptx_loss=ptx_loss)
     return grads, stats
 
 
-def value_objective(params: Any, models: Models, mb: Batch, *, prompt_len: int,
+def value_objective(params: Any, models: Models, mb: Experience, *, prompt_len: int,
                     cfg: Any) -> tuple[jax.Array, dict]:
-    values = response_values(models.value, params, mb["sequences"], mb["attention_mask"], prompt_len)
-    loss, stats = obj.value_loss(values, mb["old_values"], mb["returns"], mb["response_mask"],
+    values = scoring.response_values(models.value, params, mb.sequences, mb.attention_mask,
+                                     prompt_len)
+    loss, stats = obj.value_loss(values, mb.old_values, mb.returns, mb.response_mask,
                                  cfg.value_clip if cfg.value_clip > 0 else None)
     stats = dict(stats, explained_variance=obj.explained_variance(
-        values, mb["returns"], mb["response_mask"]))
+        values, mb.returns, mb.response_mask))
     return loss, stats
 
 
-def update_step(state: PPOState, experience: Batch, indices: jax.Array, ptx: Batch | None, *,
+def update_step(state: PPOState, experience: Experience, indices: jax.Array, ptx: Batch | None, *,
                 models: Models, policy_opt: optax.GradientTransformation,
                 value_opt: optax.GradientTransformation, prompt_len: int, cfg: Any):
     """One minibatch update of policy (PPO + ptx) and value; the experience itself is not changed."""
@@ -195,6 +204,221 @@ def update_step(state: PPOState, experience: Batch, indices: jax.Array, ptx: Bat
     stats = dict(pstats, value_loss=vloss, policy_grad_norm=optax.global_norm(grads),
                  value_grad_norm=optax.global_norm(vgrads), **vstats)
     return PPOState(policy, value, ema), stats
+
+
+def rollout_step(params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
+                 model: Transformer, sampling: SamplingConfig, mesh: Mesh) -> Rollout:
+    """Sample one response per prompt and flag the responses that ended with EOS."""
+    out = generate(model, params, prompt_ids, prompt_mask, rng, sampling, mesh=mesh)
+    mask = out["response_mask"]
+    if sampling.eos_token_id is None:
+        has_eos = jnp.ones(mask.shape[:1], bool)
+    else:
+        has_eos = jnp.any((out["response_ids"] == sampling.eos_token_id) & (mask > 0), axis=-1)
+    return Rollout(out["sequences"], out["attention_mask"], mask, has_eos)
+
+
+def decode_step(params: Any, tokens: jax.Array, slot_mask: jax.Array, cache: dict,
+                cache_index: jax.Array, *, model: Transformer) -> tuple[jax.Array, dict]:
+    """One token of the rollout's decode loop (compiled on its own to count the loop's FLOPs)."""
+    logits, cache = model.apply({"params": params}, tokens, attention_mask=slot_mask, cache=cache,
+                                cache_index=cache_index)
+    return logits[:, 0].astype(jnp.float32), cache
+
+
+def ptx_gradient(params: Any, ptx: Batch, *, models: Models, chunk: int) -> tuple[jax.Array, Any]:
+    """The ptx pass alone (its share of the update, for profiling)."""
+    return jax.value_and_grad(ptx_objective)(params, models, ptx, chunk)
+
+
+# --- the compiled steps, without weights or data ------------------------------------------------
+
+def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: int | None = None,
+          pad_token_id: int | None = None, model_overrides: dict | None = None) -> Program:
+    """PPO's rollout, experience, update and ptx steps for ``cfg`` on ``mesh``, from shapes alone.
+
+    Architectures come from ``models`` (loaded checkpoints'), else ``cfg.policy_model`` /
+    ``reward_model`` / ``value_model`` or the configs stored in ``policy_from`` / ``reward_from``
+    / ``value_from``. Token ids default to the policy config's.
+    """
+    mesh = as_auto_mesh(mesh)
+    p = cfg.ppo
+    overrides = {**common.runtime_overrides(cfg), **(model_overrides or {})}
+    given = models or Models(None, None, None)
+    policy = common.stage_model(given.policy, cfg.get("policy_model"), cfg.get("policy_from", ""),
+                                mesh, overrides)
+    reward = common.stage_model(given.reward, cfg.get("reward_model"), cfg.get("reward_from", ""),
+                                mesh, dict(overrides, head="scalar"))
+    value = common.stage_model(
+        given.value, cfg.get("value_model") or cfg.get("reward_model"),
+        cfg.get("value_from") or cfg.get("reward_from", ""), mesh, dict(overrides, head="scalar"))
+    models = Models(policy, value, reward)
+    if p.rollout_batch_size % p.minibatch_size:
+        raise ValueError(f"ppo.rollout_batch_size={p.rollout_batch_size} must be a multiple of "
+                         f"ppo.minibatch_size={p.minibatch_size}")
+    check_batch_size("ppo.rollout_batch_size", p.rollout_batch_size, mesh)
+    ptx_rows = p.ptx_per_episode * p.minibatch_size
+    if p.ptx_coef > 0:
+        check_batch_size("ppo.ptx_per_episode x ppo.minibatch_size", ptx_rows, mesh)
+
+    # Optimizers: policy lr constant after warmup from 0.1x (paper); value lr fixed.
+    n_iterations = p.iterations or math.ceil(p.total_episodes / p.rollout_batch_size)
+    updates_per_iteration = p.epochs * (p.rollout_batch_size // p.minibatch_size)
+    policy_schedule = make_lr_schedule(p.lr, n_iterations * updates_per_iteration,
+                                       warmup_steps=p.warmup_iterations * updates_per_iteration,
+                                       decay="constant", warmup_start_fraction=0.1)
+    clip = p.grad_clip_norm or None
+    policy_opt = make_optimizer(policy_schedule, b1=p.b1, b2=p.b2, grad_clip_norm=clip)
+    value_opt = make_optimizer(p.value_lr, b1=p.b1, b2=p.b2, grad_clip_norm=clip)
+
+    # State and frozen networks, abstract, in the shardings the rules table gives.
+    policy_state = abstract_train_state(policy, policy_opt, mesh)
+    state = PPOState(policy_state, abstract_train_state(value, value_opt, mesh),
+                     policy_state.params if p.ema_decay > 0 else {})
+    frozen_dtype = jnp.dtype(p.frozen_dtype)
+    as_frozen = lambda m: jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, frozen_dtype if jnp.issubdtype(a.dtype, jnp.floating)
+                                       else a.dtype, sharding=a.sharding), abstract_params(m, mesh))
+    rep = replicated(mesh)
+    frozen = Frozen(as_frozen(policy), as_frozen(reward),
+                    jax.ShapeDtypeStruct((2,), jnp.float32, sharding=rep))
+
+    # Batch shapes.
+    b, mb_size = p.rollout_batch_size, p.minibatch_size
+    prompt_len, n_new = cfg.data.max_prompt_len, cfg.data.max_response_len
+    t = prompt_len + n_new
+    shard = functools.partial(batch_sharding, mesh)
+    prompts = abstract_batch({"input_ids": ((b, prompt_len), jnp.int32),
+                              "attention_mask": ((b, prompt_len), jnp.int32)}, shard)
+    rollout = Rollout(*(jax.ShapeDtypeStruct(shape, dtype, sharding=shard(len(shape))) for shape, dtype in
+                        (((b, t), jnp.int32), ((b, t), jnp.int32), ((b, n_new), jnp.int32),
+                         ((b,), jnp.bool_))))
+    experience = jax.eval_shape(functools.partial(make_experience, models, prompt_len=prompt_len,
+                                                  cfg=p), state.policy.params, state.value.params,
+                                frozen, rollout, jnp.float32(0))
+    experience = abstract_like(experience, batch_shardings(experience, mesh))
+    ptx = (abstract_batch({k: ((ptx_rows, cfg.data.ptx_seq_len),
+                               jnp.float32 if k == "loss_mask" else jnp.int32)
+                           for k in PTX_KEYS}, shard) if p.ptx_coef > 0 else None)
+    indices = jax.ShapeDtypeStruct((mb_size,), jnp.int32, sharding=rep)
+    key = abstract_key(rep)
+
+    # The jitted steps, every input and output sharding named.
+    sampling = SamplingConfig(
+        max_new_tokens=n_new, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+        greedy=False, eos_token_id=policy.config.eos_token_id if eos_token_id is None else eos_token_id,
+        pad_token_id=_pad_id(policy.config, pad_token_id, eos_token_id))
+    state_sh, frozen_sh = shardings_of(state), shardings_of(frozen)
+    p_sh, v_sh = state_sh.policy.params, state_sh.value.params
+    rollout_fn = jax.jit(functools.partial(rollout_step, model=policy, sampling=sampling, mesh=mesh),
+                         in_shardings=(p_sh, shard(2), shard(2), rep),
+                         out_shardings=shardings_of(rollout))
+    experience_fn = jax.jit(functools.partial(make_experience, models, prompt_len=prompt_len, cfg=p),
+                            in_shardings=(p_sh, v_sh, frozen_sh, shardings_of(rollout), rep),
+                            out_shardings=shardings_of(experience))
+    update_fn = jax.jit(
+        functools.partial(update_step, models=models, policy_opt=policy_opt, value_opt=value_opt,
+                          prompt_len=prompt_len, cfg=p),
+        in_shardings=(state_sh, shardings_of(experience), rep,
+                      None if ptx is None else shardings_of(ptx)),
+        out_shardings=(state_sh, rep), donate_argnums=0)
+    kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    steps = {
+        "rollout": Step("rollout", rollout_fn, (state.policy.params, prompts["input_ids"],
+                                                prompts["attention_mask"], key),
+                        tokens=b * n_new, loop_trips=n_new,
+                        loop_body=_decode_body(policy, p_sh, state.policy.params, b, t, mesh)),
+        "experience": Step("experience", experience_fn, (state.policy.params, state.value.params,
+                                                         frozen, rollout, kl), tokens=b * t),
+        "update": Step("update", update_fn, (state, experience, indices, ptx),
+                       tokens=mb_size * t + (ptx_rows * cfg.data.ptx_seq_len if ptx else 0)),
+    }
+    if ptx is not None:
+        ptx_fn = jax.jit(functools.partial(ptx_gradient, models=models, chunk=p.logprob_chunk),
+                         in_shardings=(p_sh, shardings_of(ptx)), out_shardings=(rep, p_sh))
+        steps["ptx"] = Step("ptx", ptx_fn, (state.policy.params, ptx),
+                            tokens=ptx_rows * cfg.data.ptx_seq_len)
+
+    def init_state(rng):
+        """Random policy and value; the reference is the policy, as at the start of PPO."""
+        k_policy, k_value = jax.random.split(rng)
+        policy_params = init_params(policy, k_policy, mesh)
+        value_params = init_params(value, k_value, mesh)
+        reward_params = init_params(reward, jax.random.fold_in(rng, 2), mesh)
+        return (init_ppo_state(state, policy_opt, value_opt, policy_params, value_params),
+                make_frozen(frozen, policy_params, reward_params, {}))
+
+    def random_args(name, state_, frozen_, rng):
+        seed = int(jax.random.randint(rng, (), 0, 2**30))
+        vocab = policy.config.vocab_size
+        if name == "rollout":
+            data = random_batch(prompts, vocab, seed)
+            return state_.policy.params, data["input_ids"], data["attention_mask"], rng
+        if name == "experience":
+            return (state_.policy.params, state_.value.params, frozen_,
+                    random_batch(rollout, vocab, seed), jnp.float32(p.kl_coef))
+        if name == "update":
+            return (state_, random_batch(experience, vocab, seed),
+                    jax.device_put(np.arange(mb_size, dtype=np.int32), rep),
+                    None if ptx is None else random_batch(ptx, vocab, seed + 1))
+        if name == "ptx":
+            return state_.policy.params, random_batch(ptx, vocab, seed)
+        raise KeyError(f"PPO has no step {name!r}; steps: {sorted(steps)}")
+
+    return Program("ppo", mesh, {"policy": policy, "value": value, "reward": reward}, state, frozen,
+                   steps, init_state, random_args,
+                   {"models": models, "policy_opt": policy_opt, "value_opt": value_opt,
+                    "policy_schedule": policy_schedule, "sampling": sampling,
+                    "prompt_len": prompt_len, "n_iterations": n_iterations,
+                    "n_minibatches": b // mb_size, "ptx_rows": ptx_rows})
+
+
+PTX_KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask")
+
+
+def _pad_id(config: Any, pad_token_id: int | None, eos_token_id: int | None) -> int:
+    """Pad id for sampled positions after EOS: the tokenizer's, else the model's, else EOS, else 0
+    (those positions carry mask 0, so the value only has to be a valid id)."""
+    for candidate in (pad_token_id, config.pad_token_id, eos_token_id, config.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _decode_body(policy: Transformer, p_sh: Any, params: Any, batch: int, slots: int,
+                 mesh: Mesh) -> Step:
+    cache_shape = (policy.config.n_layers, batch, slots, policy.config.kv_heads,
+                   policy.config.dims_per_head)
+    c_sh = cache_sharding(policy, mesh, cache_shape)
+    cache = {k: jax.ShapeDtypeStruct(cache_shape, policy.config.compute_dtype, sharding=c_sh)
+             for k in ("k", "v")}
+    shard = functools.partial(batch_sharding, mesh)
+    rep = replicated(mesh)
+    fn = jax.jit(functools.partial(decode_step, model=policy),
+                 in_shardings=(p_sh, shard(2), shard(2), {"k": c_sh, "v": c_sh}, rep),
+                 out_shardings=(shard(2), {"k": c_sh, "v": c_sh}), donate_argnums=3)
+    args = (params, jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=shard(2)),
+            jax.ShapeDtypeStruct((batch, slots), jnp.int32, sharding=shard(2)), cache,
+            jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
+    return Step("decode", fn, args, tokens=batch)
+
+
+def init_ppo_state(state: PPOState, policy_opt, value_opt, policy_params, value_params) -> PPOState:
+    """Fresh optimizer states (and EMA) around loaded or random weights, in ``state``'s shardings."""
+    ema = bool(jax.tree.leaves(state.ema_params))
+    return jax.jit(lambda pp, vp: PPOState(
+        TrainState(jnp.zeros((), jnp.int32), pp, policy_opt.init(pp)),
+        TrainState(jnp.zeros((), jnp.int32), vp, value_opt.init(vp)),
+        jax.tree.map(jnp.copy, pp) if ema else {}),
+        out_shardings=shardings_of(state))(policy_params, value_params)
+
+
+def make_frozen(frozen: Frozen, reference_params, reward_params, reward_norm: dict) -> Frozen:
+    """Copies of the reference and RM weights cast to the frozen dtype, in their shardings."""
+    sh = shardings_of(frozen)
+    cast = lambda tree, like: jax.tree.map(lambda x, a: x.astype(a.dtype), tree, like)
+    return jax.jit(lambda r, w, n: Frozen(cast(r, frozen.reference), cast(w, frozen.reward), n),
+                   out_shardings=sh)(reference_params, reward_params, scoring.norm_array(reward_norm))
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -227,73 +451,34 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
 
     # Networks: policy (trained) and its frozen reference share one definition.
     policy, policy_params, tokenizer, _ = common.load_model(cfg.policy_from, mesh, **overrides)
-    ref_params = jax.tree.map(jnp.copy, policy_params)
     reward, reward_params, _, reward_extra = common.load_model(cfg.reward_from, mesh, **overrides)
     value, value_params, _, _ = common.load_model(cfg.value_from or cfg.reward_from, mesh, **overrides)
     if reward.config.head != "scalar" or value.config.head != "scalar":
         raise ValueError(f"reward_from={cfg.reward_from!r} must be a reward model (scalar head)")
     if tokenizer is None:
         raise FileNotFoundError(f"policy_from={cfg.policy_from!r}: no tokenizer saved beside it")
-    models = Models(policy, value, reward, reward_extra.get("reward_norm") or {})
-    log.info("reward normalization: %s", models.reward_norm or "none")
+    reward_norm = reward_extra.get("reward_norm") or {}
+    log.info("reward normalization: %s", reward_norm or "none")
     common.log_params(policy_params)
 
+    # The compiled steps, then the state in their shardings.
+    program = build(cfg, mesh, models=Models(policy, value, reward),
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    info, steps = program.info, program.steps
+    rollout_fn, experience_fn, update_fn = (steps[k].fn for k in ("rollout", "experience", "update"))
+    frozen = make_frozen(program.frozen, policy_params, reward_params, reward_norm)
+    state = init_ppo_state(program.state, info["policy_opt"], info["value_opt"], policy_params,
+                           value_params)
+    del policy_params, value_params, reward_params
+
     prompts, ptx_arrays, prompt_rows = load_data(cfg, tokenizer)
-    prompt_len = prompts["input_ids"].shape[1]
-    if p.rollout_batch_size % p.minibatch_size:
-        raise ValueError(f"ppo.rollout_batch_size={p.rollout_batch_size} must be a multiple of "
-                         f"ppo.minibatch_size={p.minibatch_size}")
-    n_minibatches = p.rollout_batch_size // p.minibatch_size
-    check_batch_size("ppo.rollout_batch_size", p.rollout_batch_size, mesh)
-    if p.ptx_coef > 0:
-        check_batch_size("ppo.ptx_per_episode x ppo.minibatch_size",
-                         p.ptx_per_episode * p.minibatch_size, mesh)
+    if prompts["input_ids"].shape[1] != info["prompt_len"]:
+        raise ValueError(f"prompts tokenized to {prompts['input_ids'].shape[1]} tokens; expected "
+                         f"data.max_prompt_len={info['prompt_len']}")
     iterators = {"prompts": BatchIterator(prompts, p.rollout_batch_size, seed=cfg.seed)}
-    ptx_batch_size = p.ptx_per_episode * p.minibatch_size
     if ptx_arrays is not None:
-        iterators["ptx"] = BatchIterator(ptx_arrays, ptx_batch_size, seed=cfg.seed + 1)
-    n_iterations = p.iterations or math.ceil(p.total_episodes / p.rollout_batch_size)
-    updates_per_iteration = p.epochs * n_minibatches
-
-    # Optimizers: policy lr constant after warmup from 0.1x (paper); value lr fixed.
-    policy_schedule = make_lr_schedule(p.lr, n_iterations * updates_per_iteration,
-                                       warmup_steps=p.warmup_iterations * updates_per_iteration,
-                                       decay="constant", warmup_start_fraction=0.1)
-    policy_opt = make_optimizer(policy_schedule, b1=p.b1, b2=p.b2, grad_clip_norm=p.grad_clip_norm or None)
-    value_opt = make_optimizer(p.value_lr, b1=p.b1, b2=p.b2, grad_clip_norm=p.grad_clip_norm or None)
-
-    # State in its shardings: params, optimizer moments and EMA follow the rules table.
-    policy_sh = train_state_shardings(policy, policy_opt, mesh)
-    value_sh = train_state_shardings(value, value_opt, mesh)
-    state_sh = PPOState(policy_sh, value_sh, policy_sh.params if p.ema_decay > 0 else {})
-    state = jax.jit(lambda pp, vp: PPOState(
-        TrainState(jnp.zeros((), jnp.int32), pp, policy_opt.init(pp)),
-        TrainState(jnp.zeros((), jnp.int32), vp, value_opt.init(vp)),
-        jax.tree.map(jnp.copy, pp) if p.ema_decay > 0 else {}), out_shardings=state_sh)(
-            policy_params, value_params)
-    del policy_params, value_params
-
-    # Jitted steps, all with named shardings.
-    replicated = NamedSharding(mesh, PartitionSpec())
-    sampling = SamplingConfig(max_new_tokens=cfg.data.max_response_len, temperature=p.temperature,
-                              top_k=p.top_k, top_p=p.top_p, greedy=False,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    generate = make_generate_fn(policy, sampling, mesh)
-    exp_example = _experience_shapes(p.rollout_batch_size, prompt_len, cfg.data.max_response_len)
-    exp_sh = {k: batch_sharding(mesh, len(s)) for k, s in exp_example.items()}
-    p_sh, v_sh, r_sh = (param_shardings(m, mesh) for m in (policy, value, reward))
-    rollout_sh = {k: batch_sharding(mesh, n) for k, n in
-                  (("sequences", 2), ("attention_mask", 2), ("response_mask", 2), ("has_eos", 1))}
-    experience_fn = jax.jit(
-        functools.partial(make_experience, models, prompt_len=prompt_len, cfg=p),
-        in_shardings=(p_sh, p_sh, v_sh, r_sh, rollout_sh, replicated), out_shardings=exp_sh)
-    ptx_sh = ({k: batch_sharding(mesh, 2) for k in ("input_ids", "attention_mask", "position_ids",
-                                                    "loss_mask")} if ptx_arrays is not None else None)
-    update_fn = jax.jit(
-        functools.partial(update_step, models=models, policy_opt=policy_opt, value_opt=value_opt,
-                          prompt_len=prompt_len, cfg=p),
-        in_shardings=(state_sh, exp_sh, replicated, ptx_sh), out_shardings=(state_sh, replicated),
-        donate_argnums=0)
+        iterators["ptx"] = BatchIterator(ptx_arrays, info["ptx_rows"], seed=cfg.seed + 1)
+    n_iterations, n_minibatches = info["n_iterations"], info["n_minibatches"]
 
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
     state, start_iteration, meta = common.resume(checkpointer, state, iterators)
@@ -312,15 +497,14 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         prompt_batch = next(iterators["prompts"])
         with timer("rollout"):
             device_prompts = shard_batch({k: prompt_batch[k] for k in ("input_ids", "attention_mask")}, mesh)
-            rollout = generate(state.policy.params, device_prompts["input_ids"],
-                               device_prompts["attention_mask"], it_rng)
-            rollout = _rollout_for_experience(rollout, sampling.eos_token_id)
+            rollout = rollout_fn(state.policy.params, device_prompts["input_ids"],
+                                 device_prompts["attention_mask"], it_rng)
             jax.block_until_ready(rollout)
 
         # 2. Experience: log-probs, reference log-probs, values, scores, rewards, GAE, once.
         with timer("experience"):
-            experience = experience_fn(state.policy.params, ref_params, state.value.params,
-                                       reward_params, rollout, jnp.float32(kl_coef))
+            experience = experience_fn(state.policy.params, state.value.params, frozen, rollout,
+                                       jnp.float32(kl_coef))
             jax.block_until_ready(experience)
 
         # 3. Update: epochs x minibatches over the frozen experience; PPO + ptx in one gradient.
@@ -343,13 +527,13 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         times = timer.pop()
         metrics = summary | times | {
             "objective/kl_coef": kl_coef,
-            "policy/lr": float(current_lr(policy_schedule, int(state.policy.step))),
+            "policy/lr": float(current_lr(info["policy_schedule"], int(state.policy.step))),
             "tokens/s": n_tokens / max(sum(times.values()), 1e-9),
             "episodes": (it + 1) * p.rollout_batch_size}
         writer.write(it + 1, metrics)
         if p.sample_every and ((it + 1) % p.sample_every == 0 or it == start_iteration):
             writer.write_table(it + 1, "samples", sample_table(
-                tokenizer, experience, prompt_len, p.n_samples_logged))
+                tokenizer, experience, info["prompt_len"], p.n_samples_logged))
         kl_coef = next_kl_coef(kl_coef, summary["objective/kl"], p)
         bar.update(tokens=int(n_tokens), score=summary["objective/scores"], kl=summary["objective/kl"])
         if p.checkpoint_every and (it + 1) % p.checkpoint_every == 0 and it + 1 < n_iterations:
@@ -359,34 +543,15 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     checkpointer.wait()
     final_policy = policy.clone(config=policy.config.replace(dropout=0.0))
     save_our_checkpoint(os.path.join(workdir, "model"), final_policy, state.policy.params,
-                            tokenizer, extra={"stage": cfg.get("name", "ppo"), "ptx_coef": p.ptx_coef,
-                                              "iterations": n_iterations}, overwrite=True)
+                        tokenizer, extra={"stage": cfg.get("name", "ppo"), "ptx_coef": p.ptx_coef,
+                                          "iterations": n_iterations}, overwrite=True)
     if p.ema_decay > 0:
         save_our_checkpoint(os.path.join(workdir, "model_ema"), final_policy, state.ema_params,
-                                tokenizer, extra={"stage": cfg.get("name", "ppo"), "ema_decay": p.ema_decay}, overwrite=True)
+                            tokenizer, extra={"stage": cfg.get("name", "ppo"), "ema_decay": p.ema_decay},
+                            overwrite=True)
     writer.close()
     checkpointer.close()
     return metrics
-
-
-def _experience_shapes(batch: int, prompt_len: int, n: int) -> dict[str, tuple[int, ...]]:
-    t = prompt_len + n
-    shapes = {"sequences": (batch, t), "attention_mask": (batch, t), "scores": (batch,)}
-    for key in ("response_mask", "old_logprobs", "ref_logprobs", "old_values", "rewards", "kl",
-                "advantages", "returns"):
-        shapes[key] = (batch, n)
-    return shapes
-
-
-def _rollout_for_experience(rollout: dict, eos_token_id: int | None) -> dict:
-    """Keep what the experience pass needs; flag responses that ended with EOS."""
-    mask = rollout["response_mask"]
-    if eos_token_id is None:
-        has_eos = jnp.ones(mask.shape[:1], bool)
-    else:
-        has_eos = jnp.any((rollout["response_ids"] == eos_token_id) & (mask > 0), axis=-1)
-    return {"sequences": rollout["sequences"], "attention_mask": rollout["attention_mask"],
-            "response_mask": mask, "has_eos": has_eos}
 
 
 def next_kl_coef(kl_coef: float, kl: float, p: Any) -> float:
@@ -400,7 +565,7 @@ def next_kl_coef(kl_coef: float, kl: float, p: Any) -> float:
 
 def summarize(experience: Batch, update_stats: list[dict], kl_coef: float) -> dict[str, float]:
     """TRL-compatible metric names, from the experience and the minibatch statistics."""
-    exp = jax.device_get({k: experience[k] for k in ("kl", "scores", "response_mask", "rewards")})
+    exp = jax.device_get({k: getattr(experience, k) for k in ("kl", "scores", "response_mask")})
     kl_per_seq = exp["kl"].sum(-1)
     scores = exp["scores"]
     mean = lambda key: float(np.mean([float(s[key]) for s in update_stats]))
@@ -430,8 +595,8 @@ def summarize(experience: Batch, update_stats: list[dict], kl_coef: float) -> di
 
 def sample_table(tokenizer: Any, experience: Batch, prompt_len: int, n: int) -> list[dict]:
     """A few (prompt, response, score, KL) rows for the samples table."""
-    exp = jax.device_get({k: experience[k] for k in ("sequences", "attention_mask", "response_mask",
-                                                      "scores", "kl")})
+    exp = jax.device_get({k: getattr(experience, k) for k in ("sequences", "attention_mask",
+                                                               "response_mask", "scores", "kl")})
     rows = []
     for i in range(min(n, len(exp["scores"]))):
         prompt_ids = exp["sequences"][i, :prompt_len][exp["attention_mask"][i, :prompt_len] > 0]

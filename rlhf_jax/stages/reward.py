@@ -31,14 +31,17 @@ from rlhf_jax.data import (BatchIterator, comparisons_to_pairs, tokenize_compari
                            tokenize_demonstrations)
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.metrics import MetricsWriter, ProgressBar
-from rlhf_jax.models.params import param_shardings
+from rlhf_jax.models.params import init_params, param_shardings
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.objectives import kway_ranking_loss, value_at_last_token
+from rlhf_jax.objectives import kway_ranking_loss
 from rlhf_jax.optim import current_lr
-from rlhf_jax.sharding import check_batch_size, shard_batch
+from rlhf_jax.program import Program, Step, abstract_batch, abstract_key, random_batch
+from rlhf_jax.scoring import raw_rewards
+from rlhf_jax.sharding import (as_auto_mesh, batch_sharding, check_batch_size, replicated,
+                               shard_batch)
 from rlhf_jax.stages import common
-from rlhf_jax.train_state import (create_train_state, make_eval_step, make_train_step,
-                                  train_state_shardings)
+from rlhf_jax.train_state import (abstract_train_state, create_train_state, make_eval_step,
+                                  make_train_step, shardings_of)
 
 log = logging.getLogger(__name__)
 
@@ -47,35 +50,60 @@ BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "ranks", "valid")
 
 # --- the reward model as a function -----------------------------------------------------------
 
-def raw_rewards(params: Any, model: Transformer, input_ids: jax.Array, attention_mask: jax.Array,
-                position_ids: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
-    """[N, T] sequences -> [N] float32 rewards read at each sequence's last real token."""
-    values = model.apply({"params": params}, input_ids, attention_mask, position_ids,
-                         deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
-    return value_at_last_token(values, attention_mask)
-
-
-def normalize(raw: jax.Array, norm: dict[str, float] | None) -> jax.Array:
-    """Apply the stored demonstration normalization: ``(raw - mean) / std``."""
-    if not norm:
-        return raw
-    return (raw - norm["mean"]) / norm.get("std", 1.0)
-
-
-def score(params: Any, model: Transformer, norm: dict[str, float] | None, input_ids: jax.Array,
-          attention_mask: jax.Array, position_ids: jax.Array | None = None) -> jax.Array:
-    """Normalized RM score [N] (what PPO and evaluation use)."""
-    return normalize(raw_rewards(params, model, input_ids, attention_mask, position_ids), norm)
-
-
 def rm_loss(params: Any, batch: dict[str, jax.Array], rng: jax.Array | None,
             model: Transformer) -> tuple[jax.Array, dict]:
     """InstructGPT Eq. 1 over a batch of prompts, all B*K completions in one forward pass."""
     b, k, t = batch["input_ids"].shape
     flat = lambda x: x.reshape(b * k, t)
-    rewards = raw_rewards(params, model, flat(batch["input_ids"]), flat(batch["attention_mask"]),
+    rewards = raw_rewards(model, params, flat(batch["input_ids"]), flat(batch["attention_mask"]),
                           flat(batch["position_ids"]), rng).reshape(b, k)
     return kway_ranking_loss(rewards, batch["ranks"], batch["valid"])
+
+
+# --- the compiled steps, without weights or data ------------------------------------------------
+
+def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps: int | None = None,
+          model_overrides: dict | None = None, max_k: int | None = None) -> Program:
+    """The RM train and eval steps for ``cfg`` on ``mesh``, from shapes alone.
+
+    The architecture comes from ``model``, else ``cfg.model`` or ``cfg.init_from``'s stored config,
+    with a scalar head. A batch is ``train.batch_size`` prompts x ``max_k`` completions
+    (``data.max_k``; ``max_k=2`` for shuffled pairs).
+    """
+    mesh = as_auto_mesh(mesh)
+    overrides = {**common.runtime_overrides(cfg), "dropout": cfg.train.dropout, "head": "scalar",
+                 **(model_overrides or {})}
+    model = common.stage_model(model, cfg.get("model"), cfg.get("init_from", ""), mesh, overrides)
+    optimizer, schedule = common.optimizer_from(cfg.optim, total_steps or cfg.train.steps or 1000)
+    state = abstract_train_state(model, optimizer, mesh)
+    b, k = cfg.train.batch_size, max_k or (2 if cfg.mode == "shuffled_pairs" else cfg.data.max_k)
+    t = cfg.data.max_prompt_len + cfg.data.max_response_len
+    check_batch_size("train.batch_size", b, mesh)
+    shapes = {"input_ids": ((b, k, t), jnp.int32), "attention_mask": ((b, k, t), jnp.int32),
+              "position_ids": ((b, k, t), jnp.int32), "ranks": ((b, k), jnp.int32),
+              "valid": ((b, k), jnp.bool_)}
+    sharding = functools.partial(batch_sharding, mesh)
+    batch = abstract_batch(shapes, sharding)
+    eval_batch = abstract_batch(dict(shapes, **{
+        key: ((b, cfg.data.max_k, *shape[2:]), dtype) for key, (shape, dtype) in shapes.items()}),
+        sharding)
+    loss_fn = functools.partial(rm_loss, model=model)
+    train_step = make_train_step(loss_fn, optimizer, mesh, shardings_of(state), batch)
+    eval_step = make_eval_step(loss_fn, mesh, shardings_of(state.params), eval_batch)
+    steps = {"train": Step("train", train_step, (state, batch, abstract_key(replicated(mesh))), b * k * t),
+             "eval": Step("eval", eval_step, (state.params, eval_batch), b * cfg.data.max_k * t)}
+
+    def init_state(rng):
+        return create_train_state(init_params(model, rng, mesh), optimizer, shardings_of(state)), {}
+
+    def random_args(name, state_, frozen, rng):
+        seed = int(jax.random.randint(rng, (), 0, 2**30))
+        if name == "train":
+            return state_, random_batch(batch, model.config.vocab_size, seed), rng
+        return state_.params, random_batch(eval_batch, model.config.vocab_size, seed)
+
+    return Program("rm", mesh, {"reward": model}, state, {}, steps, init_state, random_args,
+                   {"optimizer": optimizer, "schedule": schedule})
 
 
 def reward_model_from_lm(model: Transformer, params: Any, rng: jax.Array,
@@ -137,7 +165,7 @@ def demonstration_norm(cfg: Any, tokenizer: Any, params: Any, model: Transformer
     padded["weight"] = (np.arange(n_padded) < n).astype(np.float32)
 
     def moments(p, b):
-        r = raw_rewards(p, model, b["input_ids"], b["attention_mask"], b["position_ids"])
+        r = raw_rewards(model, p, b["input_ids"], b["attention_mask"], b["position_ids"])
         return jnp.stack([jnp.sum(b["weight"] * r), jnp.sum(b["weight"] * r * r)])
 
     fn = jax.jit(moments)
@@ -173,16 +201,12 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     steps_per_epoch = max(1, iterators["train"].steps_per_epoch)
     total_steps = cfg.train.steps or int(math.ceil(cfg.train.epochs * steps_per_epoch))
 
-    optimizer, schedule = common.optimizer_from(cfg.optim, total_steps)
-    state_shardings = train_state_shardings(model, optimizer, mesh)
-    state = create_train_state(params, optimizer, state_shardings)
+    program = build(cfg, mesh, model=model, total_steps=total_steps,
+                    max_k=train_arrays["input_ids"].shape[1])
+    train_step, eval_step = program.steps["train"].fn, program.steps["eval"].fn
+    schedule = program.info["schedule"]
+    state = create_train_state(params, program.info["optimizer"], shardings_of(program.state))
     del params
-
-    loss_fn = functools.partial(rm_loss, model=model)
-    example = {k: v[: cfg.train.batch_size] for k, v in train_arrays.items()}
-    train_step = make_train_step(loss_fn, optimizer, mesh, state_shardings, example)
-    eval_example = {k: v[: cfg.train.batch_size] for k, v in (valid_arrays or train_arrays).items()}
-    eval_step = make_eval_step(loss_fn, mesh, param_shardings(model, mesh), eval_example)
 
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                          max_to_keep=cfg.train.get("keep_checkpoints", 2))

@@ -1,0 +1,734 @@
+"""``rlhf-jax compile``: will every step of a stage fit a TPU slice, and how fast could it run?
+
+Each stage's ``build(cfg, mesh)`` (``rlhf_jax.stages.{sft,reward,ppo}``) returns its jitted steps
+with abstract arguments (ShapeDtypeStructs carrying shardings) — no weights, no data. This module
+lowers and compiles every one of them for a TPU topology *on this CPU machine*
+(``jax.experimental.topologies``, the ``tpu`` extra: libtpu compiles for a chip it does not have),
+or for the local devices with ``--topology cpu`` (what CI can run)::
+
+    JAX_PLATFORMS=cpu rlhf-jax compile --config experiments/llama3_8b.py --topology v5p:4x4x4 \\
+        --stage all --out bench/compile_reports/llama3_8b_v5p-4x4x4.json
+
+Per step it reports:
+
+* **Memory** (per device, from ``Compiled.memory_analysis()``): arguments, outputs, the part of
+  the outputs aliased onto donated arguments (the train state is donated, so the new state reuses
+  the old one's buffers), temporaries and generated code. The peak is XLA's own
+  ``peak_memory_in_bytes`` from buffer assignment (arguments + live temporaries + outputs not
+  aliased to arguments) when jax exposes it, else ``arguments + outputs - aliased + temporaries``;
+  generated code is added to either. It is compared with the HBM the compiler says it can use
+  (probed once per topology: libtpu names its limit when a program is too big, e.g. 15.75 GiB of a
+  v5e's 16 GiB), the chip table below being the fallback. A step whose compile itself runs out of
+  HBM is reported as not fitting with the compiler's numbers.
+* **FLOPs per step**, with loop trip counts. XLA's cost analysis counts the body of a ``while``
+  loop once, and a step has up to three kinds of loop: the ``scan`` over layers
+  (``scan_layers``), the chunked LM head (``lax.map`` over ``logprob_chunk`` positions) and the
+  rollout's decode ``while_loop``. So FLOPs are not read from the step as compiled but from small
+  *variants* of the stage built with no layer loop and no chunk loop (``scan_layers=False``,
+  ``remat=False``, ``logprob_chunk=0``) and 1 or 2 layers, which are only lowered (traced), not
+  compiled:
+
+  - Networks are grouped by their config section's layer count (SFT/RM: ``model``; PPO:
+    ``policy_model`` — the policy and its frozen reference —, ``reward_model``, ``value_model``;
+    sections with equal ``n_layers`` form one group). ``F0`` is the step with every group at one
+    layer, ``F_g`` the same with group ``g`` at two layers. A step's FLOPs are affine in each
+    network's depth (identical layers, independent networks), so exactly
+    ``F(L) = F0 + sum_g (L_g - 1) * (F_g - F0)``.
+  - The rollout's variant still holds its decode loop, counted once; the loop body is its own step
+    (``Step.loop_body``, one decode token), so ``F(rollout) += (loop_trips - 1) * F(decode)``:
+    every response is taken to run to ``max_new_tokens`` (the worst case the buffers are sized for).
+  - Only negligible loops stay (GAE's reverse scan over time: elementwise).
+
+  The cost analysis is of the lowered, *unoptimized and unpartitioned* module: global FLOPs of
+  the step's math, exactly affine in depth. (After optimization it is not: XLA:CPU fusion
+  recomputes the gradient norm inside every parameter's update fusion, a term quadratic in
+  depth.) These are *model* FLOPs: rematerialization (``remat``, the chunked head's recompute in
+  the backward pass) is not counted, the usual definition for MFU. ``as_compiled_flops_per_device``
+  is XLA's per-device count of the real step, loop bodies once, for reference.
+  ``tests/test_compile.py`` checks the accounting against fully unrolled builds at full depth.
+* **Time**: ``compile_s`` of the real step; ``step_time_at_peak_s = flops / (devices * peak)``
+  (every FLOP at the chip's peak bf16 rate), and a roofline ``roofline_step_s = max(that,
+  min_hbm_traffic_per_device / HBM bandwidth)``, the traffic being each argument read once and
+  each output not aliased onto an argument written once (per loop trip for the rollout's decode
+  body: weights and KV cache every token). ``mfu = step_time_at_peak_s / roofline_step_s``: the
+  MFU the step could reach if only compute and minimal HBM traffic counted (no collectives, no
+  remat, perfect overlap), an upper bound. Decoding is memory-bound, so the rollout's is low.
+
+When a step does not fit, the command prints one line per such step to stderr (stage, step, bytes
+needed vs available, the largest buffers: arguments by name and the largest HLO values) and exits
+1, after writing the report. ``compile_report`` returns the report as a dict for other callers;
+``format_table`` renders it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from rlhf_jax.sharding import MESH_AXES, resolve_mesh_shape
+
+GiB = 1024 ** 3
+
+# Per chip, from Google Cloud's TPU pages (docs/reference/tpu_facts.md): peak dense bf16 FLOP/s,
+# HBM bytes, HBM bytes/s. A topology whose devices are TensorCores rather than chips (v4 lists
+# both cores of a chip) divides these by the devices per chip.
+CHIPS: dict[str, dict[str, float]] = {
+    "v5e": {"peak_flops": 197e12, "hbm_bytes": 16e9, "hbm_bw": 819e9},
+    "v5p": {"peak_flops": 459e12, "hbm_bytes": 95e9, "hbm_bw": 2765e9},
+    "v6e": {"peak_flops": 918e12, "hbm_bytes": 32e9, "hbm_bw": 1638e9},
+    "v4": {"peak_flops": 275e12, "hbm_bytes": 32e9, "hbm_bw": 1200e9},
+}
+
+BUILDERS = {"sft": "rlhf_jax.stages.sft:build", "rm": "rlhf_jax.stages.reward:build",
+            "ppo": "rlhf_jax.stages.ppo:build"}
+STAGE_ORDER = ("sft", "rm", "ppo")
+# Config sections holding a network architecture, per stage (others are found by shape: any
+# sub-section with n_layers and d_model).
+MODEL_SECTIONS = {"sft": ("model",), "rm": ("model",),
+                  "ppo": ("policy_model", "reward_model", "value_model")}
+# What the FLOP-counting variants change in every network.
+FLOP_VARIANT_OVERRIDES = {"scan_layers": False, "remat": False}
+
+
+class CompileError(Exception):
+    """Bad input to ``compile``: the CLI prints it as one ``error: ...`` line."""
+
+
+# --- the hardware -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Target:
+    """The devices to compile for and what one of them offers."""
+    name: str
+    platform: str
+    devices: list
+    device_kind: str
+    devices_per_chip: int = 1
+    hbm_bytes_per_device: int | None = None
+    hbm_source: str = ""
+    peak_flops_per_device: float | None = None
+    hbm_bw_per_device: float | None = None
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+
+_TARGETS: dict[str, Target] = {}
+
+
+def get_target(topology: str) -> Target:
+    """A ``Target`` for a TPU topology name (``v5e:2x2``, ``v5p:4x4x4`` ...) or ``cpu``."""
+    if topology in _TARGETS:
+        return _TARGETS[topology]
+    if topology.lower() in ("cpu", "local"):
+        devices = list(jax.devices())
+        total = _host_memory_bytes()
+        target = Target("cpu", devices[0].platform, devices, devices[0].device_kind,
+                        hbm_bytes_per_device=None if total is None else total // len(devices),
+                        hbm_source="host RAM / devices")
+        _TARGETS[topology] = target
+        return target
+    chip, _, dims = topology.partition(":")
+    if chip not in CHIPS or not re.fullmatch(r"\d+(x\d+)*", dims):
+        raise CompileError(f"unknown topology {topology!r}: expected CHIP:AxB[xC] with CHIP one of "
+                           f"{sorted(CHIPS)} (e.g. v5e:2x2, v5p:4x4x4), or 'cpu'")
+    try:
+        from jax.experimental import topologies
+        topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
+    except Exception as e:   # no libtpu, or a name libtpu rejects
+        hint = "" if _has_libtpu() else " (compiling for TPU needs libtpu: pip install -e \".[tpu]\")"
+        raise CompileError(f"topology {topology!r}: {_first_line(e)}{hint}") from None
+    devices = list(topo.devices)
+    n_chips = math.prod(int(d) for d in dims.split("x"))
+    per_chip = max(1, len(devices) // n_chips)
+    facts = CHIPS[chip]
+    target = Target(topology, "tpu", devices, devices[0].device_kind, per_chip,
+                    peak_flops_per_device=facts["peak_flops"] / per_chip,
+                    hbm_bw_per_device=facts["hbm_bw"] / per_chip)
+    probed = _probe_hbm(devices)
+    if probed:
+        target.hbm_bytes_per_device, target.hbm_source = probed, "compiler"
+    else:
+        target.hbm_bytes_per_device = int(facts["hbm_bytes"] / per_chip)
+        target.hbm_source = "chip table"
+    _TARGETS[topology] = target
+    return target
+
+
+def _has_libtpu() -> bool:
+    try:
+        import libtpu  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _host_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+_SIZE = r"([\d.]+)\s*([KMGTP]?)i?B?"
+
+
+def _parse_size(number: str, unit: str) -> int:
+    return int(float(number) * 1024 ** "_KMGTP".index(unit or "_"))
+
+
+def _probe_hbm(devices: list) -> int | None:
+    """The HBM bytes one device's programs may use, as the compiler states it when refusing a
+    program far too big for any chip (a one-device slice, so this costs well under a second)."""
+    mesh = Mesh(np.array(devices[:1]), ("x",))
+    huge = jax.ShapeDtypeStruct((2 ** 40,), jnp.int8, sharding=NamedSharding(mesh, PartitionSpec()))
+    try:
+        jax.jit(lambda y: y[:8]).lower(huge).compile()
+    except Exception as e:   # noqa: BLE001 - any message naming the limit will do
+        match = re.search(r"available HBM \(" + _SIZE + r"\)", str(e)) or re.search(
+            r"Used " + _SIZE + r" of " + _SIZE, str(e))
+        if match:
+            groups = match.groups()
+            return _parse_size(*groups[-2:])
+    return None
+
+
+# --- one step -----------------------------------------------------------------------------------
+
+def _arg_names(step) -> list[str]:
+    try:
+        params = list(inspect.signature(step.fn).parameters)
+    except (TypeError, ValueError):
+        params = []
+    return [params[i] if i < len(params) else f"arg{i}" for i in range(len(step.args))]
+
+
+def _shard_bytes(struct: Any) -> int | None:
+    try:
+        itemsize = jnp.dtype(struct.dtype).itemsize
+    except TypeError:            # PRNG key arrays
+        return None
+    sharding = getattr(struct, "sharding", None)
+    shape = sharding.shard_shape(struct.shape) if sharding is not None else struct.shape
+    return int(math.prod(shape)) * itemsize
+
+
+def largest_arguments(step, k: int = 3) -> list[dict[str, Any]]:
+    """The ``k`` largest argument shards of a step (bytes per device), by pytree path."""
+    out = []
+    for name, arg in zip(_arg_names(step), step.args):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(arg):
+            nbytes = _shard_bytes(leaf)
+            if nbytes:
+                sharding = getattr(leaf, "sharding", None)
+                shard = sharding.shard_shape(leaf.shape) if sharding is not None else leaf.shape
+                out.append({"name": name + jax.tree_util.keystr(path), "kind": "argument",
+                            "bytes": nbytes,
+                            "shape": f"{jnp.dtype(leaf.dtype).name}{list(shard)}"})
+    return sorted(out, key=lambda x: -x["bytes"])[:k]
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+                "c64": 8, "c128": 16}
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\][^ ]*\s+([\w\-]+)\(")
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_SKIP_OPS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all"}
+
+
+def largest_hlo_values(hlo_text: str, k: int = 3) -> list[dict[str, Any]]:
+    """The ``k`` largest values the compiled (per-device) program materializes, outside fusion
+    bodies, with the jax op that produced them. Not all are live at once: a pointer, not a sum."""
+    found: dict[tuple, dict] = {}
+    in_fusion = False
+    for line in hlo_text.splitlines():
+        comp = _COMP.match(line)
+        if comp and "=" not in line.split("{")[0]:
+            in_fusion = "fus" in comp.group(1)
+            continue
+        if in_fusion:
+            continue
+        m = _INSTR.match(line)
+        if not m or m.group(4) in _SKIP_OPS:
+            continue
+        dtype, dims = m.group(2), m.group(3)
+        if dtype not in _DTYPE_BYTES:
+            continue
+        shape = [int(d) for d in dims.split(",") if d]
+        nbytes = math.prod(shape) * _DTYPE_BYTES[dtype]
+        op_name = re.search(r'op_name="([^"]+)"', line)
+        source = op_name.group(1) if op_name else m.group(1)
+        key = (dtype, tuple(shape), source)
+        if key not in found:
+            found[key] = {"name": source[-120:], "kind": f"temporary ({m.group(4)})", "bytes": nbytes,
+                          "shape": f"{dtype}{shape}"}
+    return sorted(found.values(), key=lambda x: -x["bytes"])[:k]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:400] if text else type(e).__name__
+
+
+def _cost(compiled) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):    # older jax: one dict per computation
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    return {"flops": float(cost.get("flops", 0.0)),
+            "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+            "transcendentals": float(cost.get("transcendentals", 0.0))}
+
+
+def compile_step(step, target: Target, hbm_bytes: int | None = None) -> dict[str, Any]:
+    """Lower and compile one ``Step``: memory, per-device cost (loops counted once), seconds."""
+    hbm_bytes = target.hbm_bytes_per_device if hbm_bytes is None else hbm_bytes
+    row: dict[str, Any] = {"tokens": int(getattr(step, "tokens", 0) or 0),
+                           "loop_trips": int(getattr(step, "loop_trips", 1) or 1)}
+    t0 = time.perf_counter()
+    try:
+        compiled = step.lower().compile()
+    except Exception as e:  # noqa: BLE001 - OOM is a result; anything else is reported as one
+        row["compile_s"] = round(time.perf_counter() - t0, 2)
+        message = _first_line(e)
+        row.update(fits=False, error=message, largest_buffers=largest_arguments(step))
+        needed = re.search(r"\(" + _SIZE + r"\) exceeds", message) or re.search(
+            r"Used " + _SIZE + " of", message)
+        row["peak_bytes_per_device"] = _parse_size(*needed.groups()[:2]) if needed else None
+        if "RESOURCE_EXHAUSTED" not in message and "memory" not in message.lower():
+            row["compile_failed"] = True
+        return row
+    row["compile_s"] = round(time.perf_counter() - t0, 2)
+    mem = compiled.memory_analysis()
+    args_b = int(getattr(mem, "argument_size_in_bytes", 0))
+    out_b = int(getattr(mem, "output_size_in_bytes", 0))
+    alias_b = int(getattr(mem, "alias_size_in_bytes", 0))
+    temp_b = int(getattr(mem, "temp_size_in_bytes", 0))
+    code_b = int(getattr(mem, "generated_code_size_in_bytes", 0))
+    xla_peak = getattr(mem, "peak_memory_in_bytes", None)
+    # XLA:TPU's peak_memory_in_bytes is arguments + live temporaries + unaliased outputs; XLA:CPU
+    # reports less than its own arguments + temporaries, so take the larger of the two.
+    summed = args_b + out_b - alias_b + temp_b
+    peak = max(int(xla_peak or 0), summed) + code_b
+    row.update(argument_bytes=args_b, output_bytes=out_b, alias_bytes=alias_b, temp_bytes=temp_b,
+               code_bytes=code_b, peak_bytes_per_device=peak,
+               xla_peak_memory_in_bytes=None if xla_peak is None else int(xla_peak),
+               min_hbm_traffic_per_device=args_b + out_b - alias_b)
+    cost = _cost(compiled)
+    row["as_compiled_flops_per_device"] = cost["flops"]     # loop bodies counted once
+    row["fits"] = hbm_bytes is None or peak <= hbm_bytes
+    if not row["fits"]:
+        buffers = largest_arguments(step) + largest_hlo_values(compiled.as_text() or "")
+        row["largest_buffers"] = sorted(buffers, key=lambda x: -x["bytes"])[:4]
+    return row
+
+
+# --- FLOPs with loop trip counts ----------------------------------------------------------------
+
+def layer_sections(stage: str, stage_cfg: ml_collections.ConfigDict) -> dict[str, int]:
+    """``{config section: n_layers}`` of the networks a stage builds from config sections."""
+    names = list(MODEL_SECTIONS.get(stage, ()))
+    names += [k for k, v in stage_cfg.items() if k not in names and isinstance(v, ml_collections.ConfigDict)
+              and "n_layers" in v and "d_model" in v]
+    out = {}
+    for name in names:
+        section = stage_cfg.get(name)
+        if section is not None and "n_layers" in section:
+            out[name] = int(section.n_layers)
+    return out
+
+
+def _config_copy(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    try:
+        return copy.deepcopy(cfg)
+    except Exception:  # noqa: BLE001
+        return ml_collections.ConfigDict(cfg.to_dict())
+
+
+def _set_everywhere(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    for k, v in cfg.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            _set_everywhere(v, key, value)
+        elif k == key:
+            with cfg.unlocked():
+                cfg[k] = value
+
+
+def flop_variant_config(stage_cfg: ml_collections.ConfigDict,
+                        layers: dict[str, int]) -> ml_collections.ConfigDict:
+    """The stage config with the sections' ``n_layers`` set and no chunked head loop."""
+    cfg = _config_copy(stage_cfg)
+    for section, n in layers.items():
+        with cfg[section].unlocked():
+            cfg[section].n_layers = n
+    _set_everywhere(cfg, "logprob_chunk", 0)
+    return cfg
+
+
+def _steps_with_bodies(program) -> dict[str, Any]:
+    """The program's steps plus each loop body as its own entry (after its parent)."""
+    out: dict[str, Any] = {}
+    for name, step in program.steps.items():
+        out[name] = step
+        body = getattr(step, "loop_body", None)
+        if body is not None and body.name not in program.steps:
+            out[body.name] = body
+    return out
+
+
+def lowered_cost(lowered) -> tuple[dict[str, float], str]:
+    """Cost analysis of the *unpartitioned, unoptimized* program (global FLOPs), and its source.
+
+    ``Lowered.cost_analysis()`` gives it where the backend implements it (CPU, real TPUs); a
+    compile-only TPU client does not, so the same HLO module is analysed with the CPU client.
+    Before optimization, a step's FLOPs are exactly affine in each network's depth; after it,
+    fusion duplicates cheap producers into several consumers (XLA:CPU recomputes the gradient
+    norm inside every parameter's update), which is hardware work but not model FLOPs.
+    """
+    cost = None
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # noqa: BLE001
+        cost = None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    source = "Lowered.cost_analysis"
+    if not cost:
+        from jax._src.lib import xla_client
+        cpu = jax.local_devices(backend="cpu")[0].client
+        cost = xla_client._xla.hlo_module_cost_analysis(cpu, lowered.compiler_ir("hlo"))
+        source = "HLO cost analysis (CPU client) of the lowered module"
+    return {"flops": float(cost.get("flops", 0.0)),
+            "transcendentals": float(cost.get("transcendentals", 0.0))}, source
+
+
+def count_flops(stage: str, stage_cfg: ml_collections.ConfigDict, mesh: Mesh, build: Callable,
+                program, progress: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Model FLOPs per call of every step, loop trip counts included (see the module docstring):
+    ``{step: {"flops", "flops_method"}}``. Only lowers (traces) the variants: no compiles."""
+    sections = layer_sections(stage, stage_cfg)
+    if sections:
+        groups: dict[int, list[str]] = {}
+        for section, n in sections.items():
+            groups.setdefault(n, []).append(section)
+        base = {s: 1 for s in sections}
+        variants = {"base": (flop_variant_config(stage_cfg, base), FLOP_VARIANT_OVERRIDES)}
+        for n, members in groups.items():
+            if n > 1:
+                layers = dict(base, **{s: 2 for s in members})
+                variants[f"L{n}"] = (flop_variant_config(stage_cfg, layers), FLOP_VARIANT_OVERRIDES)
+        depth = {f"L{n}": n for n in groups}
+        method = "layer differencing over " + ", ".join(
+            f"{'+'.join(m)} ({n} layers)" for n, m in groups.items())
+    else:   # architectures from checkpoint directories: vary every network together
+        depths = {m.config.n_layers for m in program.models.values()}
+        cfg = flop_variant_config(stage_cfg, {})
+        variants = {"base": (cfg, dict(FLOP_VARIANT_OVERRIDES, n_layers=1))}
+        n = max(depths)
+        if n > 1:
+            variants[f"L{n}"] = (cfg, dict(FLOP_VARIANT_OVERRIDES, n_layers=2))
+        depth = {f"L{n}": n}
+        method = "layer differencing, all networks together" + (
+            "" if len(depths) == 1 else f" (INEXACT: networks have {sorted(depths)} layers)")
+
+    costs: dict[str, dict[str, dict[str, float]]] = {}
+    source = ""
+    for tag, (cfg, overrides) in variants.items():
+        if progress:
+            progress(f"  {stage}: FLOP variant {tag}")
+        variant = build(cfg, mesh, model_overrides=overrides)
+        for name, step in _steps_with_bodies(variant).items():
+            costs.setdefault(name, {})[tag], source = lowered_cost(step.lower())
+
+    def total(name: str, key: str) -> float:
+        per = costs[name]
+        value = per["base"][key]
+        for tag, n in depth.items():
+            if tag in per:
+                value += (n - 1) * (per[tag][key] - per["base"][key])
+        return value
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, step in _steps_with_bodies(program).items():
+        if name not in costs:
+            continue
+        flops = total(name, "flops")
+        body = getattr(step, "loop_body", None)
+        trips = int(getattr(step, "loop_trips", 1) or 1)
+        loop = ""
+        if body is not None and body.name in costs and trips > 1:
+            flops += (trips - 1) * total(body.name, "flops")
+            loop = f"; + ({trips} - 1) x {body.name}"
+        out[name] = {"flops": flops, "flops_method": f"{method}{loop}; {source}"}
+    return out
+
+
+# --- a stage, a report --------------------------------------------------------------------------
+
+def _builder(stage: str) -> Callable:
+    module_name, _, fn = BUILDERS[stage].partition(":")
+    module = __import__(module_name, fromlist=[fn])
+    if not hasattr(module, fn):
+        raise CompileError(f"{module_name} has no {fn}(): stage {stage!r} cannot be compiled yet")
+    return getattr(module, fn)
+
+
+def stage_mesh(stage: str, stage_cfg: ml_collections.ConfigDict, target: Target) -> Mesh:
+    """The stage's ``mesh.shape`` over the target's devices (topology-aware order on TPU)."""
+    shape = tuple(stage_cfg.get("mesh", {}).get("shape", (-1, 1, 1)))
+    try:
+        shape = resolve_mesh_shape(shape, target.num_devices)
+    except ValueError as e:
+        raise CompileError(f"{stage}: {e} on {target.name}") from None
+    if len(shape) != len(MESH_AXES):
+        raise CompileError(f"{stage}: mesh.shape {shape} needs {len(MESH_AXES)} axes {MESH_AXES}")
+    devices = None
+    if target.platform == "tpu":
+        from jax.experimental import mesh_utils
+        for split in (False, True):
+            try:
+                devices = mesh_utils.create_device_mesh(shape, devices=target.devices,
+                                                        allow_split_physical_axes=split)
+                break
+            except Exception:  # noqa: BLE001 - fall back to plain order
+                continue
+    if devices is None:
+        devices = np.array(target.devices).reshape(shape)
+    return Mesh(devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _analytic(row: dict[str, Any], target: Target, n_dev: int) -> None:
+    flops = row.get("flops")
+    peak = target.peak_flops_per_device
+    if flops is None or not peak:
+        return
+    compute = flops / (n_dev * peak)
+    row["step_time_at_peak_s"] = compute
+    memory = (row.get("min_hbm_traffic_per_device") or 0.0) / target.hbm_bw_per_device \
+        if target.hbm_bw_per_device else 0.0
+    roofline = max(compute, memory)
+    row["roofline_step_s"] = roofline
+    row["roofline_bound"] = "compute" if compute >= memory else "hbm"
+    row["mfu"] = compute / roofline if roofline > 0 else None
+    if row.get("tokens") and roofline > 0:
+        row["tokens_per_s_roofline"] = row["tokens"] / roofline
+
+
+def compile_stage(stage: str, stage_cfg: ml_collections.ConfigDict, target: Target, *,
+                  build: Callable | None = None, flops: bool = True,
+                  hbm_bytes: int | None = None,
+                  progress: Callable[[str], None] | None = None) -> tuple[dict, dict]:
+    """``({step: row}, stage info)`` for one stage on ``target``."""
+    build = build or _builder(stage)
+    mesh = stage_mesh(stage, stage_cfg, target)
+    try:
+        program = build(stage_cfg, mesh)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CompileError(f"{stage}: {_first_line(e)}") from None
+    models = {}
+    for name, model in program.models.items():
+        c = model.config
+        n_params = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(_abstract_params(model)))
+        models[name] = {"params": n_params, "n_layers": c.n_layers, "d_model": c.d_model,
+                        "vocab_size": c.vocab_size, "dtype": c.dtype, "param_dtype": c.param_dtype,
+                        "remat": c.remat, "scan_layers": c.scan_layers}
+    info = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "models": models}
+    rows: dict[str, dict] = {}
+    steps = _steps_with_bodies(program)
+    for name, step in steps.items():
+        if progress:
+            progress(f"  {stage}/{name}: compiling")
+        rows[name] = compile_step(step, target, hbm_bytes)
+        if name not in program.steps:
+            parent = next(n for n, s in program.steps.items()
+                          if getattr(s, "loop_body", None) is step)
+            rows[name]["loop_body_of"] = parent
+        if progress:
+            progress(f"  {stage}/{name}: {rows[name]['compile_s']:.1f} s, "
+                     f"{_gib(rows[name].get('peak_bytes_per_device'))} GiB/device")
+    if flops:
+        try:
+            counted = count_flops(stage, stage_cfg, mesh, build, program, progress)
+        except Exception as e:  # noqa: BLE001 - memory results stay useful without FLOPs
+            counted = {}
+            info["flops_error"] = _first_line(e)
+        for name, extra in counted.items():
+            rows[name].update(extra)
+    for name, step in program.steps.items():   # a loop body's traffic, once per trip
+        body = getattr(step, "loop_body", None)
+        trips = rows[name]["loop_trips"]
+        if body is not None and body.name in rows and trips > 1 and \
+                "min_hbm_traffic_per_device" in rows[name]:
+            rows[name]["min_hbm_traffic_per_device"] += (trips - 1) * rows[body.name].get(
+                "min_hbm_traffic_per_device", 0)
+    for row in rows.values():
+        row.setdefault("flops", None)
+        _analytic(row, target, mesh.size)
+    return rows, info
+
+
+def _abstract_params(model) -> Any:
+    from rlhf_jax.models.params import abstract_params
+    return abstract_params(model)
+
+
+def select_stages(cfg: ml_collections.ConfigDict, stage: str) -> dict[str, ml_collections.ConfigDict]:
+    """The stage configs to compile (``stage`` is sft, rm, ppo or all)."""
+    from rlhf_jax.config import stage_configs
+    try:
+        configs = stage_configs(cfg)
+    except (ValueError, KeyError, FileNotFoundError, AttributeError) as e:
+        raise CompileError(f"config: {_first_line(e)}") from None
+    if stage in (None, "", "all"):
+        return {s: configs[s] for s in STAGE_ORDER if s in configs}
+    if stage not in configs:
+        raise CompileError(f"stage {stage!r} is not in the config (it has: "
+                           f"{', '.join(configs) or 'none'})")
+    return {stage: configs[stage]}
+
+
+def compile_report(cfg: ml_collections.ConfigDict, topology: str, stage: str = "all", *,
+                   flops: bool = True, builders: dict[str, Callable] | None = None,
+                   hbm_bytes: int | None = None,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The report dict: every step of the chosen stage(s) compiled for ``topology``.
+
+    ``builders`` replaces a stage's ``build`` (tests); ``hbm_bytes`` replaces the per-device
+    capacity (tests of the does-not-fit path).
+    """
+    target = get_target(topology)
+    configs = select_stages(cfg, stage)
+    capacity = target.hbm_bytes_per_device if hbm_bytes is None else hbm_bytes
+    report: dict[str, Any] = {
+        "topology": target.name, "platform": target.platform, "device_kind": target.device_kind,
+        "num_devices": target.num_devices,
+        "num_chips": target.num_devices // target.devices_per_chip,
+        "hbm_bytes_per_device": capacity,
+        "hbm_source": "given" if hbm_bytes is not None else target.hbm_source,
+        "peak_flops_per_device": target.peak_flops_per_device,
+        "hbm_bandwidth_per_device": target.hbm_bw_per_device,
+        "jax_version": jax.__version__,
+        "stages": {}, "stage_info": {},
+    }
+    for name, stage_cfg in configs.items():
+        if progress:
+            progress(f"{name}: building for {target.name}")
+        build = (builders or {}).get(name)
+        rows, info = compile_stage(name, stage_cfg, target, build=build, flops=flops,
+                                   hbm_bytes=capacity, progress=progress)
+        report["stages"][name] = rows
+        report["stage_info"][name] = info
+    report["fits"] = all(r.get("fits") for rows in report["stages"].values() for r in rows.values())
+    return report
+
+
+# --- text ---------------------------------------------------------------------------------------
+
+def _gib(nbytes: float | None) -> str:
+    return "?" if nbytes is None else f"{nbytes / GiB:.2f}"
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A readable per-step table of a report."""
+    cap = report.get("hbm_bytes_per_device")
+    lines = [f"topology {report['topology']} ({report['num_devices']} devices, {report['device_kind']}); "
+             f"HBM {_gib(cap)} GiB/device ({report.get('hbm_source')})"
+             + (f", peak {report['peak_flops_per_device'] / 1e12:.0f} TFLOP/s/device"
+                if report.get("peak_flops_per_device") else "")]
+    header = (f"{'stage':<5} {'step':<11} {'fits':<4} {'peak GiB':>9} {'HBM%':>5} {'args':>7} "
+              f"{'temp':>7} {'TFLOP/step':>11} {'tokens':>8} {'t@peak':>10} {'roofline':>10} "
+              f"{'bound':>7} {'MFU':>5} {'compile':>8}")
+    lines += [header, "-" * len(header)]
+    for stage, rows in report["stages"].items():
+        mesh = report.get("stage_info", {}).get(stage, {}).get("mesh", {})
+        for name, r in rows.items():
+            peak = r.get("peak_bytes_per_device")
+            pct = f"{100 * peak / cap:.0f}" if peak and cap else "-"
+            flops = r.get("flops")
+            mfu = r.get("mfu")
+            label = name if "loop_body_of" not in r else f"{name}*"
+            lines.append(
+                f"{stage:<5} {label:<11} {'yes' if r.get('fits') else 'NO':<4} {_gib(peak):>9} "
+                f"{pct:>5} {_gib(r.get('argument_bytes')):>7} {_gib(r.get('temp_bytes')):>7} "
+                f"{'-' if flops is None else f'{flops / 1e12:.2f}':>11} {r.get('tokens', 0):>8} "
+                f"{_fmt_time(r.get('step_time_at_peak_s')):>10} "
+                f"{_fmt_time(r.get('roofline_step_s')):>10} {r.get('roofline_bound', '-'):>7} "
+                f"{'-' if mfu is None else f'{100 * mfu:.0f}%':>5} {r.get('compile_s', 0):>7.1f}s")
+        if mesh:
+            lines.append(f"{'':<5} mesh {mesh}")
+    if any("loop_body_of" in r for rows in report["stages"].values() for r in rows.values()):
+        lines.append("* a loop body (one decode token), compiled on its own; its FLOPs are "
+                     "included (x loop trips) in its parent step's")
+    lines.append("t@peak: FLOPs / (devices x peak); roofline: max(t@peak, HBM bytes / bandwidth); "
+                 "MFU = t@peak / roofline (model FLOPs, no remat, no communication)")
+    return "\n".join(lines)
+
+
+def not_fitting(report: dict[str, Any]) -> list[str]:
+    """One line per step that does not fit: stage, step, needed vs available, largest buffers."""
+    cap = report.get("hbm_bytes_per_device")
+    lines = []
+    for stage, rows in report["stages"].items():
+        for name, r in rows.items():
+            if r.get("fits"):
+                continue
+            need = r.get("peak_bytes_per_device")
+            buffers = ", ".join(f"{b['name']} {b['shape']} {_gib(b['bytes'])} GiB"
+                                for b in r.get("largest_buffers", [])[:3])
+            what = ("compile failed: " + r["error"]) if r.get("compile_failed") else (
+                f"needs {_gib(need)} GiB per device, {_gib(cap)} GiB available")
+            lines.append(f"error: {stage}/{name} does not fit on {report['topology']}: {what}"
+                         + (f"; largest buffers: {buffers}" if buffers else ""))
+    return lines
+
+
+def run(args: Any, overrides: list[str]) -> int:
+    """``rlhf-jax compile``: the table on stdout, the JSON report to ``--out``; exit 1 when a step
+    does not fit (one line per step on stderr)."""
+    from rlhf_jax.config import apply_overrides, load_config
+    try:
+        cfg = apply_overrides(load_config(args.config), overrides)
+    except (FileNotFoundError, AttributeError, KeyError, ValueError, SyntaxError) as e:
+        raise SystemExit(f"error: {_first_line(e)}") from None
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        report = compile_report(cfg, args.topology, getattr(args, "stage", "all") or "all",
+                                progress=progress)
+    except CompileError as e:
+        raise SystemExit(f"error: {e}") from None
+    report["config"] = args.config
+    report["overrides"] = list(overrides)
+    print(format_table(report))
+    if getattr(args, "out", None):
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, sort_keys=False, default=str)
+        print(f"report written to {args.out}")
+    problems = not_fitting(report)
+    for line in problems:
+        print(line, file=sys.stderr)
+    return 1 if problems else 0
