@@ -1,0 +1,295 @@
+"""``rlhf-jax compile``: AOT reports for every stage, FLOP accounting with loop trips, errors.
+
+Runs on the 8 simulated CPU devices (``--topology cpu``); the TPU test needs libtpu (the ``tpu``
+extra) and is skipped without it.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from rlhf_jax import compile as aot
+from rlhf_jax.config import load_config, ppo_config, rm_config, sft_config, stage_configs
+from rlhf_jax.models.params import abstract_params, cache_sharding
+from rlhf_jax.models.transformer import Transformer, init_cache
+from rlhf_jax.program import Program, Step, abstract_batch, abstract_key
+from rlhf_jax.sharding import batch_sharding, replicated
+from rlhf_jax.stages.common import optimizer_from
+from rlhf_jax.train_state import abstract_train_state, make_train_step, shardings_of
+
+MODEL = dict(arch="gpt2", d_model=32, n_layers=3, n_heads=4, d_ff=64, max_position=32)
+RUNTIME = dict(dtype="float32", remat=True, scan_layers=True)
+
+
+def tiny_pipeline(vocab: int = 96) -> ml_collections.ConfigDict:
+    """SFT / RM / PPO-ptx, every loop switched on: scanned layers, remat, chunked LM head, and
+    networks of different depths (policy 3 layers, RM and value 2)."""
+    c = ml_collections.ConfigDict()
+    c.vocab_size = vocab
+    c.sft = sft_config()
+    c.sft.model = ml_collections.ConfigDict(MODEL)
+    c.sft.model_runtime = ml_collections.ConfigDict(RUNTIME)
+    c.sft.mesh.shape = (2, 4, 1)
+    c.sft.data.max_prompt_len, c.sft.data.max_response_len = 6, 6
+    c.sft.train.batch_size = 8
+    c.sft.train.logprob_chunk = 4
+    c.rm = rm_config()
+    c.rm.model_runtime = ml_collections.ConfigDict(RUNTIME)
+    c.rm.mesh.shape = (-1, 1, 1)
+    c.rm.data.max_k = 3
+    c.rm.data.max_prompt_len, c.rm.data.max_response_len = 6, 6
+    c.rm.train.batch_size = 8
+    c.rm_model = ml_collections.ConfigDict(dict(MODEL, n_layers=2, d_model=16, n_heads=2))
+    c.ppo = ppo_config()
+    c.ppo.model_runtime = ml_collections.ConfigDict(RUNTIME)
+    c.ppo.mesh.shape = (4, 1, 2)
+    c.ppo.data.max_prompt_len, c.ppo.data.max_response_len = 6, 5
+    c.ppo.data.ptx_seq_len = 8
+    c.ppo.ppo.rollout_batch_size = 8
+    c.ppo.ppo.minibatch_size = 4
+    c.ppo.ppo.ptx_coef = 1.0
+    c.ppo.ppo.ptx_per_episode = 2
+    c.ppo.ppo.logprob_chunk = 2
+    c.ppo.ppo.frozen_dtype = "bfloat16"
+    return c
+
+
+@pytest.fixture(scope="module")
+def cpu_report():
+    return aot.compile_report(tiny_pipeline(), "cpu", "all")
+
+
+def test_report_has_every_step_of_every_stage(cpu_report):
+    r = cpu_report
+    assert r["topology"] == "cpu" and r["num_devices"] == 8 and r["hbm_bytes_per_device"] > 0
+    assert set(r["stages"]) == {"sft", "rm", "ppo"}
+    assert set(r["stages"]["sft"]) == {"train", "eval"}
+    assert set(r["stages"]["rm"]) == {"train", "eval"}
+    assert {"rollout", "decode", "experience", "update", "ptx"} <= set(r["stages"]["ppo"])
+    assert r["stages"]["ppo"]["decode"]["loop_body_of"] == "rollout"
+    assert r["stage_info"]["ppo"]["mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
+    for stage, rows in r["stages"].items():
+        for name, row in rows.items():
+            assert row["fits"] is True, (stage, name, row)
+            assert row["peak_bytes_per_device"] >= row["argument_bytes"] > 0
+            assert row["flops"] > 0 and row["compile_s"] >= 0, (stage, name, row)
+    json.dumps(r)                                      # the report is plain JSON
+    table = aot.format_table(r)
+    assert "rollout" in table and "experience" in table and "mesh" in table
+
+
+def _unrolled_flops(stage: str, stage_cfg, n_devices_mesh) -> dict[str, float]:
+    """Reference: the stage at full depth with every layer and head loop unrolled."""
+    cfg = aot.flop_variant_config(stage_cfg, {})
+    program = aot._builder(stage)(cfg, n_devices_mesh, model_overrides=aot.FLOP_VARIANT_OVERRIDES)
+    return {name: aot.lowered_cost(step.lower())[0]["flops"]
+            for name, step in aot._steps_with_bodies(program).items()}
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "ppo"])
+def test_layer_differencing_matches_the_unrolled_step(cpu_report, stage):
+    """F0 + sum_g (L_g - 1)(F_g - F0) equals the FLOPs of the stage built at full depth with no
+    layer scan and no chunk loop (PPO: policy 3 layers, RM/value 2, so two groups)."""
+    stage_cfg = stage_configs(tiny_pipeline())[stage]
+    mesh = aot.stage_mesh(stage, stage_cfg, aot.get_target("cpu"))
+    reference = _unrolled_flops(stage, stage_cfg, mesh)
+    rows = cpu_report["stages"][stage]
+    for name, flops in reference.items():
+        expected = flops
+        if name == "rollout":   # the reference still loops over decode tokens: add the trips
+            expected += (rows[name]["loop_trips"] - 1) * reference["decode"]
+        assert rows[name]["flops"] == pytest.approx(expected, rel=1e-9), (stage, name)
+    # the scanned / chunked step as compiled counts its loop bodies once: fewer FLOPs
+    assert rows["train" if stage != "ppo" else "update"]["as_compiled_flops_per_device"] * 8 < \
+        rows["train" if stage != "ppo" else "update"]["flops"]
+
+
+# --- a toy stage whose decode loop can also be unrolled by hand ---------------------------------
+
+def toy_build(cfg, mesh, *, model_overrides=None) -> Program:
+    """A stage with a train step and a greedy KV-cache rollout (``lax.while_loop`` over
+    ``toy.new_tokens`` tokens, or a Python loop when ``toy.unroll``), its body a Step."""
+    from rlhf_jax.config import model_config_from
+    overrides = {**dict(cfg.model_runtime), **(model_overrides or {})}
+    model = Transformer(model_config_from(cfg.model, None, **overrides), mesh=mesh)
+    optimizer, _ = optimizer_from(cfg.optim, 10)
+    state = abstract_train_state(model, optimizer, mesh)
+    b, p, n = cfg.toy.batch, cfg.toy.prompt_len, cfg.toy.new_tokens
+    shard = functools.partial(batch_sharding, mesh)
+    batch = abstract_batch({"input_ids": ((b, p + n), jnp.int32)}, shard)
+
+    def loss_fn(params, data, rng):
+        logits = model.apply({"params": params}, data["input_ids"])
+        return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), -1)), {}
+
+    train = make_train_step(loss_fn, optimizer, mesh, shardings_of(state), batch)
+    cache_shape = (model.config.n_layers, b, p + n, model.config.kv_heads, model.config.dims_per_head)
+    c_sh = cache_sharding(model, mesh, cache_shape)
+
+    def decode(params, token, cache, index):
+        mask = jnp.ones((b, p + n), jnp.int32)
+        logits, cache = model.apply({"params": params}, token, attention_mask=mask, cache=cache,
+                                    cache_index=index)
+        return jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache
+
+    def rollout(params, prompt):
+        cache = init_cache(model.config, b, p + n)
+        mask = jnp.ones((b, p + n), jnp.int32)
+        _, cache = model.apply({"params": params}, prompt[:, :-1], attention_mask=mask, cache=cache,
+                               cache_index=0)
+        token = prompt[:, -1:]
+        if cfg.toy.unroll:
+            for i in range(n):
+                token, cache = decode(params, token, cache, p - 1 + i)
+            return token
+        body = lambda i, c: decode(params, c[0], c[1], p - 1 + i)
+        return jax.lax.fori_loop(0, n, body, (token, cache))[0]
+
+    params_abs = abstract_params(model, mesh)
+    p_sh = shardings_of(params_abs)
+    rollout_fn = jax.jit(rollout, in_shardings=(p_sh, shard(2)), out_shardings=shard(2))
+    decode_fn = jax.jit(decode, in_shardings=(p_sh, shard(2), {"k": c_sh, "v": c_sh}, replicated(mesh)))
+    cache_abs = {k: jax.ShapeDtypeStruct(cache_shape, model.config.compute_dtype, sharding=c_sh)
+                 for k in ("k", "v")}
+    decode_step = Step("decode", decode_fn, (params_abs, jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=shard(2)),
+                                             cache_abs, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))),
+                       tokens=b)
+    steps = {"train": Step("train", train, (state, batch, abstract_key(replicated(mesh))), b * (p + n)),
+             "rollout": Step("rollout", rollout_fn,
+                             (params_abs, jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=shard(2))),
+                             tokens=b * n, loop_trips=1 if cfg.toy.unroll else n,
+                             loop_body=None if cfg.toy.unroll else decode_step)}
+    return Program("toy", mesh, {"policy": model}, state, {}, steps, None, None)
+
+
+def toy_config(unroll=False):
+    c = sft_config()
+    c.vocab_size = 64
+    c.model = ml_collections.ConfigDict(dict(MODEL, vocab_size=64, n_layers=4))
+    c.model_runtime = ml_collections.ConfigDict(RUNTIME)
+    c.mesh.shape = (-1, 1, 1)
+    c.toy = ml_collections.ConfigDict(dict(batch=8, prompt_len=5, new_tokens=7, unroll=unroll))
+    return c
+
+
+def test_decode_loop_trips_match_a_hand_unrolled_rollout():
+    """rollout (while loop, body counted once) + (trips - 1) x decode == the rollout written as a
+    Python loop over every token, at full depth without a layer scan."""
+    target = aot.get_target("cpu")
+    cfg = toy_config()
+    mesh = aot.stage_mesh("toy", cfg, target)
+    rows, _ = aot.compile_stage("toy", cfg, target, build=toy_build)
+    assert rows["rollout"]["loop_trips"] == 7 and rows["decode"]["loop_body_of"] == "rollout"
+    unrolled = toy_build(toy_config(unroll=True), mesh, model_overrides=aot.FLOP_VARIANT_OVERRIDES)
+    reference = aot.lowered_cost(unrolled.steps["rollout"].lower())[0]["flops"]
+    # the fori_loop's counter adds a couple of integer ops; nothing else differs
+    assert rows["rollout"]["flops"] == pytest.approx(reference, rel=1e-6)
+    assert rows["rollout"]["flops"] > 6 * rows["decode"]["flops"]
+    train_ref = aot.lowered_cost(unrolled.steps["train"].lower())[0]["flops"]
+    assert rows["train"]["flops"] == pytest.approx(train_ref, rel=1e-9)
+
+
+def test_sft_flops_are_close_to_6_n_tokens():
+    """The counted FLOPs of an SFT step are 6 x parameters x tokens plus attention (sanity check
+    of the unit: global FLOPs, not per device)."""
+    c = tiny_pipeline(vocab=512)
+    c.sft.model = ml_collections.ConfigDict(dict(MODEL, d_model=64, d_ff=256, n_layers=2))
+    cfg = stage_configs(c)["sft"]
+    rows, info = aot.compile_stage("sft", cfg, aot.get_target("cpu"))
+    n_params = info["models"]["policy"]["params"]
+    tokens = rows["train"]["tokens"]
+    ratio = rows["train"]["flops"] / (6 * n_params * tokens)
+    assert 0.9 < ratio < 1.6, ratio
+
+
+# --- errors and the CLI ------------------------------------------------------------------------
+
+def _args(config, topology="cpu", stage="all", out=None):
+    return argparse.Namespace(config=config, topology=topology, stage=stage, out=out)
+
+
+@pytest.fixture()
+def tiny_config_file(tmp_path):
+    path = tmp_path / "tiny_compile.py"
+    path.write_text(f"""
+import ml_collections
+from rlhf_jax.config import sft_config
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.vocab_size = 96
+    c.sft = sft_config()
+    c.sft.model = ml_collections.ConfigDict({MODEL!r})
+    c.sft.model_runtime = ml_collections.ConfigDict({RUNTIME!r})
+    c.sft.mesh.shape = (2, 4, 1)
+    c.sft.data.max_prompt_len, c.sft.data.max_response_len = 6, 6
+    c.sft.train.batch_size = 8
+    return c
+""")
+    return str(path)
+
+
+@pytest.mark.parametrize("topology,stage,overrides,message", [
+    ("v9z:2x2", "sft", [], "unknown topology"),
+    ("cpu", "ppo", [], "stage 'ppo' is not in the config"),
+    ("cpu", "sft", ["sft.mesh.shape=(3,1,1)"], "mesh shape"),
+    ("cpu", "sft", ["sft.train.batch_size=4"], "must be a multiple"),
+    ("cpu", "sft", ["sft.no_such=1"], "no field"),
+])
+def test_bad_input_is_one_error_line(tiny_config_file, topology, stage, overrides, message):
+    with pytest.raises(SystemExit) as e:
+        aot.run(_args(tiny_config_file, topology, stage), overrides)
+    text = str(e.value)
+    assert text.startswith("error: ") and message in text and "\n" not in text, text
+
+
+def test_cli_writes_report_and_fails_when_a_step_does_not_fit(tiny_config_file, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert aot.run(_args(tiny_config_file, out=str(out)), []) == 0
+    report = json.loads(out.read_text())
+    assert report["fits"] and set(report["stages"]) == {"sft"}
+    assert "sft" in capsys.readouterr().out
+    # the same report against a 100 kB device: every step fails, one line each, naming buffers
+    small = aot.compile_report(load_config(tiny_config_file), "cpu", "sft", flops=False,
+                               hbm_bytes=100_000)
+    assert not small["fits"]
+    lines = aot.not_fitting(small)
+    assert len(lines) == 2 and all("\n" not in line for line in lines)
+    assert lines[0].startswith("error: sft/train does not fit on cpu: needs ")
+    assert "GiB available" in lines[0] and "largest buffers: " in lines[0]
+    assert "params" in lines[0] or "opt_state" in lines[0]
+
+
+# --- a real TPU topology (libtpu compiles for it on this CPU machine) --------------------------
+
+def _tpu_target():
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        pytest.skip("libtpu is not installed (pip install -e '.[tpu]')")
+    try:
+        return aot.get_target("v5e:2x2")
+    except aot.CompileError as e:
+        pytest.skip(f"no TPU topology here: {e}")
+
+
+def test_tiny_pipeline_on_v5e_2x2():
+    target = _tpu_target()
+    assert target.num_devices == 4 and target.platform == "tpu"
+    assert 15 * 2**30 < target.hbm_bytes_per_device <= 16 * 2**30      # the compiler's own limit
+    c = tiny_pipeline()
+    c.sft.mesh.shape, c.rm.mesh.shape, c.ppo.mesh.shape = (1, 4, 1), (4, 1, 1), (2, 1, 2)
+    c.sft.model_runtime.dtype = c.rm.model_runtime.dtype = c.ppo.model_runtime.dtype = "bfloat16"
+    report = aot.compile_report(c, "v5e:2x2", "all")
+    assert report["fits"] and report["num_devices"] == 4
+    assert report["peak_flops_per_device"] == 197e12
+    for rows in report["stages"].values():
+        for row in rows.values():
+            assert row["fits"] and row["flops"] > 0
+            assert 0 < row["mfu"] <= 1 and row["roofline_step_s"] >= row["step_time_at_peak_s"]
