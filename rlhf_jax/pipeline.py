@@ -161,8 +161,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     comparisons = files.get("comparisons") or os.path.join(workdir, "comparisons", "train.jsonl")
     if not files.get("comparisons"):
         run_stage(workdir, "comparisons", lambda: make_comparisons_stage(cfg, workdir, files), timings)
+    # The RM starts from SFT, or from its own base when it is a different network (rm_model).
+    rm_base = cfg.get("rm_base_model") or model_dir("sft")
+    if cfg.get("rm_model") and not cfg.get("rm_base_model"):
+        raise ValueError("config: rm_model is set (an RM architecture unlike the policy's) but "
+                         "rm_base_model is empty; set rm_base_model to that checkpoint's directory")
     run_stage(workdir, "rm", lambda: reward.train(_with(
-        cfg.rm, init_from=model_dir("sft"), data__train=comparisons,
+        cfg.rm, init_from=rm_base, data__train=comparisons,
         normalize__demonstrations=files["sft"]), stage_dir("rm")), timings)
     for name, ptx_coef in (("ppo", 0.0), ("ppo_ptx", cfg.ppo_ptx_coef)):
         run_stage(workdir, name, lambda ptx_coef=ptx_coef, name=name: ppo.train(_with(
