@@ -14,6 +14,12 @@ One iteration, as the loop below reads:
                  optimizer update of the policy, and takes a value-loss step
   4. log / KL controller / checkpoint
 
+``build(cfg, mesh)`` makes those jitted steps (and the abstract state they take) from shapes
+alone, so ``rlhf-jax compile`` and ``rlhf-jax profile`` use exactly what ``train`` runs. Memory
+plan for pod-size models: the reference and RM can be held in bfloat16 (``ppo.frozen_dtype``), the
+LM head only runs over response positions and, with ``ppo.logprob_chunk``, a block of positions at
+a time (``scoring.py``), and ``model_runtime.remat`` recomputes each layer in the backward pass.
+
     rlhf-jax ppo --config experiments/tiny_ppo.py --workdir runs/ppo
 """
 from __future__ import annotations
