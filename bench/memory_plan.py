@@ -3,7 +3,8 @@
     JAX_PLATFORMS=cpu python bench/memory_plan.py [--out bench/results/memory_plan_gpt2_124m.json]
 
 Builds the PPO program for GPT-2 124M shapes (vocab 50257, d 768, 12 layers) twice, from shapes
-alone: "before" = reference and RM in float32, log-probs over the full [B, N, V] logits, no remat;
+alone, at the paper's minibatch geometry (64 episodes, 8 pretraining sequences each: compiled
+only) and at a small one (run): "before" = reference and RM in float32, log-probs over the full [B, N, V] logits, no remat;
 "after" = the memory plan (reference and RM in bfloat16, log-probs and entropy in chunks of 32
 response positions, per-layer remat). The LM head runs only on response positions in both (that
 part is structural). For each: XLA's memory_analysis() of the compiled update and experience
@@ -29,14 +30,19 @@ GPT2_124M = dict(arch="gpt2", vocab_size=50257, d_model=768, n_layers=12, n_head
                  max_position=1024)
 
 
-def config(plan: bool) -> ml_collections.ConfigDict:
+def config(plan: bool, paper_geometry: bool) -> ml_collections.ConfigDict:
+    """``paper_geometry``: the paper's minibatch of 64 episodes with 8 pretraining sequences each
+    (compiled only: memory); otherwise 8 episodes x 1 (small enough to run the update here)."""
     c = ppo_config()
     c.policy_model = ml_collections.ConfigDict(GPT2_124M)
     c.reward_model = ml_collections.ConfigDict(GPT2_124M)
     c.mesh.shape = (1, 1, 1)
     c.data.max_prompt_len, c.data.max_response_len, c.data.ptx_seq_len = 128, 128, 256
-    c.ppo.rollout_batch_size, c.ppo.minibatch_size = 16, 8
-    c.ppo.ptx_coef, c.ppo.ptx_per_episode = 1.0, 1
+    if paper_geometry:
+        c.ppo.rollout_batch_size, c.ppo.minibatch_size, c.ppo.ptx_per_episode = 64, 64, 8
+    else:
+        c.ppo.rollout_batch_size, c.ppo.minibatch_size, c.ppo.ptx_per_episode = 16, 8, 1
+    c.ppo.ptx_coef = 1.0
     c.ppo.frozen_dtype = "bfloat16" if plan else "float32"
     c.ppo.logprob_chunk = 32 if plan else 0
     c.model_runtime.remat = plan
@@ -50,8 +56,8 @@ def memory(compiled) -> dict[str, int]:
     return out
 
 
-def measure(plan: bool) -> dict:
-    program = ppo.build(config(plan), make_mesh((1, 1, 1)))
+def measure(plan: bool, paper_geometry: bool) -> dict:
+    program = ppo.build(config(plan, paper_geometry), make_mesh((1, 1, 1)))
     out: dict = {"plan": plan}
     compiled = {}
     for name in ("update", "experience"):
@@ -59,6 +65,8 @@ def measure(plan: bool) -> dict:
         compiled[name] = program.steps[name].lower().compile()
         out[f"{name}_compile_s"] = time.perf_counter() - t0
         out[f"{name}_bytes"] = memory(compiled[name])
+    if paper_geometry:
+        return out
     state, frozen = program.init_state(jax.random.key(0))
     out["frozen_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves((frozen.reference, frozen.reward))))
     args = program.random_args("update", state, frozen, jax.random.key(1))
@@ -75,21 +83,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/memory_plan_gpt2_124m.json")
     args = parser.parse_args()
-    before, after = measure(False), measure(True)
+    paper = {"before": measure(False, True), "after": measure(True, True)}
+    before, after = measure(False, False), measure(True, False)
     max_param_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(before.pop("_params"),
                                                                          after.pop("_params")))
     stat_diff = {k: abs(before["stats"][k] - after["stats"][k]) for k in before["stats"]}
     report = {"model": "gpt2-124m", "device": str(jax.devices()[0].device_kind),
-              "geometry": "minibatch 8 x (128 prompt + 128 response), ptx 8 x 256, rollout 16",
+              "paper_geometry": "minibatch 64 x (128 prompt + 128 response), ptx 512 x 256, "
+                                "rollout 64 (compiled only)",
+              "paper": paper,
+              "small_geometry": "minibatch 8 x (128 + 128), ptx 8 x 256, rollout 16 (run)",
               "before": before, "after": after, "max_param_diff": max_param_diff,
               "stat_abs_diff": stat_diff}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     gb = lambda n: f"{n / 2**30:.2f} GiB"
-    for step in ("update", "experience"):
-        b, a = before[f"{step}_bytes"], after[f"{step}_bytes"]
-        print(f"{step:10s} peak {gb(b['peak'])} -> {gb(a['peak'])}   temp {gb(b['temp'])} -> {gb(a['temp'])}")
+    for label, (b_, a_) in (("paper geometry", (paper["before"], paper["after"])),
+                            ("small geometry", (before, after))):
+        for step in ("update", "experience"):
+            b, a = b_[f"{step}_bytes"], a_[f"{step}_bytes"]
+            print(f"{label} {step:10s} peak {gb(b['peak'])} -> {gb(a['peak'])}   "
+                  f"temp {gb(b['temp'])} -> {gb(a['temp'])}")
     print(f"frozen reference + RM {gb(before['frozen_bytes'])} -> {gb(after['frozen_bytes'])}")
     print(f"same update: max |param diff| {max_param_diff:.2e}, stats diff "
           f"{max(stat_diff.values()):.2e}; report in {args.out}")

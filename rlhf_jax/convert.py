@@ -27,7 +27,7 @@ from rlhf_jax.models.hf import from_pretrained, load_tokenizer, save_pretrained
 from rlhf_jax.models.params import (abstract_params, cast_floating, place_params, stack_layers,
                                     unstack_layers)
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.sharding import DEFAULT_RULES, LogicalRules
+from rlhf_jax.sharding import DEFAULT_RULES, LogicalRules, as_auto_mesh
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ def read_model_config(our_dir: str) -> TransformerConfig:
 
 def _restore_target(model: Transformer, mesh: Mesh | None) -> Any:
     """ShapeDtypeStructs with shardings: the mesh's, or all on the first local device."""
+    mesh = as_auto_mesh(mesh)
     if mesh is not None:
         return abstract_params(model, mesh)
     single = SingleDeviceSharding(jax.local_devices()[0])
@@ -131,8 +132,10 @@ def load_our_checkpoint(our_dir: str, mesh: Mesh | None = None, *,
     Params are restored straight into their shardings on ``mesh`` (no full host copy).
     ``config_overrides`` change the returned model's config, e.g. ``remat=True``, ``dropout=0.1``,
     ``scan_layers=True`` (params are restacked) or ``param_dtype="bfloat16"`` (params are cast).
-    The parameter tree itself (``head``, sizes) cannot change here.
+    The parameter tree itself (``head``, sizes) cannot change here. ``mesh`` may have Explicit
+    axes (``jax.make_mesh``'s default); it is used as its Auto twin.
     """
+    mesh = as_auto_mesh(mesh)
     our_dir = _local_dir(our_dir)
     saved_cfg = read_model_config(our_dir)
     cfg = saved_cfg.replace(**config_overrides)
@@ -168,6 +171,7 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", mesh: Mesh
     ``dtype`` ("float32" or "bfloat16") is the stored parameter dtype and the compute dtype
     recorded in ``model_config.json``. Returns the absolute ``out_dir``.
     """
+    mesh = as_auto_mesh(mesh)
     model, params, _ = from_pretrained(hf_dir, mesh=mesh, dtype=jnp.dtype(dtype),
                                        with_tokenizer=False)
     tokenizer = load_tokenizer(_local_dir(hf_dir))

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax.models.params import cache_sharding, param_shardings
 from rlhf_jax.models.transformer import Cache, Transformer, init_cache
-from rlhf_jax.sharding import batch_sharding, replicated
+from rlhf_jax.sharding import as_auto_mesh, batch_sharding, replicated
 
 Array = jax.Array
 PyTree = Any
@@ -193,6 +193,7 @@ def generate(model: Transformer, params: PyTree, prompt_ids: Array, prompt_mask:
       n_steps [] int32: decode steps run (= response positions sampled), < N when every
       sequence stopped early.
     """
+    mesh = as_auto_mesh(mesh)
     batch, prompt_len = prompt_ids.shape
     n_new = cfg.max_new_tokens
     prompt_ids = prompt_ids.astype(jnp.int32)
@@ -263,8 +264,10 @@ def make_generate_fn(model: Transformer, cfg: SamplingConfig,
 
     With a mesh, params are expected in ``param_shardings(model, mesh)``, batch arrays are split
     over ('data', 'fsdp') (B must divide by data * fsdp) and the rng is replicated; outputs come
-    back batch-sharded (``n_steps`` replicated). One compile per prompt shape.
+    back batch-sharded (``n_steps`` replicated). One compile per prompt shape. A mesh with
+    Explicit axes (``jax.make_mesh``'s default) is used as its Auto twin.
     """
+    mesh = as_auto_mesh(mesh)
     fn = functools.partial(_generate_positional, model, cfg, mesh)
     if mesh is None:
         return jax.jit(fn)

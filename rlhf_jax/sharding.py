@@ -154,6 +154,7 @@ def shardings_from_boxed(boxed_tree: Any, mesh: Mesh, rules: LogicalRules = DEFA
     Leaves without logical names are replicated. The result has the structure of the *unboxed*
     tree, so it can be used directly as ``out_shardings`` of a jitted init or a train step.
     """
+    mesh = as_auto_mesh(mesh)
     def leaf_sharding(leaf: Any) -> NamedSharding:
         if _is_partitioned(leaf):
             value = leaf.value
@@ -201,7 +202,7 @@ def batch_spec(ndim: int) -> PartitionSpec:
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, batch_spec(ndim))
+    return NamedSharding(as_auto_mesh(mesh), batch_spec(ndim))
 
 
 def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -218,7 +219,7 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(as_auto_mesh(mesh), PartitionSpec())
 
 
 def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None], mesh: Mesh | None,
@@ -226,6 +227,7 @@ def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None], me
     """``with_sharding_constraint`` by logical names; a no-op without a mesh (single device)."""
     if mesh is None:
         return x
+    mesh = as_auto_mesh(mesh)
     spec = logical_to_spec(logical_axes, mesh, rules, shape=x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 

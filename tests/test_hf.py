@@ -403,3 +403,150 @@ def test_convert_cli_both_directions(tmp_path, capsys):
         cli.main(["convert", "--help"])
     assert exit_info.value.code == 0
     assert "safetensors" in capsys.readouterr().out
+
+
+# --- meshes as users make them ---------------------------------------------------------------
+
+def test_from_pretrained_accepts_a_jax_make_mesh_mesh(checkpoints):
+    # jax.make_mesh gives Explicit axes by default; from_pretrained uses the Auto twin.
+    path, _, reference = checkpoints["llama"]
+    ids, mask = left_padded_batch()
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    assert all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    model, params, _ = from_pretrained(path, mesh=mesh)
+    assert all(t == jax.sharding.AxisType.Auto for t in model.mesh.axis_types)
+    assert model.mesh.devices.tolist() == mesh.devices.tolist()
+    q_kernel = params["layer_0"]["attn"]["q"]["kernel"]
+    assert q_kernel.sharding.mesh == model.mesh
+    assert tuple(q_kernel.sharding.spec)[:2] == ("fsdp", "tensor")
+    diff = max_diff_at_real_positions(our_logits(model, params, ids, mask), reference, mask)
+    print(f"\n[parity on jax.make_mesh (2,2,2)] llama: max |logit diff| = {diff:.3e}")
+    assert diff <= PARITY_ATOL
+
+
+# --- Llama-3 RoPE scaling ----------------------------------------------------------------------
+# head_dim 16 with original_max_position_embeddings 32 puts the RoPE wavelengths in all three
+# llama3 bands (kept, interpolated, stretched by `factor`); sequences are longer than 32.
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+
+
+def llama3_hf_model() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        rope_parameters=dict(LLAMA3_ROPE), pad_token_id=PAD_ID, bos_token_id=EOS_ID,
+        eos_token_id=EOS_ID, initializer_range=0.2)   # logits of a few units, sharp attention
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def long_left_padded_batch() -> tuple[np.ndarray, np.ndarray]:
+    """4 rows of length 48 (positions up to 47 > 32) with 0, 5, 13 and 2 left-padding tokens."""
+    ids = np.random.RandomState(1).randint(3, VOCAB, (4, 48)).astype(np.int32)
+    mask = np.ones_like(ids)
+    for row, pads in enumerate((0, 5, 13, 2)):
+        mask[row, :pads] = 0
+        ids[row, :pads] = PAD_ID
+    return ids, mask
+
+
+def legacy_rope_config(path: str) -> None:
+    """Rewrite config.json the way Llama-3.1 checkpoints ship it: top-level rope_theta and
+    ``rope_scaling`` (transformers 4.x), instead of transformers 5's ``rope_parameters``."""
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+
+
+@pytest.fixture(scope="module")
+def llama3_checkpoint(tmp_path_factory):
+    """(checkpoint dir, torch model, reference logits on the long batch)."""
+    model = llama3_hf_model()
+    inv_freq = model.model.rotary_emb.inv_freq.numpy()
+    default_inv_freq = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
+    assert np.sum(~np.isclose(inv_freq, default_inv_freq)) >= 6     # the scaling really bites
+    path = tmp_path_factory.mktemp("hf_llama3")
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return str(path), model, torch_logits(model, *long_left_padded_batch())
+
+
+@pytest.mark.parametrize("config_format", ["rope_parameters", "rope_scaling"])
+def test_llama3_rope_scaling_matches_transformers(llama3_checkpoint, config_format, tmp_path):
+    path, torch_model, reference = llama3_checkpoint
+    if config_format == "rope_scaling":
+        path = copy_checkpoint(path, tmp_path / "legacy")
+        legacy_rope_config(path)
+    ids, mask = long_left_padded_batch()
+    model, params, _ = from_pretrained(path)
+    cfg = model.config
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+            cfg.rope_original_max_position, cfg.rope_theta) == ("llama3", 4.0, 1.0, 4.0, 32, 1e4)
+    from rlhf_jax.models.transformer import rope_inv_freq
+    np.testing.assert_allclose(
+        np.asarray(rope_inv_freq(cfg.dims_per_head, cfg.rope_theta, **cfg.rope_scaling_params)),
+        torch_model.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+    diff = max_diff_at_real_positions(our_logits(model, params, ids, mask), reference, mask)
+    print(f"\n[parity] llama3 rope ({config_format}): max |logit diff| = {diff:.3e}")
+    assert diff <= PARITY_ATOL
+    # Without the scaling the logits are far off (about 4.8): the test exercises it.
+    plain, plain_params, _ = from_pretrained(path, rope_scaling="default", with_tokenizer=False)
+    assert max_diff_at_real_positions(our_logits(plain, plain_params, ids, mask),
+                                      reference, mask) > 1.0
+
+
+def test_llama3_rope_scaling_export_reloads_in_transformers(llama3_checkpoint, tmp_path):
+    path, _, reference = llama3_checkpoint
+    ids, mask = long_left_padded_batch()
+    model, params, tokenizer = from_pretrained(path, scan_layers=True)
+    ours = our_logits(model, params, ids, mask)
+
+    export = save_pretrained(str(tmp_path / "export"), model, params, tokenizer)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    assert reloaded.config.rope_parameters == LLAMA3_ROPE
+    exported = torch_logits(reloaded, ids, mask)
+    diff = max_diff_at_real_positions(exported, reference, mask)
+    print(f"\n[export] llama3 rope reloaded by transformers: max |logit diff| = {diff:.3e}")
+    assert diff <= 1e-6
+    assert max_diff_at_real_positions(exported, ours, mask) <= PARITY_ATOL
+
+    # Through our own checkpoint format (model_config.json keeps the scaling) and back.
+    ours_dir = hf_to_orbax(export, str(tmp_path / "ours"))
+    model2, params2, _ = load_our_checkpoint(ours_dir, with_tokenizer=False)
+    assert model2.config.rope_scaling_params == model.config.rope_scaling_params
+    assert max_diff_at_real_positions(our_logits(model2, params2, ids, mask), ours, mask) <= 1e-6
+    back = transformers.AutoModelForCausalLM.from_pretrained(
+        orbax_to_hf(ours_dir, str(tmp_path / "back"))).eval()
+    np.testing.assert_array_equal(torch_logits(back, ids, mask), exported)
+
+
+@pytest.mark.parametrize("key, rope, message", [
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                         "original_max_position_embeddings": 32},
+     r"config\.json: rope_type 'yarn' is not supported \(supported: 'default', 'llama3'\)"),
+    ("rope_scaling", {"type": "linear", "factor": 2.0},
+     r"config\.json: rope_type 'linear' is not supported"),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0},
+     r"config\.json: rope_type 'llama3' needs high_freq_factor, original_max_position_embeddings"),
+], ids=["yarn", "legacy-linear", "llama3-incomplete"])
+def test_unsupported_rope_scaling_is_a_clear_error(checkpoints, tmp_path, key, rope, message):
+    path = copy_checkpoint(checkpoints["llama"][0], tmp_path / "ckpt")
+    config_path = os.path.join(path, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config.pop("rope_parameters", None)
+    config[key] = rope
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(CheckpointFormatError, match=message) as error:
+        from_pretrained(path)
+    assert "\n" not in str(error.value) and path in str(error.value)

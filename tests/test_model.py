@@ -269,3 +269,44 @@ def test_remat_gives_the_same_loss_gradient():
         assert jax.tree.structure(case_grads) == jax.tree.structure(expected_grads), name
         for got, want in zip(jax.tree.leaves(case_grads), jax.tree.leaves(expected_grads)):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, err_msg=name)
+
+
+# --- RoPE scaling config -----------------------------------------------------------------------
+
+LLAMA3 = dict(rope_scaling="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+              rope_high_freq_factor=4.0, rope_original_max_position=8192)
+
+
+def test_llama3_rope_config_round_trips_and_scales_only_long_wavelengths():
+    from rlhf_jax.models import TransformerConfig
+    from rlhf_jax.models.transformer import rope_inv_freq
+    config = tiny_config("llama", head_dim=128, rope_theta=500000.0, **LLAMA3)
+    assert TransformerConfig.from_dict(config.to_dict()) == config
+    assert hash(config) == hash(config.replace())
+    plain = np.asarray(rope_inv_freq(128, 500000.0))
+    scaled = np.asarray(rope_inv_freq(128, 500000.0, **config.rope_scaling_params))
+    wavelength = 2 * np.pi / plain
+    short, long = wavelength < 8192 / 4, wavelength > 8192 / 1
+    np.testing.assert_array_equal(scaled[short], plain[short])          # high frequencies kept
+    np.testing.assert_allclose(scaled[long], plain[long] / 8.0, rtol=1e-6)   # stretched 8x
+    between = ~short & ~long
+    assert between.any()
+    assert np.all((scaled[between] < plain[between]) & (scaled[between] > plain[between] / 8.0))
+    assert tiny_config("llama").rope_scaling_params == {}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(rope_scaling="yarn"), r"rope_scaling='yarn'; expected 'default' or 'llama3'"),
+    (dict(LLAMA3, rope_original_max_position=None), r"needs rope_original_max_position"),
+    (dict(LLAMA3, rope_factor=0.5), r"rope_factor=0\.5 must be >= 1"),
+    (dict(LLAMA3, rope_high_freq_factor=1.0), r"0 < rope_low_freq_factor < rope_high_freq_factor"),
+])
+def test_invalid_rope_scaling_config(overrides, message):
+    with pytest.raises(ValueError, match=message) as error:
+        tiny_config("llama", **overrides)
+    assert "\n" not in str(error.value)
+
+
+def test_llama3_rope_needs_rope_positions():
+    with pytest.raises(ValueError, match=r"needs position='rope', got 'learned'"):
+        tiny_config("gpt2", **LLAMA3)

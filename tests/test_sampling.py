@@ -229,13 +229,17 @@ def test_temperature_sampling_is_deterministic_per_rng_and_scores_raw_logits(gpt
 
 # --- sharding and compilation ---------------------------------------------------------------
 
-@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (8, 1, 1)])
-def test_sharded_generation_equals_unsharded(mesh_shape):
+@pytest.mark.parametrize("mesh_shape, jax_make_mesh", [((2, 2, 2), False), ((8, 1, 1), False),
+                                                       ((2, 2, 2), True)],
+                         ids=["2x2x2", "8x1x1", "2x2x2-jax.make_mesh"])
+def test_sharded_generation_equals_unsharded(mesh_shape, jax_make_mesh):
     plain_model, plain_params, plain_generate = model_params_and_greedy_fn("llama")
     ids, mask = left_padded_prompts()
     expected = jax.device_get(plain_generate(plain_params, ids, mask, jax.random.key(0)))
 
-    mesh = make_mesh(mesh_shape)
+    # jax.make_mesh gives Explicit axes by default; every entry point accepts such a mesh.
+    mesh = (jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor")) if jax_make_mesh
+            else make_mesh(mesh_shape))
     model = Transformer(plain_model.config, mesh=mesh)   # activation sharding constraints on
     params = place_params(plain_params, model, mesh)
     out = make_generate_fn(model, GREEDY, mesh)(params, ids, mask, jax.random.key(0))

@@ -30,6 +30,14 @@ class TransformerConfig:
     mlp: Literal["gelu", "swiglu"] = "gelu"
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # RoPE frequency scaling: "default" (none) or "llama3" (Llama 3.1 / 3.2: wavelengths longer
+    # than rope_original_max_position / rope_low_freq_factor are stretched by rope_factor, those
+    # shorter than .. / rope_high_freq_factor are kept, and the band between is interpolated).
+    rope_scaling: Literal["default", "llama3"] = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int | None = None
     tie_embeddings: bool = True
     qkv_bias: bool = True
     out_bias: bool = True                # bias on attention output and MLP projections
@@ -51,11 +59,42 @@ class TransformerConfig:
             problems.append(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
         if self.position == "rope" and self.dims_per_head % 2:
             problems.append(f"RoPE needs an even head_dim, got {self.dims_per_head}")
+        problems.extend(self._rope_scaling_problems())
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 problems.append(f"{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
         if problems:
             raise ValueError("invalid TransformerConfig: " + "; ".join(problems))
+
+    def _rope_scaling_problems(self) -> list[str]:
+        if self.rope_scaling == "default":
+            return []
+        if self.rope_scaling != "llama3":
+            return [f"rope_scaling={self.rope_scaling!r}; expected 'default' or 'llama3'"]
+        problems = []
+        if self.position != "rope":
+            problems.append(f"rope_scaling='llama3' needs position='rope', got {self.position!r}")
+        if not self.rope_factor >= 1.0:
+            problems.append(f"rope_factor={self.rope_factor} must be >= 1 for rope_scaling='llama3'")
+        if not 0.0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            problems.append(f"rope_scaling='llama3' needs 0 < rope_low_freq_factor < "
+                            f"rope_high_freq_factor, got {self.rope_low_freq_factor} and "
+                            f"{self.rope_high_freq_factor}")
+        original = self.rope_original_max_position
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            problems.append(f"rope_scaling='llama3' needs rope_original_max_position, a positive "
+                            f"int, got {original!r}")
+        return problems
+
+    @property
+    def rope_scaling_params(self) -> dict[str, Any]:
+        """Keyword arguments of ``rope_inv_freq`` / ``rope_tables`` for this config's scaling."""
+        if self.rope_scaling == "default":
+            return {}
+        return dict(scaling=self.rope_scaling, factor=self.rope_factor,
+                    low_freq_factor=self.rope_low_freq_factor,
+                    high_freq_factor=self.rope_high_freq_factor,
+                    original_max_position=self.rope_original_max_position)
 
     @property
     def kv_heads(self) -> int:

@@ -2,8 +2,10 @@
 
 Local files only: nothing is downloaded, and nothing is unpickled (no ``torch.load``). Supported
 architectures: GPT-2 (``GPT2LMHeadModel``), Llama (``LlamaForCausalLM``), Qwen2
-(``Qwen2ForCausalLM``). Every tensor is checked against the shape ``config.json`` implies, and a
-mismatch names the file, the tensor, the shape found and the shape expected.
+(``Qwen2ForCausalLM``), with plain RoPE or Llama 3.1 / 3.2's ``"llama3"`` RoPE scaling (read
+from ``rope_parameters`` or the older ``rope_scaling``, written back as ``rope_parameters``).
+Every tensor is checked against the shape ``config.json`` implies, and a mismatch names the file,
+the tensor, the shape found and the shape expected.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from jax.sharding import Mesh
 from rlhf_jax.models.config import TransformerConfig, gpt2_config, llama_config, qwen2_config
 from rlhf_jax.models.params import (param_shardings, stack_layers, unstack_layers)
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.sharding import DEFAULT_RULES, LogicalRules
+from rlhf_jax.sharding import DEFAULT_RULES, LogicalRules, as_auto_mesh
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +50,46 @@ def _architecture(hf: dict[str, Any], path: str) -> str:
         f"{path}: unsupported architecture {names or model_type!r}; supported: {sorted(SUPPORTED)}")
 
 
-def _rope_theta(hf: dict[str, Any], path: str) -> float:
+_LLAMA3_ROPE_KEYS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+                     "high_freq_factor": "rope_high_freq_factor",
+                     "original_max_position_embeddings": "rope_original_max_position"}
+
+
+def _rope_fields(hf: dict[str, Any], path: str) -> dict[str, Any]:
+    """rope_theta and the RoPE scaling fields of TransformerConfig from a transformers config.
+
+    Reads transformers 5's ``rope_parameters`` (theta inside) and the older ``rope_scaling``
+    (+ top-level ``rope_theta``). Supported rope types: 'default' and 'llama3' (Llama 3.1 / 3.2).
+    """
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
+    if rope_type not in ("default", "llama3", None):
         raise CheckpointFormatError(
-            f"{path}: rope_type {rope_type!r} is not supported (only plain RoPE, 'default')")
-    return float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+            f"{path}: rope_type {rope_type!r} is not supported (supported: 'default', 'llama3')")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise CheckpointFormatError(
+            f"{path}: partial_rotary_factor={partial!r} is not supported (RoPE on the full head only)")
+    fields: dict[str, Any] = {
+        "rope_theta": float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0)}
+    if rope_type == "llama3":
+        missing = [key for key in _LLAMA3_ROPE_KEYS if rope.get(key) is None]
+        if missing:
+            raise CheckpointFormatError(
+                f"{path}: rope_type 'llama3' needs {', '.join(missing)} in rope_parameters")
+        fields["rope_scaling"] = "llama3"
+        for theirs, ours in _LLAMA3_ROPE_KEYS.items():
+            value = rope[theirs]
+            fields[ours] = int(value) if ours == "rope_original_max_position" else float(value)
+    return fields
+
+
+def _rope_parameters(cfg: TransformerConfig) -> dict[str, Any]:
+    """transformers' ``rope_parameters`` for our config (inverse of ``_rope_fields``)."""
+    params: dict[str, Any] = {"rope_type": cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "llama3":
+        params.update({theirs: getattr(cfg, ours) for theirs, ours in _LLAMA3_ROPE_KEYS.items()})
+    return params
 
 
 def config_from_hf(hf: dict[str, Any], path: str = "config.json", **overrides: Any) -> TransformerConfig:
@@ -86,8 +121,8 @@ def config_from_hf(hf: dict[str, Any], path: str = "config.json", **overrides: A
                n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
                n_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
                d_ff=hf["intermediate_size"], max_position=hf.get("max_position_embeddings", 2048),
-               norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(hf, path),
-               tie_embeddings=hf.get("tie_word_embeddings", False), **ids)
+               norm_eps=hf.get("rms_norm_eps", 1e-6),
+               tie_embeddings=hf.get("tie_word_embeddings", False), **_rope_fields(hf, path), **ids)
     if arch == "llama":
         attn_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
         if attn_bias != mlp_bias:
@@ -123,7 +158,7 @@ def config_to_hf(cfg: TransformerConfig):
                   num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                   num_key_value_heads=cfg.kv_heads, head_dim=cfg.dims_per_head,
                   max_position_embeddings=cfg.max_position, rms_norm_eps=cfg.norm_eps,
-                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                  rope_parameters=_rope_parameters(cfg),
                   tie_word_embeddings=cfg.tie_embeddings, **ids)
     if cfg.arch == "qwen2":
         return transformers.Qwen2Config(architectures=["Qwen2ForCausalLM"], **common)
@@ -291,7 +326,7 @@ def load_params(path: str, cfg: TransformerConfig, shardings: Any = None,
     return params
 
 
-def _read_hf_config(path: str) -> dict[str, Any]:
+def read_hf_config(path: str) -> dict[str, Any]:
     config_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory (expected a checkpoint directory "
@@ -339,9 +374,11 @@ def from_pretrained(path: str, mesh: Mesh | None = None, dtype: Any = jnp.float3
 
     ``dtype`` is the parameter and compute dtype (override ``dtype=``/``param_dtype=`` names
     through ``config_overrides``, e.g. ``scan_layers=True, remat=True, dropout=0.1``).
+    ``mesh`` may have Explicit axes (``jax.make_mesh``'s default); it is used as its Auto twin.
     """
+    mesh = as_auto_mesh(mesh)
     path = os.path.abspath(os.path.expanduser(path))
-    hf = _read_hf_config(path)
+    hf = read_hf_config(path)
     dtype_name = jnp.dtype(dtype).name
     overrides = dict(dtype=dtype_name, param_dtype=dtype_name)
     overrides.update(config_overrides)

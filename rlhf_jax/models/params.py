@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from rlhf_jax.models.transformer import CACHE_AXES, Transformer
-from rlhf_jax.sharding import logical_to_spec, shardings_from_boxed
+from rlhf_jax.sharding import as_auto_mesh, logical_to_spec, shardings_from_boxed
 
 PyTree = Any
 
@@ -30,6 +30,7 @@ def abstract_boxed_params(model: Transformer) -> PyTree:
 
 def abstract_params(model: Transformer, mesh: Mesh | None = None) -> PyTree:
     """ShapeDtypeStructs (with shardings when a mesh is given) of the unboxed parameter tree."""
+    mesh = as_auto_mesh(mesh)
     boxed = abstract_boxed_params(model)
     unboxed = nn.meta.unbox(boxed)
     if mesh is None:
@@ -40,12 +41,18 @@ def abstract_params(model: Transformer, mesh: Mesh | None = None) -> PyTree:
 
 
 def param_shardings(model: Transformer, mesh: Mesh) -> PyTree:
-    """NamedSharding per parameter, from the model's logical axes and its rules table."""
-    return shardings_from_boxed(abstract_boxed_params(model), mesh, model.rules)
+    """NamedSharding per parameter, from the model's logical axes and its rules table.
+
+    Any mesh works here and in the other helpers taking one: an Explicit-axes mesh
+    (``jax.make_mesh``'s default) is used as its Auto twin (``rlhf_jax.sharding.as_auto_mesh``).
+    """
+    return shardings_from_boxed(abstract_boxed_params(model), as_auto_mesh(mesh), model.rules)
 
 
 def init_params(model: Transformer, rng: jax.Array, mesh: Mesh | None = None) -> PyTree:
     """Random parameters, created directly in their shardings when a mesh is given."""
+    mesh = as_auto_mesh(mesh)
+
     def init(key):
         return nn.meta.unbox(model.init(key, _dummy_inputs(model))["params"])
     if mesh is None:
@@ -55,12 +62,14 @@ def init_params(model: Transformer, rng: jax.Array, mesh: Mesh | None = None) ->
 
 def place_params(params: PyTree, model: Transformer, mesh: Mesh | None) -> PyTree:
     """Move an existing (host or device) parameter tree onto the model's shardings."""
+    mesh = as_auto_mesh(mesh)
     if mesh is None:
         return jax.tree.map(jnp.asarray, params)
     return jax.device_put(params, param_shardings(model, mesh))
 
 
 def cache_sharding(model: Transformer, mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    mesh = as_auto_mesh(mesh)
     return NamedSharding(mesh, logical_to_spec(CACHE_AXES, mesh, model.rules, shape=shape))
 
 

@@ -21,6 +21,7 @@ per-sequence position ids, so prefill + one-token steps give the full forward's 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from rlhf_jax.models.config import TransformerConfig
-from rlhf_jax.sharding import DEFAULT_RULES, LogicalRules, with_logical_constraint
+from rlhf_jax.sharding import DEFAULT_RULES, LogicalRules, as_auto_mesh, with_logical_constraint
 
 Array = jax.Array
 Cache = dict[str, Array]
@@ -49,11 +50,26 @@ def _ones(axes: tuple[str, ...]) -> Callable:
     return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
+def _auto_mesh_post_init(module: nn.Module) -> None:
+    """Store ``mesh`` with Auto axes (``jax.make_mesh`` meshes are Explicit by default)."""
+    mesh = as_auto_mesh(module.mesh)
+    if mesh is not module.mesh:
+        object.__setattr__(module, "mesh", mesh)
+
+
 class _Sharded(nn.Module):
-    """Mixin: logical sharding constraints on activations when a mesh is set."""
+    """Mixin: logical sharding constraints on activations when a mesh is set.
+
+    A mesh with Explicit axes (``jax.make_mesh``'s default) is stored as its Auto twin
+    (``rlhf_jax.sharding.as_auto_mesh``), so ``Transformer(cfg, mesh=jax.make_mesh(...))`` works.
+    """
     config: TransformerConfig
     mesh: Mesh | None = None
     rules: LogicalRules = DEFAULT_RULES
+
+    def __post_init__(self):
+        _auto_mesh_post_init(self)
+        super().__post_init__()
 
     def constrain(self, x: Array, *axes: str | None) -> Array:
         return with_logical_constraint(x, axes, self.mesh, self.rules)
@@ -103,9 +119,40 @@ class Projection(nn.Module):
         return y
 
 
-def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-    """cos/sin [B, T, head_dim] for the rotate-half RoPE convention (Llama, Qwen2)."""
+def rope_inv_freq(head_dim: int, theta: float, scaling: str = "default", factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                  original_max_position: int | None = None) -> Array:
+    """RoPE inverse frequencies [head_dim / 2] (float32), optionally with Llama-3 scaling.
+
+    ``scaling="llama3"``: components whose wavelength ``2 pi / inv_freq`` exceeds
+    ``original_max_position / low_freq_factor`` are slowed down by ``factor``; those shorter than
+    ``original_max_position / high_freq_factor`` are unchanged; in between, the frequency is a
+    linear blend of the two, weighted by ``original_max_position / wavelength`` (as in Meta's
+    Llama 3.1 reference and transformers' "llama3" rope type).
+    """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling == "default":
+        return inv_freq
+    if scaling != "llama3":
+        raise ValueError(f"RoPE scaling {scaling!r} is not supported; expected 'default' or 'llama3'")
+    original = float(original_max_position)
+    wavelength = 2 * math.pi / inv_freq
+    low_freq_wavelength = original / low_freq_factor     # longer than this: divide by factor
+    high_freq_wavelength = original / high_freq_factor   # shorter than this: keep
+    slowed = jnp.where(wavelength > low_freq_wavelength, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * slowed / factor + smooth * slowed
+    medium = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
+    return jnp.where(medium, blended, slowed)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float,
+                **scaling: Any) -> tuple[Array, Array]:
+    """cos/sin [B, T, head_dim] for the rotate-half RoPE convention (Llama, Qwen2).
+
+    ``scaling``: keyword arguments of ``rope_inv_freq`` (``TransformerConfig.rope_scaling_params``).
+    """
+    inv_freq = rope_inv_freq(head_dim, theta, **scaling)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
@@ -140,28 +187,29 @@ class Embed(nn.Module):
     mesh: Mesh | None = None
     rules: LogicalRules = DEFAULT_RULES
 
+    def __post_init__(self):
+        _auto_mesh_post_init(self)
+        super().__post_init__()
+
     def setup(self):
         cfg = self.config
         self.embedding = self.param("embedding", _init(self.stddev, self.axes),
                                     (self.num_embeddings, cfg.d_model), cfg.params_dtype)
 
     def __call__(self, ids: Array) -> Array:
-        import os
-        mode = os.environ.get("EMB_MODE", "orig")
-        table = self.embedding
-        out_axes = ("activation_batch", "activation_length", "activation_embed")
-        if mode == "orig":
-            return jnp.take(table, ids, axis=0).astype(self.config.compute_dtype)
-        if mode in ("table", "table_out"):
-            table = with_logical_constraint(table, (self.axes[0], None), self.mesh, self.rules)
-        if mode == "onehot":
-            oh = (ids[..., None] == jnp.arange(self.num_embeddings)).astype(table.dtype)
-            out = jnp.einsum("btv,vd->btd", oh, table, precision=jax.lax.Precision.HIGHEST)
-        else:
-            out = jnp.take(table, ids, axis=0)
-        if mode in ("out", "table_out", "onehot"):
-            out = with_logical_constraint(out, out_axes, self.mesh, self.rules)
+        # FSDP-style lookup on a mesh: gather the table over its model dimension first (it stays
+        # split over vocab), so each device does a local masked gather for its own rows of the
+        # batch and GSPMD sums the vocab shards. Gathering straight from the [vocab, embed] layout
+        # gives an output split over embed that XLA can only turn into the batch-split activation
+        # layout by replicating it ("Involuntary full rematerialization" on a (2, 2, 2) mesh).
+        # Exact: every output element is one table entry plus zeros.
+        table = self.constrain(self.embedding, self.axes[0], None)
+        out = jnp.take(table, ids, axis=0)
+        out = self.constrain(out, "activation_batch", "activation_length", "activation_embed")
         return out.astype(self.config.compute_dtype)
+
+    def constrain(self, x: Array, *axes: str | None) -> Array:
+        return with_logical_constraint(x, axes, self.mesh, self.rules)
 
     def attend(self, x: Array) -> Array:
         dtype = self.config.compute_dtype
@@ -291,7 +339,8 @@ class Transformer(_Sharded):
                           rules=self.rules, name="pos_embed")(position_ids)
             rope = None
         else:
-            rope = rope_tables(position_ids, cfg.dims_per_head, cfg.rope_theta)
+            rope = rope_tables(position_ids, cfg.dims_per_head, cfg.rope_theta,
+                               **cfg.rope_scaling_params)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic or cfg.dropout == 0.0)(x)
         x = self.constrain(x, "activation_batch", "activation_length", "activation_embed")
 

@@ -18,8 +18,7 @@ from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax.convert import is_our_checkpoint, load_our_checkpoint, read_extra, read_model_config
 from rlhf_jax.config import model_config_from
 from rlhf_jax.models.config import TransformerConfig
-from rlhf_jax.models.hf import _read_hf_config as read_hf_config  # TODO rename public
-from rlhf_jax.models.hf import config_from_hf, from_pretrained, load_tokenizer
+from rlhf_jax.models.hf import config_from_hf, from_pretrained, load_tokenizer, read_hf_config
 from rlhf_jax.models.params import init_params
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.optim import make_lr_schedule, make_optimizer

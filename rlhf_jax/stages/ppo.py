@@ -11,7 +11,8 @@ One iteration, as the loop below reads:
                  the score at the last token, GAE advantages and returns
   3. update      ppo_epochs x minibatches jitted steps over that frozen experience; each step sums
                  the clipped-PPO gradient and gamma_ptx x the pretraining-NLL gradient into ONE
-                 optimizer update of the policy, and takes a value-loss step
+                 optimizer update of the policy (one backward pass over the summed objective),
+                 and takes a value-loss step
   4. log / KL controller / checkpoint
 
 ``build(cfg, mesh)`` makes those jitted steps (and the abstract state they take) from shapes
@@ -159,19 +160,21 @@ def ptx_objective(params: Any, models: Models, ptx: Batch, chunk: int = 0) -> ja
 
 def policy_gradient(params: Any, models: Models, mb: Experience, ptx: Batch | None, *,
                     prompt_len: int, cfg: Any) -> tuple[Any, dict]:
-    """grad(PPO loss) + gamma_ptx * grad(ptx NLL): one gradient for one optimizer step.
+    """grad(PPO loss + gamma_ptx * ptx NLL): one gradient for one optimizer step.
 
-    The two gradients are taken separately (as the paper accumulates them in consecutive passes)
-    and summed before the optimizer sees them; gamma_ptx = 0 skips the ptx pass entirely.
+    One backward pass over the summed objective, so only one parameter-sized gradient tree
+    exists (at 8B parameters a second one is 32 GB); gamma_ptx = 0 skips the ptx pass entirely.
     """
-    (_, stats), grads = jax.value_and_grad(
-        functools.partial(ppo_objective, models=models, mb=mb, prompt_len=prompt_len, cfg=cfg),
-        has_aux=True)(params)
-    if ptx is not None and cfg.ptx_coef > 0:
-        ptx_loss, ptx_grads = jax.value_and_grad(ptx_objective)(params, models, ptx,
-                                                                cfg.logprob_chunk)
-        grads = jax.tree.map(lambda g, h: g + cfg.ptx_coef * h, grads, ptx_grads)
-        stats = dict(stats, ptx_loss=ptx_loss)
+    use_ptx = ptx is not None and cfg.ptx_coef > 0
+
+    def objective(p):
+        loss, stats = ppo_objective(p, models, mb, prompt_len=prompt_len, cfg=cfg)
+        if use_ptx:
+            ptx_loss = ptx_objective(p, models, ptx, cfg.logprob_chunk)
+            loss, stats = loss + cfg.ptx_coef * ptx_loss, dict(stats, ptx_loss=ptx_loss)
+        return loss, stats
+
+    (_, stats), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return grads, stats
 
 
