@@ -129,6 +129,7 @@ def sft_config() -> ml_collections.ConfigDict:
     c.train.epochs = 2.0
     c.train.steps = 0                 # >0 overrides epochs
     c.train.dropout = 0.0             # residual dropout (paper: 0.2)
+    c.train.logprob_chunk = 0         # LM head + log-softmax over this many positions at a time
     c.train.log_every = 10
     c.train.eval_every = 50
     c.train.checkpoint_every = 200

@@ -70,7 +70,7 @@ def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps
     check_batch_size("train.batch_size", batch_size, mesh)
     batch = abstract_batch({k: ((batch_size, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32)
                             for k in BATCH_KEYS}, functools.partial(batch_sharding, mesh))
-    loss_fn = functools.partial(lm_loss, model=model, chunk=cfg.train.get("logprob_chunk", 0))
+    loss_fn = functools.partial(lm_loss, model=model, chunk=cfg.train.logprob_chunk)
     train_step = make_train_step(loss_fn, optimizer, mesh, shardings_of(state), batch)
     eval_step = make_eval_step(loss_fn, mesh, shardings_of(state.params), batch)
     tokens = batch_size * seq_len
