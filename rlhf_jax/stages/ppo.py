@@ -379,7 +379,11 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
                    {"models": models, "policy_opt": policy_opt, "value_opt": value_opt,
                     "policy_schedule": policy_schedule, "sampling": sampling,
                     "prompt_len": prompt_len, "n_iterations": n_iterations,
-                    "n_minibatches": b // mb_size, "ptx_rows": ptx_rows})
+                    "n_minibatches": b // mb_size, "ptx_rows": ptx_rows,
+                    # as train() runs them; the ptx pass is part of each update
+                    "calls_per_iteration": {"rollout": 1, "experience": 1,
+                                            "update": updates_per_iteration,
+                                            "ptx": updates_per_iteration}})
 
 
 PTX_KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask")

@@ -103,7 +103,8 @@ def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps
         return state_.params, random_batch(eval_batch, model.config.vocab_size, seed)
 
     return Program("rm", mesh, {"reward": model}, state, {}, steps, init_state, random_args,
-                   {"optimizer": optimizer, "schedule": schedule})
+                   {"optimizer": optimizer, "schedule": schedule,
+                    "calls_per_iteration": {"train": 1, "eval": 0}})
 
 
 def reward_model_from_lm(model: Transformer, params: Any, rng: jax.Array,

@@ -85,7 +85,8 @@ def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps
         return (state_, data, rng) if name == "train" else (state_.params, data)
 
     return Program("sft", mesh, {"policy": model}, state, {}, steps, init_state, random_args,
-                   {"optimizer": optimizer, "schedule": schedule})
+                   {"optimizer": optimizer, "schedule": schedule,
+                    "calls_per_iteration": {"train": 1, "eval": 0}})
 
 
 def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict, dict | None]:
