@@ -212,13 +212,19 @@ def rm_params():
 # --- 1. SFT loss: response tokens only -------------------------------------------------------
 
 class _LogitsModel:
-    """Stands in for the Transformer: ``apply`` returns fixed logits (to perturb them at will)."""
+    """Stands in for the Transformer: its "hidden states" are fixed logits (to perturb them at
+    will) and ``STUB_PARAMS`` make the tied LM head the identity, so the loss sees those logits."""
+    mesh, rules = None, ()
 
     def __init__(self, logits):
         self.logits = logits
+        self.config = small_cfg(d_model=logits.shape[-1], n_heads=1, tie_embeddings=True)
 
     def apply(self, variables, *args, **kwargs):
         return self.logits
+
+
+STUB_PARAMS = {"embed": {"embedding": jnp.eye(len(VOCAB), dtype=jnp.float32)}}
 
 
 def test_lm_loss_golden_and_masks_prompt_and_padding(lm_params):
@@ -244,16 +250,17 @@ def test_lm_loss_golden_and_masks_prompt_and_padding(lm_params):
 
     # Logits at positions that predict prompt or padding tokens do not matter ...
     stub = _LogitsModel(jnp.asarray(logits))
-    base, _ = sft.lm_loss(None, batch, None, stub)
+    base, _ = sft.lm_loss(STUB_PARAMS, batch, None, stub)
     np.testing.assert_allclose(float(base), total / count, rtol=1e-5)
     predicts_masked = np.concatenate([mask[:, 1:] == 0, np.ones((3, 1), bool)], axis=1)
     noisy = np.where(predicts_masked[..., None], rng.normal(0, 50, logits.shape), logits)
-    perturbed, _ = sft.lm_loss(None, batch, None, _LogitsModel(jnp.asarray(noisy, jnp.float32)))
+    perturbed, _ = sft.lm_loss(STUB_PARAMS, batch, None,
+                               _LogitsModel(jnp.asarray(noisy, jnp.float32)))
     np.testing.assert_allclose(float(perturbed), float(base), rtol=1e-6)
     # ... nor do the ids there: change every prompt/padding target (fixed logits) ...
     other = dict(batch, input_ids=np.where(mask == 0, (batch["input_ids"] + 5) % len(VOCAB),
                                            batch["input_ids"]).astype(np.int32))
-    relabelled, _ = sft.lm_loss(None, other, None, stub)
+    relabelled, _ = sft.lm_loss(STUB_PARAMS, other, None, stub)
     np.testing.assert_allclose(float(relabelled), float(base), rtol=1e-6)
     # ... and with the real model, the token ids sitting in padding slots change nothing.
     repadded = dict(batch, input_ids=np.where(batch["attention_mask"] == 0, 9,
