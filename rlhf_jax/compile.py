@@ -13,10 +13,10 @@ Per step it reports:
 
 * **Memory** (per device, from ``Compiled.memory_analysis()``): arguments, outputs, the part of
   the outputs aliased onto donated arguments (the train state is donated, so the new state reuses
-  the old one's buffers), temporaries and generated code. The peak is XLA's own
-  ``peak_memory_in_bytes`` from buffer assignment (arguments + live temporaries + outputs not
-  aliased to arguments) when jax exposes it, else ``arguments + outputs - aliased + temporaries``;
-  generated code is added to either. It is compared with the HBM the compiler says it can use
+  the old one's buffers), temporaries and generated code. The peak is what the program reserves,
+  ``arguments + outputs - aliased + temporaries + code`` (the temporaries being XLA's packed temp
+  allocation; XLA:TPU's own fit check adds up the same terms), or XLA's ``peak_memory_in_bytes``
+  plus code when that is larger. It is compared with the HBM the compiler says it can use
   (probed once per topology: libtpu names its limit when a program is too big, e.g. 15.75 GiB of a
   v5e's 16 GiB), the chip table below being the fallback. A step whose compile itself runs out of
   HBM is reported as not fitting with the compiler's numbers.
@@ -48,11 +48,14 @@ Per step it reports:
   ``tests/test_compile.py`` checks the accounting against fully unrolled builds at full depth.
 * **Time**: ``compile_s`` of the real step; ``step_time_at_peak_s = flops / (devices * peak)``
   (every FLOP at the chip's peak bf16 rate), and a roofline ``roofline_step_s = max(that,
-  min_hbm_traffic_per_device / HBM bandwidth)``, the traffic being each argument read once and
-  each output not aliased onto an argument written once (per loop trip for the rollout's decode
-  body: weights and KV cache every token). ``mfu = step_time_at_peak_s / roofline_step_s``: the
-  MFU the step could reach if only compute and minimal HBM traffic counted (no collectives, no
-  remat, perfect overlap), an upper bound. Decoding is memory-bound, so the rollout's is low.
+  hbm_traffic_per_device / HBM bandwidth)``. The traffic of a step is each argument read once and
+  each output not aliased onto an argument written once; for a loop body (one decode token) it
+  is XLA's "bytes accessed" of the body compiled without its layer scan — every weight it uses,
+  gathered (FSDP shards are all-gathered before use), plus the KV cache — and the rollout adds it
+  once per trip. ``mfu = step_time_at_peak_s / roofline_step_s``: the MFU the step could reach if
+  only compute and HBM traffic counted (no collectives, no remat, perfect overlap), an upper
+  bound. Decoding is memory-bound, so the rollout's is the low one. ``stage_info.ppo.iteration``
+  adds up one PPO iteration (rollout + experience + minibatch updates).
 
 When a step does not fit, the command prints one line per such step to stderr (stage, step, bytes
 needed vs available, the largest buffers: arguments by name and the largest HLO values) and exits
@@ -147,6 +150,10 @@ def get_target(topology: str) -> Target:
     if chip not in CHIPS or not re.fullmatch(r"\d+(x\d+)*", dims):
         raise CompileError(f"unknown topology {topology!r}: expected CHIP:AxB[xC] with CHIP one of "
                            f"{sorted(CHIPS)} (e.g. v5e:2x2, v5p:4x4x4), or 'cpu'")
+    if jax.default_backend() != "tpu":
+        # Compile-only use of libtpu (no TPU attached): let several processes load it (parallel
+        # compiles, tests) instead of failing on its one-process lockfile in /tmp.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
         topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
@@ -321,16 +328,19 @@ def compile_step(step, target: Target, hbm_bytes: int | None = None) -> dict[str
     temp_b = int(getattr(mem, "temp_size_in_bytes", 0))
     code_b = int(getattr(mem, "generated_code_size_in_bytes", 0))
     xla_peak = getattr(mem, "peak_memory_in_bytes", None)
-    # XLA:TPU's peak_memory_in_bytes is arguments + live temporaries + unaliased outputs; XLA:CPU
-    # reports less than its own arguments + temporaries, so take the larger of the two.
+    # What the program reserves: its arguments, the outputs not aliased onto donated arguments,
+    # and the temp allocation (the packed block of every temporary; XLA:TPU's own fit check adds
+    # these up). XLA's peak_memory_in_bytes (a heap simulation) can be lower; the larger is used.
     summed = args_b + out_b - alias_b + temp_b
     peak = max(int(xla_peak or 0), summed) + code_b
     row.update(argument_bytes=args_b, output_bytes=out_b, alias_bytes=alias_b, temp_bytes=temp_b,
                code_bytes=code_b, peak_bytes_per_device=peak,
                xla_peak_memory_in_bytes=None if xla_peak is None else int(xla_peak),
-               min_hbm_traffic_per_device=args_b + out_b - alias_b)
+               hbm_traffic_per_device=args_b + out_b - alias_b,
+               hbm_traffic_method="arguments read once + unaliased outputs written once")
     cost = _cost(compiled)
     row["as_compiled_flops_per_device"] = cost["flops"]     # loop bodies counted once
+    row["as_compiled_bytes_accessed_per_device"] = cost["bytes_accessed"]
     row["fits"] = hbm_bytes is None or peak <= hbm_bytes
     if not row["fits"]:
         buffers = largest_arguments(step) + largest_hlo_values(compiled.as_text() or "")
@@ -411,7 +421,9 @@ def lowered_cost(lowered) -> tuple[dict[str, float], str]:
     if not cost:
         from jax._src.lib import xla_client
         cpu = jax.local_devices(backend="cpu")[0].client
-        cost = xla_client._xla.hlo_module_cost_analysis(cpu, lowered.compiler_ir("hlo"))
+        computation = lowered.compiler_ir("hlo")
+        module = computation.as_hlo_module() if hasattr(computation, "as_hlo_module") else computation
+        cost = xla_client._xla.hlo_module_cost_analysis(cpu, module)
         source = "HLO cost analysis (CPU client) of the lowered module"
     return {"flops": float(cost.get("flops", 0.0)),
             "transcendentals": float(cost.get("transcendentals", 0.0))}, source
@@ -519,7 +531,7 @@ def _analytic(row: dict[str, Any], target: Target, n_dev: int) -> None:
         return
     compute = flops / (n_dev * peak)
     row["step_time_at_peak_s"] = compute
-    memory = (row.get("min_hbm_traffic_per_device") or 0.0) / target.hbm_bw_per_device \
+    memory = (row.get("hbm_traffic_per_device") or 0.0) / target.hbm_bw_per_device \
         if target.hbm_bw_per_device else 0.0
     roofline = max(compute, memory)
     row["roofline_step_s"] = roofline
@@ -569,17 +581,76 @@ def compile_stage(stage: str, stage_cfg: ml_collections.ConfigDict, target: Targ
             info["flops_error"] = _first_line(e)
         for name, extra in counted.items():
             rows[name].update(extra)
+    bodies = {s.loop_body.name: s.loop_body for s in program.steps.values()
+              if getattr(s, "loop_body", None) is not None}
+    if bodies and target.hbm_bw_per_device:
+        try:
+            traffic = loop_body_traffic(stage, stage_cfg, mesh, build, program, rows, progress)
+        except Exception as e:  # noqa: BLE001
+            traffic = {}
+            info["traffic_error"] = _first_line(e)
+        for name, nbytes in traffic.items():
+            if name in rows and "hbm_traffic_per_device" in rows[name]:
+                rows[name]["hbm_traffic_per_device"] = max(nbytes, rows[name]["hbm_traffic_per_device"])
+                rows[name]["hbm_traffic_method"] = ("XLA bytes accessed per device of the step "
+                                                    "compiled without the layer scan")
     for name, step in program.steps.items():   # a loop body's traffic, once per trip
         body = getattr(step, "loop_body", None)
         trips = rows[name]["loop_trips"]
         if body is not None and body.name in rows and trips > 1 and \
-                "min_hbm_traffic_per_device" in rows[name]:
-            rows[name]["min_hbm_traffic_per_device"] += (trips - 1) * rows[body.name].get(
-                "min_hbm_traffic_per_device", 0)
+                "hbm_traffic_per_device" in rows[name]:
+            rows[name]["hbm_traffic_per_device"] += (trips - 1) * rows[body.name].get(
+                "hbm_traffic_per_device", 0)
+            rows[name]["hbm_traffic_method"] += f"; + ({trips} - 1) x {body.name}"
     for row in rows.values():
         row.setdefault("flops", None)
         _analytic(row, target, mesh.size)
+    if stage == "ppo" and "ptx" in rows and "update" in rows:
+        rows["ptx"]["included_in"] = "update"     # the update's pretraining half, on its own
+    iteration = _iteration(stage, stage_cfg, program, rows, target, mesh.size)
+    if iteration:
+        info["iteration"] = iteration
     return rows, info
+
+
+def loop_body_traffic(stage: str, stage_cfg: Any, mesh: Mesh, build: Callable, program,
+                      rows: dict, progress: Callable[[str], None] | None = None) -> dict[str, float]:
+    """HBM bytes per device of each loop body (one decode token), for the roofline.
+
+    Decoding is memory-bound, and what it reads per token is every weight it uses, gathered
+    (an FSDP-sharded parameter is all-gathered before use, so a chip reads all of it, not its
+    shard), plus its KV cache. XLA's per-device "bytes accessed" counts that, but counts a layer
+    scan once, so the body is compiled once more without the scan (no loop left in it).
+    """
+    scanned = any(m.config.scan_layers for m in program.models.values())
+    names = [s.loop_body.name for s in program.steps.values() if getattr(s, "loop_body", None)]
+    if not scanned:
+        return {n: rows[n]["as_compiled_bytes_accessed_per_device"] for n in names
+                if "as_compiled_bytes_accessed_per_device" in rows.get(n, {})}
+    if progress:
+        progress(f"  {stage}: {', '.join(names)} without the layer scan (HBM traffic)")
+    variant = build(stage_cfg, mesh, model_overrides={"scan_layers": False})
+    steps = _steps_with_bodies(variant)
+    return {n: _cost(steps[n].lower().compile())["bytes_accessed"] for n in names if n in steps}
+
+
+def _iteration(stage: str, stage_cfg: Any, program, rows: dict, target: Target,
+               n_dev: int) -> dict[str, Any] | None:
+    """One PPO iteration: rollout + experience + epochs x minibatches updates (the ``ptx`` step
+    is part of ``update`` and the decode body part of ``rollout``)."""
+    if stage != "ppo" or not {"rollout", "experience", "update"} <= set(rows):
+        return None
+    n_updates = int(program.info.get("n_minibatches", 1)) * int(stage_cfg.ppo.get("epochs", 1))
+    calls = {"rollout": 1, "experience": 1, "update": n_updates}
+    out: dict[str, Any] = {"calls": calls}
+    if all(rows[k].get("flops") is not None for k in calls):
+        out["flops"] = sum(n * rows[k]["flops"] for k, n in calls.items())
+        if all("roofline_step_s" in rows[k] for k in calls):
+            out["roofline_s"] = sum(n * rows[k]["roofline_step_s"] for k, n in calls.items())
+            out["mfu"] = out["flops"] / (out["roofline_s"] * n_dev * target.peak_flops_per_device)
+            out["share_of_time"] = {k: n * rows[k]["roofline_step_s"] / out["roofline_s"]
+                                    for k, n in calls.items()}
+    return out
 
 
 def _abstract_params(model) -> Any:
@@ -643,6 +714,15 @@ def _gib(nbytes: float | None) -> str:
     return "?" if nbytes is None else f"{nbytes / GiB:.2f}"
 
 
+def _fmt_bytes(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "?"
+    for unit, size in (("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if nbytes >= 0.1 * size:
+            return f"{nbytes / size:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{int(nbytes)} B"
+
+
 def _fmt_time(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -667,7 +747,8 @@ def format_table(report: dict[str, Any]) -> str:
             pct = f"{100 * peak / cap:.0f}" if peak and cap else "-"
             flops = r.get("flops")
             mfu = r.get("mfu")
-            label = name if "loop_body_of" not in r else f"{name}*"
+            label = f"{name}*" if "loop_body_of" in r else (
+                f"{name}+" if "included_in" in r else name)
             lines.append(
                 f"{stage:<5} {label:<11} {'yes' if r.get('fits') else 'NO':<4} {_gib(peak):>9} "
                 f"{pct:>5} {_gib(r.get('argument_bytes')):>7} {_gib(r.get('temp_bytes')):>7} "
@@ -675,11 +756,23 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{_fmt_time(r.get('step_time_at_peak_s')):>10} "
                 f"{_fmt_time(r.get('roofline_step_s')):>10} {r.get('roofline_bound', '-'):>7} "
                 f"{'-' if mfu is None else f'{100 * mfu:.0f}%':>5} {r.get('compile_s', 0):>7.1f}s")
+        info = report.get("stage_info", {}).get(stage, {})
         if mesh:
             lines.append(f"{'':<5} mesh {mesh}")
+        it = info.get("iteration", {})
+        if "roofline_s" in it:
+            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in it["share_of_time"].items())
+            lines.append(f"{'':<5} one iteration ({it['calls']['update']} updates): "
+                         f"{it['flops'] / 1e12:.1f} TFLOP, roofline {_fmt_time(it['roofline_s'])}, "
+                         f"MFU {100 * it['mfu']:.0f}% ({shares})")
+        if info.get("flops_error"):
+            lines.append(f"{'':<5} FLOPs not counted: {info['flops_error']}")
     if any("loop_body_of" in r for rows in report["stages"].values() for r in rows.values()):
         lines.append("* a loop body (one decode token), compiled on its own; its FLOPs are "
                      "included (x loop trips) in its parent step's")
+    if any("included_in" in r for rows in report["stages"].values() for r in rows.values()):
+        lines.append("+ part of another step (PPO's ptx gradient is inside update), compiled on "
+                     "its own to show its share")
     lines.append("t@peak: FLOPs / (devices x peak); roofline: max(t@peak, HBM bytes / bandwidth); "
                  "MFU = t@peak / roofline (model FLOPs, no remat, no communication)")
     return "\n".join(lines)
@@ -694,10 +787,10 @@ def not_fitting(report: dict[str, Any]) -> list[str]:
             if r.get("fits"):
                 continue
             need = r.get("peak_bytes_per_device")
-            buffers = ", ".join(f"{b['name']} {b['shape']} {_gib(b['bytes'])} GiB"
+            buffers = ", ".join(f"{b['name']} {b['shape']} {_fmt_bytes(b['bytes'])}"
                                 for b in r.get("largest_buffers", [])[:3])
             what = ("compile failed: " + r["error"]) if r.get("compile_failed") else (
-                f"needs {_gib(need)} GiB per device, {_gib(cap)} GiB available")
+                f"needs {_fmt_bytes(need)} per device, {_fmt_bytes(cap)} available")
             lines.append(f"error: {stage}/{name} does not fit on {report['topology']}: {what}"
                          + (f"; largest buffers: {buffers}" if buffers else ""))
     return lines

@@ -1,0 +1,88 @@
+"""Llama-3.2-1B through SFT, RM and PPO-ptx at InstructGPT's batch geometry, on a v5e 4x4 (16 chips).
+
+A pod-shape config for ahead-of-time checks and profiling, no data paths (set ``base_model`` to
+a local transformers Llama-3.2-1B directory and the data paths to run it)::
+
+    JAX_PLATFORMS=cpu rlhf-jax compile --config experiments/llama32_1b.py --topology v5e:4x4 \\
+        --out bench/compile_reports/llama32_1b_v5e-4x4.json
+
+Networks: policy, reference, RM and value all Llama-3.2-1B-shaped (vocab 128256, d 2048, 16
+layers, 32 heads, 8 KV heads, d_ff 8192, tied embeddings, RoPE theta 500000). The paper trains
+one 6B RM for every policy size; at 1B the pipeline's default (RM = SFT network with a scalar
+head) keeps the RM on the policy's tokenizer and within a v5e's 16 GB. Llama 3's RoPE frequency
+scaling ("rope_type": "llama3") is not modelled by ``TransformerConfig`` (plain RoPE only); it
+rescales the inverse frequencies once and changes neither shapes, memory nor FLOPs.
+
+Geometry (paper, arXiv:2203.02155 App. C), unscaled: prompt 512 + response 256 = 768 tokens;
+SFT batch 32, 16 epochs, dropout 0.2; RM 64 prompts x K = 9 (576 sequences per step), 1 epoch;
+PPO-ptx 512 episodes per rollout, minibatch 64, 8 pretraining sequences (768 tokens) per
+episode: 512 ptx + 64 RL sequences in every update, one epoch, gamma = 27.8.
+
+Layout: FSDP over all 16 chips, mesh (1, 16, 1): parameters, gradients and Adam moments sharded
+16 ways (the PPO state, policy + EMA + value, is ~35 GB in float32, 2.2 GB per chip); batches
+split 16 ways (32 SFT sequences = 2 per chip). Tensor parallelism would not shrink the part that
+limits v5e here: the [B, heads, T, T] attention maps are divided by 16 either way. bfloat16
+compute, float32 parameters, remat + scanned layers everywhere; the frozen reference and RM in
+bfloat16; LM-head log-probs in blocks of 32 positions (a float32 [36, 32, 128256] block is
+0.6 GB per chip).
+"""
+import ml_collections
+
+from rlhf_jax.config import ppo_config, rm_config, sft_config
+
+LLAMA32_1B = dict(arch="llama", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,
+                  n_kv_heads=8, d_ff=8192, max_position=131072, rope_theta=500000.0,
+                  norm_eps=1e-5, tie_embeddings=True)
+PROMPT_LEN, RESPONSE_LEN = 512, 256
+MESH = (1, 16, 1)
+RUNTIME = dict(dtype="bfloat16", remat=True, scan_layers=True)
+CHUNK = 32
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.vocab_size = LLAMA32_1B["vocab_size"]
+    c.base_model = ""                      # a transformers Llama-3.2-1B directory for real runs
+    c.world = ml_collections.ConfigDict(dict(enabled=False, seed=0, sizes={}))
+
+    c.sft = sft_config()
+    c.sft.model = ml_collections.ConfigDict(LLAMA32_1B)
+    c.sft.model_runtime = ml_collections.ConfigDict(RUNTIME)
+    c.sft.mesh.shape = MESH
+    c.sft.data.max_prompt_len = PROMPT_LEN
+    c.sft.data.max_response_len = RESPONSE_LEN
+    c.sft.train.batch_size = 32            # paper
+    c.sft.train.epochs = 16.0              # paper
+    c.sft.train.dropout = 0.2              # paper
+    c.sft.train.logprob_chunk = CHUNK
+    c.sft.optim.lr = 1e-5
+
+    c.rm = rm_config()
+    c.rm.model_runtime = ml_collections.ConfigDict(RUNTIME)
+    c.rm.mesh.shape = MESH
+    c.rm.data.max_k = 9                    # paper: K = 4..9
+    c.rm.data.max_prompt_len = PROMPT_LEN
+    c.rm.data.max_response_len = RESPONSE_LEN
+    c.rm.train.batch_size = 64             # paper: 64 prompts
+    c.rm.train.epochs = 1.0                # paper
+    c.rm.optim.lr = 9e-6                   # paper
+
+    c.ppo = ppo_config()
+    c.ppo.model_runtime = ml_collections.ConfigDict(RUNTIME)
+    c.ppo.mesh.shape = MESH
+    c.ppo.data.max_prompt_len = PROMPT_LEN
+    c.ppo.data.max_response_len = RESPONSE_LEN
+    c.ppo.data.ptx_seq_len = PROMPT_LEN + RESPONSE_LEN
+    c.ppo.ppo.total_episodes = 256_000     # paper
+    c.ppo.ppo.rollout_batch_size = 512     # paper
+    c.ppo.ppo.minibatch_size = 64          # paper
+    c.ppo.ppo.epochs = 1                   # paper
+    c.ppo.ppo.lr = 5e-6
+    c.ppo.ppo.value_lr = 9e-6              # paper
+    c.ppo.ppo.ema_decay = 0.992            # paper
+    c.ppo.ppo.ptx_coef = 27.8              # paper's PPO-ptx gamma
+    c.ppo.ppo.ptx_per_episode = 8          # paper
+    c.ppo.ppo.frozen_dtype = "bfloat16"
+    c.ppo.ppo.logprob_chunk = CHUNK
+    return c
