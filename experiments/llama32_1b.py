@@ -9,9 +9,8 @@ a local transformers Llama-3.2-1B directory and the data paths to run it)::
 Networks: policy, reference, RM and value all Llama-3.2-1B-shaped (vocab 128256, d 2048, 16
 layers, 32 heads, 8 KV heads, d_ff 8192, tied embeddings, RoPE theta 500000). The paper trains
 one 6B RM for every policy size; at 1B the pipeline's default (RM = SFT network with a scalar
-head) keeps the RM on the policy's tokenizer and within a v5e's 16 GB. Llama 3's RoPE frequency
-scaling ("rope_type": "llama3") is not modelled by ``TransformerConfig`` (plain RoPE only); it
-rescales the inverse frequencies once and changes neither shapes, memory nor FLOPs.
+head) keeps the RM on the policy's tokenizer and within a v5e's 16 GB. RoPE uses Llama 3's
+frequency scaling as the released checkpoint does (factor 32, low/high 1/4, original 8192).
 
 Geometry (paper, arXiv:2203.02155 App. C), unscaled: prompt 512 + response 256 = 768 tokens;
 SFT batch 32, 16 epochs, dropout 0.2; RM 64 prompts x K = 9 (576 sequences per step), 1 epoch;
@@ -32,6 +31,8 @@ from rlhf_jax.config import ppo_config, rm_config, sft_config
 
 LLAMA32_1B = dict(arch="llama", vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,
                   n_kv_heads=8, d_ff=8192, max_position=131072, rope_theta=500000.0,
+                  rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=1.0,
+                  rope_high_freq_factor=4.0, rope_original_max_position=8192,
                   norm_eps=1e-5, tie_embeddings=True)
 PROMPT_LEN, RESPONSE_LEN = 512, 256
 MESH = (1, 16, 1)

@@ -14,9 +14,9 @@ Networks:
   The paper used one 6B RM for every policy size (175B RMs were unstable and costlier); Llama 3
   has no 6B, and the 3B is the largest smaller model on the same tokenizer, which an RM needs to
   score the policy's tokens. The value network is initialized from the RM, as in the paper.
-* Llama 3's RoPE frequency scaling ("rope_type": "llama3") is not modelled by
-  ``TransformerConfig`` (plain RoPE only); it rescales the inverse frequencies once and changes
-  neither shapes, memory nor FLOPs.
+* RoPE with Llama 3.1's frequency scaling ("rope_type": "llama3": factor 8 for the 8B, 32 for
+  the 3.2 family; low/high frequency factors 1/4; original context 8192), as the Llama-3.1-8B
+  and Llama-3.2 checkpoints ship; it changes neither shapes, memory nor FLOPs.
 
 Geometry (paper, arXiv:2203.02155 App. C), unscaled: prompt 512 + response 256 = 768 tokens;
 SFT batch 32 (the paper's for 1.3B and 6B), 16 epochs, dropout 0.2; RM 64 prompts x K = 9 (576
@@ -36,9 +36,13 @@ from rlhf_jax.config import ppo_config, rm_config, sft_config
 
 LLAMA3_8B = dict(arch="llama", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
                  n_kv_heads=8, d_ff=14336, max_position=8192, rope_theta=500000.0,
+                 rope_scaling="llama3", rope_factor=8.0, rope_low_freq_factor=1.0,
+                 rope_high_freq_factor=4.0, rope_original_max_position=8192,
                  norm_eps=1e-5, tie_embeddings=False)
 LLAMA32_3B = dict(arch="llama", vocab_size=128256, d_model=3072, n_layers=28, n_heads=24,
                   n_kv_heads=8, d_ff=8192, max_position=131072, rope_theta=500000.0,
+                  rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=1.0,
+                  rope_high_freq_factor=4.0, rope_original_max_position=8192,
                   norm_eps=1e-5, tie_embeddings=True)
 PROMPT_LEN, RESPONSE_LEN = 512, 256
 MESH = (1, 16, 4)
