@@ -193,6 +193,8 @@ def ppo_config() -> ml_collections.ConfigDict:
     c.policy_from = ""                 # PPO-init SFT model dir: the policy and the KL reference
     c.reward_from = ""                 # reward model dir (scalar head + demo normalization)
     c.value_from = ""                  # empty: initialize the value network from the RM (paper)
+    c.value_init_normalized = True     # fold the RM's demo normalization into the value head, so
+                                       #   first values are on the scale of the (normalized) returns
     # Architectures (arch + sizes, as sft's `model`): empty = read from the *_from directory.
     # `rlhf-jax compile/profile` build the steps from these alone, without any checkpoint.
     c.policy_model = ml_collections.ConfigDict()

@@ -41,6 +41,8 @@ class SamplingConfig:
 
     ``top_k=0`` and ``top_p=1.0`` switch those filters off. ``greedy`` takes the argmax of the
     raw logits and ignores temperature / top-k / top-p. ``eos_token_id=None`` never stops early.
+    ``pad_token_id=None`` (a tokenizer without a pad token, like GPT-2's) falls back to EOS, as
+    the data layer does, else 0: positions after EOS carry mask 0, so any valid id will do.
     """
     max_new_tokens: int
     temperature: float = 1.0
@@ -48,9 +50,12 @@ class SamplingConfig:
     top_p: float = 1.0
     greedy: bool = False
     eos_token_id: int | None = None
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0
 
     def __post_init__(self):
+        if self.pad_token_id is None:
+            object.__setattr__(self, "pad_token_id",
+                               0 if self.eos_token_id is None else int(self.eos_token_id))
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")

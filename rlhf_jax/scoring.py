@@ -139,6 +139,19 @@ def norm_array(norm: dict | None) -> Array:
     return jnp.asarray([norm.get("mean", 0.0), norm.get("std", 1.0)], jnp.float32)
 
 
+def fold_normalization(params: PyTree, norm: dict | None) -> PyTree:
+    """Scalar-head params whose raw output is ``normalize(raw, norm)``: the head's kernel and bias
+    divided by ``std`` after ``mean`` comes off the bias. How a value network starts from the RM
+    on the scale of PPO's returns, which use the normalized score."""
+    if not norm:
+        return params
+    mean, std = float(norm.get("mean", 0.0)), float(norm.get("std", 1.0))
+    head = params["score_head"]
+    folded = {"kernel": head["kernel"] / std,
+              "bias": ((head["bias"].astype(jnp.float32) - mean) / std).astype(head["bias"].dtype)}
+    return {**params, "score_head": {**head, **folded}}
+
+
 def rm_scores(model: Transformer, params: PyTree, norm: Array | dict | None, sequences: Array,
               attention_mask: Array) -> Array:
     """Normalized RM score [N] float32 of whole sequences (what PPO and evaluation use)."""

@@ -316,7 +316,7 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
     sampling = SamplingConfig(
         max_new_tokens=n_new, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
         greedy=False, eos_token_id=policy.config.eos_token_id if eos_token_id is None else eos_token_id,
-        pad_token_id=_pad_id(policy.config, pad_token_id, eos_token_id))
+        pad_token_id=policy.config.pad_token_id if pad_token_id is None else pad_token_id)
     state_sh, frozen_sh = shardings_of(state), shardings_of(frozen)
     p_sh, v_sh = state_sh.policy.params, state_sh.value.params
     rollout_fn = jax.jit(functools.partial(rollout_step, model=policy, sampling=sampling, mesh=mesh),
@@ -389,15 +389,6 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
 PTX_KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask")
 
 
-def _pad_id(config: Any, pad_token_id: int | None, eos_token_id: int | None) -> int:
-    """Pad id for sampled positions after EOS: the tokenizer's, else the model's, else EOS, else 0
-    (those positions carry mask 0, so the value only has to be a valid id)."""
-    for candidate in (pad_token_id, config.pad_token_id, eos_token_id, config.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
 def _decode_body(policy: Transformer, p_sh: Any, params: Any, batch: int, slots: int,
                  mesh: Mesh) -> Step:
     cache_shape = (policy.config.n_layers, batch, slots, policy.config.kv_heads,
@@ -465,13 +456,18 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     # Networks: policy (trained) and its frozen reference share one definition.
     policy, policy_params, tokenizer, _ = common.load_model(cfg.policy_from, mesh, **overrides)
     reward, reward_params, _, reward_extra = common.load_model(cfg.reward_from, mesh, **overrides)
-    value, value_params, _, _ = common.load_model(cfg.value_from or cfg.reward_from, mesh, **overrides)
+    value, value_params, _, value_extra = common.load_model(cfg.value_from or cfg.reward_from, mesh,
+                                                            **overrides)
     if reward.config.head != "scalar" or value.config.head != "scalar":
         raise ValueError(f"reward_from={cfg.reward_from!r} must be a reward model (scalar head)")
     if tokenizer is None:
         raise FileNotFoundError(f"policy_from={cfg.policy_from!r}: no tokenizer saved beside it")
     reward_norm = reward_extra.get("reward_norm") or {}
     log.info("reward normalization: %s", reward_norm or "none")
+    if cfg.get("value_init_normalized", True) and value_extra.get("reward_norm"):
+        # Returns are built from the normalized score: a value head left raw starts off by the
+        # demonstrations' mean, a bias GAE turns into length-dependent advantage errors.
+        value_params = scoring.fold_normalization(value_params, value_extra["reward_norm"])
     common.log_params(policy_params)
 
     # The compiled steps, then the state in their shardings.
