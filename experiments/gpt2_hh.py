@@ -1,15 +1,27 @@
 """The same pipeline on real data: a local GPT-2 checkpoint and Anthropic-HH-style comparisons.
 
-Nothing is downloaded: point the paths at local files.
+Nothing is downloaded: point the paths at local files (any transformers GPT-2 directory; its
+tokenizer may have no pad token, EOS is used for padding)::
 
     rlhf-jax pipeline --config experiments/gpt2_hh.py --workdir runs/gpt2_hh \
         --config.base_model=/data/gpt2 \
         --config.data.pretrain=/data/openwebtext.jsonl     # {"text"}
         --config.data.sft=/data/hh_sft.jsonl               # {"prompt","completion"} or {"messages"}
-        --config.data.comparisons=/data/hh_train.jsonl     # {"prompt","chosen","rejected"} or K-way
-        --config.data.comparisons_test=/data/hh_test.jsonl
-        --config.data.ppo_prompts=/data/hh_prompts.jsonl   # {"prompt"}
+        --config.data.comparisons=/data/hh_train.jsonl     # {"chosen","rejected"} HH transcripts,
+        --config.data.comparisons_test=/data/hh_test.jsonl #   TRL rows, or K-way rankings
+        --config.data.ppo_prompts=/data/hh_prompts.jsonl   # {"prompt"}: text or messages
         --config.data.eval_prompts=/data/hh_eval_prompts.jsonl
+
+Comparisons may be HH transcripts ``{"chosen", "rejected"}`` (the prompt is their shared text up
+to the last "\n\nAssistant:"), TRL rows (``prompt``/``chosen``/``rejected`` as strings or as
+``{"role", "content"}`` lists, rendered with the tokenizer's chat template), or K-way rankings.
+
+A published reward model (a transformers ``*ForSequenceClassification`` directory) replaces RM
+training's starting point with ``--config.rm_base_model=/data/rm``; add
+``--config.rm.train.epochs=0`` to use it as it is (the rm stage then only measures it on the
+comparisons and computes the demonstrations' normalization). Export what the run made with
+``rlhf-jax convert jax-to-hf runs/gpt2_hh/ppo_ptx/model out/policy`` (and ``rm/model``, which
+becomes a ``GPT2ForSequenceClassification`` scoring as ours, normalization included).
 
 Any path may also be ``tfds:<name>:<split>`` (with ``<stage>.data.tfds_data_dir`` and
 ``field_map``). There are no labelers on real data, so the report gives RM scores, KL to SFT,
@@ -26,6 +38,8 @@ def get_config(arg=None):
     c.seed = 0
     c.world = ml_collections.ConfigDict(dict(enabled=False, seed=0, sizes={}, labeler_noise_scale=1.0))
     c.base_model = ""                        # transformers checkpoint dir (GPT-2 / Llama / Qwen2)
+    c.rm_base_model = ""                     # where the RM starts: empty = SFT; or a reward model
+                                             #   (transformers *ForSequenceClassification or ours)
     c.data = ml_collections.ConfigDict(dict(
         pretrain="", sft="", comparisons="", comparisons_test="", ppo_prompts="", eval_prompts=""))
     mesh = (1, -1, 1)                        # FSDP over every device

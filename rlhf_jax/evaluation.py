@@ -57,7 +57,14 @@ def _place(batch: Mapping[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.
 
 # --- sampling ----------------------------------------------------------------------------------
 
-def generate_texts(model: Transformer, params: Any, tokenizer: Any, prompts: Sequence[str], *,
+def _prompt_rows(prompts: Sequence[str | Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Canonical prompt rows: a string becomes ``{"prompt": s}``; a row read by the data layer
+    keeps its ``prompt_messages``, so chat models see their own template."""
+    return [{"prompt": p} if isinstance(p, str) else p for p in prompts]
+
+
+def generate_texts(model: Transformer, params: Any, tokenizer: Any,
+                   prompts: Sequence[str | Mapping[str, Any]], *,
                    max_prompt_len: int, max_new_tokens: int, temperature: float = 1.0,
                    top_k: int = 0, top_p: float = 1.0, greedy: bool = False, seed: int = 0, mesh: Mesh | None = None,
                    batch_size: int = 64) -> dict[str, Any]:
@@ -66,8 +73,7 @@ def generate_texts(model: Transformer, params: Any, tokenizer: Any, prompts: Seq
     Returns {"texts": [N] str, "sequences" [N, P+M], "attention_mask", "response_mask" [N, M],
     "prompt_len": P}. Decoding stops at EOS; special tokens are stripped from the texts.
     """
-    rows = [{"prompt": p} for p in prompts]
-    arrays, _ = tokenize_prompts(rows, tokenizer, max_prompt_len, "truncate")
+    arrays, _ = tokenize_prompts(_prompt_rows(prompts), tokenizer, max_prompt_len, "truncate")
     if len(arrays["input_ids"]) != len(prompts):
         raise ValueError("some prompts tokenized to nothing; check the tokenizer")
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -137,11 +143,12 @@ def proxy_scores(reward_model: Transformer, params: Any, norm: Mapping[str, floa
 
 
 def score_texts(reward_model: Transformer, params: Any, norm: Mapping[str, float] | None,
-                tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *,
-                max_prompt_len: int, max_response_len: int, mesh: Mesh | None = None) -> np.ndarray:
+                tokenizer: Any, prompts: Sequence[str | Mapping[str, Any]],
+                responses: Sequence[str], *, max_prompt_len: int, max_response_len: int,
+                mesh: Mesh | None = None) -> np.ndarray:
     """Normalized RM scores of (prompt, response) text pairs (laid out as in RM training)."""
-    rows = [{"prompt": p, "completion": r if r else tokenizer.eos_token}
-            for p, r in zip(prompts, responses)]
+    rows = [{**row, "completion": r if r else tokenizer.eos_token}
+            for row, r in zip(_prompt_rows(prompts), responses)]
     arrays, _ = tokenize_demonstrations(rows, tokenizer, max_prompt_len, max_response_len, "truncate")
     raw = _map_batches(lambda b: _raw_rewards(reward_model, params, b["input_ids"],
                                                    b["attention_mask"]),
@@ -197,7 +204,7 @@ def rm_pair_accuracy(reward_model: Transformer, params: Any, tokenizer: Any,
     prompts, responses, owners = [], [], []
     for i, row in enumerate(comparisons):
         for completion in row["completions"]:
-            prompts.append(row["prompt"])
+            prompts.append({k: v for k, v in row.items() if k in ("prompt", "prompt_messages")})
             responses.append(completion)
             owners.append(i)
     scores = score_texts(reward_model, params, None, tokenizer, prompts, responses,

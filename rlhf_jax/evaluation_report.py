@@ -60,7 +60,8 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
     responses: dict[str, list[str]] = {}
     for name in MODELS:
         model, params = (sft_model, sft_params) if name == "sft" else load(MODEL_DIRS[name])[:2]
-        model_prompts = [f"{prefix} {p}" for p in prompts] if name == "base_prompted" else prompts
+        model_prompts = ([f"{prefix} {p}" for p in prompts] if name == "base_prompted"
+                         else prompt_rows)
         prompt_len = e.prompted_max_prompt_len if name == "base_prompted" else max_p
         samples = ev.generate_texts(model, params, tokenizer, model_prompts, max_prompt_len=prompt_len,
                                     max_new_tokens=max_r, temperature=e.temperature, seed=cfg.seed,
@@ -68,7 +69,7 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
         responses[name] = samples["texts"]
         results["kl_to_sft"][name] = ev.kl_to_reference(model, params, sft_params, samples, mesh)
         results["proxy_score"][name] = float(np.mean(ev.score_texts(
-            rm, rm_params, norm, tokenizer, prompts, samples["texts"], max_prompt_len=max_p,
+            rm, rm_params, norm, tokenizer, prompt_rows, samples["texts"], max_prompt_len=max_p,
             max_response_len=max_r, mesh=mesh)))
         if pool is not None:
             results["gold_score"][name] = ev.gold_score(prompt_rows, samples["texts"], pool.heldout)

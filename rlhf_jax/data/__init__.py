@@ -1,6 +1,8 @@
 """Data layer: validated JSONL formats, TFDS/ArrayRecord storage, static-shape
 tokenization and a deterministic, resumable, multi-host batch iterator."""
 from rlhf_jax.data.formats import (
+    DEFAULT_ASSISTANT_MARKER,
+    DEFAULT_HUMAN_MARKER,
     DEFAULT_MAX_K,
     FORMATS,
     DataError,
@@ -34,6 +36,8 @@ from rlhf_jax.data.tokenize import (
 
 __all__ = [
     "BUILDERS",
+    "DEFAULT_ASSISTANT_MARKER",
+    "DEFAULT_HUMAN_MARKER",
     "DEFAULT_MAX_K",
     "FORMATS",
     "BatchIterator",

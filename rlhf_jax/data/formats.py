@@ -1,15 +1,33 @@
 """JSONL formats for every stage, validated up front.
 
-Each line of a JSONL file is one JSON object. Four formats exist:
+Each line of a JSONL file is one JSON object. Four formats exist. Wherever a
+prompt appears it may be a string or a message list
+``[{"role": str, "content": str}, ...]`` (a "conversational" prompt).
 
 * ``pretrain``:       ``{"text": str}``
-* ``demonstrations``: ``{"prompt": str, "completion": str}`` or
-  ``{"messages": [{"role": str, "content": str}, ...]}`` whose final message is
-  the assistant's completion.
-* ``comparisons``:    ``{"prompt": str, "completions": [K str], "ranking": [K int]}``
-  (rank 0 is best, equal ranks are ties), or a TRL pair
-  ``{"prompt": str, "chosen": str, "rejected": str}`` read as K=2, ranking [0, 1].
-* ``prompts``:        ``{"prompt": str}``
+* ``demonstrations``:
+    - ``{"prompt": str | [messages], "completion": str}``;
+    - ``{"messages": [messages]}`` whose final message is the assistant's completion;
+    - TRL conversational ``{"prompt": [messages], "completion": [messages]}`` whose
+      final completion message is the assistant's reply (any earlier completion
+      messages continue the prompt).
+* ``comparisons``:
+    - K-way ``{"prompt": str | [messages], "completions": [K str], "ranking": [K int]}``
+      (rank 0 is best, equal ranks are ties);
+    - explicit-prompt pair ``{"prompt": str, "chosen": str, "rejected": str}``;
+    - implicit-prompt transcripts (Anthropic HH) ``{"chosen": str, "rejected": str}``,
+      each a full ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` dialogue. The prompt is
+      the text up to and including the LAST assistant marker (default
+      ``"\\n\\nAssistant:"``, see ``assistant_marker``), which both transcripts must
+      share exactly; the completions are what follows it;
+    - TRL explicit conversational ``{"prompt": [messages], "chosen": [messages],
+      "rejected": [messages]}``;
+    - TRL implicit conversational ``{"chosen": [messages], "rejected": [messages]}``
+      whose messages before the final assistant reply are the shared prompt.
+    Every pair is read as K=2 with ranking ``[0, 1]`` (chosen first). An identical
+    chosen/rejected pair is kept (public dumps hold a few; its loss has no gradient).
+* ``prompts``:        ``{"prompt": str | [messages]}`` or ``{"messages": [messages]}``
+  (the conversation so far; its last message must not be the assistant's).
 
 Fields not listed above (for instance a ``"meta"`` dict consumed by a synthetic
 labeler) are kept untouched on the canonical row.
@@ -20,12 +38,26 @@ seconds with its file and line number instead of hours later on a TPU pod.
 Canonical rows (what :func:`read_jsonl` returns):
 
 * pretrain:       ``{"text", ...extras}``
-* demonstrations: ``{"prompt", "completion", ...extras}``; a ``messages`` row also
-  gets ``"prompt_messages"`` (every message before the final assistant one). Its
-  ``"prompt"`` is the plain-text rendering of those messages (see
-  :func:`render_messages_plain`), used whenever the tokenizer has no chat template.
+* demonstrations: ``{"prompt", "completion", ...extras}``
 * comparisons:    ``{"prompt", "completions", "ranking", ...extras}``
 * prompts:        ``{"prompt", ...extras}``
+
+Rows whose prompt came as messages (or was parsed from a transcript) also carry
+``"prompt_messages"``: the list of messages before the reply. Tokenization
+renders them with the tokenizer's chat template when it has one; otherwise the
+plain ``"prompt"`` string is used. For message rows that string is
+:func:`render_messages_plain`; for transcripts it is the transcript prefix
+verbatim. Canonical rows written back with :func:`write_jsonl` read identically.
+
+Whitespace at the transcript split: the prompt ends with the marker itself
+(``"...\\n\\nAssistant:"``) and the completion keeps the text after it verbatim,
+leading space included (``" sure"``). Byte-level BPE tokenizers (GPT-2, Llama 3,
+...) merge that space into the first word (``" sure"`` is one token), which is how the
+words occur in the transcript, and ``prompt + completion`` is exactly the
+transcript. The same completion text is used when a chat template renders the
+prompt; chosen and rejected then both start with that one space, so the
+comparison itself is unaffected. Message contents parsed from a transcript are
+stripped of surrounding whitespace (chat templates add their own separators).
 """
 from __future__ import annotations
 
@@ -36,6 +68,9 @@ from typing import Any, Iterable, Mapping
 
 FORMATS: tuple[str, ...] = ("pretrain", "demonstrations", "comparisons", "prompts")
 DEFAULT_MAX_K = 9
+# Anthropic HH-RLHF turn markers; a transcript's prompt ends with its last assistant marker.
+DEFAULT_ASSISTANT_MARKER = "\n\nAssistant:"
+DEFAULT_HUMAN_MARKER = "\n\nHuman:"
 _VALUE_PREVIEW_CHARS = 80
 _UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -128,9 +163,8 @@ def render_messages_plain(messages: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def _validate_messages(
-    messages: Any, field: str, where: _Location, *, ends_with_assistant: bool
-) -> list[dict[str, str]]:
+def _validate_message_list(messages: Any, field: str, where: _Location) -> list[dict[str, str]]:
+    """Structure only: a non-empty list of objects with a 'role' and a 'content' string."""
     if not isinstance(messages, list) or not messages:
         raise where.error(field, messages, "a non-empty list of {'role', 'content'} objects")
     cleaned = []
@@ -145,15 +179,26 @@ def _validate_messages(
         if not isinstance(content, str):
             raise where.error(f"{item}.content", content, "a 'content' string in every message")
         cleaned.append(dict(message))
+    return cleaned
+
+
+def _check_reply(messages: list[dict[str, str]], field: str, where: _Location) -> None:
+    """The final message must be a non-empty assistant reply."""
+    if messages[-1]["role"] != "assistant":
+        raise where.error(
+            f"{field}[-1].role", messages[-1]["role"],
+            "the final message to be the assistant's completion (role 'assistant')",
+        )
+    if not messages[-1]["content"].strip():
+        raise where.error(f"{field}[-1].content", messages[-1]["content"], "a non-empty assistant completion")
+
+
+def _validate_messages(
+    messages: Any, field: str, where: _Location, *, ends_with_assistant: bool
+) -> list[dict[str, str]]:
+    cleaned = _validate_message_list(messages, field, where)
     if ends_with_assistant:
-        if cleaned[-1]["role"] != "assistant":
-            raise where.error(
-                f"{field}[-1].role", cleaned[-1]["role"],
-                "the final message to be the assistant's completion (role 'assistant')",
-            )
-        if not cleaned[-1]["content"].strip():
-            raise where.error(f"{field}[-1].content", cleaned[-1]["content"],
-                              "a non-empty assistant completion")
+        _check_reply(cleaned, field, where)
         if len(cleaned) < 2:
             raise where.error(field, messages, "at least one message before the assistant's completion")
     context = cleaned[:-1] if ends_with_assistant else cleaned
@@ -162,12 +207,51 @@ def _validate_messages(
     return cleaned
 
 
-def _validate_pretrain(row: Mapping[str, Any], where: _Location, max_k: int) -> dict[str, Any]:
+def _read_prompt(row: Mapping[str, Any], where: _Location) -> tuple[str, list[dict[str, str]] | None]:
+    """``(plain prompt, prompt messages or None)`` from a string or message-list ``prompt``.
+
+    A string prompt may come with ``prompt_messages`` (a canonical row written back).
+    """
+    value = _require_field(row, "prompt", where)
+    if isinstance(value, list):
+        messages = _validate_messages(value, "prompt", where, ends_with_assistant=False)
+        return render_messages_plain(messages), messages
+    if not isinstance(value, str):
+        raise where.error("prompt", value,
+                          f"a string or a list of {{'role', 'content'}} messages, not {type(value).__name__}")
+    prompt = _require_str(row, "prompt", where, non_empty=True)
+    messages = None
+    if "prompt_messages" in row:
+        messages = _validate_messages(row["prompt_messages"], "prompt_messages", where, ends_with_assistant=False)
+    return prompt, messages
+
+
+def _with_messages(canonical: dict[str, Any], messages: list[dict[str, str]] | None) -> dict[str, Any]:
+    if messages is not None:
+        canonical["prompt_messages"] = messages
+    return canonical
+
+
+class _Options:
+    """Per-call settings every validator sees (``max_k``, transcript turn markers)."""
+
+    def __init__(self, max_k: int, assistant_marker: str, human_marker: str):
+        for name, marker in (("assistant_marker", assistant_marker), ("human_marker", human_marker)):
+            if not isinstance(marker, str) or not marker.strip():
+                raise ValueError(f"{name} must be a non-empty string, got {marker!r}")
+        if assistant_marker == human_marker:
+            raise ValueError(f"assistant_marker and human_marker must differ, both are {assistant_marker!r}")
+        self.max_k = max_k
+        self.assistant_marker = assistant_marker
+        self.human_marker = human_marker
+
+
+def _validate_pretrain(row: Mapping[str, Any], where: _Location, opts: _Options) -> dict[str, Any]:
     text = _require_str(row, "text", where, non_empty=True)
     return {"text": text, **_extras(row, ["text"])}
 
 
-def _validate_demonstration(row: Mapping[str, Any], where: _Location, max_k: int) -> dict[str, Any]:
+def _validate_demonstration(row: Mapping[str, Any], where: _Location, opts: _Options) -> dict[str, Any]:
     if "messages" in row and "prompt" not in row:
         messages = _validate_messages(row["messages"], "messages", where, ends_with_assistant=True)
         context = messages[:-1]
@@ -175,16 +259,24 @@ def _validate_demonstration(row: Mapping[str, Any], where: _Location, max_k: int
             "prompt": render_messages_plain(context),
             "completion": messages[-1]["content"],
             "prompt_messages": context,
-            **_extras(row, ["messages"]),
+            **_extras(row, ["messages", "prompt_messages"]),
         }
-    prompt = _require_str(row, "prompt", where, non_empty=True)
-    completion = _require_str(row, "completion", where, non_empty=True)
-    canonical = {"prompt": prompt, "completion": completion, **_extras(row, ["prompt", "completion"])}
-    if "prompt_messages" in row:  # a canonical row written back by write_jsonl
-        canonical["prompt_messages"] = _validate_messages(
-            row["prompt_messages"], "prompt_messages", where, ends_with_assistant=False
-        )
-    return canonical
+    prompt, prompt_messages = _read_prompt(row, where)
+    completion = _require_field(row, "completion", where)
+    if isinstance(completion, list):
+        # TRL conversational: earlier completion messages continue the conversation.
+        if not isinstance(row["prompt"], list):
+            raise where.error("prompt", row["prompt"],
+                              "a list of messages when 'completion' is one (TRL conversational rows)")
+        reply = _validate_message_list(completion, "completion", where)
+        _check_reply(reply, "completion", where)
+        prompt_messages = prompt_messages + reply[:-1]
+        prompt, completion = render_messages_plain(prompt_messages), reply[-1]["content"]
+    else:
+        completion = _require_str(row, "completion", where, non_empty=True)
+    canonical = {"prompt": prompt, "completion": completion,
+                 **_extras(row, ["prompt", "completion", "prompt_messages"])}
+    return _with_messages(canonical, prompt_messages)
 
 
 def _is_int(value: Any) -> bool:
@@ -192,17 +284,129 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _validate_comparison(row: Mapping[str, Any], where: _Location, max_k: int) -> dict[str, Any]:
-    prompt = _require_str(row, "prompt", where, non_empty=True)
+def _pair_row(prompt: str, prompt_messages: list[dict[str, str]] | None, chosen: str, rejected: str,
+              row: Mapping[str, Any]) -> dict[str, Any]:
+    canonical = {
+        "prompt": prompt,
+        "completions": [chosen, rejected],
+        "ranking": [0, 1],
+        **_extras(row, ["prompt", "chosen", "rejected", "prompt_messages"]),
+    }
+    return _with_messages(canonical, prompt_messages)
+
+
+def _snippet(text: str, at: int) -> str:
+    """The text around character ``at``, for showing where two transcripts part."""
+    if at >= len(text):
+        return f"the end of the text ({len(text)} chars)"
+    start = max(0, at - 20)
+    return ("..." if start else "") + abbreviate(text[start: at + 40], 70)
+
+
+def _split_turns(text: str, opts: _Options) -> list[dict[str, str]]:
+    """Messages of a Human/Assistant transcript (roles user/assistant), contents stripped.
+
+    Text before the first marker, if any, is a preamble and becomes a 'system' message.
+    """
+    markers = ((opts.human_marker, "user"), (opts.assistant_marker, "assistant"))
+    messages: list[dict[str, str]] = []
+    role, pos = "system", 0
+    while True:
+        hits = [(text.find(marker, pos), -len(marker), marker, r) for marker, r in markers]
+        hits = [hit for hit in hits if hit[0] >= 0]
+        end = min(hits)[0] if hits else len(text)
+        content = text[pos:end].strip()
+        if role != "system" or content:
+            messages.append({"role": role, "content": content})
+        if not hits:
+            return messages
+        start, _, marker, role = min(hits)  # the earliest marker; the longer one on a tie
+        pos = start + len(marker)
+
+
+def _split_transcript(text: str, field: str, where: _Location, opts: _Options) -> int:
+    """Index just after the last assistant marker of ``text``, the prompt/completion boundary."""
+    marker = opts.assistant_marker
+    at = text.rfind(marker)
+    if at < 0:
+        raise where.error(field, text,
+                          f"a Human/Assistant transcript with at least one {marker!r} turn "
+                          "(or an explicit 'prompt' field)")
+    cut = at + len(marker)
+    completion = text[cut:]
+    if not completion.strip():
+        raise where.error(field, text, f"a non-empty final assistant turn after the last {marker!r}",
+                          got=f"got {_snippet(text, at)} (nothing after the last marker)")
+    if opts.human_marker in completion:
+        raise where.error(field, text,
+                          f"the transcript to end with an assistant turn, not a {opts.human_marker!r} one",
+                          got=f"got {_snippet(text, cut + completion.index(opts.human_marker))}")
+    return cut
+
+
+def _validate_transcript_pair(row: Mapping[str, Any], where: _Location, opts: _Options) -> dict[str, Any]:
+    chosen = _require_str(row, "chosen", where, non_empty=True)
+    rejected = _require_str(row, "rejected", where, non_empty=True)
+    cut = _split_transcript(chosen, "chosen", where, opts)
+    rejected_cut = _split_transcript(rejected, "rejected", where, opts)
+    marker = opts.assistant_marker
+    prompt = chosen[:cut]
+    if rejected[:rejected_cut] != prompt:
+        at = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+        raise where.error(
+            "rejected", rejected, f"both transcripts to share the text up to the last {marker!r} turn",
+            got=f"got {_snippet(rejected, at)} at character {at}, where 'chosen' has {_snippet(chosen, at)}",
+        )
+    messages = _split_turns(prompt[: len(prompt) - len(marker)], opts)
+    if not any(m["content"] for m in messages):
+        raise where.error("chosen", chosen, f"some dialogue before the last {marker!r} turn")
+    return _pair_row(prompt, messages, chosen[cut:], rejected[rejected_cut:], row)
+
+
+def _validate_message_pair(
+    row: Mapping[str, Any], prefix: list[dict[str, str]], where: _Location
+) -> dict[str, Any]:
+    """TRL conversational pair: ``prefix`` (the explicit prompt, possibly empty) + chosen/rejected."""
+    sides = {}
+    for field in ("chosen", "rejected"):
+        messages = _validate_message_list(_require_field(row, field, where), field, where)
+        _check_reply(messages, field, where)
+        sides[field] = messages
+    chosen, rejected = sides["chosen"], sides["rejected"]
+    expected = "'chosen' and 'rejected' to share every message before their final assistant reply"
+    if len(chosen) != len(rejected):
+        raise where.error("rejected", rejected, expected,
+                          got=f"got {len(rejected) - 1} message(s) before its reply where 'chosen' has "
+                              f"{len(chosen) - 1}")
+    for i, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1])):
+        if a != b:
+            raise where.error(f"rejected[{i}]", b, expected,
+                              got=f"got {abbreviate(b, 70)} where 'chosen[{i}]' is {abbreviate(a, 70)}")
+    context = prefix + chosen[:-1]
+    if not any(m["content"].strip() for m in context):
+        raise where.error("chosen", chosen, "at least one message with some content before the assistant's reply")
+    return _pair_row(render_messages_plain(context), context,
+                     chosen[-1]["content"], rejected[-1]["content"], row)
+
+
+def _validate_pair(row: Mapping[str, Any], where: _Location, opts: _Options) -> dict[str, Any]:
+    if "prompt" not in row:
+        if isinstance(row.get("chosen"), list):
+            return _validate_message_pair(row, [], where)
+        return _validate_transcript_pair(row, where, opts)
+    prompt, prompt_messages = _read_prompt(row, where)
+    if isinstance(row["prompt"], list):
+        return _validate_message_pair(row, prompt_messages, where)
+    chosen = _require_str(row, "chosen", where, non_empty=False)
+    rejected = _require_str(row, "rejected", where, non_empty=False)
+    return _pair_row(prompt, prompt_messages, chosen, rejected, row)
+
+
+def _validate_comparison(row: Mapping[str, Any], where: _Location, opts: _Options) -> dict[str, Any]:
     if "completions" not in row and ("chosen" in row or "rejected" in row):
-        chosen = _require_str(row, "chosen", where, non_empty=False)
-        rejected = _require_str(row, "rejected", where, non_empty=False)
-        return {
-            "prompt": prompt,
-            "completions": [chosen, rejected],
-            "ranking": [0, 1],
-            **_extras(row, ["prompt", "chosen", "rejected"]),
-        }
+        return _validate_pair(row, where, opts)
+    prompt, prompt_messages = _read_prompt(row, where)
+    max_k = opts.max_k
     completions = _require_field(row, "completions", where)
     if not isinstance(completions, list):
         raise where.error("completions", completions, "a list of K completion strings")
@@ -223,22 +427,33 @@ def _validate_comparison(row: Mapping[str, Any], where: _Location, max_k: int) -
         raise where.error("ranking", ranking, "non-negative ranks (0 = best)")
     if len(set(ranking)) < 2:
         raise where.error("ranking", ranking, "at least two different ranks (all completions are tied)")
-    return {
+    canonical = {
         "prompt": prompt,
         "completions": list(completions),
         "ranking": list(ranking),
-        **_extras(row, ["prompt", "completions", "ranking"]),
+        **_extras(row, ["prompt", "completions", "ranking", "prompt_messages"]),
     }
+    return _with_messages(canonical, prompt_messages)
 
 
-def _validate_prompt(row: Mapping[str, Any], where: _Location, max_k: int) -> dict[str, Any]:
-    prompt = _require_str(row, "prompt", where, non_empty=True)
-    canonical = {"prompt": prompt, **_extras(row, ["prompt"])}
-    if "prompt_messages" in row:
-        canonical["prompt_messages"] = _validate_messages(
-            row["prompt_messages"], "prompt_messages", where, ends_with_assistant=False
-        )
-    return canonical
+def _check_not_reply(messages: list[dict[str, str]], field: str, where: _Location) -> None:
+    # A prompt ending in the assistant's turn is usually a demonstration given as a prompt.
+    if messages[-1]["role"] == "assistant":
+        raise where.error(f"{field}[-1].role", "assistant",
+                          "the conversation so far, ending before the assistant's reply "
+                          "(drop the final assistant message, or use the 'demonstrations' format)")
+
+
+def _validate_prompt(row: Mapping[str, Any], where: _Location, opts: _Options) -> dict[str, Any]:
+    if "messages" in row and "prompt" not in row:
+        messages = _validate_messages(row["messages"], "messages", where, ends_with_assistant=False)
+        _check_not_reply(messages, "messages", where)
+        return {"prompt": render_messages_plain(messages), "prompt_messages": messages,
+                **_extras(row, ["messages", "prompt_messages"])}
+    prompt, messages = _read_prompt(row, where)
+    if isinstance(row["prompt"], list):
+        _check_not_reply(messages, "prompt", where)
+    return _with_messages({"prompt": prompt, **_extras(row, ["prompt", "prompt_messages"])}, messages)
 
 
 _VALIDATORS = {
@@ -263,16 +478,26 @@ def validate_row(
     line: int | None = None,
     unit: str = "line",
     max_k: int = DEFAULT_MAX_K,
+    assistant_marker: str = DEFAULT_ASSISTANT_MARKER,
+    human_marker: str = DEFAULT_HUMAN_MARKER,
 ) -> dict[str, Any]:
     """Check one decoded row against ``fmt`` and return its canonical dict.
+
+    ``assistant_marker``/``human_marker`` are the turn markers of implicit-prompt
+    transcripts (``{"chosen": str, "rejected": str}`` comparisons); the prompt
+    ends with the last ``assistant_marker``.
 
     Raises :class:`DataError` naming ``source``/``line`` on any problem.
     """
     check_format(fmt)
-    where = _Location(source, line, unit)
+    opts = _Options(max_k, assistant_marker, human_marker)
+    return _validate(row, fmt, _Location(source, line, unit), opts)
+
+
+def _validate(row: Any, fmt: str, where: _Location, opts: _Options) -> dict[str, Any]:
     if not isinstance(row, dict):
         raise where.error(None, row, f"a JSON object for format '{fmt}', not {type(row).__name__}")
-    return _VALIDATORS[fmt](row, where, max_k)
+    return _VALIDATORS[fmt](row, where, opts)
 
 
 def validate_rows(
@@ -282,19 +507,33 @@ def validate_rows(
     source: str = "<memory>",
     unit: str = "example",
     max_k: int = DEFAULT_MAX_K,
+    assistant_marker: str = DEFAULT_ASSISTANT_MARKER,
+    human_marker: str = DEFAULT_HUMAN_MARKER,
 ) -> list[dict[str, Any]]:
-    """Validate in-memory rows (numbered from 1) and return canonical dicts."""
-    canonical = [
-        validate_row(row, fmt, source=source, line=i, unit=unit, max_k=max_k)
-        for i, row in enumerate(rows, start=1)
-    ]
+    """Validate in-memory rows (numbered from 1) and return canonical dicts.
+
+    The markers are those of :func:`validate_row`.
+    """
+    check_format(fmt)
+    opts = _Options(max_k, assistant_marker, human_marker)
+    canonical = [_validate(row, fmt, _Location(source, i, unit), opts) for i, row in enumerate(rows, start=1)]
     if not canonical:
         raise DataError(source, None, None, [], f"at least one '{fmt}' row", show_value=False)
     return canonical
 
 
-def read_jsonl(path: str | os.PathLike, fmt: str, *, max_k: int = DEFAULT_MAX_K) -> list[dict[str, Any]]:
+def read_jsonl(
+    path: str | os.PathLike,
+    fmt: str,
+    *,
+    max_k: int = DEFAULT_MAX_K,
+    assistant_marker: str = DEFAULT_ASSISTANT_MARKER,
+    human_marker: str = DEFAULT_HUMAN_MARKER,
+) -> list[dict[str, Any]]:
     """Read and validate every row of a JSONL file of format ``fmt``.
+
+    ``assistant_marker``/``human_marker``: turn markers of implicit-prompt
+    transcript comparisons (see :func:`validate_row`).
 
     The file is read as bytes and decoded line by line so that invalid UTF-8
     is reported with its line number. Blank lines are skipped. A leading UTF-8
@@ -305,10 +544,12 @@ def read_jsonl(path: str | os.PathLike, fmt: str, *, max_k: int = DEFAULT_MAX_K)
     Raises:
         DataError: on the first bad line (malformed JSON, not an object, missing
             field, wrong type, whitespace-only prompt, K < 2 or K > ``max_k``,
-            ranking length != K, non-int ranks, all completions tied, invalid
-            UTF-8) or when the file holds no rows.
+            ranking length != K, non-int ranks, all completions tied, a pair
+            whose transcripts or messages disagree before the final reply,
+            invalid UTF-8) or when the file holds no rows.
     """
     check_format(fmt)
+    opts = _Options(max_k, assistant_marker, human_marker)
     source = os.fspath(path)
     with open(source, "rb") as f:
         raw = f.read()
@@ -330,7 +571,7 @@ def read_jsonl(path: str | os.PathLike, fmt: str, *, max_k: int = DEFAULT_MAX_K)
         except json.JSONDecodeError as e:
             raise DataError(source, line_number, None, text,
                             f"one JSON object per line ({e.msg} at column {e.colno})") from None
-        rows.append(validate_row(obj, fmt, source=source, line=line_number, max_k=max_k))
+        rows.append(_validate(obj, fmt, _Location(source, line_number), opts))
     if not rows:
         raise DataError(source, None, None, None,
                         f"at least one '{fmt}' row, but the file is empty "

@@ -124,11 +124,14 @@ def _encode(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
 
 
 def render_prompt(row: Mapping[str, Any], tokenizer: Any) -> str:
-    """Prompt text of a canonical row.
+    """Prompt text of a canonical row of any format that has a prompt.
 
-    Rows read from ``messages`` carry ``prompt_messages``; when the tokenizer has
-    a chat template they are rendered with it (``add_generation_prompt=True``),
-    otherwise the plain rendering stored in ``row["prompt"]`` is used.
+    Rows whose prompt came as messages or as a Human/Assistant transcript carry
+    ``prompt_messages``; when the tokenizer has a chat template they are rendered
+    with it (``add_generation_prompt=True``), otherwise the plain rendering stored
+    in ``row["prompt"]`` is used. Every tokenize_* function that has a prompt
+    (demonstrations, comparisons, prompts) goes through here, so a data set reads
+    the same way in SFT, reward modelling and PPO.
     """
     messages = row.get("prompt_messages")
     if messages and getattr(tokenizer, "chat_template", None):
