@@ -39,8 +39,10 @@ Per step it reports:
     every response is taken to run to ``max_new_tokens`` (the worst case the buffers are sized for).
   - Only negligible loops stay (GAE's reverse scan over time: elementwise).
 
-  The cost analysis is of the lowered, *unoptimized and unpartitioned* module: global FLOPs of
-  the step's math, exactly affine in depth. (After optimization it is not: XLA:CPU fusion
+  The cost analysis is of the lowered, *unoptimized and unpartitioned* module
+  (``Lowered.cost_analysis()``; libtpu's compile-only client has none, so that module goes to
+  XLA's HLO cost analysis with the CPU client): global FLOPs of the step's math, exactly affine
+  in depth. (After optimization it is not: XLA:CPU fusion
   recomputes the gradient norm inside every parameter's update fusion, a term quadratic in
   depth.) These are *model* FLOPs: rematerialization (``remat``, the chunked head's recompute in
   the backward pass) is not counted, the usual definition for MFU. ``as_compiled_flops_per_device``
@@ -48,14 +50,15 @@ Per step it reports:
   ``tests/test_compile.py`` checks the accounting against fully unrolled builds at full depth.
 * **Time**: ``compile_s`` of the real step; ``step_time_at_peak_s = flops / (devices * peak)``
   (every FLOP at the chip's peak bf16 rate), and a roofline ``roofline_step_s = max(that,
-  hbm_traffic_per_device / HBM bandwidth)``. The traffic of a step is each argument read once and
-  each output not aliased onto an argument written once; for a loop body (one decode token) it
-  is XLA's "bytes accessed" of the body compiled without its layer scan — every weight it uses,
-  gathered (FSDP shards are all-gathered before use), plus the KV cache — and the rollout adds it
-  once per trip. ``mfu = step_time_at_peak_s / roofline_step_s``: the MFU the step could reach if
-  only compute and HBM traffic counted (no collectives, no remat, perfect overlap), an upper
-  bound. Decoding is memory-bound, so the rollout's is the low one. ``stage_info.ppo.iteration``
-  adds up one PPO iteration (rollout + experience + minibatch updates).
+  hbm_traffic_per_device / HBM bandwidth)``. The traffic is a floor: every argument read once
+  (a weight sharded over ``fsdp`` read whole, since it is all-gathered before use), every output
+  not aliased onto an argument written once; the rollout adds its decode body's once per trip
+  (per token: all the policy's weights and the whole KV cache). XLA's own "bytes accessed" is
+  not used: it counts a layer scan once and an in-place cache update as a copy of the cache.
+  ``mfu = step_time_at_peak_s / roofline_step_s``: the MFU the step could reach if only compute
+  and HBM traffic counted (no collectives, no remat, perfect overlap), an upper bound. Decoding
+  is memory-bound, so the rollout's is the low one. ``stage_info.ppo.iteration`` adds up one PPO
+  iteration (rollout + experience + minibatch updates).
 
 When a step does not fit, the command prints one line per such step to stderr (stage, step, bytes
 needed vs available, the largest buffers: arguments by name and the largest HLO values) and exits
@@ -336,8 +339,7 @@ def compile_step(step, target: Target, hbm_bytes: int | None = None) -> dict[str
     row.update(argument_bytes=args_b, output_bytes=out_b, alias_bytes=alias_b, temp_bytes=temp_b,
                code_bytes=code_b, peak_bytes_per_device=peak,
                xla_peak_memory_in_bytes=None if xla_peak is None else int(xla_peak),
-               hbm_traffic_per_device=args_b + out_b - alias_b,
-               hbm_traffic_method="arguments read once + unaliased outputs written once")
+               unaliased_output_bytes=out_b - alias_b)
     cost = _cost(compiled)
     row["as_compiled_flops_per_device"] = cost["flops"]     # loop bodies counted once
     row["as_compiled_bytes_accessed_per_device"] = cost["bytes_accessed"]
@@ -581,27 +583,18 @@ def compile_stage(stage: str, stage_cfg: ml_collections.ConfigDict, target: Targ
             info["flops_error"] = _first_line(e)
         for name, extra in counted.items():
             rows[name].update(extra)
-    bodies = {s.loop_body.name: s.loop_body for s in program.steps.values()
-              if getattr(s, "loop_body", None) is not None}
-    if bodies and target.hbm_bw_per_device:
-        try:
-            traffic = loop_body_traffic(stage, stage_cfg, mesh, build, program, rows, progress)
-        except Exception as e:  # noqa: BLE001
-            traffic = {}
-            info["traffic_error"] = _first_line(e)
-        for name, nbytes in traffic.items():
-            if name in rows and "hbm_traffic_per_device" in rows[name]:
-                rows[name]["hbm_traffic_per_device"] = max(nbytes, rows[name]["hbm_traffic_per_device"])
-                rows[name]["hbm_traffic_method"] = ("XLA bytes accessed per device of the step "
-                                                    "compiled without the layer scan")
+    weights = weight_leaf_ids(program)
+    for name, step in steps.items():
+        if "unaliased_output_bytes" in rows[name]:
+            rows[name]["hbm_traffic_per_device"] = hbm_traffic(
+                step, weights, mesh, rows[name].pop("unaliased_output_bytes"))
     for name, step in program.steps.items():   # a loop body's traffic, once per trip
         body = getattr(step, "loop_body", None)
         trips = rows[name]["loop_trips"]
-        if body is not None and body.name in rows and trips > 1 and \
-                "hbm_traffic_per_device" in rows[name]:
-            rows[name]["hbm_traffic_per_device"] += (trips - 1) * rows[body.name].get(
-                "hbm_traffic_per_device", 0)
-            rows[name]["hbm_traffic_method"] += f"; + ({trips} - 1) x {body.name}"
+        if body is not None and trips > 1 and "hbm_traffic_per_device" in rows[name] and \
+                "hbm_traffic_per_device" in rows.get(body.name, {}):
+            rows[name]["hbm_traffic_per_device"] += (trips - 1) * rows[body.name][
+                "hbm_traffic_per_device"]
     for row in rows.values():
         row.setdefault("flops", None)
         _analytic(row, target, mesh.size)
@@ -613,25 +606,32 @@ def compile_stage(stage: str, stage_cfg: ml_collections.ConfigDict, target: Targ
     return rows, info
 
 
-def loop_body_traffic(stage: str, stage_cfg: Any, mesh: Mesh, build: Callable, program,
-                      rows: dict, progress: Callable[[str], None] | None = None) -> dict[str, float]:
-    """HBM bytes per device of each loop body (one decode token), for the roofline.
+def weight_leaf_ids(program) -> set[int]:
+    """``id`` of every network weight among a program's abstract state and frozen trees: the
+    leaves under a ``params`` field (not optimizer moments, not the EMA copy) and all frozen ones."""
+    ids = {id(leaf) for leaf in jax.tree.leaves(program.frozen)}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(program.state):
+        if any(getattr(k, "name", getattr(k, "key", None)) == "params" for k in path):
+            ids.add(id(leaf))
+    return ids
 
-    Decoding is memory-bound, and what it reads per token is every weight it uses, gathered
-    (an FSDP-sharded parameter is all-gathered before use, so a chip reads all of it, not its
-    shard), plus its KV cache. XLA's per-device "bytes accessed" counts that, but counts a layer
-    scan once, so the body is compiled once more without the scan (no loop left in it).
-    """
-    scanned = any(m.config.scan_layers for m in program.models.values())
-    names = [s.loop_body.name for s in program.steps.values() if getattr(s, "loop_body", None)]
-    if not scanned:
-        return {n: rows[n]["as_compiled_bytes_accessed_per_device"] for n in names
-                if "as_compiled_bytes_accessed_per_device" in rows.get(n, {})}
-    if progress:
-        progress(f"  {stage}: {', '.join(names)} without the layer scan (HBM traffic)")
-    variant = build(stage_cfg, mesh, model_overrides={"scan_layers": False})
-    steps = _steps_with_bodies(variant)
-    return {n: _cost(steps[n].lower().compile())["bytes_accessed"] for n in names if n in steps}
+
+def hbm_traffic(step, weight_ids: set[int], mesh: Mesh, unaliased_output_bytes: int) -> int:
+    """A floor on the HBM bytes one device moves in one call of ``step``: every argument read
+    once, every output not aliased onto an argument written once, and a weight sharded over
+    ``fsdp`` read whole (it is all-gathered before use: the device reads every fsdp shard, not
+    only its own; tensor-parallel shards stay its own)."""
+    fsdp = int(mesh.shape.get("fsdp", 1))
+    total = 0
+    for arg in step.args:
+        for leaf in jax.tree.leaves(arg):
+            nbytes = _shard_bytes(leaf) or 0
+            spec = getattr(getattr(leaf, "sharding", None), "spec", ())
+            axes = {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}
+            if id(leaf) in weight_ids and "fsdp" in axes:
+                nbytes *= fsdp
+            total += nbytes
+    return total + unaliased_output_bytes
 
 
 def _iteration(stage: str, stage_cfg: Any, program, rows: dict, target: Target,
@@ -694,6 +694,7 @@ def compile_report(cfg: ml_collections.ConfigDict, topology: str, stage: str = "
         "peak_flops_per_device": target.peak_flops_per_device,
         "hbm_bandwidth_per_device": target.hbm_bw_per_device,
         "jax_version": jax.__version__,
+        "compile_host_cpus": os.cpu_count(),       # compile_s depends on this machine
         "stages": {}, "stage_info": {},
     }
     for name, stage_cfg in configs.items():
