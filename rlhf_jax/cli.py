@@ -194,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="convert checkpoints between transformers (safetensors) and rlhf_jax",
         description="Convert a local transformers checkpoint directory (config.json + "
                     "*.safetensors + tokenizer) to an rlhf_jax model directory (orbax params + "
-                    "model_config.json + tokenizer), or back. Nothing is downloaded and no "
-                    "pickled file is ever read.")
+                    "model_config.json + tokenizer), or back. Reward / value models (scalar "
+                    "head) travel as *ForSequenceClassification (num_labels=1); jax-to-hf folds "
+                    "the stored reward normalization into the exported score. Nothing is "
+                    "downloaded and no pickled file is ever read.")
     conv.add_argument("direction", choices=["hf-to-jax", "jax-to-hf"],
                       help="hf-to-jax: transformers dir -> rlhf_jax dir; jax-to-hf: the reverse")
     conv.add_argument("src", help="source directory")

@@ -179,13 +179,18 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", mesh: Mesh
 
 
 def orbax_to_hf(our_dir: str, hf_dir: str) -> str:
-    """Export our layout (LM-head models) to a transformers checkpoint directory.
+    """Export our layout to a transformers checkpoint directory.
 
-    Weights are written as float32 safetensors beside config.json (and the tokenizer, if
-    ``our_dir`` has one). Returns the absolute ``hf_dir``.
+    LM-head models become the causal LM; scalar-head (reward / value) models the
+    ``*ForSequenceClassification`` whose logit is the score normalized with the ``reward_norm``
+    in ``extra.json`` (see ``rlhf_jax.models.hf``). Weights are written as float32 safetensors
+    beside config.json (and the tokenizer, if ``our_dir`` has one). Returns the absolute
+    ``hf_dir``.
     """
     model, params, tokenizer = load_our_checkpoint(our_dir)
-    if model.config.head != "lm":
-        raise ValueError(f"{our_dir}: head={model.config.head!r}; only LM-head models can be "
-                         "exported to transformers")
-    return save_pretrained(hf_dir, model, params, tokenizer)
+    reward_norm = None
+    if model.config.head == "scalar":
+        reward_norm = read_extra(our_dir).get("reward_norm") or None
+        log.info("%s: exporting a scalar-head model; reward normalization %s", our_dir,
+                 reward_norm or "none")
+    return save_pretrained(hf_dir, model, params, tokenizer, reward_norm=reward_norm)

@@ -378,8 +378,10 @@ def test_scalar_head_model_round_trips_through_our_format(checkpoints, tmp_path)
     assert expected.shape == ids.shape
     np.testing.assert_array_equal(our_logits(loaded_model, loaded_params, ids, mask), expected)
     assert loaded_tokenizer("cat")["input_ids"] == [4]
-    with pytest.raises(ValueError, match="only LM-head models can be exported"):
-        orbax_to_hf(ours_dir, str(tmp_path / "hf"))
+    # Scalar-head models now export as GPT2ForSequenceClassification (tests/test_hf_reward.py).
+    export = orbax_to_hf(ours_dir, str(tmp_path / "hf"))
+    with open(os.path.join(export, "config.json")) as f:
+        assert json.load(f)["architectures"] == ["GPT2ForSequenceClassification"]
 
 
 def test_load_our_checkpoint_without_model_config(tmp_path):

@@ -6,6 +6,26 @@ architectures: GPT-2 (``GPT2LMHeadModel``), Llama (``LlamaForCausalLM``), Qwen2
 from ``rope_parameters`` or the older ``rope_scaling``, written back as ``rope_parameters``).
 Every tensor is checked against the shape ``config.json`` implies, and a mismatch names the file,
 the tensor, the shape found and the shape expected.
+
+Reward and value models (``head="scalar"``) travel as ``GPT2ForSequenceClassification`` /
+``LlamaForSequenceClassification`` / ``Qwen2ForSequenceClassification`` with ``num_labels=1``.
+Loading one gives a scalar-head model: ``score.weight [1, D]`` is the score kernel and the bias
+is 0 (transformers' ``score`` Linear has none) plus ``rlhf_jax_score_offset`` from config.json
+when present. Exporting one writes the *normalized* score ``((w.h + b) - mean) / std`` (the
+``reward_norm`` stored with our reward models), so transformers ranks and scores exactly like
+PPO and evaluation do here:
+
+* 1/std is folded into ``score.weight``.
+* The constant ``c = (b - mean) / std`` has no home in a bias-free ``score``. GPT-2's final
+  LayerNorm has a bias that only the score reads in a sequence-classification model, so ``c`` is
+  folded into it exactly (``ln_f.bias += c w / |w|^2``). Llama / Qwen2's RMSNorm has no bias:
+  there ``c`` is written to config.json as ``rlhf_jax_score_offset``. Our loader adds it back
+  (the round trip is exact), but transformers ignores it: its raw logits are ours minus ``c``,
+  a constant shift that leaves rankings and pairwise preferences unchanged.
+* ``pad_token_id`` is set (the model's pad id, else its eos id), since transformers pools each
+  row at its rightmost token that is not the pad id and refuses batches without one. When pad
+  and eos share an id, a sequence that *ends* in eos is therefore scored by transformers one
+  token earlier than here (we read the last attended token).
 """
 from __future__ import annotations
 
@@ -30,6 +50,10 @@ log = logging.getLogger(__name__)
 
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2", "LlamaForCausalLM": "llama",
              "Qwen2ForCausalLM": "qwen2"}
+# Sequence-classification variants hold reward / value models (head="scalar").
+SEQ_CLS = {"GPT2ForSequenceClassification": "gpt2", "LlamaForSequenceClassification": "llama",
+           "Qwen2ForSequenceClassification": "qwen2"}
+SCORE_OFFSET_KEY = "rlhf_jax_score_offset"
 
 
 class CheckpointFormatError(ValueError):
@@ -43,11 +67,30 @@ def _architecture(hf: dict[str, Any], path: str) -> str:
     for name in names:
         if name in SUPPORTED:
             return SUPPORTED[name]
+        if name in SEQ_CLS:
+            return SEQ_CLS[name]
     model_type = hf.get("model_type")
     if not names and model_type in ("gpt2", "llama", "qwen2"):
         return model_type
-    raise CheckpointFormatError(
-        f"{path}: unsupported architecture {names or model_type!r}; supported: {sorted(SUPPORTED)}")
+    raise CheckpointFormatError(f"{path}: unsupported architecture {names or model_type!r}; "
+                                f"supported: {sorted(SUPPORTED) + sorted(SEQ_CLS)}")
+
+
+def is_sequence_classifier(hf: dict[str, Any]) -> bool:
+    """Whether a transformers config describes a ``*ForSequenceClassification`` checkpoint."""
+    return any(name in SEQ_CLS for name in hf.get("architectures") or [])
+
+
+def _check_num_labels(hf: dict[str, Any], path: str) -> None:
+    if hf.get("num_labels") is not None:
+        n = hf["num_labels"]
+    elif hf.get("id2label"):
+        n = len(hf["id2label"])
+    else:
+        n = 2   # what transformers assumes when config.json names no labels
+    if n != 1:
+        raise CheckpointFormatError(f"{path}: num_labels={n}; expected num_labels == 1 "
+                                    "(a scalar reward head)")
 
 
 _LLAMA3_ROPE_KEYS = {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
@@ -93,8 +136,12 @@ def _rope_parameters(cfg: TransformerConfig) -> dict[str, Any]:
 
 
 def config_from_hf(hf: dict[str, Any], path: str = "config.json", **overrides: Any) -> TransformerConfig:
-    """Our TransformerConfig from a transformers config dict."""
+    """Our TransformerConfig from a transformers config dict (head="scalar" for a
+    ``*ForSequenceClassification`` config, unless ``overrides`` say otherwise)."""
     arch = _architecture(hf, path)
+    if is_sequence_classifier(hf):
+        _check_num_labels(hf, path)
+        overrides = {"head": "scalar", **overrides}
     ids = dict(pad_token_id=hf.get("pad_token_id"), bos_token_id=hf.get("bos_token_id"),
                eos_token_id=_first(hf.get("eos_token_id")))
     if arch == "gpt2":
@@ -141,19 +188,31 @@ def _first(x: Any) -> Any:
 
 
 def config_to_hf(cfg: TransformerConfig):
-    """A transformers config object for our config (LM head only)."""
+    """A transformers config object for our config: the causal LM for head="lm", the
+    ``*ForSequenceClassification`` (num_labels=1) for head="scalar"."""
     import transformers
-    ids = dict(pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id,
+    scalar = cfg.head == "scalar"
+    pad_token_id = cfg.pad_token_id
+    if scalar and pad_token_id is None:
+        pad_token_id = cfg.eos_token_id
+        if pad_token_id is None:
+            log.warning("exporting a scalar-head model with neither pad_token_id nor eos_token_id: "
+                        "transformers will only score batches of one sequence")
+    ids = dict(pad_token_id=pad_token_id, bos_token_id=cfg.bos_token_id,
                eos_token_id=cfg.eos_token_id)
+    if scalar:
+        ids["num_labels"] = 1
+    name = {"gpt2": "GPT2", "llama": "Llama", "qwen2": "Qwen2"}[cfg.arch]
+    architecture = f"{name}ForSequenceClassification" if scalar else None
     if cfg.arch == "gpt2":
-        if not cfg.tie_embeddings:
+        if not cfg.tie_embeddings and not scalar:
             raise ValueError("GPT-2 export needs tie_embeddings=True (transformers ties GPT-2's head)")
         return transformers.GPT2Config(
             vocab_size=cfg.vocab_size, n_positions=cfg.max_position, n_embd=cfg.d_model,
             n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff,
             activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0,
-            embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
-            architectures=["GPT2LMHeadModel"], **ids)
+            embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=cfg.tie_embeddings,
+            architectures=[architecture or "GPT2LMHeadModel"], **ids)
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
                   num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
                   num_key_value_heads=cfg.kv_heads, head_dim=cfg.dims_per_head,
@@ -161,13 +220,19 @@ def config_to_hf(cfg: TransformerConfig):
                   rope_parameters=_rope_parameters(cfg),
                   tie_word_embeddings=cfg.tie_embeddings, **ids)
     if cfg.arch == "qwen2":
-        return transformers.Qwen2Config(architectures=["Qwen2ForCausalLM"], **common)
+        return transformers.Qwen2Config(architectures=[architecture or "Qwen2ForCausalLM"],
+                                        **common)
     return transformers.LlamaConfig(attention_bias=cfg.qkv_bias, mlp_bias=cfg.out_bias,
-                                    architectures=["LlamaForCausalLM"], **common)
+                                    architectures=[architecture or "LlamaForCausalLM"], **common)
 
 
 # --- tensor name maps --------------------------------------------------------------------------
 # Each entry: (our path, HF name, to_ours(hf_array) -> array, to_hf(our_array) -> array, hf_shape).
+
+def _score_entry(cfg: TransformerConfig) -> tuple:
+    # Top-level in every *ForSequenceClassification (no transformer. / model. prefix).
+    return ("score_head/kernel", "score.weight", _t, _t, (1, cfg.d_model))
+
 
 def _gpt2_entries(cfg: TransformerConfig) -> Iterator[tuple]:
     d, h, dh, f = cfg.d_model, cfg.n_heads, cfg.dims_per_head, cfg.d_ff
@@ -218,8 +283,6 @@ def _llama_entries(cfg: TransformerConfig) -> Iterator[tuple]:
             for name, n in (("gate", f), ("up", f), ("down", d)):
                 yield (f"{p}/mlp/{name}/bias", f"{hp}.mlp.{name}_proj.bias", _same, _same, (n,))
     yield ("final_norm/scale", "model.norm.weight", _same, _same, (d,))
-    if not cfg.tie_embeddings:
-        yield ("lm_head/kernel", "lm_head.weight", _t, _t, (cfg.vocab_size, d))
 
 
 def _same(x):
@@ -246,8 +309,13 @@ def _linear_out(d, out):
     return lambda w: w.reshape(d, out).T
 
 
-def _entries(cfg: TransformerConfig):
-    return _gpt2_entries(cfg) if cfg.arch == "gpt2" else _llama_entries(cfg)
+def _entries(cfg: TransformerConfig, score: bool = False) -> Iterator[tuple]:
+    """The trunk, then the score head (``score``) or else Llama / Qwen2's untied LM head."""
+    yield from _gpt2_entries(cfg) if cfg.arch == "gpt2" else _llama_entries(cfg)
+    if score:
+        yield _score_entry(cfg)
+    elif cfg.arch != "gpt2" and not cfg.tie_embeddings:
+        yield ("lm_head/kernel", "lm_head.weight", _t, _t, (cfg.vocab_size, cfg.d_model))
 
 
 # --- safetensors reading -----------------------------------------------------------------------
@@ -299,16 +367,24 @@ def _get_path(tree: dict, path: str) -> Any:
 
 
 def load_params(path: str, cfg: TransformerConfig, shardings: Any = None,
-                dtype: Any = jnp.float32) -> dict:
+                dtype: Any = jnp.float32, *, score_head: bool = False,
+                score_offset: float = 0.0) -> dict:
     """Read safetensors into our (unstacked) tree, one tensor at a time, checking shapes.
 
     With ``shardings`` (a tree of NamedSharding for the unstacked layout) each tensor goes straight
-    to its sharding, so the full model is never gathered on one device.
+    to its sharding, so the full model is never gathered on one device. ``score_head``: read a
+    sequence classifier's ``score.weight`` (instead of any LM head) as the scalar head, with bias
+    ``score_offset``.
     """
     store = _TensorStore(path)
     prefixes = ("", "transformer.") if cfg.arch == "gpt2" else ("",)
     params: dict = {}
-    for ours, theirs, to_ours, _, hf_shape in _entries(cfg):
+    if score_head:
+        bias = jnp.full((1,), score_offset, dtype)
+        if shardings is not None:
+            bias = jax.device_put(bias, _get_path(shardings, "score_head/bias"))
+        _set_path(params, "score_head/bias", bias)
+    for ours, theirs, to_ours, _, hf_shape in _entries(cfg, score=score_head):
         key = store.resolve(theirs, prefixes)
         if key is None:
             raise CheckpointFormatError(
@@ -374,6 +450,7 @@ def from_pretrained(path: str, mesh: Mesh | None = None, dtype: Any = jnp.float3
 
     ``dtype`` is the parameter and compute dtype (override ``dtype=``/``param_dtype=`` names
     through ``config_overrides``, e.g. ``scan_layers=True, remat=True, dropout=0.1``).
+    A ``*ForSequenceClassification`` directory gives a head="scalar" model (see the module doc).
     ``mesh`` may have Explicit axes (``jax.make_mesh``'s default); it is used as its Auto twin.
     """
     mesh = as_auto_mesh(mesh)
@@ -388,7 +465,11 @@ def from_pretrained(path: str, mesh: Mesh | None = None, dtype: Any = jnp.float3
     if mesh is not None:
         unstacked_model = Transformer(cfg.replace(scan_layers=False), mesh=mesh, rules=rules)
         shardings = param_shardings(unstacked_model, mesh)
-    params = load_params(path, cfg, shardings, dtype=cfg.params_dtype)
+    # A causal LM asked for with head="scalar" keeps its old behaviour: the trunk (and any LM
+    # head) only, the score head being the caller's to add.
+    score_head = is_sequence_classifier(hf) and cfg.head == "scalar"
+    params = load_params(path, cfg, shardings, dtype=cfg.params_dtype, score_head=score_head,
+                         score_offset=float(hf.get(SCORE_OFFSET_KEY) or 0.0))
     if cfg.scan_layers:
         stack = lambda p: stack_layers(p, cfg.n_layers)
         if mesh is not None:
@@ -405,31 +486,41 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def save_pretrained(path: str, model: Transformer, params: dict, tokenizer: Any = None) -> str:
+def save_pretrained(path: str, model: Transformer, params: dict, tokenizer: Any = None, *,
+                    reward_norm: dict | None = None) -> str:
     """Write ``config.json`` + ``model.safetensors`` (+ tokenizer) that transformers loads.
 
+    head="lm" gives the causal LM; head="scalar" the ``*ForSequenceClassification`` whose logit
+    is the normalized score ``(raw - mean) / std`` for ``reward_norm`` ``{"mean", "std"}``
+    (identity when None; see the module doc for where the constant goes).
     Every process must call it on a multi-host run (the gather is collective); process 0 writes.
     Weights are written in float32 (numpy has no bfloat16).
     """
     from safetensors.numpy import save_file
     cfg = model.config
-    if cfg.head != "lm":
-        raise ValueError("save_pretrained exports LM-head models; got head='scalar' (reward/value "
-                         "models are stored with rlhf_jax.checkpoint)")
+    scalar = cfg.head == "scalar"
+    if reward_norm and not scalar:
+        raise ValueError("reward_norm applies to scalar-head (reward) models; got head='lm'")
     hf_config = config_to_hf(cfg)
     params = unstack_layers(params)
     tensors: dict[str, np.ndarray] = {}
     prefix = "transformer." if cfg.arch == "gpt2" else ""
     fused: dict[str, list] = {}
-    for ours, theirs, _, to_hf, _ in _entries(cfg):
+    for ours, theirs, _, to_hf, _ in _entries(cfg, score=scalar):
         value = _to_host(_get_path(params, ours)).astype(np.float32)
         if to_hf is None:   # GPT-2's fused c_attn: collect q, k, v and concatenate below
             fused.setdefault(theirs, []).append(value.reshape(value.shape[0], -1)
                                                 if value.ndim == 3 else value.reshape(-1))
             continue
-        tensors[prefix + theirs] = np.ascontiguousarray(to_hf(value))
+        name = theirs if theirs.startswith("score.") else prefix + theirs
+        tensors[name] = np.ascontiguousarray(to_hf(value))
     for theirs, parts in fused.items():
         tensors[prefix + theirs] = np.ascontiguousarray(np.concatenate(parts, axis=-1))
+    if scalar:
+        bias = float(_to_host(params["score_head"]["bias"]).astype(np.float64).reshape(-1)[0])
+        offset = _fold_normalization(cfg, tensors, prefix, bias, reward_norm)
+        if offset is not None:
+            setattr(hf_config, SCORE_OFFSET_KEY, offset)
     path = os.path.abspath(os.path.expanduser(path))
     if jax.process_index() == 0:
         os.makedirs(path, exist_ok=True)
@@ -438,3 +529,35 @@ def save_pretrained(path: str, model: Transformer, params: dict, tokenizer: Any 
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
     return path
+
+
+def _fold_normalization(cfg: TransformerConfig, tensors: dict[str, np.ndarray], prefix: str,
+                        bias: float, reward_norm: dict | None) -> float | None:
+    """Rewrite the exported score so that it is ``((w.h + bias) - mean) / std``.
+
+    Returns the constant left for config.json (Llama / Qwen2), or None when it was folded into
+    the weights (GPT-2).
+    """
+    norm = reward_norm or {}
+    mean, std = float(norm.get("mean", 0.0)), float(norm.get("std", 1.0))
+    if not std > 0:
+        raise ValueError(f"reward_norm std={std}: must be positive")
+    tensors["score.weight"] = (tensors["score.weight"].astype(np.float64) / std).astype(np.float32)
+    c = (bias - mean) / std
+    if not c:
+        return None
+    if cfg.arch != "gpt2":
+        log.warning("transformers' logits for this %s reward model are ours minus %.6g "
+                    "(config.json %s; RMSNorm has no bias to fold it into); rankings and "
+                    "pairwise preferences are unaffected", cfg.arch, c, SCORE_OFFSET_KEY)
+        return c
+    # The score is the only reader of ln_f's output in GPT2ForSequenceClassification, so shifting
+    # ln_f.bias along w adds exactly c to the logit and changes nothing else. The float32 weight
+    # actually written is the one the shift must be measured against.
+    w = tensors["score.weight"][0].astype(np.float64)
+    norm2 = float(w @ w)
+    if norm2 == 0.0:
+        raise ValueError("score head weight is all zeros: its constant score cannot be exported")
+    key = prefix + "ln_f.bias"
+    tensors[key] = (tensors[key].astype(np.float64) + c * w / norm2).astype(np.float32)
+    return None
