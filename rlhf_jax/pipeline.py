@@ -111,6 +111,17 @@ def make_comparisons_stage(cfg, workdir: str, files: dict[str, str]) -> dict[str
     return {"n_train": len(train)}
 
 
+def ppo_stage_config(cfg: ml_collections.ConfigDict, workdir: str,
+                     name: str = "ppo") -> ml_collections.ConfigDict:
+    """The config the pipeline's ``ppo`` or ``ppo_ptx`` stage runs with: policy from sft_ptx,
+    reward and value from rm, the pipeline's prompts and pretraining text."""
+    files = world_files(cfg, workdir)
+    model_dir = lambda stage: os.path.join(os.path.abspath(workdir), stage, "model")
+    return _with(cfg.ppo, name=name, policy_from=model_dir("sft_ptx"), reward_from=model_dir("rm"),
+                 data__prompts=files["ppo_prompts"], data__pretrain=files["pretrain"],
+                 ppo__ptx_coef=cfg.ppo_ptx_coef if name == "ppo_ptx" else 0.0)
+
+
 def evaluate_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """`rlhf-jax eval`: (re-)evaluate the models of a pipeline workdir and rewrite the report."""
     from rlhf_jax import evaluation_report
@@ -169,11 +180,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     run_stage(workdir, "rm", lambda: reward.train(_with(
         cfg.rm, init_from=rm_base, data__train=comparisons,
         normalize__demonstrations=files["sft"]), stage_dir("rm")), timings)
-    for name, ptx_coef in (("ppo", 0.0), ("ppo_ptx", cfg.ppo_ptx_coef)):
-        run_stage(workdir, name, lambda ptx_coef=ptx_coef, name=name: ppo.train(_with(
-            cfg.ppo, name=name, policy_from=model_dir("sft_ptx"), reward_from=model_dir("rm"),
-            data__prompts=files["ppo_prompts"], data__pretrain=files["pretrain"],
-            ppo__ptx_coef=ptx_coef), stage_dir(name)), timings)
+    for name in ("ppo", "ppo_ptx"):
+        run_stage(workdir, name, lambda name=name: ppo.train(
+            ppo_stage_config(cfg, workdir, name), stage_dir(name)), timings)
     results: dict[str, Any] = {}
 
     def evaluate():

@@ -1,11 +1,11 @@
-"""The whole pipeline at micro scale (every stage), and the real-data config on tiny stand-ins."""
+"""The whole pipeline at micro scale, every stage (real-data configs: tests/test_byo.py)."""
 import json
 import math
 import os
 
 import numpy as np
 
-from rlhf_jax.config import apply_overrides, load_config
+from rlhf_jax.config import load_config
 from rlhf_jax.pipeline import STAGES, run
 
 EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
@@ -61,63 +61,3 @@ def test_micro_pipeline_every_stage_and_artifact(tmp_path):
     # A second invocation skips every finished stage and reproduces the report.
     again = run(cfg, str(tmp_path))
     assert again["this_invocation_seconds"] < results["wall_seconds"]
-
-
-def _tiny_hf_standins(root):
-    """A tiny GPT-2 checkpoint + tokenizer, and HH-style JSONL files, all made here."""
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["human", "assistant", ":", "hello", "thanks", "sure", "no", "help", "please", "ok",
-             "good", "bad", "rude", "kind", "answer", "question", "."]
-    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
-                                                     eos_token="<eos>", unk_token="<unk>")
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=1, n_head=2,
-        bos_token_id=1, eos_token_id=1))
-    base = root / "gpt2_tiny"
-    model.save_pretrained(base)
-    tokenizer.save_pretrained(base)
-
-    rng = np.random.default_rng(0)
-    prompt = lambda: "human : " + " ".join(rng.choice(["hello", "help", "please", "question"], 3)) + " assistant :"
-    files = {}
-    def write(name, rows):
-        files[name] = str(root / f"{name}.jsonl")
-        with open(files[name], "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-    write("pretrain", [{"text": " ".join(rng.choice(words, 12))} for _ in range(64)])
-    write("sft", [{"prompt": prompt(), "completion": "sure kind answer ."} for _ in range(48)])
-    write("comparisons", [{"prompt": prompt(), "chosen": "sure kind answer .", "rejected": "no rude ."}
-                          for _ in range(48)])
-    write("comparisons_test", [{"prompt": prompt(), "chosen": "ok good .", "rejected": "bad rude ."}
-                               for _ in range(16)])
-    write("ppo_prompts", [{"prompt": prompt()} for _ in range(32)])
-    write("eval_prompts", [{"prompt": prompt()} for _ in range(16)])
-    return str(base), files
-
-
-def test_gpt2_hh_config_runs_on_tiny_standins(tmp_path):
-    base, files = _tiny_hf_standins(tmp_path)
-    cfg = load_config(os.path.join(EXPERIMENTS, "gpt2_hh.py"))
-    overrides = [f"base_model={base}"] + [f"data.{k}={v}" for k, v in files.items()]
-    for stage in ("sft", "sft_ptx", "rm", "ppo"):
-        overrides += [f"{stage}.mesh.shape=(1,1,1)", f"{stage}.data.max_prompt_len=8",
-                      f"{stage}.data.max_response_len=8"]
-    for stage in ("sft", "sft_ptx", "rm"):
-        overrides += [f"{stage}.train.steps=2", f"{stage}.train.batch_size=8",
-                      f"{stage}.optim.warmup_steps=0"]
-    overrides += ["sft.train.eval_every=0", "sft_ptx.train.eval_every=0", "ppo.data.ptx_seq_len=16",
-                  "ppo.ppo.iterations=1", "ppo.ppo.rollout_batch_size=8", "ppo.ppo.minibatch_size=4",
-                  "ppo.ppo.warmup_iterations=0", "ppo.ppo.ptx_per_episode=1",
-                  "eval.n_prompts=8", "eval.prompted_max_prompt_len=40"]
-    apply_overrides(cfg, overrides)
-    results = run(cfg, str(tmp_path / "run"))
-    assert 0.0 <= results["rm_accuracy"]["test"] <= 1.0
-    for model in ("base", "sft", "ppo", "ppo_ptx"):
-        assert np.isfinite(results["proxy_score"][model]) and np.isfinite(results["kl_to_sft"][model])
-    assert (tmp_path / "run" / "ppo_ptx" / "model_ema" / "model_config.json").exists()
-    assert (tmp_path / "run" / "results.md").exists()
