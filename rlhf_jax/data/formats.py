@@ -66,6 +66,8 @@ import os
 import tempfile
 from typing import Any, Iterable, Mapping
 
+from rlhf_jax.errors import UserError
+
 FORMATS: tuple[str, ...] = ("pretrain", "demonstrations", "comparisons", "prompts")
 DEFAULT_MAX_K = 9
 # Anthropic HH-RLHF turn markers; a transcript's prompt ends with its last assistant marker.
@@ -83,7 +85,7 @@ def abbreviate(value: Any, limit: int = _VALUE_PREVIEW_CHARS) -> str:
     return text[: limit - 3] + "..."
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A row (or a whole file) that does not match its format.
 
     The message always names the source (file path or TFDS split), the line

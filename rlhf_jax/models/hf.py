@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from rlhf_jax.errors import UserError
 from rlhf_jax.models.config import TransformerConfig, gpt2_config, llama_config, qwen2_config
 from rlhf_jax.models.params import (param_shardings, stack_layers, unstack_layers)
 from rlhf_jax.models.transformer import Transformer
@@ -56,7 +57,7 @@ SEQ_CLS = {"GPT2ForSequenceClassification": "gpt2", "LlamaForSequenceClassificat
 SCORE_OFFSET_KEY = "rlhf_jax_score_offset"
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """A checkpoint directory that does not match what its config.json describes."""
 
 
