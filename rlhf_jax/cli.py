@@ -4,6 +4,14 @@ Training commands take ``--config experiments/<file>.py[:arg]``, ``--workdir DIR
 of ``--config.a.b=value`` overrides (typed like the value they replace). Run
 ``rlhf-jax <command> --help`` for the options of one command, and
 ``rlhf-jax <command> --config FILE --show-config`` to print the resolved config.
+
+Multi-host: run the same command on every host. On a Cloud TPU pod nothing else is needed;
+elsewhere add ``--coordinator_address HOST:PORT --num_processes N --process_id I``.
+
+Exit codes: 0 done; 2 a problem with the inputs (config, data, checkpoint, path, permission),
+printed as one line ``rlhf-jax: error: ...`` (``--debug`` shows the traceback); 3 training
+produced NaN/Inf (the last finite checkpoint is kept); 143 / 130 stopped by SIGTERM / SIGINT
+after checkpointing (run the same command again to resume); 1 an internal error (traceback).
 """
 from __future__ import annotations
 
@@ -95,10 +103,29 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _add_train_parser(sub, name: str, help_text: str) -> None:
-    p = sub.add_parser(name, help=help_text, description=help_text,
+def _run_flags() -> argparse.ArgumentParser:
+    """Flags every command takes: the multi-host runtime and error reporting."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group(
+        "multi-host (jax.distributed; auto-detected on Cloud TPU pods, same flags on every host)")
+    group.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                       help="process 0's address, reachable from every host")
+    group.add_argument("--num_processes", type=int, default=None, metavar="N",
+                       help="number of processes (hosts) in the run")
+    group.add_argument("--process_id", type=int, default=None, metavar="I",
+                       help="this process's index, 0..N-1")
+    common.add_argument("--debug", action="store_true",
+                        help="show the traceback of input errors instead of one line")
+    return common
+
+
+def _add_train_parser(sub, name: str, help_text: str, parents: list) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text, parents=parents,
                        epilog=EPILOG + "\n" + _config_fields(name),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--allow_config_change", action="store_true",
+                   help="resume from checkpoints made with other hyperparameters (otherwise an "
+                        "error names the fields that differ)")
     p.add_argument("--config", required=True,
                    help="experiment config file defining get_config(), optionally FILE.py:ARG")
     p.add_argument("--workdir", required=False,
@@ -116,11 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rlhf-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--log-level", default="INFO", help="python logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parents = [_run_flags()]
     for name, (_, help_text) in TRAIN_COMMANDS.items():
-        _add_train_parser(sub, name, help_text)
+        _add_train_parser(sub, name, help_text, parents)
 
     ev = sub.add_parser(
-        "eval", help="evaluate every model of a pipeline workdir (win rates, scores, KL, capability)",
+        "eval", parents=parents, help="evaluate every model of a pipeline workdir (win rates, scores, KL, capability)",
         description="Re-run the evaluation of a finished (or partly finished) pipeline workdir: "
                     "win rate against SFT judged by training and by held-out labelers with 95%% "
                     "CIs, gold and RM scores, KL to SFT, capability evals, RM pair accuracy. "
@@ -130,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pipeline config (default: the config_pipeline.json the run saved)")
 
     sample = sub.add_parser(
-        "sample", help="sample responses from a model directory",
+        "sample", parents=parents, help="sample responses from a model directory",
         description="Sample from a model directory (a stage output such as runs/tiny/ppo/model, "
                     "or a transformers checkpoint directory) with the jitted KV-cache sampler.")
     sample.add_argument("--checkpoint", required=True, help="model directory")
@@ -147,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="PRNG seed (0)")
 
     comp = sub.add_parser(
-        "compile", help="compile every step of a stage ahead of time for a TPU topology (fits?)",
+        "compile", parents=parents, help="compile every step of a stage ahead of time for a TPU topology (fits?)",
         description="Lower and compile each jitted step of the chosen stage(s) for a TPU topology "
                     "on this machine (no TPU needed: `pip install -e \".[tpu]\"`, "
                     "JAX_PLATFORMS=cpu), from abstract shapes only: no weights, no data. Reports "
@@ -169,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", default=None, help="write the JSON report here")
 
     prof = sub.add_parser(
-        "profile", help="time a stage's compiled steps on this machine (FLOPs, memory, MFU, trace)",
+        "profile", parents=parents, help="time a stage's compiled steps on this machine (FLOPs, memory, MFU, trace)",
         description="Build a stage's steps from its config, fill them with random weights of the "
                     "config's shapes (no data needed) or a workdir's checkpoints, and report "
                     "compile time, FLOPs and bytes, per-device memory, median step time after "
@@ -191,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", default=None, help="write the JSON report here")
 
     conv = sub.add_parser(
-        "convert", help="convert checkpoints between transformers (safetensors) and rlhf_jax",
+        "convert", parents=parents, help="convert checkpoints between transformers (safetensors) and rlhf_jax",
         description="Convert a local transformers checkpoint directory (config.json + "
                     "*.safetensors + tokenizer) to an rlhf_jax model directory (orbax params + "
                     "model_config.json + tokenizer), or back. Reward / value models (scalar "
@@ -214,11 +242,44 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+# What a user can fix, reported in one line (exit 2); anything else keeps its traceback.
+_INPUT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                 FileExistsError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; maps the errors of rlhf_jax.errors to one line and an exit code."""
+    from rlhf_jax import errors
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        return _main(argv)
+    except errors.Preempted as e:
+        print(f"rlhf-jax: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except (errors.UserError, *_INPUT_ERRORS) as e:
+        if debug:
+            raise
+        print(f"rlhf-jax: error: {_one_line(e)}", file=sys.stderr)
+        return getattr(e, "exit_code", errors.EXIT_USER_ERROR)
+
+
+def _main(argv: list[str]) -> int:
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
     _setup_logging(args.log_level)
+    # Before anything touches a device: every host joins the same runtime.
+    try:   # TEMP until distributed.py lands
+        from rlhf_jax import distributed
+    except ImportError:
+        distributed = None
+    if distributed is not None:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
 
     if args.command == "convert":
         from rlhf_jax import convert
@@ -253,18 +314,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.workdir:
         raise SystemExit("error: --workdir is required")
+    from rlhf_jax import validate
+    validate.check(cfg)
+    if args.allow_config_change:
+        _allow_config_change(cfg)
     os.makedirs(args.workdir, exist_ok=True)
     cache = args.compilation_cache or (os.path.join(args.workdir, "jax_cache")
                                        if args.command == "pipeline" else None)
     if cache and cache.lower() != "none":
         from rlhf_jax.stages.common import enable_compilation_cache
         enable_compilation_cache(cache)
-    with open(os.path.join(args.workdir, f"config_{args.command}.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True, default=str)
+    if jax_process_index() == 0:
+        _write_json_atomic(os.path.join(args.workdir, f"config_{args.command}.json"), cfg.to_dict())
     result = _call(TRAIN_COMMANDS[args.command][0])(cfg, args.workdir)
     if args.command != "pipeline":   # the pipeline prints its own results table
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
+
+
+def jax_process_index() -> int:
+    import jax
+    return jax.process_index()
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    """Write-then-rename: a crash leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _allow_config_change(cfg) -> None:
+    """Set ``allow_config_change`` on the config and, for a pipeline, on every stage section."""
+    sections = [cfg] + [cfg[k] for k in ("pretrain", "sft", "sft_ptx", "rm", "ppo")
+                        if k in cfg and "policy_from" not in cfg]
+    for section in sections:
+        with section.unlocked():
+            section.allow_config_change = True
 
 
 def _sample(args: argparse.Namespace) -> int:

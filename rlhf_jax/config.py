@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from rlhf_jax.errors import ConfigError, UnknownFieldError
 from rlhf_jax.models.config import TransformerConfig, gpt2_config, llama_config, qwen2_config
 
 
@@ -26,9 +27,13 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module_spec = importlib.util.spec_from_file_location(
         f"rlhf_jax_experiment_{abs(hash(os.path.abspath(path)))}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid Python in the config file ({e.msg})") from e
     if not hasattr(module, "get_config"):
-        raise AttributeError(f"config file {path!r} defines no get_config()")
+        raise ConfigError(f"{path}: defines no get_config(); an experiment file returns its "
+                          "ConfigDict from get_config(arg=None)")
     return module.get_config(arg) if arg else module.get_config()
 
 
@@ -37,7 +42,7 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
     if isinstance(current, bool):
         lowered = text.lower()
         if lowered not in ("true", "false", "1", "0"):
-            raise ValueError(f"--config.{key}={text!r}: expected a boolean (true/false)")
+            raise ConfigError(f"--config.{key}={text!r}: expected a boolean (true/false)")
         return lowered in ("true", "1")
     if isinstance(current, str):
         return text
@@ -46,13 +51,13 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
     except (ValueError, SyntaxError):
         if current is None:
             return text
-        raise ValueError(f"--config.{key}={text!r}: expected a {type(current).__name__} "
+        raise ConfigError(f"--config.{key}={text!r}: expected a {type(current).__name__} "
                          f"(current value {current!r})") from None
     if isinstance(current, float) and isinstance(value, int):
         value = float(value)
     if current is not None and not isinstance(value, type(current)) and not (
             isinstance(current, (tuple, list)) and isinstance(value, (tuple, list))):
-        raise ValueError(f"--config.{key}={text!r}: expected a {type(current).__name__} "
+        raise ConfigError(f"--config.{key}={text!r}: expected a {type(current).__name__} "
                          f"(current value {current!r})")
     if isinstance(current, tuple):
         value = tuple(value)
@@ -64,15 +69,15 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r}: expected --config.key=value")
+            raise ConfigError(f"override {item!r}: expected --config.key=value")
         *parents, leaf = key.split(".")
         node = cfg
         for i, name in enumerate(parents):
             if name not in node:
-                raise KeyError(f"--config.{key}: no field {'.'.join(parents[:i + 1])!r} in the config")
+                raise UnknownFieldError(f"--config.{key}: no field {'.'.join(parents[:i + 1])!r} in the config")
             node = node[name]
         if leaf not in node:
-            raise KeyError(f"--config.{key}: no field {key!r} in the config "
+            raise UnknownFieldError(f"--config.{key}: no field {key!r} in the config "
                            f"(fields here: {sorted(node.keys())})")
         with node.unlocked() if hasattr(node, "unlocked") else contextlib.nullcontext():
             node[leaf] = _parse_value(text, node[leaf], key)
@@ -93,7 +98,7 @@ def model_config_from(model_cfg: ml_collections.ConfigDict | dict, tokenizer: An
     fields.update(overrides)
     maker = {"gpt2": gpt2_config, "llama": llama_config, "qwen2": qwen2_config}.get(arch)
     if maker is None:
-        raise ValueError(f"model.arch={arch!r}; expected gpt2, llama or qwen2")
+        raise ConfigError(f"model.arch={arch!r}: expected 'gpt2', 'llama' or 'qwen2'")
     return maker(**fields)
 
 
@@ -270,7 +275,8 @@ def stage_configs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.Co
     stage's config is returned under its ``name``. ``vocab_size`` missing from an architecture
     comes from ``cfg.vocab_size`` or, for the built-in world, the world's tokenizer.
     """
-    if not any(s in cfg for s in STAGES):
+    if "policy_from" in cfg or not any(s in cfg for s in STAGES):   # one stage's config
+        # (a PPO stage config has a `ppo` section of its own: policy_from tells it apart)
         name = cfg.get("name", "")
         kind = "ppo" if "ppo" in name or "policy_from" in cfg else (
             "rm" if "normalize" in cfg else "sft")

@@ -30,6 +30,13 @@ class ConfigError(UserError, ValueError):
     """A config field with a value the run cannot use."""
 
 
+class UnknownFieldError(ConfigError, KeyError):
+    """An override or lookup naming a config field that does not exist."""
+
+    def __str__(self) -> str:   # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class NonFiniteError(UserError):
     """A loss, gradient norm or parameter became NaN or Inf (exit 3)."""
 

@@ -1,0 +1,318 @@
+"""Every config checked before any model loads or any step compiles.
+
+``check(cfg)`` takes a stage config (``rlhf-jax sft|rm|ppo``) or a pipeline-style one and raises
+one :class:`~rlhf_jax.errors.ConfigError` listing every problem found, each as
+``<field>=<value>: expected <what>``:
+
+* sizes: batch sizes, lengths, epochs, K, iteration counts positive (or >= 0 where 0 means
+  "off" / "from the other field"); probabilities, rates and coefficients in range;
+* enums: ``kl_controller``, ``rm.mode``, ``data.overlong``, ``optim.decay``, dtypes, ``arch``;
+* divisibility: PPO's rollout batch by its minibatch, every batch by the mesh's batch
+  parallelism (data x fsdp), the mesh by the number of devices;
+* shapes the networks must hold: prompt + response (and ptx, eval) lengths against each
+  network's ``max_position``: past it, position lookups read out of range and train to NaN;
+* one vocabulary: policy, reference, reward and value networks (and the tokenizers saved beside
+  them) must agree, since a token id means the same thing to all of them;
+* data files that exist.
+
+Architectures are read from the config's model sections or from ``config.json`` /
+``model_config.json`` of the directories it names: no weights are read.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from rlhf_jax.config import stage_configs
+from rlhf_jax.errors import ConfigError
+
+ENUMS = {
+    "ppo.kl_controller": ("fixed", "adaptive"),
+    "mode": ("kway", "shuffled_pairs"),
+    "data.overlong": ("truncate", "drop"),
+    "optim.decay": ("cosine", "constant"),
+    "model_runtime.dtype": ("float32", "bfloat16"),
+    "ppo.frozen_dtype": ("float32", "bfloat16"),
+    "data.format": ("demonstrations", "pretrain"),
+    "model.arch": ("gpt2", "llama", "qwen2"),
+}
+PRETRAIN_OVERLONG = ("truncate", "chunk", "drop")
+
+
+class _Problems:
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.items: list[str] = []
+
+    def add(self, field: str, value: Any, expected: str) -> None:
+        self.items.append(f"{self.prefix}{field}={value!r}: expected {expected}")
+
+
+def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        if node is None or not hasattr(node, "get") or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(p: _Problems, cfg: Any, field: str, ok: Callable[[Any], bool], expected: str) -> None:
+    value = _get(cfg, field, _MISSING)
+    if value is _MISSING or value is None:
+        return
+    try:
+        good = ok(value)
+    except TypeError:
+        good = False
+    if not good:
+        p.add(field, value, expected)
+
+
+_MISSING = object()
+POSITIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                "a positive integer")
+NON_NEGATIVE_INT = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                    "an integer >= 0")
+NON_NEGATIVE = (lambda v: _number(v) and v >= 0, "a finite number >= 0")
+POSITIVE = (lambda v: _number(v) and v > 0, "a finite number > 0")
+UNIT_OPEN = (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
+UNIT_CLOSED = (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+
+
+def _common(p: _Problems, cfg: Any) -> None:
+    for field, choices in ENUMS.items():
+        value = _get(cfg, field, _MISSING)
+        if value is _MISSING:
+            continue
+        if field == "data.overlong" and _get(cfg, "data.format") == "pretrain":
+            choices = PRETRAIN_OVERLONG
+        if value not in choices:
+            p.add(field, value, "one of " + ", ".join(repr(c) for c in choices))
+    for field in ("optim.lr", "ppo.lr", "ppo.value_lr"):
+        _check(p, cfg, field, *NON_NEGATIVE)
+    for field in ("optim.warmup_steps", "train.steps", "ppo.iterations", "ppo.warmup_iterations",
+                  "train.logprob_chunk", "ppo.logprob_chunk", "ppo.top_k", "train.eval_every",
+                  "ppo.sample_every", "seed"):
+        _check(p, cfg, field, *NON_NEGATIVE_INT)
+    for field in ("train.batch_size", "data.max_prompt_len", "data.max_response_len",
+                  "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                  "ppo.rollout_batch_size", "ppo.minibatch_size", "ppo.epochs",
+                  "ppo.checkpoint_every", "data.ptx_seq_len"):
+        _check(p, cfg, field, *POSITIVE_INT)
+    _check(p, cfg, "train.epochs", *NON_NEGATIVE)
+    for field in ("train.dropout", "data.valid_fraction", "data.pretrain_mix", "ppo.ema_decay"):
+        _check(p, cfg, field, *UNIT_OPEN)
+    for field in ("optim.final_fraction", "optim.warmup_start_fraction", "ppo.gamma", "ppo.lam"):
+        _check(p, cfg, field, *UNIT_CLOSED)
+    _check(p, cfg, "ppo.top_p", lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]")
+    for field in ("ppo.temperature", "ppo.clip_eps", "ppo.kl_target", "ppo.kl_horizon"):
+        _check(p, cfg, field, *POSITIVE)
+    for field in ("ppo.kl_coef", "ppo.ptx_coef", "ppo.entropy_coef", "optim.grad_clip_norm",
+                  "ppo.grad_clip_norm", "optim.weight_decay"):
+        _check(p, cfg, field, *NON_NEGATIVE)
+    _check(p, cfg, "data.max_k", lambda v: isinstance(v, int) and v >= 2,
+           "an integer >= 2 (a comparison ranks at least two completions)")
+    if _get(cfg, "ppo.ptx_coef", 0) and _number(_get(cfg, "ppo.ptx_coef")):
+        _check(p, cfg, "ppo.ptx_per_episode", *POSITIVE_INT)
+    if "ppo" in cfg and not _get(cfg, "ppo.iterations"):
+        _check(p, cfg, "ppo.total_episodes", *POSITIVE_INT)
+
+
+def _mesh_parallelism(p: _Problems, cfg: Any) -> int | None:
+    """Batch parallelism (data x fsdp) of the stage's mesh on this run's devices."""
+    from rlhf_jax.sharding import resolve_mesh_shape
+    shape = _get(cfg, "mesh.shape")
+    if shape is None:
+        return None
+    try:
+        shape = tuple(int(s) for s in shape)
+        n = jax.device_count()
+        wanted = math.prod(shape)
+        if -1 not in shape and 0 < wanted < n and jax.process_count() == 1:
+            n = wanted      # make_mesh takes a sub-mesh on one host
+        resolved = resolve_mesh_shape(shape, n)
+    except (TypeError, ValueError) as e:
+        p.add("mesh.shape", shape, f"(data, fsdp, tensor) sizes whose product is this run's "
+                                   f"{jax.device_count()} devices (-1: the rest)")
+        return None
+    if len(resolved) != 3:
+        p.add("mesh.shape", shape, "three sizes (data, fsdp, tensor)")
+        return None
+    return resolved[0] * resolved[1]
+
+
+def _divisible(p: _Problems, cfg: Any, par: int | None) -> None:
+    rollout, minibatch = _get(cfg, "ppo.rollout_batch_size"), _get(cfg, "ppo.minibatch_size")
+    if isinstance(rollout, int) and isinstance(minibatch, int) and minibatch > 0 and rollout % minibatch:
+        p.add("ppo.rollout_batch_size", rollout,
+              f"a multiple of ppo.minibatch_size={minibatch} (whole minibatches per epoch)")
+    if not par or par == 1:
+        return
+    sizes = {"train.batch_size": _get(cfg, "train.batch_size"),
+             "ppo.rollout_batch_size": rollout, "ppo.minibatch_size": minibatch}
+    if _get(cfg, "ppo.ptx_coef"):
+        per = _get(cfg, "ppo.ptx_per_episode")
+        if isinstance(per, int) and isinstance(minibatch, int):
+            sizes["ppo.ptx_per_episode x ppo.minibatch_size"] = per * minibatch
+    for field, value in sizes.items():
+        if isinstance(value, int) and value > 0 and value % par:
+            p.add(field, value, f"a multiple of the mesh's batch parallelism data x fsdp = {par}")
+
+
+def _arch(source: str, section: Any, tokenizer_vocab: int | None = None):
+    """(TransformerConfig or None, where it came from) without reading weights."""
+    from rlhf_jax.stages.common import model_config_for_build
+    fields = dict(section or {})
+    if not source and "vocab_size" not in fields and tokenizer_vocab:
+        fields["vocab_size"] = tokenizer_vocab
+    if not source and not fields:
+        return None, ""
+    if not source and "vocab_size" not in fields:
+        return None, ""
+    return model_config_for_build(fields, source), source or "model section"
+
+
+def _dir_problem(p: _Problems, field: str, path: str) -> bool:
+    if not path:
+        return False
+    if "://" in path:
+        return False
+    if not os.path.isdir(path):
+        p.add(field, path, "a model directory (ours, or a transformers checkpoint with config.json)")
+        return True
+    return False
+
+
+def _tokenizer(path: str):
+    if not path or "://" in path or not os.path.isdir(path):
+        return None
+    from rlhf_jax.models.hf import load_tokenizer
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    if not any(os.path.exists(os.path.join(path, n)) for n in names):
+        return None
+    return load_tokenizer(path)
+
+
+def _lengths(p: _Problems, cfg: Any, name: str, max_position: int) -> None:
+    prompt, response = _get(cfg, "data.max_prompt_len"), _get(cfg, "data.max_response_len")
+    if isinstance(prompt, int) and isinstance(response, int) and prompt + response > max_position:
+        p.add("data.max_prompt_len + max_response_len", prompt + response,
+              f"at most {name}'s max_position={max_position}")
+    ptx = _get(cfg, "data.ptx_seq_len")
+    if _get(cfg, "ppo.ptx_coef") and isinstance(ptx, int) and ptx > max_position:
+        p.add("data.ptx_seq_len", ptx, f"at most {name}'s max_position={max_position}")
+
+
+def _data_paths(p: _Problems, cfg: Any, fields: tuple[str, ...]) -> None:
+    for field in fields:
+        path = _get(cfg, field)
+        if isinstance(path, str) and path and not path.startswith("tfds:") and "://" not in path \
+                and not os.path.isfile(path):
+            p.add(field, path, "an existing JSONL file (or tfds:<name>:<split>)")
+
+
+def _networks(p: _Problems, cfg: Any, kind: str) -> None:
+    """Lengths against max_position and one vocabulary across the stage's networks."""
+    if kind in ("sft", "rm"):
+        source = _get(cfg, "init_from") or ""
+        if _dir_problem(p, "init_from", source):
+            return
+        tok = _tokenizer(source) or _tokenizer(_get(cfg, "tokenizer") or "")
+        arch, where = _arch(source, _get(cfg, "model"), len(tok) if tok is not None else None)
+        nets = {"model": (arch, where, tok)}
+    else:
+        nets = {}
+        sources = {"policy": _get(cfg, "policy_from") or "", "reward": _get(cfg, "reward_from") or ""}
+        sources["value"] = _get(cfg, "value_from") or sources["reward"]
+        sections = {"policy": _get(cfg, "policy_model"), "reward": _get(cfg, "reward_model")}
+        sections["value"] = _get(cfg, "value_model") or sections["reward"]
+        for name, source in sources.items():
+            field = f"{name}_from" if name != "value" or _get(cfg, "value_from") else "reward_from"
+            if _dir_problem(p, field, source):
+                return
+            if sections[name] and not source:
+                arch, where = _arch("", sections[name])
+            else:
+                arch, where = _arch(source, sections[name] if not source else None)
+            nets[name] = (arch, where, _tokenizer(source))
+    policy_tok = next((t for _, _, t in nets.values() if t is not None), None)
+    known = {n: v for n, v in nets.items() if v[0] is not None}
+    if known:   # the tightest network bounds the lengths
+        name = min(known, key=lambda n: known[n][0].max_position)
+        _lengths(p, cfg, f"the {name} network ({known[name][1]})", known[name][0].max_position)
+    vocab = {}
+    for name, (arch, where, tok) in known.items():
+        vocab[name] = (arch.vocab_size, where)
+        if tok is not None and len(tok) > arch.vocab_size:
+            p.add(f"{name} tokenizer size", len(tok),
+                  f"at most the {name} network's vocab_size={arch.vocab_size} ({where}); larger "
+                  "ids index past the embedding")
+    if len({v for v, _ in vocab.values()}) > 1:
+        listed = ", ".join(f"{n} {v} ({w})" for n, (v, w) in vocab.items())
+        p.add("vocab_size", listed, "the same vocabulary for policy, reference, reward and value")
+    toks = [(n, t) for n, (_, _, t) in nets.items() if t is not None]
+    if policy_tok is not None:
+        ref = policy_tok.get_vocab()
+        for name, tok in toks[1:]:
+            if tok is not policy_tok and tok.get_vocab() != ref:
+                p.add(f"{name} tokenizer", "differs", f"the {toks[0][0]} tokenizer's vocabulary "
+                      "(the same token ids for every network)")
+
+
+def _stage(p: _Problems, cfg: Any, kind: str) -> None:
+    _common(p, cfg)
+    par = _mesh_parallelism(p, cfg)
+    _divisible(p, cfg, par)
+    fields = {"sft": ("data.train", "data.valid", "data.pretrain_path"),
+              "rm": ("data.train", "data.valid", "normalize.demonstrations"),
+              "ppo": ("data.prompts", "data.pretrain")}[kind]
+    _data_paths(p, cfg, fields)
+    if kind == "ppo" and _get(cfg, "ppo.ptx_coef") and not _get(cfg, "data.pretrain") \
+            and _get(cfg, "policy_from"):
+        p.add("data.pretrain", "", "a pretraining text file when ppo.ptx_coef > 0")
+    if kind == "sft" and _get(cfg, "data.pretrain_mix") and not _get(cfg, "data.pretrain_path") \
+            and _get(cfg, "data.train"):
+        p.add("data.pretrain_path", "", "a pretraining text file when data.pretrain_mix > 0")
+    _networks(p, cfg, kind)
+
+
+def check(cfg: ml_collections.ConfigDict) -> None:
+    """Raise ConfigError naming every bad field of a stage or pipeline config."""
+    problems: list[str] = []
+    pipeline = "policy_from" not in cfg and any(s in cfg for s in ("sft", "rm", "ppo"))
+    try:
+        stages = stage_configs(cfg)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise ConfigError(f"config: {e}") from None
+    for kind, stage in stages.items():
+        p = _Problems(f"{kind}." if pipeline else "")
+        try:
+            _stage(p, stage, kind)
+        except (ValueError, FileNotFoundError) as e:
+            p.items.append(f"{p.prefix.rstrip('.') or kind}: {e}")
+        problems += p.items
+    if pipeline:
+        p = _Problems("")
+        _check(p, cfg, "ppo_ptx_coef", *NON_NEGATIVE)
+        for stage in ("pretrain", "sft_ptx"):
+            if stage in cfg:
+                sub = _Problems(f"{stage}.")
+                _common(sub, cfg[stage])
+                p.items += sub.items
+        if "eval" in cfg:
+            _check(p, cfg, "eval.n_prompts", *POSITIVE_INT)
+            _check(p, cfg, "eval.temperature", *POSITIVE)
+        if not _get(cfg, "world.enabled", True):
+            _data_paths(p, cfg, tuple(f"data.{k}" for k in (_get(cfg, "data") or {})))
+        problems += p.items
+    if problems:
+        raise ConfigError("config: " + "; ".join(problems))
