@@ -105,15 +105,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def _run_flags() -> argparse.ArgumentParser:
     """Flags every command takes: the multi-host runtime and error reporting."""
+    from rlhf_jax import distributed
     common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group(
-        "multi-host (jax.distributed; auto-detected on Cloud TPU pods, same flags on every host)")
-    group.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
-                       help="process 0's address, reachable from every host")
-    group.add_argument("--num_processes", type=int, default=None, metavar="N",
-                       help="number of processes (hosts) in the run")
-    group.add_argument("--process_id", type=int, default=None, metavar="I",
-                       help="this process's index, 0..N-1")
+    distributed.add_arguments(common)
     common.add_argument("--debug", action="store_true",
                         help="show the traceback of input errors instead of one line")
     return common
@@ -274,12 +268,8 @@ def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(rest)
     _setup_logging(args.log_level)
     # Before anything touches a device: every host joins the same runtime.
-    try:   # TEMP until distributed.py lands
-        from rlhf_jax import distributed
-    except ImportError:
-        distributed = None
-    if distributed is not None:
-        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    from rlhf_jax import distributed
+    distributed.initialize_from_args(args)
 
     if args.command == "convert":
         from rlhf_jax import convert

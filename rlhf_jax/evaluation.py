@@ -22,8 +22,9 @@ from rlhf_jax import objectives as obj
 from rlhf_jax import scoring
 from rlhf_jax.data import tokenize_demonstrations, tokenize_prompts
 from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.distributed import fetch
 from rlhf_jax.sampling import SamplingConfig, make_generate_fn
-from rlhf_jax.sharding import shard_batch
+from rlhf_jax.sharding import shard_global_batch
 
 
 # --- batching ----------------------------------------------------------------------------------
@@ -31,7 +32,9 @@ from rlhf_jax.sharding import shard_batch
 def _padded_batches(arrays: Mapping[str, np.ndarray], batch_size: int):
     """Fixed-size batches over all rows, the last one padded by repeating row 0 (static shapes).
 
-    Yields (batch, n_real) pairs; callers keep the first n_real outputs.
+    Yields (batch, n_real) pairs; callers keep the first n_real outputs. Every process of a
+    multi-host run iterates over the same global batches; ``_place`` feeds each process's rows
+    and ``fetch`` brings the full outputs back to every process.
     """
     n = len(next(iter(arrays.values())))
     for start in range(0, n, batch_size):
@@ -52,7 +55,7 @@ def _batch_size_for(mesh: Mesh | None, wanted: int) -> int:
 def _place(batch: Mapping[str, np.ndarray], mesh: Mesh | None) -> dict[str, jax.Array]:
     if mesh is None:
         return {k: jnp.asarray(v) for k, v in batch.items()}
-    return shard_batch(batch, mesh)
+    return shard_global_batch(batch, mesh)
 
 
 # --- sampling ----------------------------------------------------------------------------------
@@ -85,8 +88,8 @@ def generate_texts(model: Transformer, params: Any, tokenizer: Any,
     keys = ("input_ids", "attention_mask")
     for i, (batch, n_real) in enumerate(_padded_batches({k: arrays[k] for k in keys}, batch_size)):
         device = _place(batch, mesh)
-        result = jax.device_get(fn(params, device["input_ids"], device["attention_mask"],
-                                   jax.random.fold_in(jax.random.key(seed), i)))
+        result = fetch(fn(params, device["input_ids"], device["attention_mask"],
+                          jax.random.fold_in(jax.random.key(seed), i)))
         for k in outs:
             outs[k].append(np.asarray(result[k])[:n_real])
     out = {k: np.concatenate(v) for k, v in outs.items()}
@@ -112,7 +115,7 @@ def _map_batches(fn, arrays: Mapping[str, np.ndarray], mesh: Mesh | None, batch_
     batch_size = _batch_size_for(mesh, batch_size)
     outs = []
     for batch, n_real in _padded_batches(arrays, batch_size):
-        outs.append(np.asarray(jax.device_get(fn(_place(batch, mesh))))[:n_real])
+        outs.append(np.asarray(fetch(fn(_place(batch, mesh))))[:n_real])
     return np.concatenate(outs)
 
 

@@ -11,6 +11,7 @@ op into a typing question.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -214,7 +215,54 @@ def shard_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, 
     out = {}
     for key, value in local_batch.items():
         value = np.asarray(value)
+        if jax.process_count() > 1:
+            check_process_rows(as_auto_mesh(mesh), value.shape[0])
         out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def check_process_rows(mesh: Mesh, local_rows: int) -> None:
+    """Refuse a mesh on which this process's devices do not hold exactly the rows it reads.
+
+    ``BatchIterator`` hands process ``i`` rows ``[i * local, (i + 1) * local)`` of each global
+    batch. If the batch axes ('data', 'fsdp') do not split the batch across processes in process
+    order (e.g. a mesh whose only large axis is 'tensor', spanning hosts), the rows would be
+    placed elsewhere or, worse, different processes would each claim to hold the same
+    replicated rows with different data: a silently wrong batch.
+    """
+    global_rows = local_rows * jax.process_count()
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((global_rows,))
+    spans = sorted({index[0].indices(global_rows)[:2] for index in index_map.values()})
+    held: list[list[int]] = []
+    for start, stop in spans:
+        if held and start <= held[-1][1]:
+            held[-1][1] = max(held[-1][1], stop)
+        else:
+            held.append([start, stop])
+    first = jax.process_index() * local_rows
+    if held != [[first, first + local_rows]]:
+        raise ValueError(
+            f"mesh {dict(mesh.shape)} over {jax.process_count()} processes: process "
+            f"{jax.process_index()} reads batch rows [{first}, {first + local_rows}) but its devices "
+            f"hold rows {[tuple(h) for h in held]} of {global_rows}; the batch axes {BATCH_AXES} "
+            "must split every batch across the processes, in process order (put the hosts on "
+            "'data' or 'fsdp', not on 'tensor')")
+
+
+def shard_global_batch(global_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Like ``shard_batch``, for a batch every process holds in full (evaluation inputs).
+
+    Each process places only the rows its own devices hold, wherever the mesh puts those
+    devices, so the global array is the same batch whatever the number of processes.
+    """
+    if jax.process_count() == 1:
+        return shard_batch(global_batch, mesh)
+    out = {}
+    for key, value in global_batch.items():
+        value = np.asarray(value)
+        out[key] = jax.make_array_from_callback(value.shape, batch_sharding(mesh, value.ndim),
+                                                lambda index, value=value: value[index])
     return out
 
 
