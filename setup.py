@@ -34,6 +34,10 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
         "torch": ["torch==2.13.0"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
+        # bench/ppo_speed.py. Tunix 0.1.7 (the third system) pins transformers/safetensors older
+        # than ours, so it is not listed: `pip install --no-deps google-tunix==0.1.7 && pip
+        # install google-metrax clu jaxtyping sentencepiece perfetto` (what its PPO imports).
+        "bench": ["trl==1.12.0", "torch==2.13.0"],
     },
     entry_points={"console_scripts": ["rlhf-jax=rlhf_jax.cli:main"]},
 )
