@@ -429,7 +429,8 @@ def load_tokenizer(path: str):
     (``Qwen2Tokenizer`` whenever config.json says qwen2), which rebuilds a custom tokenizer.json
     (say a WordLevel vocabulary) as byte-level BPE and silently changes every id.
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    # transformers.AutoTokenizer imports every model family's config (seconds): only when needed.
+    from transformers import PreTrainedTokenizerFast
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
     if not any(os.path.exists(os.path.join(path, n)) for n in names):
         log.warning("%s: no tokenizer files; returning tokenizer=None", path)
@@ -441,6 +442,7 @@ def load_tokenizer(path: str):
             declared = json.load(f).get("tokenizer_class")
     if declared in _GENERIC_TOKENIZER_CLASSES and os.path.exists(os.path.join(path, "tokenizer.json")):
         return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
