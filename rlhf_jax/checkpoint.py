@@ -17,6 +17,9 @@ own shards), and the directory must be on storage all hosts share (e.g. ``gs://`
 
 :func:`save_pytree` / :func:`load_pytree` store a single pytree outside any manager, for a
 stage's final output (e.g. the SFT params handed to the reward model and PPO stages).
+
+:func:`atomic_write_text` / :func:`atomic_write_json` write small files (stage markers, reports)
+so that a kill leaves either the old or the new file, never a truncated one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
+import time
 from typing import Any
 
 import jax
@@ -58,6 +63,43 @@ def abstract_like(tree: PyTree) -> PyTree:
     orbax's stored metadata turns them back into typed keys on restore.
     """
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling and a rename.
+
+    Readers (a rerun, the next stage) then see the previous file or the complete new one; the
+    data is fsynced before the rename so a power cut cannot leave the new name pointing at an
+    empty file. Object stores (``gs://``) write objects whole, so they are written directly.
+    """
+    target = os.fspath(path)
+    if not _is_local(target):
+        from etils import epath
+        epath.Path(target).write_text(text)
+        return
+    directory = os.path.dirname(os.path.abspath(target))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(target)}.",
+                                    suffix=".tmp")
+    try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, target)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> None:
+    """:func:`atomic_write_text` of ``json.dumps(obj, **dump_kwargs)`` plus a final newline."""
+    atomic_write_text(path, json.dumps(obj, **dump_kwargs) + "\n")
 
 
 def _check_json_serialisable(meta: dict) -> None:
@@ -97,6 +139,9 @@ class Checkpointer:
             save_interval_steps=save_interval_steps,
             enable_async_checkpointing=async_save,
             create=True,
+            # A kill mid-save leaves a "<step>.orbax-checkpoint-tmp-*" directory; orbax never
+            # lists it as a step, and removing it here keeps the directory tidy.
+            cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -184,6 +229,38 @@ class Checkpointer:
         )
         meta = restored[_META_ITEM]
         return restored[_STATE_ITEM], {} if meta is None else dict(meta)
+
+    def set_aside(self, step: int) -> str:
+        """Take checkpoint ``step`` out of the rotation (e.g. one that cannot be restored).
+
+        Locally the step directory is renamed to ``damaged-<step>-<unix time>`` (kept for a
+        post-mortem, never listed as a step again); on object stores it is deleted. Without
+        this, a later save of the same step would be skipped as "already exists". Returns the
+        new location ("" when deleted).
+        """
+        self.wait()
+        step = int(step)
+        moved = ""
+        if _is_local(self.directory):
+            source = os.path.join(self.directory, str(step))
+            moved = os.path.join(self.directory, f"damaged-{step}-{int(time.time())}")
+            if jax.process_index() == 0 and os.path.exists(source):
+                os.rename(source, moved)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices(f"rlhf_jax set_aside {step}")
+            self._manager.reload()
+        elif step in self._manager.all_steps():
+            self._manager.delete(step)
+        return moved
+
+    def read_meta(self, step: int) -> dict:
+        """The ``meta`` dict of checkpoint ``step`` alone (no arrays are read)."""
+        self.wait()
+        restored = self._manager.restore(
+            int(step), args=ocp.args.Composite(**{_META_ITEM: ocp.args.JsonRestore()}))
+        meta = restored[_META_ITEM]
+        return {} if meta is None else dict(meta)
 
     def close(self) -> None:
         """Finish pending saves and release orbax's resources."""

@@ -12,9 +12,13 @@ is how a stage loads the output of the previous one.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
+import shutil
+import sys
 from typing import Any
 
 import jax
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from rlhf_jax.checkpoint import load_pytree, save_pytree
+from rlhf_jax.errors import UserError
 from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.hf import from_pretrained, load_tokenizer, save_pretrained
 from rlhf_jax.models.params import (abstract_params, cast_floating, place_params, stack_layers,
@@ -71,10 +76,43 @@ def save_our_checkpoint(our_dir: str, model: Transformer, params: Any, tokenizer
     """Write ``model_config.json``, the orbax ``params``, the tokenizer and ``extra.json`` (stage
     facts such as the reward model's normalization) into ``our_dir``: a stage's output.
 
+    A local directory is written whole into the sibling ``<our_dir>.saving`` and then swapped in
+    (an atomic exchange where the filesystem has one), so a kill at any moment leaves either the
+    previous complete model or the new one, never a directory without params. ``overwrite``
+    replaces an existing model; without it an existing model is an error. On object stores
+    (``gs://``), which have no directory rename, the files are written in place.
+
     Multi-host: call on every process (the orbax save is collective); process 0 writes the
-    config and tokenizer.
+    config and tokenizer and does the swap.
     """
     our_dir = _local_dir(our_dir)
+    if "://" in our_dir:
+        _write_model_files(our_dir, model, params, tokenizer, extra, overwrite)
+        return our_dir
+    main = jax.process_index() == 0
+    staging = our_dir + _STAGING_SUFFIX
+    if main:
+        recover_model_dir(our_dir)
+    if not overwrite and os.path.exists(os.path.join(our_dir, PARAMS_DIR)):
+        raise UserError(f"{our_dir}: already holds a model ({PARAMS_DIR}/); choose another "
+                        "directory or delete it")
+    if main:
+        os.makedirs(os.path.dirname(our_dir), exist_ok=True)
+    _sync_processes("rlhf_jax save_our_checkpoint: staging ready")
+    _write_model_files(staging, model, params, tokenizer, extra, overwrite=False)
+    _sync_processes("rlhf_jax save_our_checkpoint: staged")
+    if main:
+        _swap_in(staging, our_dir)
+    _sync_processes("rlhf_jax save_our_checkpoint: swapped")
+    return our_dir
+
+
+_STAGING_SUFFIX = ".saving"      # the new model while it is written; the old one after an exchange
+_REPLACED_SUFFIX = ".replaced"   # the previous model during a two-rename swap
+
+
+def _write_model_files(our_dir: str, model: Transformer, params: Any, tokenizer: Any,
+                       extra: dict | None, overwrite: bool) -> None:
     if "://" not in our_dir:
         os.makedirs(our_dir, exist_ok=True)
     save_pytree(os.path.join(our_dir, PARAMS_DIR), params, overwrite=overwrite)
@@ -83,7 +121,84 @@ def save_our_checkpoint(our_dir: str, model: Transformer, params: Any, tokenizer
         _write_text(os.path.join(our_dir, EXTRA_FILE), json.dumps(extra or {}, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(our_dir)
-    return our_dir
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _swap_in(staging: str, our_dir: str) -> None:
+    """Put the complete ``staging`` directory at ``our_dir``; the previous content is removed."""
+    if not os.path.exists(our_dir):
+        os.rename(staging, our_dir)
+        return
+    if not os.path.exists(os.path.join(our_dir, PARAMS_DIR)):
+        # An existing directory that is not a model (e.g. `convert` into a folder holding other
+        # files): add the model's entries to it, params last, since params + config is what
+        # makes a directory a model.
+        names = sorted(os.listdir(staging), key=lambda name: name == PARAMS_DIR)
+        for name in names:
+            target = os.path.join(our_dir, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+        os.rmdir(staging)
+        return
+    if _exchange(staging, our_dir):
+        _remove_tree(staging)           # now the previous model
+        return
+    replaced = our_dir + _REPLACED_SUFFIX
+    os.rename(our_dir, replaced)
+    os.rename(staging, our_dir)         # a kill between these two is undone by recover_model_dir
+    _remove_tree(replaced)
+
+
+def recover_model_dir(our_dir: str) -> None:
+    """Finish or undo a swap that a kill interrupted, and drop a half-written staging copy.
+
+    ``save_our_checkpoint`` runs this first. The staged copy is complete exactly when the
+    previous model has already been moved aside (``.replaced``), because that move only starts
+    once the staged copy is written; otherwise a staging directory is a partial write.
+    """
+    our_dir = _local_dir(our_dir)
+    staging, replaced = our_dir + _STAGING_SUFFIX, our_dir + _REPLACED_SUFFIX
+    if not os.path.exists(our_dir) and os.path.exists(replaced):
+        source = staging if os.path.exists(staging) else replaced
+        log.warning("%s: finishing a model save that was interrupted (using %s)", our_dir, source)
+        os.rename(source, our_dir)
+    for leftover in (replaced, staging):
+        if os.path.exists(leftover):
+            _remove_tree(leftover)
+
+
+def _remove_tree(path: str) -> None:
+    try:
+        shutil.rmtree(path)
+    except OSError as error:
+        # The new model is in place; a leftover copy only costs disk and is retried next save.
+        log.warning("could not remove %s (%s); delete it by hand", path, error)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is
+    not available (other systems, old kernels, filesystems without it)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint)
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
 
 
 def is_our_checkpoint(path: str) -> bool:

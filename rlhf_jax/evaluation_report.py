@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax import evaluation as ev
+from rlhf_jax.checkpoint import atomic_write_text
 from rlhf_jax.data import read_jsonl
 from rlhf_jax.world.export import read_jsonl as read_plain_jsonl
 from rlhf_jax.metrics import format_table, plot_curves, plot_win_rates
@@ -165,9 +166,10 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 
 def write_report(results: dict[str, Any], workdir: str) -> None:
-    """results.json, results.md and the plots."""
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, sort_keys=True, default=float)
+    """results.json, results.md and the plots, each replaced atomically (a kill leaves the
+    previous report, never a truncated one)."""
+    atomic_write_text(os.path.join(workdir, "results.json"),
+                      json.dumps(results, indent=2, sort_keys=True, default=float) + "\n")
     lines = ["# Results", "", results_table(results), ""]
     if results.get("win_rate_vs_sft"):
         lines += ["## Findings", "", *[f"- {line}" for line in findings(results)]]
@@ -176,8 +178,7 @@ def write_report(results: dict[str, Any], workdir: str) -> None:
         lines.append(f"### {name}")
         lines.append(format_table(rows[:3]))
         lines.append("")
-    with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write_text(os.path.join(workdir, "results.md"), "\n".join(lines) + "\n")
     _plots(results, workdir)
 
 

@@ -115,8 +115,8 @@ class MetricsWriter:
             does nothing (it does not even fetch values from the devices).
 
     The JSONL file is opened in append mode, so a run resumed after a kill keeps its earlier
-    lines; steps replayed after the last checkpoint then appear twice (later line wins, see
-    :func:`latest_per_step`).
+    lines. A resuming loop calls :meth:`discard_after` with the step it resumed from, which drops
+    the lines of the steps it is about to replay, so every step appears once.
     """
 
     def __init__(self, workdir: str, *, enabled: bool | None = None) -> None:
@@ -169,6 +169,20 @@ class MetricsWriter:
             self._tensorboard.add_text(name, format_table(host_rows), global_step=int(step))
             self._tensorboard.flush()
 
+    def discard_after(self, step: int, tables: Sequence[str] = ()) -> None:
+        """Drop the records of steps after ``step`` from ``metrics.jsonl`` and the ``tables``.
+
+        Called when a run resumes from checkpoint ``step`` (0: from scratch): the steps after it
+        are run again and would otherwise be logged twice. Each file is rewritten atomically;
+        lines cut short by a kill go too. (TensorBoard's event files keep the replayed points.)
+        """
+        if not self.enabled:
+            return
+        for path in [self.metrics_path] + [os.path.join(self.workdir, f"{name}.jsonl")
+                                           for name in tables]:
+            if os.path.exists(path):
+                _truncate_jsonl_after(path, int(step))
+
     def close(self) -> None:
         """Flush and close TensorBoard; safe to call more than once."""
         if self._tensorboard is not None:
@@ -180,6 +194,28 @@ class MetricsWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _truncate_jsonl_after(path: str, step: int) -> None:
+    """Keep the parsable lines of ``path`` whose step is at most ``step``."""
+    kept, changed = [], False
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.endswith("\n"):
+                changed = True      # even if it parses: the next append would run into it
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                changed = changed or bool(line.strip())
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                    and record["step"] > step:
+                changed = True
+                continue
+            kept.append(line.rstrip("\n") + "\n")
+    if changed:
+        from rlhf_jax.checkpoint import atomic_write_text
+        atomic_write_text(path, "".join(kept))
 
 
 def read_jsonl_metrics(path: str) -> list[dict]:
@@ -436,7 +472,14 @@ def _save_figure(figure, out_png: str) -> None:
     """Write ``figure`` as PNG, creating the parent directory."""
     directory = os.path.dirname(os.path.abspath(out_png))
     os.makedirs(directory, exist_ok=True)
-    figure.savefig(out_png, dpi=110)
+    # Through a temporary sibling, so a kill never leaves a truncated PNG behind.
+    partial = os.path.join(directory, f".{os.path.basename(out_png)}.{os.getpid()}.tmp")
+    try:
+        figure.savefig(partial, dpi=110, format="png")
+        os.replace(partial, out_png)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def _scalar_item(value: Any) -> Any:

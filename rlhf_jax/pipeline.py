@@ -20,7 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+from rlhf_jax.checkpoint import atomic_write_text
 from rlhf_jax.data import read_jsonl, write_jsonl
+from rlhf_jax.errors import Preempted, UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,22 +33,47 @@ def _done_path(workdir: str, stage: str) -> str:
     return os.path.join(workdir, stage, "DONE")
 
 
-def run_stage(workdir: str, stage: str, fn: Callable[[], Any], timings: dict) -> None:
-    """Run ``fn`` unless the stage finished before; record its wall time."""
+def _read_json(path: str, what: str) -> Any:
+    """A JSON file the pipeline wrote; a damaged one is a one-line UserError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}:{error.lineno}: damaged {what} ({error.msg}); {_REDO[what]}") \
+            from error
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: damaged {what} (not UTF-8 text); {_REDO[what]}") from error
+
+
+_REDO = {"stage marker": "delete it to run the stage again",
+         "results file": "delete it and run `rlhf-jax eval` again"}
+
+
+def run_stage(workdir: str, stage: str, fn: Callable[[], Any], timings: dict,
+              preemption: Any = None) -> None:
+    """Run ``fn`` unless the stage finished before; record its wall time.
+
+    The ``DONE`` marker is written atomically once ``fn`` returns, so an exception (NaN,
+    preemption, a kill) leaves the stage to run again. With ``preemption`` (a
+    ``stages.common.Preemption``), a SIGTERM / SIGINT that arrived during an earlier stage
+    stops the pipeline here, before the next stage starts.
+    """
     marker = _done_path(workdir, stage)
     if os.path.exists(marker):
-        with open(marker, encoding="utf-8") as f:
-            timings[stage] = json.load(f).get("seconds", 0.0)
+        done = _read_json(marker, "stage marker")
+        timings[stage] = done.get("seconds", 0.0) if isinstance(done, dict) else 0.0
         log.info("stage %-11s already done, skipping", stage)
         return
+    if preemption is not None and preemption.requested():
+        raise Preempted(preemption.signum)
     log.info("stage %-11s starting", stage)
     os.makedirs(os.path.dirname(marker), exist_ok=True)
     start = time.time()
     result = fn()
     seconds = time.time() - start
     timings[stage] = seconds
-    with open(marker, "w", encoding="utf-8") as f:
-        json.dump({"seconds": seconds, "result": result}, f, indent=2, default=str)
+    atomic_write_text(marker, json.dumps({"seconds": seconds, "result": result}, indent=2,
+                                         default=str) + "\n")
     log.info("stage %-11s done in %.1fs", stage, seconds)
 
 
@@ -129,8 +156,11 @@ def evaluate_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     results = evaluation_report.evaluate_pipeline(cfg, workdir, world_files(cfg, workdir))
     timings_path = os.path.join(workdir, "results.json")
     if os.path.exists(timings_path):
-        with open(timings_path, encoding="utf-8") as f:
-            previous = json.load(f)
+        try:
+            previous = _read_json(timings_path, "results file")
+        except UserError as error:
+            log.warning("%s; its stage timings are not carried over", error)
+            previous = {}
         for key in ("stage_seconds", "wall_seconds"):
             if key in previous:
                 results[key] = previous[key]
@@ -140,58 +170,84 @@ def evaluate_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Run every stage (skipping finished ones); returns the evaluation results."""
-    from rlhf_jax.stages import ppo, reward, sft
-    from rlhf_jax import evaluation_report
+    """Run every stage (skipping finished ones); returns the evaluation results.
+
+    SIGTERM / SIGINT: a training stage checkpoints and stops (Preempted); during another stage
+    the pipeline stops once that stage is done. Rerunning the command continues either way.
+    """
+    from rlhf_jax.stages import common
 
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
+    # Up front, so a read-only output of a late stage does not waste the earlier ones.
+    common.check_writable(workdir, recursive=False)
+    common.check_writable(*(os.path.join(workdir, stage, output) for stage in STAGES
+                            for output in ("model", "checkpoints")))
+    with common.Preemption() as preemption:
+        return _run(cfg, workdir, preemption)
+
+
+def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any) -> dict[str, Any]:
+    from rlhf_jax.stages import ppo, reward, sft
+    from rlhf_jax import evaluation_report
+
     start = time.time()
     timings: dict[str, float] = {}
     files = world_files(cfg, workdir)
+    # The flag is the pipeline's; each training stage compares its own section's config.
+    allow = {"allow_config_change": True} if cfg.get("allow_config_change", False) else {}
+    section = lambda stage_cfg, **paths: _with(stage_cfg, **allow, **paths)
     model_dir = lambda stage: os.path.join(workdir, stage, "model")
     stage_dir = lambda stage: os.path.join(workdir, stage)
+    stage = lambda name, fn: run_stage(workdir, name, fn, timings, preemption)
 
     if cfg.world.enabled:
         from rlhf_jax.world import write_world
-        run_stage(workdir, "world", lambda: write_world(
+        stage("world", lambda: write_world(
             files["world"], cfg.world.seed, dict(cfg.world.sizes),
-            cfg.world.get("labeler_noise_scale", 1.0)), timings)
+            cfg.world.get("labeler_noise_scale", 1.0)))
     # The base LM: pretrained here on the world's corpus, or a checkpoint the config names.
     base = cfg.get("base_model") or model_dir("pretrain")
     if not cfg.get("base_model"):
-        run_stage(workdir, "pretrain", lambda: sft.train(_with(
+        stage("pretrain", lambda: sft.train(section(
             cfg.pretrain, tokenizer=files["tokenizer"], data__train=files["pretrain"]),
-            stage_dir("pretrain")), timings)
-    run_stage(workdir, "sft", lambda: sft.train(_with(
-        cfg.sft, init_from=base, data__train=files["sft"]), stage_dir("sft")), timings)
-    run_stage(workdir, "sft_ptx", lambda: sft.train(_with(
+            stage_dir("pretrain")))
+    stage("sft", lambda: sft.train(section(
+        cfg.sft, init_from=base, data__train=files["sft"]), stage_dir("sft")))
+    stage("sft_ptx", lambda: sft.train(section(
         cfg.sft_ptx, init_from=base, data__train=files["sft"],
-        data__pretrain_path=files["pretrain"]), stage_dir("sft_ptx")), timings)
+        data__pretrain_path=files["pretrain"]), stage_dir("sft_ptx")))
     # Comparisons: SFT samples ranked by the world's labelers, or a comparisons file.
     comparisons = files.get("comparisons") or os.path.join(workdir, "comparisons", "train.jsonl")
     if not files.get("comparisons"):
-        run_stage(workdir, "comparisons", lambda: make_comparisons_stage(cfg, workdir, files), timings)
+        stage("comparisons", lambda: make_comparisons_stage(cfg, workdir, files))
     # The RM starts from SFT, or from its own base when it is a different network (rm_model).
     rm_base = cfg.get("rm_base_model") or model_dir("sft")
     if cfg.get("rm_model") and not cfg.get("rm_base_model"):
         raise ValueError("config: rm_model is set (an RM architecture unlike the policy's) but "
                          "rm_base_model is empty; set rm_base_model to that checkpoint's directory")
-    run_stage(workdir, "rm", lambda: reward.train(_with(
+    stage("rm", lambda: reward.train(section(
         cfg.rm, init_from=rm_base, data__train=comparisons,
-        normalize__demonstrations=files["sft"]), stage_dir("rm")), timings)
+        normalize__demonstrations=files["sft"]), stage_dir("rm")))
     for name in ("ppo", "ppo_ptx"):
-        run_stage(workdir, name, lambda name=name: ppo.train(
-            ppo_stage_config(cfg, workdir, name), stage_dir(name)), timings)
+        stage(name, lambda name=name: ppo.train(section(ppo_stage_config(cfg, workdir, name)),
+                                                stage_dir(name)))
     results: dict[str, Any] = {}
 
     def evaluate():
         results.update(evaluation_report.evaluate_pipeline(cfg, workdir, files))
         return {"models": sorted(results.get("gold_score", {}))}
-    run_stage(workdir, "eval", evaluate, timings)
+    stage("eval", evaluate)
     if not results:
-        with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
-            results = json.load(f)
+        path = os.path.join(workdir, "results.json")
+        try:
+            results = _read_json(path, "results file") if os.path.exists(path) else {}
+        except UserError as error:
+            log.warning("%s", error)
+        if not results:
+            # eval/DONE without a readable report: evaluating again is cheaper than stopping.
+            log.warning("%s is missing or damaged; evaluating again", path)
+            evaluate()
     results["stage_seconds"] = timings
     results["wall_seconds"] = float(sum(timings.values()))
     results["this_invocation_seconds"] = time.time() - start

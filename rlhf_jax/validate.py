@@ -101,12 +101,12 @@ def _common(p: _Problems, cfg: Any) -> None:
         _check(p, cfg, field, *NON_NEGATIVE)
     for field in ("optim.warmup_steps", "train.steps", "ppo.iterations", "ppo.warmup_iterations",
                   "train.logprob_chunk", "ppo.logprob_chunk", "ppo.top_k", "train.eval_every",
-                  "ppo.sample_every", "seed"):
+                  "ppo.sample_every", "ppo.checkpoint_every", "seed"):
         _check(p, cfg, field, *NON_NEGATIVE_INT)
     for field in ("train.batch_size", "data.max_prompt_len", "data.max_response_len",
                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "ppo.rollout_batch_size", "ppo.minibatch_size", "ppo.epochs",
-                  "ppo.checkpoint_every", "data.ptx_seq_len"):
+                  "data.ptx_seq_len"):
         _check(p, cfg, field, *POSITIVE_INT)
     _check(p, cfg, "train.epochs", *NON_NEGATIVE)
     for field in ("train.dropout", "data.valid_fraction", "data.pretrain_mix", "ppo.ema_decay"):

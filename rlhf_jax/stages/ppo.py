@@ -448,118 +448,147 @@ def load_data(cfg: Any, tokenizer: Any) -> tuple[dict, dict | None, list[dict]]:
 # --- the loop ----------------------------------------------------------------------------------
 
 def train(cfg: Any, workdir: str) -> dict[str, float]:
+    """Run PPO / PPO-ptx; returns the last iteration's metrics.
+
+    SIGTERM / SIGINT finish the current iteration, save a checkpoint and raise Preempted; a
+    NaN / Inf loss, gradient norm or parameter raises NonFiniteError (see ``stages.common``).
+    """
+    import contextlib
+
+    from rlhf_jax.errors import Preempted
+
     workdir = os.path.abspath(workdir)
     p = cfg.ppo
-    mesh = common.setup_mesh(cfg)
-    overrides = common.runtime_overrides(cfg)
+    name = cfg.get("name", "ppo")
+    outputs = ["checkpoints", "model"] + (["model_ema"] if p.ema_decay > 0 else [])
+    common.check_writable(workdir, *(os.path.join(workdir, out) for out in outputs))
+    # Left in reverse order on any exit: the bar is closed, pending checkpoint saves are
+    # committed (never left as *-tmp), the previous signal handlers come back.
+    with contextlib.ExitStack() as stack:
+        preemption = stack.enter_context(common.Preemption())
+        mesh = common.setup_mesh(cfg)
+        overrides = common.runtime_overrides(cfg)
 
-    # Networks: policy (trained) and its frozen reference share one definition.
-    policy, policy_params, tokenizer, _ = common.load_model(cfg.policy_from, mesh, **overrides)
-    reward, reward_params, _, reward_extra = common.load_model(cfg.reward_from, mesh, **overrides)
-    value, value_params, _, value_extra = common.load_model(cfg.value_from or cfg.reward_from, mesh,
-                                                            **overrides)
-    if reward.config.head != "scalar" or value.config.head != "scalar":
-        raise ValueError(f"reward_from={cfg.reward_from!r} must be a reward model (scalar head)")
-    if tokenizer is None:
-        raise FileNotFoundError(f"policy_from={cfg.policy_from!r}: no tokenizer saved beside it")
-    reward_norm = reward_extra.get("reward_norm") or {}
-    log.info("reward normalization: %s", reward_norm or "none")
-    if cfg.get("value_init_normalized", True) and value_extra.get("reward_norm"):
-        # Returns are built from the normalized score: a value head left raw starts off by the
-        # demonstrations' mean, a bias GAE turns into length-dependent advantage errors.
-        value_params = scoring.fold_normalization(value_params, value_extra["reward_norm"])
-    common.log_params(policy_params)
+        # Networks: policy (trained) and its frozen reference share one definition.
+        policy, policy_params, tokenizer, _ = common.load_model(cfg.policy_from, mesh, **overrides)
+        reward, reward_params, _, reward_extra = common.load_model(cfg.reward_from, mesh, **overrides)
+        value, value_params, _, value_extra = common.load_model(cfg.value_from or cfg.reward_from,
+                                                                mesh, **overrides)
+        if reward.config.head != "scalar" or value.config.head != "scalar":
+            raise ValueError(f"reward_from={cfg.reward_from!r} must be a reward model (scalar head)")
+        if tokenizer is None:
+            raise FileNotFoundError(f"policy_from={cfg.policy_from!r}: no tokenizer saved beside it")
+        reward_norm = reward_extra.get("reward_norm") or {}
+        log.info("reward normalization: %s", reward_norm or "none")
+        if cfg.get("value_init_normalized", True) and value_extra.get("reward_norm"):
+            # Returns are built from the normalized score: a value head left raw starts off by the
+            # demonstrations' mean, a bias GAE turns into length-dependent advantage errors.
+            value_params = scoring.fold_normalization(value_params, value_extra["reward_norm"])
+        common.log_params(policy_params)
 
-    # The compiled steps, then the state in their shardings.
-    program = build(cfg, mesh, models=Models(policy, value, reward),
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    info, steps = program.info, program.steps
-    rollout_fn, experience_fn, update_fn = (steps[k].fn for k in ("rollout", "experience", "update"))
-    frozen = make_frozen(program.frozen, policy_params, reward_params, reward_norm)
-    state = init_ppo_state(program.state, info["policy_opt"], info["value_opt"], policy_params,
-                           value_params)
-    del policy_params, value_params, reward_params
+        # The compiled steps, then the state in their shardings.
+        program = build(cfg, mesh, models=Models(policy, value, reward),
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        info, steps = program.info, program.steps
+        rollout_fn, experience_fn, update_fn = (steps[k].fn for k in ("rollout", "experience", "update"))
+        frozen = make_frozen(program.frozen, policy_params, reward_params, reward_norm)
+        state = init_ppo_state(program.state, info["policy_opt"], info["value_opt"], policy_params,
+                               value_params)
+        del policy_params, value_params, reward_params
 
-    prompts, ptx_arrays, prompt_rows = load_data(cfg, tokenizer)
-    if prompts["input_ids"].shape[1] != info["prompt_len"]:
-        raise ValueError(f"prompts tokenized to {prompts['input_ids'].shape[1]} tokens; expected "
-                         f"data.max_prompt_len={info['prompt_len']}")
-    iterators = {"prompts": BatchIterator(prompts, p.rollout_batch_size, seed=cfg.seed)}
-    if ptx_arrays is not None:
-        iterators["ptx"] = BatchIterator(ptx_arrays, info["ptx_rows"], seed=cfg.seed + 1)
-    n_iterations, n_minibatches = info["n_iterations"], info["n_minibatches"]
+        prompts, ptx_arrays, prompt_rows = load_data(cfg, tokenizer)
+        if prompts["input_ids"].shape[1] != info["prompt_len"]:
+            raise ValueError(f"prompts tokenized to {prompts['input_ids'].shape[1]} tokens; expected "
+                             f"data.max_prompt_len={info['prompt_len']}")
+        iterators = {"prompts": BatchIterator(prompts, p.rollout_batch_size, seed=cfg.seed)}
+        if ptx_arrays is not None:
+            iterators["ptx"] = BatchIterator(ptx_arrays, info["ptx_rows"], seed=cfg.seed + 1)
+        n_iterations, n_minibatches = info["n_iterations"], info["n_minibatches"]
 
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=2)
-    state, start_iteration, meta = common.resume(checkpointer, state, iterators)
-    kl_coef = float(meta.get("kl_coef", p.kl_coef))
-    writer = MetricsWriter(workdir)
-    timer = StepTimer()
-    bar = ProgressBar(n_iterations, desc=cfg.get("name", "ppo"), initial=start_iteration)
-    log.info("PPO: %d iterations x %d episodes, %d epochs x %d minibatches of %d, ptx_coef %g",
-             n_iterations, p.rollout_batch_size, p.epochs, n_minibatches, p.minibatch_size, p.ptx_coef)
+        checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
+            os.path.join(workdir, "checkpoints"), max_to_keep=2))
+        state, start_iteration, meta = common.resume(checkpointer, state, iterators, cfg)
+        kl_coef = float(meta.get("kl_coef", p.kl_coef))
+        guard = common.FiniteGuard(name, checkpointer=checkpointer)
+        checkpoint_meta = lambda: common.checkpoint_meta(cfg, iterators, kl_coef=kl_coef)
+        writer = stack.enter_context(MetricsWriter(workdir))
+        writer.discard_after(start_iteration, tables=("samples",))
+        timer = StepTimer()
+        bar = stack.enter_context(ProgressBar(n_iterations, desc=name, initial=start_iteration))
+        log.info("PPO: %d iterations x %d episodes, %d epochs x %d minibatches of %d, ptx_coef %g",
+                 n_iterations, p.rollout_batch_size, p.epochs, n_minibatches, p.minibatch_size,
+                 p.ptx_coef)
+        if preemption.requested():
+            raise Preempted(preemption.signum)    # nothing done since the last checkpoint
 
-    metrics: dict[str, float] = {}
-    for it in range(start_iteration, n_iterations):
-        it_rng = common.step_rng(cfg.seed, it)
+        metrics: dict[str, float] = {}
+        for it in range(start_iteration, n_iterations):
+            it_rng = common.step_rng(cfg.seed, it)
 
-        # 1. Rollout: sample one response per prompt with the current policy.
-        prompt_batch = next(iterators["prompts"])
-        with timer("rollout"):
-            device_prompts = shard_batch({k: prompt_batch[k] for k in ("input_ids", "attention_mask")}, mesh)
-            rollout = rollout_fn(state.policy.params, device_prompts["input_ids"],
-                                 device_prompts["attention_mask"], it_rng)
-            jax.block_until_ready(rollout)
+            # 1. Rollout: sample one response per prompt with the current policy.
+            prompt_batch = next(iterators["prompts"])
+            with timer("rollout"):
+                device_prompts = shard_batch({k: prompt_batch[k] for k in ("input_ids", "attention_mask")}, mesh)
+                rollout = rollout_fn(state.policy.params, device_prompts["input_ids"],
+                                     device_prompts["attention_mask"], it_rng)
+                jax.block_until_ready(rollout)
 
-        # 2. Experience: log-probs, reference log-probs, values, scores, rewards, GAE, once.
-        with timer("experience"):
-            experience = experience_fn(state.policy.params, state.value.params, frozen, rollout,
-                                       jnp.float32(kl_coef))
-            jax.block_until_ready(experience)
+            # 2. Experience: log-probs, reference log-probs, values, scores, rewards, GAE, once.
+            with timer("experience"):
+                experience = experience_fn(state.policy.params, state.value.params, frozen, rollout,
+                                           jnp.float32(kl_coef))
+                jax.block_until_ready(experience)
 
-        # 3. Update: epochs x minibatches over the frozen experience; PPO + ptx in one gradient.
-        update_stats = []
-        with timer("update"):
-            order_rng = np.random.default_rng([cfg.seed, it])
-            for epoch in range(p.epochs):
-                order = order_rng.permutation(p.rollout_batch_size)
-                for mb in range(n_minibatches):
-                    indices = jnp.asarray(order[mb * p.minibatch_size:(mb + 1) * p.minibatch_size])
-                    ptx_batch = (shard_batch(next(iterators["ptx"]), mesh)
-                                 if ptx_arrays is not None else None)
-                    state, stats = update_fn(state, experience, indices, ptx_batch)
-                    update_stats.append(stats)
-            update_stats = jax.device_get(update_stats)
+            # 3. Update: epochs x minibatches over the frozen experience; PPO + ptx in one gradient.
+            update_stats = []
+            with timer("update"):
+                order_rng = np.random.default_rng([cfg.seed, it])
+                for epoch in range(p.epochs):
+                    order = order_rng.permutation(p.rollout_batch_size)
+                    for mb in range(n_minibatches):
+                        indices = jnp.asarray(order[mb * p.minibatch_size:(mb + 1) * p.minibatch_size])
+                        ptx_batch = (shard_batch(next(iterators["ptx"]), mesh)
+                                     if ptx_arrays is not None else None)
+                        state, stats = update_fn(state, experience, indices, ptx_batch)
+                        update_stats.append(stats)
+                update_stats = jax.device_get(update_stats)
 
-        # 4. Log, adapt the KL coefficient, checkpoint.
-        summary = summarize(experience, update_stats, kl_coef)
-        n_tokens = float(summary.pop("_n_tokens"))
-        times = timer.pop()
-        metrics = summary | times | {
-            "objective/kl_coef": kl_coef,
-            "policy/lr": float(current_lr(info["policy_schedule"], int(state.policy.step))),
-            "tokens/s": n_tokens / max(sum(times.values()), 1e-9),
-            "episodes": (it + 1) * p.rollout_batch_size}
-        writer.write(it + 1, metrics)
-        if p.sample_every and ((it + 1) % p.sample_every == 0 or it == start_iteration):
-            writer.write_table(it + 1, "samples", sample_table(
-                tokenizer, experience, info["prompt_len"], p.n_samples_logged))
-        kl_coef = next_kl_coef(kl_coef, summary["objective/kl"], p)
-        bar.update(tokens=int(n_tokens), score=summary["objective/scores"], kl=summary["objective/kl"])
-        if p.checkpoint_every and (it + 1) % p.checkpoint_every == 0 and it + 1 < n_iterations:
-            checkpointer.save(it + 1, state, {"iterators": common.iterator_states(iterators),
-                                              "kl_coef": kl_coef})
-    bar.close()
-    checkpointer.wait()
-    final_policy = policy.clone(config=policy.config.replace(dropout=0.0))
-    save_our_checkpoint(os.path.join(workdir, "model"), final_policy, state.policy.params,
-                        tokenizer, extra={"stage": cfg.get("name", "ppo"), "ptx_coef": p.ptx_coef,
-                                          "iterations": n_iterations}, overwrite=True)
-    if p.ema_decay > 0:
-        save_our_checkpoint(os.path.join(workdir, "model_ema"), final_policy, state.ema_params,
-                            tokenizer, extra={"stage": cfg.get("name", "ppo"), "ema_decay": p.ema_decay},
-                            overwrite=True)
-    writer.close()
-    checkpointer.close()
+            # 4. Log, adapt the KL coefficient, checkpoint.
+            summary = summarize(experience, update_stats, kl_coef)
+            n_tokens = float(summary.pop("_n_tokens"))
+            times = timer.pop()
+            metrics = summary | times | {
+                "objective/kl_coef": kl_coef,
+                "policy/lr": float(current_lr(info["policy_schedule"], int(state.policy.step))),
+                "tokens/s": n_tokens / max(sum(times.values()), 1e-9),
+                "episodes": (it + 1) * p.rollout_batch_size}
+            writer.write(it + 1, metrics)
+            # Every minibatch's losses and gradient norms, already on the host.
+            guard.check_values(it + 1, {
+                key: [s[key] for s in update_stats] for key in
+                ("policy_loss", "value_loss", "policy_grad_norm", "value_grad_norm", "ptx_loss")
+                if key in update_stats[0]})
+            if p.sample_every and ((it + 1) % p.sample_every == 0 or it == start_iteration):
+                writer.write_table(it + 1, "samples", sample_table(
+                    tokenizer, experience, info["prompt_len"], p.n_samples_logged))
+            kl_coef = next_kl_coef(kl_coef, summary["objective/kl"], p)
+            bar.update(tokens=int(n_tokens), score=summary["objective/scores"], kl=summary["objective/kl"])
+            if p.checkpoint_every and (it + 1) % p.checkpoint_every == 0 and it + 1 < n_iterations:
+                common.save_checkpoint(checkpointer, it + 1, state, checkpoint_meta(), guard)
+            common.stop_if_preempted(preemption, checkpointer, it + 1, state, checkpoint_meta, guard)
+        bar.close()
+        guard.check_tree(n_iterations, state.policy.params, "policy")
+        if p.ema_decay > 0:
+            guard.check_tree(n_iterations, state.ema_params, "ema")
+        checkpointer.wait()
+        final_policy = policy.clone(config=policy.config.replace(dropout=0.0))
+        save_our_checkpoint(os.path.join(workdir, "model"), final_policy, state.policy.params,
+                            tokenizer, extra={"stage": name, "ptx_coef": p.ptx_coef,
+                                              "iterations": n_iterations}, overwrite=True)
+        if p.ema_decay > 0:
+            save_our_checkpoint(os.path.join(workdir, "model_ema"), final_policy, state.ema_params,
+                                tokenizer, extra={"stage": name, "ema_decay": p.ema_decay},
+                                overwrite=True)
     return metrics
 
 
@@ -572,9 +601,19 @@ def next_kl_coef(kl_coef: float, kl: float, p: Any) -> float:
     return float(obj.fixed_kl_update(kl_coef, kl, p.rollout_batch_size))
 
 
+def _host_values(experience: Any, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Full values of some experience fields on every process (a collective across processes:
+    the experience is batch-sharded over every host's devices)."""
+    from rlhf_jax.distributed import fetch
+    return fetch({k: getattr(experience, k) for k in keys})
+
+
 def summarize(experience: Batch, update_stats: list[dict], kl_coef: float) -> dict[str, float]:
-    """TRL-compatible metric names, from the experience and the minibatch statistics."""
-    exp = jax.device_get({k: getattr(experience, k) for k in ("kl", "scores", "response_mask")})
+    """TRL-compatible metric names, from the experience and the minibatch statistics.
+
+    Every process calls this (the KL controller needs the summary everywhere) and gets the
+    same numbers."""
+    exp = _host_values(experience, ("kl", "scores", "response_mask"))
     kl_per_seq = exp["kl"].sum(-1)
     scores = exp["scores"]
     mean = lambda key: float(np.mean([float(s[key]) for s in update_stats]))
@@ -603,9 +642,10 @@ def summarize(experience: Batch, update_stats: list[dict], kl_coef: float) -> di
 
 
 def sample_table(tokenizer: Any, experience: Batch, prompt_len: int, n: int) -> list[dict]:
-    """A few (prompt, response, score, KL) rows for the samples table."""
-    exp = jax.device_get({k: getattr(experience, k) for k in ("sequences", "attention_mask",
-                                                               "response_mask", "scores", "kl")})
+    """A few (prompt, response, score, KL) rows for the samples table; call it on every process
+    (gathering the rows is collective), though only process 0's writer stores them."""
+    exp = _host_values(experience, ("sequences", "attention_mask", "response_mask", "scores",
+                                    "kl"))
     rows = []
     for i in range(min(n, len(exp["scores"]))):
         prompt_ids = exp["sequences"][i, :prompt_len][exp["attention_mask"][i, :prompt_len] > 0]

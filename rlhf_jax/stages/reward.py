@@ -13,6 +13,7 @@ After training, the bias (and optionally the gain) that makes labeler demonstrat
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -30,6 +31,7 @@ from rlhf_jax.convert import save_our_checkpoint
 from rlhf_jax.data import (BatchIterator, comparisons_to_pairs, tokenize_comparisons,
                            tokenize_demonstrations)
 from rlhf_jax.data.sources import read_source
+from rlhf_jax.errors import Preempted
 from rlhf_jax.metrics import MetricsWriter, ProgressBar
 from rlhf_jax.models.params import init_params, param_shardings
 from rlhf_jax.models.transformer import Transformer
@@ -184,65 +186,87 @@ def demonstration_norm(cfg: Any, tokenizer: Any, params: Any, model: Transformer
 # --- the loop ----------------------------------------------------------------------------------
 
 def train(cfg: Any, workdir: str) -> dict[str, float]:
-    """Train the reward model; returns final validation metrics and the stored normalization."""
+    """Train the reward model; returns final validation metrics and the stored normalization.
+
+    SIGTERM / SIGINT finish the current step, save a checkpoint and raise Preempted; a NaN / Inf
+    loss, gradient norm or parameter raises NonFiniteError (see ``stages.common``).
+    """
     workdir = os.path.abspath(workdir)
-    mesh = common.setup_mesh(cfg)
-    rng = jax.random.key(cfg.seed)
-    lm, lm_params, tokenizer, extra = common.init_or_load_model(cfg, mesh, rng, dropout=cfg.train.dropout)
-    if lm.config.head == "scalar":
-        model, params = lm, lm_params          # continuing from a reward model
-    else:
-        model, params = reward_model_from_lm(lm, lm_params, jax.random.fold_in(rng, 1), mesh)
-    del lm_params
-    common.log_params(params)
-    train_arrays, valid_arrays = load_arrays(cfg, tokenizer)
+    name = cfg.get("name", "rm")
+    common.check_writable(workdir, os.path.join(workdir, "checkpoints"),
+                          os.path.join(workdir, "model"))
+    # Left in reverse order on any exit: the bar is closed, pending checkpoint saves are
+    # committed (never left as *-tmp), the previous signal handlers come back.
+    with contextlib.ExitStack() as stack:
+        preemption = stack.enter_context(common.Preemption())
+        mesh = common.setup_mesh(cfg)
+        rng = jax.random.key(cfg.seed)
+        lm, lm_params, tokenizer, extra = common.init_or_load_model(cfg, mesh, rng,
+                                                                    dropout=cfg.train.dropout)
+        if lm.config.head == "scalar":
+            model, params = lm, lm_params          # continuing from a reward model
+        else:
+            model, params = reward_model_from_lm(lm, lm_params, jax.random.fold_in(rng, 1), mesh)
+        del lm_params
+        common.log_params(params)
+        train_arrays, valid_arrays = load_arrays(cfg, tokenizer)
 
-    check_batch_size("train.batch_size", cfg.train.batch_size, mesh)
-    iterators = {"train": BatchIterator(train_arrays, cfg.train.batch_size, seed=cfg.seed)}
-    steps_per_epoch = max(1, iterators["train"].steps_per_epoch)
-    total_steps = cfg.train.steps or int(math.ceil(cfg.train.epochs * steps_per_epoch))
+        check_batch_size("train.batch_size", cfg.train.batch_size, mesh)
+        iterators = {"train": BatchIterator(train_arrays, cfg.train.batch_size, seed=cfg.seed)}
+        steps_per_epoch = max(1, iterators["train"].steps_per_epoch)
+        total_steps = cfg.train.steps or int(math.ceil(cfg.train.epochs * steps_per_epoch))
 
-    program = build(cfg, mesh, model=model, total_steps=total_steps,
-                    max_k=train_arrays["input_ids"].shape[1])
-    train_step, eval_step = program.steps["train"].fn, program.steps["eval"].fn
-    schedule = program.info["schedule"]
-    state = create_train_state(params, program.info["optimizer"], shardings_of(program.state))
-    del params
+        program = build(cfg, mesh, model=model, total_steps=total_steps,
+                        max_k=train_arrays["input_ids"].shape[1])
+        train_step, eval_step = program.steps["train"].fn, program.steps["eval"].fn
+        schedule = program.info["schedule"]
+        state = create_train_state(params, program.info["optimizer"], shardings_of(program.state))
+        del params
 
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=cfg.train.get("keep_checkpoints", 2))
-    state, start_step, _ = common.resume(checkpointer, state, iterators)
-    writer = MetricsWriter(workdir)
-    valid_batches = common.fixed_batches(valid_arrays, cfg.train.batch_size) if valid_arrays else []
+        checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
+            os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.get("keep_checkpoints", 2)))
+        state, start_step, _ = common.resume(checkpointer, state, iterators, cfg)
+        guard = common.FiniteGuard(name, ("loss", "grad_norm"), checkpointer)
+        meta = lambda: common.checkpoint_meta(cfg, iterators)
+        writer = stack.enter_context(MetricsWriter(workdir))
+        writer.discard_after(start_step)
+        valid_batches = common.fixed_batches(valid_arrays, cfg.train.batch_size) if valid_arrays else []
 
-    bar = ProgressBar(total_steps, desc=cfg.get("name", "rm"), initial=start_step)
-    for step in range(start_step, total_steps):
-        host_batch = next(iterators["train"])
-        state, metrics = train_step(state, shard_batch(host_batch, mesh), common.step_rng(cfg.seed, step))
-        bar.update(tokens=common.tokens_in(host_batch))
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
-            row = common.train_log_row(metrics, float(current_lr(schedule, step)), step,
-                                       steps_per_epoch, bar)
-            writer.write(step + 1, row)
-            bar.set_postfix(loss=row["train/loss"], acc=row["train/pair_accuracy"])
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total_steps:
-            common.validate(eval_step, state.params, valid_batches, mesh, "n_pairs", writer, step + 1)
-        if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < total_steps:
-            checkpointer.save(step + 1, state, {"iterators": common.iterator_states(iterators)})
-    bar.close()
-    final = common.validate(eval_step, state.params, valid_batches, mesh, "n_pairs", writer,
-                            total_steps)
-    checkpointer.wait()
+        bar = stack.enter_context(ProgressBar(total_steps, desc=name, initial=start_step))
+        if preemption.requested():
+            raise Preempted(preemption.signum)    # nothing done since the last checkpoint
+        for step in range(start_step, total_steps):
+            host_batch = next(iterators["train"])
+            state, metrics = train_step(state, shard_batch(host_batch, mesh), common.step_rng(cfg.seed, step))
+            guard.observe(step + 1, metrics)
+            bar.update(tokens=common.tokens_in(host_batch))
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
+                row = common.train_log_row(metrics, float(current_lr(schedule, step)), step,
+                                           steps_per_epoch, bar)
+                writer.write(step + 1, row)
+                bar.set_postfix(loss=row["train/loss"], acc=row["train/pair_accuracy"])
+                guard.check()
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total_steps:
+                common.validate(eval_step, state.params, valid_batches, mesh, "n_pairs", writer, step + 1)
+            if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < total_steps:
+                common.save_checkpoint(checkpointer, step + 1, state, meta(), guard)
+            common.stop_if_preempted(preemption, checkpointer, step + 1, state, meta, guard)
+        bar.close()
+        guard.check()
+        guard.check_tree(total_steps, state.params, "params")
+        final = common.validate(eval_step, state.params, valid_batches, mesh, "n_pairs", writer,
+                                total_steps)
+        checkpointer.wait()
 
-    final_model = model.clone(config=model.config.replace(dropout=0.0))
-    norm = (demonstration_norm(cfg, tokenizer, state.params, final_model, mesh)
-            if cfg.normalize.demonstrations else {})
-    if norm:
-        log.info("reward normalization from %d demonstrations: mean %.4f std %.4f",
-                 norm["n_demonstrations"], norm["mean"], norm["std"])
-    save_our_checkpoint(os.path.join(workdir, "model"), final_model, state.params, tokenizer,
-                            extra={"stage": cfg.get("name", "rm"), "reward_norm": norm,
-                                   "mode": cfg.mode, **final}, overwrite=True)
-    writer.close()
-    checkpointer.close()
+        final_model = model.clone(config=model.config.replace(dropout=0.0))
+        norm = (demonstration_norm(cfg, tokenizer, state.params, final_model, mesh)
+                if cfg.normalize.demonstrations else {})
+        if norm:
+            log.info("reward normalization from %d demonstrations: mean %.4f std %.4f",
+                     norm["n_demonstrations"], norm["mean"], norm["std"])
+            guard.check_values(total_steps, {"reward_norm.mean": norm["mean"],
+                                             "reward_norm.std": norm["std"]})
+        save_our_checkpoint(os.path.join(workdir, "model"), final_model, state.params, tokenizer,
+                            extra={"stage": name, "reward_norm": norm, "mode": cfg.mode, **final},
+                            overwrite=True)
     return final | {"reward_norm": norm}

@@ -9,6 +9,7 @@ rows from the text corpus (InstructGPT's PPO-init SFT uses 10%).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -24,6 +25,7 @@ from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax.convert import save_our_checkpoint
 from rlhf_jax.data import BatchIterator, tokenize_demonstrations, tokenize_pretrain
 from rlhf_jax.data.sources import read_source
+from rlhf_jax.errors import Preempted
 from rlhf_jax.metrics import MetricsWriter, ProgressBar
 from rlhf_jax.models.params import init_params
 from rlhf_jax.models.transformer import Transformer
@@ -129,64 +131,85 @@ def mix_sizes(batch_size: int, fraction: float) -> tuple[int, int]:
 
 
 def train(cfg: Any, workdir: str) -> dict[str, float]:
-    """Run the SFT (or LM pretraining) loop; returns the final validation metrics."""
+    """Run the SFT (or LM pretraining) loop; returns the final validation metrics.
+
+    SIGTERM / SIGINT finish the current step, save a checkpoint and raise Preempted; a NaN / Inf
+    loss, gradient norm or parameter raises NonFiniteError (see ``stages.common``).
+    """
     workdir = os.path.abspath(workdir)
-    mesh = common.setup_mesh(cfg)
-    model, params, tokenizer, _ = common.init_or_load_model(
-        cfg, mesh, jax.random.key(cfg.seed), dropout=cfg.train.dropout)
-    common.log_params(params)
-    train_arrays, valid_arrays, mix_arrays = load_arrays(cfg, tokenizer)
+    name = cfg.get("name", "sft")
+    common.check_writable(workdir, os.path.join(workdir, "checkpoints"),
+                          os.path.join(workdir, "model"))
+    # Left in reverse order on any exit: the bar is closed, pending checkpoint saves are
+    # committed (never left as *-tmp), the previous signal handlers come back.
+    with contextlib.ExitStack() as stack:
+        preemption = stack.enter_context(common.Preemption())
+        mesh = common.setup_mesh(cfg)
+        model, params, tokenizer, _ = common.init_or_load_model(
+            cfg, mesh, jax.random.key(cfg.seed), dropout=cfg.train.dropout)
+        common.log_params(params)
+        train_arrays, valid_arrays, mix_arrays = load_arrays(cfg, tokenizer)
 
-    # Data: demonstrations, plus a pretraining stream for the mix; both deterministic and resumable.
-    check_batch_size("train.batch_size", cfg.train.batch_size, mesh)
-    n_demo, n_mix = mix_sizes(cfg.train.batch_size, cfg.data.get("pretrain_mix", 0.0) if mix_arrays else 0.0)
-    iterators = {"train": BatchIterator(train_arrays, n_demo, seed=cfg.seed)}
-    if n_mix:
-        iterators["pretrain_mix"] = BatchIterator(mix_arrays, n_mix, seed=cfg.seed + 1)
-    steps_per_epoch = max(1, iterators["train"].steps_per_epoch)
-    total_steps = cfg.train.steps or int(math.ceil(cfg.train.epochs * steps_per_epoch))
-
-    program = build(cfg, mesh, model=model, total_steps=total_steps)
-    train_step, eval_step = program.steps["train"].fn, program.steps["eval"].fn
-    schedule = program.info["schedule"]
-    state = create_train_state(params, program.info["optimizer"], shardings_of(program.state))
-    del params
-
-    def next_batch() -> dict[str, np.ndarray]:
-        parts = [next(iterators["train"])]
+        # Data: demonstrations, plus a pretraining stream for the mix; both deterministic and
+        # resumable.
+        check_batch_size("train.batch_size", cfg.train.batch_size, mesh)
+        n_demo, n_mix = mix_sizes(cfg.train.batch_size,
+                                  cfg.data.get("pretrain_mix", 0.0) if mix_arrays else 0.0)
+        iterators = {"train": BatchIterator(train_arrays, n_demo, seed=cfg.seed)}
         if n_mix:
-            parts.append(next(iterators["pretrain_mix"]))
-        return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
+            iterators["pretrain_mix"] = BatchIterator(mix_arrays, n_mix, seed=cfg.seed + 1)
+        steps_per_epoch = max(1, iterators["train"].steps_per_epoch)
+        total_steps = cfg.train.steps or int(math.ceil(cfg.train.epochs * steps_per_epoch))
 
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=cfg.train.get("keep_checkpoints", 2))
-    state, start_step, _ = common.resume(checkpointer, state, iterators)
-    writer = MetricsWriter(workdir)
-    valid_batches = common.fixed_batches(valid_arrays, cfg.train.batch_size) if valid_arrays else []
+        program = build(cfg, mesh, model=model, total_steps=total_steps)
+        train_step, eval_step = program.steps["train"].fn, program.steps["eval"].fn
+        schedule = program.info["schedule"]
+        state = create_train_state(params, program.info["optimizer"], shardings_of(program.state))
+        del params
 
-    bar = ProgressBar(total_steps, desc=cfg.get("name", "sft"), initial=start_step)
-    metrics: dict[str, float] = {}
-    for step in range(start_step, total_steps):
-        host_batch = next_batch()
-        state, metrics = train_step(state, shard_batch(host_batch, mesh), common.step_rng(cfg.seed, step))
-        bar.update(tokens=common.tokens_in(host_batch, "loss_mask"))
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
-            row = common.train_log_row(metrics, float(current_lr(schedule, step)), step,
-                                       steps_per_epoch, bar)
-            writer.write(step + 1, row)
-            bar.set_postfix(loss=row["train/loss"])
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total_steps:
-            common.validate(eval_step, state.params, valid_batches, mesh, "n_tokens", writer, step + 1)
-        if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < total_steps:
-            checkpointer.save(step + 1, state, {"iterators": common.iterator_states(iterators)})
-    bar.close()
-    final = common.validate(eval_step, state.params, valid_batches, mesh, "n_tokens", writer,
-                            total_steps)
-    checkpointer.wait()
-    save_our_checkpoint(os.path.join(workdir, "model"), model.clone(
-        config=model.config.replace(dropout=0.0)), state.params, tokenizer,
-        extra={"stage": cfg.get("name", "sft"), "steps": total_steps, **final}, overwrite=True)
-    writer.close()
-    checkpointer.close()
+        def next_batch() -> dict[str, np.ndarray]:
+            parts = [next(iterators["train"])]
+            if n_mix:
+                parts.append(next(iterators["pretrain_mix"]))
+            return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
+
+        checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
+            os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.get("keep_checkpoints", 2)))
+        state, start_step, _ = common.resume(checkpointer, state, iterators, cfg)
+        guard = common.FiniteGuard(name, ("loss", "grad_norm"), checkpointer)
+        meta = lambda: common.checkpoint_meta(cfg, iterators)
+        writer = stack.enter_context(MetricsWriter(workdir))
+        writer.discard_after(start_step)
+        valid_batches = common.fixed_batches(valid_arrays, cfg.train.batch_size) if valid_arrays else []
+
+        bar = stack.enter_context(ProgressBar(total_steps, desc=name, initial=start_step))
+        if preemption.requested():
+            raise Preempted(preemption.signum)    # nothing done since the last checkpoint
+        metrics: dict[str, float] = {}
+        for step in range(start_step, total_steps):
+            host_batch = next_batch()
+            state, metrics = train_step(state, shard_batch(host_batch, mesh), common.step_rng(cfg.seed, step))
+            guard.observe(step + 1, metrics)
+            bar.update(tokens=common.tokens_in(host_batch, "loss_mask"))
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
+                row = common.train_log_row(metrics, float(current_lr(schedule, step)), step,
+                                           steps_per_epoch, bar)
+                writer.write(step + 1, row)
+                bar.set_postfix(loss=row["train/loss"])
+                guard.check()
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total_steps:
+                common.validate(eval_step, state.params, valid_batches, mesh, "n_tokens", writer, step + 1)
+            if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < total_steps:
+                common.save_checkpoint(checkpointer, step + 1, state, meta(), guard)
+            common.stop_if_preempted(preemption, checkpointer, step + 1, state, meta, guard)
+        bar.close()
+        guard.check()
+        guard.check_tree(total_steps, state.params, "params")
+        final = common.validate(eval_step, state.params, valid_batches, mesh, "n_tokens", writer,
+                                total_steps)
+        checkpointer.wait()
+        save_our_checkpoint(os.path.join(workdir, "model"), model.clone(
+            config=model.config.replace(dropout=0.0)), state.params, tokenizer,
+            extra={"stage": name, "steps": total_steps, **final}, overwrite=True)
     log.info("finished %d steps; %s", total_steps, final)
     return final | {"train/loss": float(metrics.get("loss", jnp.nan)) if metrics else float("nan")}
