@@ -175,8 +175,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     SIGTERM / SIGINT: a training stage checkpoints and stops (Preempted); during another stage
     the pipeline stops once that stage is done. Rerunning the command continues either way.
     """
+    from rlhf_jax import validate
     from rlhf_jax.stages import common
 
+    validate.check(cfg)      # every stage's config, before the first one starts
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     # Up front, so a read-only output of a late stage does not waste the earlier ones.
