@@ -36,7 +36,8 @@ from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.hf import config_from_hf, from_pretrained, load_tokenizer, read_hf_config
 from rlhf_jax.models.params import init_params
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.optim import make_lr_schedule, make_optimizer
+from rlhf_jax.metrics import MetricsWriter, ProgressBar
+from rlhf_jax.optim import current_lr, make_lr_schedule, make_optimizer
 from rlhf_jax.sharding import make_mesh, replicated_fraction, shard_batch
 
 log = logging.getLogger(__name__)
@@ -553,6 +554,57 @@ def check_writable(*paths: str, recursive: bool = True) -> None:
                 raise errors.UserError(
                     f"{directory}: not writable ({error.strerror or error}); fix its "
                     "permissions or use another --workdir") from error
+
+
+def supervised_loop(cfg: Any, workdir: str, stack: Any, preemption: "Preemption", mesh: Mesh,
+                    program: Any, state: Any, iterators: Mapping[str, Any],
+                    next_batch: Callable[[], Mapping[str, np.ndarray]], valid_batches: list,
+                    steps_per_epoch: int, total_steps: int, *, weight_key: str, token_key: str,
+                    postfix: Sequence[str]) -> tuple[Any, dict, dict, "FiniteGuard"]:
+    """SFT's and the RM's loop: resume, train with the finite guard, log, validate, checkpoint,
+    stop on preemption. Returns the state, the final validation metrics, the last step's
+    metrics and the guard (for checks on what the stage computes after the loop).
+
+    ``stack`` (an ExitStack) owns the checkpointer, writer and bar, so any exit commits pending
+    saves and closes them.
+    """
+    name = cfg.get("name", "")
+    train_step, eval_step = program.steps["train"].fn, program.steps["eval"].fn
+    schedule = program.info["schedule"]
+    checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.get("keep_checkpoints", 2)))
+    state, start_step, _ = resume(checkpointer, state, iterators, cfg)
+    guard = FiniteGuard(name, ("loss", "grad_norm"), checkpointer)
+    meta = lambda: checkpoint_meta(cfg, iterators)
+    writer = stack.enter_context(MetricsWriter(workdir))
+    writer.discard_after(start_step)
+
+    bar = stack.enter_context(ProgressBar(total_steps, desc=name, initial=start_step))
+    if preemption.requested():
+        raise errors.Preempted(preemption.signum)    # nothing done since the last checkpoint
+    metrics: dict = {}
+    for step in range(start_step, total_steps):
+        host_batch = next_batch()
+        state, metrics = train_step(state, shard_batch(host_batch, mesh), step_rng(cfg.seed, step))
+        guard.observe(step + 1, metrics)
+        bar.update(tokens=tokens_in(host_batch, token_key))
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
+            row = train_log_row(metrics, float(current_lr(schedule, step)), step, steps_per_epoch,
+                                bar)
+            writer.write(step + 1, row)
+            bar.set_postfix(**{k.split("/")[-1]: row[k] for k in postfix})
+            guard.check()
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total_steps:
+            validate(eval_step, state.params, valid_batches, mesh, weight_key, writer, step + 1)
+        if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < total_steps:
+            save_checkpoint(checkpointer, step + 1, state, meta(), guard)
+        stop_if_preempted(preemption, checkpointer, step + 1, state, meta, guard)
+    bar.close()
+    guard.check()
+    guard.check_tree(total_steps, state.params, "params")
+    final = validate(eval_step, state.params, valid_batches, mesh, weight_key, writer, total_steps)
+    checkpointer.wait()
+    return state, final, metrics, guard
 
 
 def iterator_states(iterators: Mapping[str, Any]) -> dict[str, Any]:

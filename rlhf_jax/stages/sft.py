@@ -21,19 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax.convert import save_our_checkpoint
 from rlhf_jax.data import BatchIterator, tokenize_demonstrations, tokenize_pretrain
 from rlhf_jax.data.sources import read_source
-from rlhf_jax.errors import Preempted
-from rlhf_jax.metrics import MetricsWriter, ProgressBar
 from rlhf_jax.models.params import init_params
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.optim import current_lr
 from rlhf_jax.program import Program, Step, abstract_batch, abstract_key, random_batch
 from rlhf_jax.scoring import sequence_nll
-from rlhf_jax.sharding import (as_auto_mesh, batch_sharding, check_batch_size, replicated,
-                               shard_batch)
+from rlhf_jax.sharding import as_auto_mesh, batch_sharding, check_batch_size, replicated
 from rlhf_jax.stages import common
 from rlhf_jax.train_state import (abstract_train_state, create_train_state, make_eval_step,
                                   make_train_step, shardings_of)
@@ -162,8 +157,6 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         total_steps = cfg.train.steps or int(math.ceil(cfg.train.epochs * steps_per_epoch))
 
         program = build(cfg, mesh, model=model, total_steps=total_steps)
-        train_step, eval_step = program.steps["train"].fn, program.steps["eval"].fn
-        schedule = program.info["schedule"]
         state = create_train_state(params, program.info["optimizer"], shardings_of(program.state))
         del params
 
@@ -173,41 +166,11 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                 parts.append(next(iterators["pretrain_mix"]))
             return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
 
-        checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
-            os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.get("keep_checkpoints", 2)))
-        state, start_step, _ = common.resume(checkpointer, state, iterators, cfg)
-        guard = common.FiniteGuard(name, ("loss", "grad_norm"), checkpointer)
-        meta = lambda: common.checkpoint_meta(cfg, iterators)
-        writer = stack.enter_context(MetricsWriter(workdir))
-        writer.discard_after(start_step)
         valid_batches = common.fixed_batches(valid_arrays, cfg.train.batch_size) if valid_arrays else []
-
-        bar = stack.enter_context(ProgressBar(total_steps, desc=name, initial=start_step))
-        if preemption.requested():
-            raise Preempted(preemption.signum)    # nothing done since the last checkpoint
-        metrics: dict[str, float] = {}
-        for step in range(start_step, total_steps):
-            host_batch = next_batch()
-            state, metrics = train_step(state, shard_batch(host_batch, mesh), common.step_rng(cfg.seed, step))
-            guard.observe(step + 1, metrics)
-            bar.update(tokens=common.tokens_in(host_batch, "loss_mask"))
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
-                row = common.train_log_row(metrics, float(current_lr(schedule, step)), step,
-                                           steps_per_epoch, bar)
-                writer.write(step + 1, row)
-                bar.set_postfix(loss=row["train/loss"])
-                guard.check()
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total_steps:
-                common.validate(eval_step, state.params, valid_batches, mesh, "n_tokens", writer, step + 1)
-            if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < total_steps:
-                common.save_checkpoint(checkpointer, step + 1, state, meta(), guard)
-            common.stop_if_preempted(preemption, checkpointer, step + 1, state, meta, guard)
-        bar.close()
-        guard.check()
-        guard.check_tree(total_steps, state.params, "params")
-        final = common.validate(eval_step, state.params, valid_batches, mesh, "n_tokens", writer,
-                                total_steps)
-        checkpointer.wait()
+        state, final, metrics, _ = common.supervised_loop(
+            cfg, workdir, stack, preemption, mesh, program, state, iterators, next_batch,
+            valid_batches, steps_per_epoch, total_steps, weight_key="n_tokens",
+            token_key="loss_mask", postfix=("train/loss",))
         save_our_checkpoint(os.path.join(workdir, "model"), model.clone(
             config=model.config.replace(dropout=0.0)), state.params, tokenizer,
             extra={"stage": name, "steps": total_steps, **final}, overwrite=True)
