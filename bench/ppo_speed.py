@@ -217,7 +217,12 @@ def child_rlhf_jax(args) -> dict:
     setup_s = time.time() - t_setup
 
     workdir = os.path.join(root, "run")
+    cache = os.environ.get("RLHF_JAX_BENCH_CACHE")
+    warm = bool(cache and os.path.isdir(cache) and os.listdir(cache))
     t_start = time.time()
+    if cache:   # what `rlhf-jax ... --compilation-cache DIR` does; inside the timed call
+        from rlhf_jax.stages.common import enable_compilation_cache
+        enable_compilation_cache(cache)
     ppo.train(cfg, workdir)
     t_end = time.time()
 
@@ -227,6 +232,7 @@ def child_rlhf_jax(args) -> dict:
     out["phase_median_s"] = {k: statistics.median(r[k] for r in rows[1:]) for k in phases if k in rows[0]}
     out["phase_first_s"] = {k: rows[0][k] for k in phases if k in rows[0]}
     last = rows[-1]
+    out.update(compilation_cache=("warm" if warm else "cold") if cache else "off")
     out.update(import_s=import_s, setup_s=setup_s, episodes=int(last["episodes"]),
                optimizer_steps=len(rows) * EPOCHS * MINIBATCHES,
                final={k: last.get(k) for k in ("loss/policy_avg", "loss/value_avg", "objective/kl",
@@ -571,8 +577,11 @@ def run_child(kind: str, args, tmp: str, prompts_path: str, log_dir: str, tag: s
     cpus = sorted(os.sched_getaffinity(0))[:args.threads]
     load_before = os.getloadavg()
     t0 = time.time()
+    env = child_env(args.threads)
+    if kind == "rlhf_jax" and args.compilation_cache:
+        env["RLHF_JAX_BENCH_CACHE"] = os.path.abspath(args.compilation_cache)
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.run(cmd, env=child_env(args.threads), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                               preexec_fn=lambda: os.sched_setaffinity(0, cpus), cwd=REPO,
                               timeout=args.timeout)
     wall = time.time() - t0
@@ -607,6 +616,10 @@ def main(argv=None) -> None:
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per child run")
     ap.add_argument("--log-dir", default="", help="keep the child logs here (default: a temp dir, removed)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (models, run dirs)")
+    ap.add_argument("--compilation-cache", default="", metavar="DIR",
+                    help="rlhf_jax runs use JAX's persistent compilation cache in DIR, as a user "
+                         "re-running a command does: the first run fills it (cold), later runs "
+                         "load the compiled steps (warm); each run records which it was")
     # child mode
     ap.add_argument("--child", choices=sorted(CHILDREN))
     ap.add_argument("--result")
