@@ -140,7 +140,7 @@ def _mesh_parallelism(p: _Problems, cfg: Any) -> int | None:
         if -1 not in shape and 0 < wanted < n and jax.process_count() == 1:
             n = wanted      # make_mesh takes a sub-mesh on one host
         resolved = resolve_mesh_shape(shape, n)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError):
         p.add("mesh.shape", shape, f"(data, fsdp, tensor) sizes whose product is this run's "
                                    f"{jax.device_count()} devices (-1: the rest)")
         return None
@@ -174,9 +174,7 @@ def _arch(source: str, section: Any, tokenizer_vocab: int | None = None):
     fields = dict(section or {})
     if not source and "vocab_size" not in fields and tokenizer_vocab:
         fields["vocab_size"] = tokenizer_vocab
-    if not source and not fields:
-        return None, ""
-    if not source and "vocab_size" not in fields:
+    if not source and "vocab_size" not in fields:   # sized by a tokenizer we cannot see yet
         return None, ""
     return model_config_for_build(fields, source), source or "model section"
 
@@ -239,10 +237,7 @@ def _networks(p: _Problems, cfg: Any, kind: str) -> None:
             field = f"{name}_from" if name != "value" or _get(cfg, "value_from") else "reward_from"
             if _dir_problem(p, field, source):
                 return
-            if sections[name] and not source:
-                arch, where = _arch("", sections[name])
-            else:
-                arch, where = _arch(source, sections[name] if not source else None)
+            arch, where = _arch(source, None if source else sections[name])
             nets[name] = (arch, where, _tokenizer(source))
     policy_tok = next((t for _, _, t in nets.values() if t is not None), None)
     known = {n: v for n, v in nets.items() if v[0] is not None}
