@@ -314,25 +314,15 @@ def _main(argv: list[str]) -> int:
     if cache and cache.lower() != "none":
         from rlhf_jax.stages.common import enable_compilation_cache
         enable_compilation_cache(cache)
-    if jax_process_index() == 0:
-        _write_json_atomic(os.path.join(args.workdir, f"config_{args.command}.json"), cfg.to_dict())
+    import jax
+    from rlhf_jax.checkpoint import atomic_write_text
+    if jax.process_index() == 0:
+        atomic_write_text(os.path.join(args.workdir, f"config_{args.command}.json"),
+                          json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
     result = _call(TRAIN_COMMANDS[args.command][0])(cfg, args.workdir)
     if args.command != "pipeline":   # the pipeline prints its own results table
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
-
-
-def jax_process_index() -> int:
-    import jax
-    return jax.process_index()
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    """Write-then-rename: a crash leaves the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
 
 
 def _allow_config_change(cfg) -> None:
