@@ -71,11 +71,11 @@ def measure(plan: bool, paper_geometry: bool) -> dict:
     out["frozen_bytes"] = int(sum(x.nbytes for x in jax.tree.leaves((frozen.reference, frozen.reward))))
     args = program.random_args("update", state, frozen, jax.random.key(1))
     t0 = time.perf_counter()
-    new_state, stats = compiled["update"](*args)
-    jax.block_until_ready(new_state)
+    new_policy, _, stats = compiled["update"](*args)
+    jax.block_until_ready(new_policy)
     out["update_s"] = time.perf_counter() - t0
     out["stats"] = {k: float(v) for k, v in jax.device_get(stats).items()}
-    out["_params"] = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(new_state.policy.params))]
+    out["_params"] = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(new_policy.params))]
     return out
 
 

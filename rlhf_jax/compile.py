@@ -636,12 +636,14 @@ def hbm_traffic(step, weight_ids: set[int], mesh: Mesh, unaliased_output_bytes: 
 
 def _iteration(stage: str, stage_cfg: Any, program, rows: dict, target: Target,
                n_dev: int) -> dict[str, Any] | None:
-    """One PPO iteration: rollout + experience + epochs x minibatches updates (the ``ptx`` step
-    is part of ``update`` and the decode body part of ``rollout``)."""
+    """One PPO iteration: rollout + experience + epochs x minibatches policy and value updates
+    (the ``ptx`` step is part of ``update`` and the decode body part of ``rollout``)."""
     if stage != "ppo" or not {"rollout", "experience", "update"} <= set(rows):
         return None
     n_updates = int(program.info.get("n_minibatches", 1)) * int(stage_cfg.ppo.get("epochs", 1))
     calls = {"rollout": 1, "experience": 1, "update": n_updates}
+    if "value_update" in rows:
+        calls["value_update"] = n_updates
     out: dict[str, Any] = {"calls": calls}
     if all(rows[k].get("flops") is not None for k in calls):
         out["flops"] = sum(n * rows[k]["flops"] for k, n in calls.items())

@@ -126,10 +126,7 @@ class MetricsWriter:
         self._tensorboard = None
         if self.enabled:
             os.makedirs(self.workdir, exist_ok=True)
-            # Imported lazily: processes that never log do not need the TB/protobuf stack.
-            from tensorboardX import SummaryWriter
-
-            self._tensorboard = SummaryWriter(logdir=os.path.join(self.workdir, TENSORBOARD_SUBDIR))
+            self._tensorboard = _TensorBoardThread(os.path.join(self.workdir, TENSORBOARD_SUBDIR))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Log scalar ``metrics`` for ``step``.
@@ -147,9 +144,7 @@ class MetricsWriter:
         host_metrics = jax.device_get(dict(metrics))
         scalars = {name: _to_python_scalar(name, value) for name, value in host_metrics.items()}
         _append_json_line(self.metrics_path, {"step": int(step), "time": time.time(), **scalars})
-        for name, value in scalars.items():
-            self._tensorboard.add_scalar(name, value, global_step=int(step))
-        self._tensorboard.flush()
+        self._tensorboard.put("scalars", int(step), scalars)
 
     def write_table(self, step: int, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
         """Append ``rows`` (e.g. generated samples) to ``workdir/<name>.jsonl`` and to TB text.
@@ -166,8 +161,7 @@ class MetricsWriter:
         for row in host_rows:
             _append_json_line(table_path, {"step": int(step), **row})
         if host_rows:
-            self._tensorboard.add_text(name, format_table(host_rows), global_step=int(step))
-            self._tensorboard.flush()
+            self._tensorboard.put("text", int(step), (name, format_table(host_rows)))
 
     def discard_after(self, step: int, tables: Sequence[str] = ()) -> None:
         """Drop the records of steps after ``step`` from ``metrics.jsonl`` and the ``tables``.
@@ -184,16 +178,65 @@ class MetricsWriter:
                 _truncate_jsonl_after(path, int(step))
 
     def close(self) -> None:
-        """Flush and close TensorBoard; safe to call more than once."""
+        """Write out and close TensorBoard; safe to call more than once."""
         if self._tensorboard is not None:
-            self._tensorboard.close()
-            self._tensorboard = None
+            tensorboard, self._tensorboard = self._tensorboard, None
+            tensorboard.close()
 
     def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _TensorBoardThread:
+    """TensorBoard events written by a worker thread.
+
+    Importing tensorboardX costs 1-3 s and each flush a file write: on the loop's thread both
+    sit on the critical path (the import before the first compile, the flush every step). The
+    JSONL file stays synchronous, since it is what a crash must not lose; ``close`` drains the
+    queue and re-raises anything the thread hit.
+    """
+
+    def __init__(self, logdir: str) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(logdir,), name="tensorboard",
+                                        daemon=True)
+        self._thread.start()
+
+    def put(self, kind: str, step: int, payload: Any) -> None:
+        self._queue.put((kind, step, payload))
+
+    def _run(self, logdir: str) -> None:
+        writer = None
+        try:
+            from tensorboardX import SummaryWriter
+            writer = SummaryWriter(logdir=logdir)
+            while (item := self._queue.get()) is not None:
+                kind, step, payload = item
+                if kind == "scalars":
+                    for name, value in payload.items():
+                        writer.add_scalar(name, value, global_step=step)
+                else:
+                    writer.add_text(payload[0], payload[1], global_step=step)
+                if self._queue.empty():
+                    writer.flush()
+        except BaseException as e:     # surfaced by close()
+            self._error = e
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"writing TensorBoard events failed: {self._error}") from self._error
 
 
 def _truncate_jsonl_after(path: str, step: int) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Schedule = Callable[[Any], jax.Array]
@@ -59,25 +60,26 @@ def make_lr_schedule(
     decay_length = float(max(total_steps - warmup_steps, 1))
 
     def schedule(step: Any) -> jax.Array:
-        step = jnp.asarray(step, jnp.float32)
-        warmup_progress = jnp.clip(step / warmup_length, 0.0, 1.0)
+        # A host-side step (logging) is evaluated in NumPy: eager jnp would compile a handful
+        # of tiny XLA programs on a loop's first logging step.
+        xp = np if isinstance(step, (int, float, np.number, np.ndarray)) else jnp
+        step = xp.asarray(step, xp.float32)
+        warmup_progress = xp.clip(step / warmup_length, 0.0, 1.0)
         warmup_lr = start_lr + (peak_lr - start_lr) * warmup_progress
         if decay == "constant":
-            after_warmup = jnp.asarray(peak_lr, jnp.float32)
+            after_warmup = xp.asarray(peak_lr, xp.float32)
         else:
-            decay_progress = jnp.clip((step - warmup_steps) / decay_length, 0.0, 1.0)
-            cosine = 0.5 * (1.0 + jnp.cos(math.pi * decay_progress))
+            decay_progress = xp.clip((step - warmup_steps) / decay_length, 0.0, 1.0)
+            cosine = 0.5 * (1.0 + xp.cos(math.pi * decay_progress))
             after_warmup = final_lr + (peak_lr - final_lr) * cosine
-        return jnp.where(step < warmup_steps, warmup_lr, after_warmup).astype(jnp.float32)
+        return xp.where(step < warmup_steps, warmup_lr, after_warmup).astype(xp.float32)
 
     return schedule
 
 
-def current_lr(schedule: LearningRate, step: Any) -> jax.Array:
-    """Learning rate at ``step`` for logging; accepts a schedule or a constant float."""
-    if callable(schedule):
-        return jnp.asarray(schedule(step), jnp.float32)
-    return jnp.asarray(schedule, jnp.float32)
+def current_lr(schedule: LearningRate, step: int) -> float:
+    """Learning rate at (host-side) ``step`` for logging; accepts a schedule or a constant."""
+    return float(schedule(int(step)) if callable(schedule) else schedule)
 
 
 def make_optimizer(

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 STAGE_MODULES = {"sft": "rlhf_jax.stages.sft", "rm": "rlhf_jax.stages.reward",
                  "ppo": "rlhf_jax.stages.ppo"}
 # Steps run each iteration (in this order); anything else a Program has runs after them.
-PHASE_ORDER = ("rollout", "experience", "update", "ptx", "train", "eval")
+PHASE_ORDER = ("rollout", "experience", "update", "value_update", "ptx", "train", "eval")
 # Steps whose time is already inside another step's (not added to the iteration).
 INCLUDED_IN = {"ptx": "update"}
 
@@ -486,20 +486,24 @@ def _call(executables: dict, step: Any, name: str, args: tuple) -> tuple[Any, fl
 
 
 def _feed_back(args: dict[str, tuple], name: str, out: Any) -> dict[str, tuple]:
-    """After a step that returned an updated first argument (a donated state), give every
-    step the new arrays in place of the old ones (matched by identity, leaf by leaf)."""
-    first = args[name][0] if args[name] else None
-    if not isinstance(out, tuple) or not out or first is None:
+    """After a step that returned updated leading arguments (donated states: PPO's update
+    returns the policy state and its EMA), give every step the new arrays in place of the old
+    ones (matched by identity, leaf by leaf)."""
+    if not isinstance(out, tuple):
         return args
-    try:
-        if jax.tree.structure(out[0]) != jax.tree.structure(first):
-            return args
-    except Exception:   # noqa: BLE001
+    mapping = {}
+    for first, updated in zip(args[name], out):
+        try:
+            if first is None or jax.tree.structure(updated) != jax.tree.structure(first):
+                break
+        except Exception:   # noqa: BLE001
+            break
+        old, new = jax.tree.leaves(first), jax.tree.leaves(updated)
+        if [getattr(x, "shape", None) for x in old] != [getattr(x, "shape", None) for x in new]:
+            break
+        mapping.update({id(o): n for o, n in zip(old, new)})
+    if not mapping:
         return args
-    old, new = jax.tree.leaves(first), jax.tree.leaves(out[0])
-    if [getattr(x, "shape", None) for x in old] != [getattr(x, "shape", None) for x in new]:
-        return args
-    mapping = {id(o): n for o, n in zip(old, new)}
     return {k: jax.tree.map(lambda x: mapping.get(id(x), x), v) for k, v in args.items()}
 
 

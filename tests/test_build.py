@@ -60,7 +60,7 @@ def test_every_stage_builds_and_lowers_without_data(make_mesh):
     programs = {"sft": sft.build(stages["sft"], mesh), "rm": reward.build(stages["rm"], mesh),
                 "ppo": ppo.build(stages["ppo"], mesh)}
     assert set(programs["sft"].steps) == set(programs["rm"].steps) == {"train", "eval"}
-    assert set(programs["ppo"].steps) == {"rollout", "experience", "update", "ptx"}
+    assert set(programs["ppo"].steps) == {"rollout", "experience", "update", "value_update", "ptx"}
     for name, program in programs.items():
         leaves = jax.tree.leaves(program.state)
         assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None
@@ -93,5 +93,9 @@ def test_built_ppo_steps_run_on_random_weights():
                                                 rollout, jnp.float32(0.02))
     assert np.isfinite(np.asarray(experience.advantages)).all()
     args = program.random_args("update", state, frozen, jax.random.key(2))
-    state, stats = program.steps["update"].fn(state, experience, *args[2:])
-    assert int(state.policy.step) == 1 and np.isfinite(float(stats["ptx_loss"]))
+    policy, _, stats = program.steps["update"].fn(state.policy, state.ema_params, experience,
+                                                  *args[3:])
+    assert int(policy.step) == 1 and np.isfinite(float(stats["ptx_loss"]))
+    args = program.random_args("value_update", state, frozen, jax.random.key(3))
+    value, stats = program.steps["value_update"].fn(state.value, experience, *args[2:])
+    assert int(value.step) == 1 and np.isfinite(float(stats["value_loss"]))

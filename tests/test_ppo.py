@@ -678,3 +678,12 @@ def test_sharded_iteration_equals_single_device(mesh_run, shape):
         np.testing.assert_allclose(a, b, atol=1e-4)
     # The iteration did train: params moved away from the SFT policy.
     assert got["metrics"]["policy/approxkl_avg"] > 0
+
+
+def test_side_thread_runs_jobs_inline_or_beside_with_the_same_results():
+    job = lambda x: float(jnp.sum(jnp.arange(x) ** 2))
+    with common.SideThread(enabled=False) as inline, common.SideThread(enabled=True) as beside:
+        assert inline.submit(job, 5).result() == beside.submit(job, 5).result() == 30.0
+        failing = beside.submit(lambda: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            failing.result()

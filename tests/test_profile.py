@@ -85,7 +85,7 @@ def test_cli_rm_from_a_workdir_table_json_and_trace(tmp_path, capsys):
     assert {"train", "eval", "rm"} <= names
 
 
-def test_ppo_from_a_workdir_has_four_phases_and_counts_the_decode_loop(tmp_path, peak):
+def test_ppo_from_a_workdir_has_five_phases_and_counts_the_decode_loop(tmp_path, peak):
     cfg = load_config(MICRO)
     ppo_cfg = profile.stage_config(cfg, "ppo")
     assert ppo_cfg.ppo.ptx_coef == cfg.ppo_ptx_coef > 0 and ppo_cfg.name == "ppo_ptx"
@@ -108,7 +108,7 @@ def test_ppo_from_a_workdir_has_four_phases_and_counts_the_decode_loop(tmp_path,
     calls = profile.calls_per_iteration("ppo", wd_cfg, program)
     report = profile.profile_program(program, steps=1, warmup=1, peak=peak, state=state,
                                      frozen=frozen, calls_per_iteration=calls)
-    assert list(report["phases"]) == ["rollout", "experience", "update", "ptx"]
+    assert list(report["phases"]) == ["rollout", "experience", "update", "value_update", "ptx"]
     for p in report["phases"].values():
         _check_phase(p)
     rollout = report["phases"]["rollout"]
@@ -116,7 +116,8 @@ def test_ppo_from_a_workdir_has_four_phases_and_counts_the_decode_loop(tmp_path,
     assert rollout["flops_per_device"] > rollout["loop_trips"] * rollout["loop_body_flops_per_device"]
     updates = cfg.ppo.ppo.rollout_batch_size // cfg.ppo.ppo.minibatch_size
     it = report["iteration"]
-    assert it["calls"] == {"rollout": 1, "experience": 1, "update": updates}
+    assert it["calls"] == {"rollout": 1, "experience": 1, "update": updates,
+                           "value_update": updates}
     assert it["seconds"] == pytest.approx(sum(
         n * report["phases"][k]["median_s"] for k, n in it["calls"].items()))
     assert report["phases"]["ptx"]["included_in"] == "update"

@@ -9,10 +9,10 @@ One iteration, as the loop below reads:
   2. experience  one jitted, gradient-free pass, float32 throughout: policy and reference
                  log-probs, values, RM scores, per-token rewards -beta*(log pi - log pi_ref) plus
                  the score at the last token, GAE advantages and returns
-  3. update      ppo_epochs x minibatches jitted steps over that frozen experience; each step sums
-                 the clipped-PPO gradient and gamma_ptx x the pretraining-NLL gradient into ONE
-                 optimizer update of the policy (one backward pass over the summed objective),
-                 and takes a value-loss step
+  3. update      ppo_epochs x minibatches jitted steps over that frozen experience; each policy
+                 step sums the clipped-PPO gradient and gamma_ptx x the pretraining-NLL gradient
+                 into ONE optimizer update (one backward pass over the summed objective); the
+                 value network takes its own steps (a second program, on a second core on CPU)
   4. log / KL controller / checkpoint
 
 ``build(cfg, mesh)`` makes those jitted steps (and the abstract state they take) from shapes
@@ -189,30 +189,43 @@ def value_objective(params: Any, models: Models, mb: Experience, *, prompt_len: 
     return loss, stats
 
 
+def policy_update_step(policy: TrainState, ema_params: Any, experience: Experience,
+                       indices: jax.Array, ptx: Batch | None, *, models: Models,
+                       policy_opt: optax.GradientTransformation, prompt_len: int, cfg: Any):
+    """One minibatch update of the policy: PPO + gamma_ptx x ptx in one gradient, then the EMA."""
+    mb = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), experience)
+    grads, stats = policy_gradient(policy.params, models, mb, ptx, prompt_len=prompt_len, cfg=cfg)
+    updates, opt_state = policy_opt.update(grads, policy.opt_state, policy.params)
+    policy = TrainState(policy.step + 1, optax.apply_updates(policy.params, updates), opt_state)
+    if cfg.ema_decay > 0:
+        ema_params = ema_update(ema_params, policy.params, cfg.ema_decay)
+    return policy, ema_params, dict(stats, policy_grad_norm=optax.global_norm(grads))
+
+
+def value_update_step(value: TrainState, experience: Experience, indices: jax.Array, *,
+                      models: Models, value_opt: optax.GradientTransformation, prompt_len: int,
+                      cfg: Any):
+    """One minibatch update of the value network (clipped value loss)."""
+    mb = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), experience)
+    (loss, stats), grads = jax.value_and_grad(
+        functools.partial(value_objective, models=models, mb=mb, prompt_len=prompt_len, cfg=cfg),
+        has_aux=True)(value.params)
+    updates, opt_state = value_opt.update(grads, value.opt_state, value.params)
+    value = TrainState(value.step + 1, optax.apply_updates(value.params, updates), opt_state)
+    return value, dict(stats, value_loss=loss, value_grad_norm=optax.global_norm(grads))
+
+
 def update_step(state: PPOState, experience: Experience, indices: jax.Array, ptx: Batch | None, *,
                 models: Models, policy_opt: optax.GradientTransformation,
                 value_opt: optax.GradientTransformation, prompt_len: int, cfg: Any):
-    """One minibatch update of policy (PPO + ptx) and value; the experience itself is not changed."""
-    mb = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), experience)
-    grads, pstats = policy_gradient(state.policy.params, models, mb, ptx, prompt_len=prompt_len,
-                                    cfg=cfg)
-    updates, opt_state = policy_opt.update(grads, state.policy.opt_state, state.policy.params)
-    policy = TrainState(state.policy.step + 1, optax.apply_updates(state.policy.params, updates),
-                        opt_state)
-
-    (vloss, vstats), vgrads = jax.value_and_grad(
-        functools.partial(value_objective, models=models, mb=mb, prompt_len=prompt_len, cfg=cfg),
-        has_aux=True)(state.value.params)
-    vupdates, vopt_state = value_opt.update(vgrads, state.value.opt_state, state.value.params)
-    value = TrainState(state.value.step + 1, optax.apply_updates(state.value.params, vupdates),
-                       vopt_state)
-
-    ema = state.ema_params
-    if cfg.ema_decay > 0:
-        ema = ema_update(ema, policy.params, cfg.ema_decay)
-    stats = dict(pstats, value_loss=vloss, policy_grad_norm=optax.global_norm(grads),
-                 value_grad_norm=optax.global_norm(vgrads), **vstats)
-    return PPOState(policy, value, ema), stats
+    """Both halves of one minibatch update. ``train`` runs them as two programs (``update`` and
+    ``value_update``): neither reads what the other writes, so on a CPU they run side by side."""
+    policy, ema, pstats = policy_update_step(state.policy, state.ema_params, experience, indices,
+                                             ptx, models=models, policy_opt=policy_opt,
+                                             prompt_len=prompt_len, cfg=cfg)
+    value, vstats = value_update_step(state.value, experience, indices, models=models,
+                                      value_opt=value_opt, prompt_len=prompt_len, cfg=cfg)
+    return PPOState(policy, value, ema), pstats | vstats
 
 
 def rollout_step(params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng: jax.Array, *,
@@ -326,11 +339,16 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
                             in_shardings=(p_sh, v_sh, frozen_sh, shardings_of(rollout), rep),
                             out_shardings=shardings_of(experience))
     update_fn = jax.jit(
-        functools.partial(update_step, models=models, policy_opt=policy_opt, value_opt=value_opt,
+        functools.partial(policy_update_step, models=models, policy_opt=policy_opt,
                           prompt_len=prompt_len, cfg=p),
-        in_shardings=(state_sh, shardings_of(experience), rep,
+        in_shardings=(state_sh.policy, state_sh.ema_params, shardings_of(experience), rep,
                       None if ptx is None else shardings_of(ptx)),
-        out_shardings=(state_sh, rep), donate_argnums=0)
+        out_shardings=(state_sh.policy, state_sh.ema_params, rep), donate_argnums=(0, 1))
+    value_update_fn = jax.jit(
+        functools.partial(value_update_step, models=models, value_opt=value_opt,
+                          prompt_len=prompt_len, cfg=p),
+        in_shardings=(state_sh.value, shardings_of(experience), rep),
+        out_shardings=(state_sh.value, rep), donate_argnums=0)
     kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
     steps = {
         "rollout": Step("rollout", rollout_fn, (state.policy.params, prompts["input_ids"],
@@ -339,8 +357,11 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
                         loop_body=_decode_body(policy, p_sh, state.policy.params, b, t, mesh)),
         "experience": Step("experience", experience_fn, (state.policy.params, state.value.params,
                                                          frozen, rollout, kl), tokens=b * t),
-        "update": Step("update", update_fn, (state, experience, indices, ptx),
+        "update": Step("update", update_fn, (state.policy, state.ema_params, experience, indices,
+                                             ptx),
                        tokens=mb_size * t + (ptx_rows * cfg.data.ptx_seq_len if ptx else 0)),
+        "value_update": Step("value_update", value_update_fn, (state.value, experience, indices),
+                             tokens=mb_size * t),
     }
     if ptx is not None:
         ptx_fn = jax.jit(functools.partial(ptx_gradient, models=models, chunk=p.logprob_chunk),
@@ -366,9 +387,12 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
         if name == "experience":
             return (state_.policy.params, state_.value.params, frozen_,
                     random_batch(rollout, vocab, seed), jnp.float32(p.kl_coef))
-        if name == "update":
-            return (state_, random_batch(experience, vocab, seed),
-                    jax.device_put(np.arange(mb_size, dtype=np.int32), rep),
+        if name in ("update", "value_update"):
+            exp_, idx = (random_batch(experience, vocab, seed),
+                         jax.device_put(np.arange(mb_size, dtype=np.int32), rep))
+            if name == "value_update":
+                return state_.value, exp_, idx
+            return (state_.policy, state_.ema_params, exp_, idx,
                     None if ptx is None else random_batch(ptx, vocab, seed + 1))
         if name == "ptx":
             return state_.policy.params, random_batch(ptx, vocab, seed)
@@ -383,6 +407,7 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
                     # as train() runs them; the ptx pass is part of each update
                     "calls_per_iteration": {"rollout": 1, "experience": 1,
                                             "update": updates_per_iteration,
+                                            "value_update": updates_per_iteration,
                                             "ptx": updates_per_iteration}})
 
 
@@ -489,8 +514,9 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         # The compiled steps, then the state in their shardings.
         program = build(cfg, mesh, models=Models(policy, value, reward),
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        info, steps = program.info, program.steps
-        rollout_fn, experience_fn, update_fn = (steps[k].fn for k in ("rollout", "experience", "update"))
+        info = program.info
+        phases = ("rollout", "experience", "update", "value_update")
+        executables = common.compile_ahead(program, phases)   # while the rest is set up
         frozen = make_frozen(program.frozen, policy_params, reward_params, reward_norm)
         state = init_ppo_state(program.state, info["policy_opt"], info["value_opt"], policy_params,
                                value_params)
@@ -521,6 +547,10 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         if preemption.requested():
             raise Preempted(preemption.signum)    # nothing done since the last checkpoint
 
+        side = stack.enter_context(common.SideThread())
+        rollout_fn, experience_fn, update_fn, value_update_fn = (
+            executables[k].result() for k in phases)
+
         metrics: dict[str, float] = {}
         for it in range(start_iteration, n_iterations):
             it_rng = common.step_rng(cfg.seed, it)
@@ -539,19 +569,27 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                                            jnp.float32(kl_coef))
                 jax.block_until_ready(experience)
 
-            # 3. Update: epochs x minibatches over the frozen experience; PPO + ptx in one gradient.
-            update_stats = []
+            # 3. Update: epochs x minibatches over the frozen experience. Each policy step sums
+            #    the PPO and gamma_ptx x pretraining gradients into one update. The value steps
+            #    read nothing the policy steps write, so on a CPU they run on a second core.
             with timer("update"):
                 order_rng = np.random.default_rng([cfg.seed, it])
-                for epoch in range(p.epochs):
-                    order = order_rng.permutation(p.rollout_batch_size)
-                    for mb in range(n_minibatches):
-                        indices = jnp.asarray(order[mb * p.minibatch_size:(mb + 1) * p.minibatch_size])
-                        ptx_batch = (shard_batch(next(iterators["ptx"]), mesh)
-                                     if ptx_arrays is not None else None)
-                        state, stats = update_fn(state, experience, indices, ptx_batch)
-                        update_stats.append(stats)
-                update_stats = jax.device_get(update_stats)
+                minibatches = [jnp.asarray(order[i:i + p.minibatch_size])
+                               for order in (order_rng.permutation(p.rollout_batch_size)
+                                             for _ in range(p.epochs))
+                               for i in range(0, p.rollout_batch_size, p.minibatch_size)]
+                value_job = side.submit(run_value_updates, value_update_fn, state.value,
+                                        experience, minibatches)
+                policy_state, ema_params, policy_stats = state.policy, state.ema_params, []
+                for indices in minibatches:
+                    ptx_batch = (shard_batch(next(iterators["ptx"]), mesh)
+                                 if ptx_arrays is not None else None)
+                    policy_state, ema_params, stats = update_fn(policy_state, ema_params,
+                                                                experience, indices, ptx_batch)
+                    policy_stats.append(stats)
+                value_state, value_stats = value_job.result()
+                state = PPOState(policy_state, value_state, ema_params)
+                update_stats = [a | b for a, b in zip(*jax.device_get((policy_stats, value_stats)))]
 
             # 4. Log, adapt the KL coefficient, checkpoint.
             summary = summarize(experience, update_stats, kl_coef)
@@ -559,7 +597,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
             times = timer.pop()
             metrics = summary | times | {
                 "objective/kl_coef": kl_coef,
-                "policy/lr": float(current_lr(info["policy_schedule"], int(state.policy.step))),
+                "policy/lr": current_lr(info["policy_schedule"], int(state.policy.step)),
                 "tokens/s": n_tokens / max(sum(times.values()), 1e-9),
                 "episodes": (it + 1) * p.rollout_batch_size}
             writer.write(it + 1, metrics)
@@ -590,6 +628,16 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                                 tokenizer, extra={"stage": name, "ema_decay": p.ema_decay},
                                 overwrite=True)
     return metrics
+
+
+def run_value_updates(value_update_fn: Any, value: TrainState, experience: Experience,
+                      minibatches: list[jax.Array]) -> tuple[TrainState, list[dict]]:
+    """The value network's steps of one iteration, in the policy's minibatch order."""
+    stats = []
+    for indices in minibatches:
+        value, step_stats = value_update_fn(value, experience, indices)
+        stats.append(step_stats)
+    return value, stats
 
 
 def next_kl_coef(kl_coef: float, kl: float, p: Any) -> float:
