@@ -128,8 +128,20 @@ def _add_train_parser(sub, name: str, help_text: str, parents: list) -> None:
     p.add_argument("--show-config", action="store_true",
                    help="print the resolved config (after overrides) and exit")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
-                   help="persist compiled steps in DIR and reuse them (default for `pipeline`: "
-                        "WORKDIR/jax_cache; 'none' disables)")
+                   help="persist compiled steps in DIR and reuse them in any later run of the "
+                        "same shapes (default: $RLHF_JAX_CACHE, else "
+                        "$XDG_CACHE_HOME/rlhf_jax/jax_cache or ~/.cache/rlhf_jax/jax_cache; "
+                        "'none' disables)")
+
+
+def default_compilation_cache() -> str:
+    """Where compiled steps persist by default: one cache per user, so a re-run in a new
+    workdir, a sweep's points and the pipeline's twin stages (SFT / SFT-ptx, PPO / PPO-ptx)
+    load executables instead of compiling them again."""
+    if os.environ.get("RLHF_JAX_CACHE"):
+        return os.environ["RLHF_JAX_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rlhf_jax", "jax_cache")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "config's shapes (no data needed) or a workdir's checkpoints, and report "
                     "compile time, FLOPs and bytes, per-device memory, median step time after "
                     "warm-up, achieved FLOP/s, MFU against a matmul peak measured in the same "
-                    "run, and tokens/s; PPO is broken down into rollout, experience, update and "
-                    "ptx. --trace writes a jax.profiler trace (TensorBoard profile plugin, "
+                    "run, and tokens/s; PPO is broken down into rollout, experience, update "
+                    "(policy), value_update and ptx. --trace writes a jax.profiler trace (TensorBoard profile plugin, "
                     "Perfetto) with the phases named.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  rlhf-jax profile --config experiments/instructgpt_tiny.py --stage ppo "
@@ -207,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="which stage to profile (default ppo)")
     prof.add_argument("--steps", type=int, default=5, help="timed calls per step after warm-up (5)")
     prof.add_argument("--warmup", type=int, default=1, help="untimed calls per step first (1)")
+    prof.add_argument("--phases", default=None, metavar="A,B",
+                      help="profile only these steps, e.g. update,value_update (default: all)")
     prof.add_argument("--workdir", default=None,
                       help="a pipeline workdir: profile with its trained models instead of random weights")
     prof.add_argument("--trace", default=None, metavar="DIR", help="write a jax.profiler trace to DIR")
@@ -309,8 +323,7 @@ def _main(argv: list[str]) -> int:
     if args.allow_config_change:
         _allow_config_change(cfg)
     os.makedirs(args.workdir, exist_ok=True)
-    cache = args.compilation_cache or (os.path.join(args.workdir, "jax_cache")
-                                       if args.command == "pipeline" else None)
+    cache = args.compilation_cache or default_compilation_cache()
     if cache and cache.lower() != "none":
         from rlhf_jax.stages.common import enable_compilation_cache
         enable_compilation_cache(cache)

@@ -1,7 +1,7 @@
 """``rlhf-jax profile``: time a stage's compiled steps on the machine at hand.
 
 For each step of a stage's ``Program`` (SFT/RM: train, eval; PPO: rollout, experience, update,
-ptx) this reports compile time, XLA's FLOPs and bytes accessed (``cost_analysis``), per-device
+value_update, ptx) this reports compile time, XLA's FLOPs and bytes accessed (``cost_analysis``), per-device
 memory (``memory_analysis``), the median wall time of a call after warm-up, achieved FLOP/s, MFU
 against a matmul peak measured in the same run on the same devices, and tokens/s. Weights are
 random, of the config's shapes (no data, no checkpoint needed), or a pipeline workdir's trained
@@ -129,17 +129,26 @@ def profile_program(program: Any, *, steps: int = 5, warmup: int = 1,
                     trace_dir: str | None = None, state: Any = None, frozen: Any = None,
                     peak: dict[str, Any] | None = None, peak_dtype: Any = "float32",
                     calls_per_iteration: dict[str, float] | None = None,
-                    trace_iterations: int = 2, seed: int = 0) -> dict[str, Any]:
+                    trace_iterations: int = 2, seed: int = 0,
+                    phases: Sequence[str] | None = None) -> dict[str, Any]:
     """Compile, measure and time every step of ``program``; returns the report dict.
 
     ``state``/``frozen`` default to ``program.init_state`` (random weights). Every iteration
     calls each step once, in ``PHASE_ORDER``; the first ``warmup`` iterations are not timed.
     A step that donates its first argument (train/update: the state) has its returned state fed
-    back to every step that was given that state (or part of it, like its params).
+    back to every step that was given that state (or part of it, like its params). ``phases``
+    limits the report to those steps (a compute-bound update without the rollout's decode loop);
+    the iteration total then covers only them.
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
     names = _ordered(program.steps)
+    if phases:
+        unknown = sorted(set(phases) - set(names))
+        if unknown:
+            raise ValueError(f"--phases {','.join(unknown)}: the {program.stage} stage has steps "
+                             f"{', '.join(names)}")
+        names = [n for n in names if n in phases]
     n_devices = int(program.mesh.devices.size)
     if state is None and frozen is None:
         state, frozen = program.init_state(jax.random.key(seed))
@@ -277,7 +286,8 @@ def calls_per_iteration(stage: str, stage_cfg: Any, program: Any) -> dict[str, f
 
 def profile_stage(cfg: Any, stage: str, *, steps: int = 5, warmup: int = 1,
                   workdir: str | None = None, trace_dir: str | None = None, seed: int = 0,
-                  peak: dict[str, Any] | None = None) -> dict[str, Any]:
+                  peak: dict[str, Any] | None = None,
+                  phases: Sequence[str] | None = None) -> dict[str, Any]:
     """Profile one stage of a loaded experiment config (pipeline-style or one stage's)."""
     from rlhf_jax.stages.common import setup_mesh
     stage_cfg = stage_config(cfg, stage, workdir)
@@ -292,7 +302,7 @@ def profile_stage(cfg: Any, stage: str, *, steps: int = 5, warmup: int = 1,
                              state=state, frozen=frozen, peak=peak,
                              peak_dtype=_compute_dtype(stage_cfg),
                              calls_per_iteration=calls_per_iteration(stage, stage_cfg, program),
-                             seed=seed)
+                             seed=seed, phases=phases)
     report["build_s"] = build_s
     report["stage_config"] = stage_cfg.get("name", stage)
     if stage == "ppo":
@@ -686,8 +696,9 @@ def run(args: Any, overrides: Sequence[str]) -> int:
     except (FileNotFoundError, AttributeError, KeyError, ValueError, SyntaxError) as e:
         raise SystemExit(f"error: {_one_line(e)}") from None
     try:
+        phases = [p.strip() for p in args.phases.split(",") if p.strip()] if args.phases else None
         report = profile_stage(cfg, args.stage, steps=args.steps, warmup=args.warmup,
-                               workdir=args.workdir, trace_dir=args.trace)
+                               workdir=args.workdir, trace_dir=args.trace, phases=phases)
     except (FileNotFoundError, ValueError) as e:
         log.debug("profile failed", exc_info=True)
         raise SystemExit(f"error: {_one_line(e)}") from None
