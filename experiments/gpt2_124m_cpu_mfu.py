@@ -12,22 +12,15 @@ float32 on CPUs without AMX), one device, no remat, unscanned layers, and batche
 steps through in seconds: SFT 2 sequences, PPO minibatches of 2 episodes. PPO is profiled without
 the ptx term (it adds an SFT-like pass to the same update, see the SFT figure).
 """
-import importlib.util
 import os
+
+from rlhf_jax.config import load_config
 
 PROMPT_LEN, RESPONSE_LEN = 256, 256
 
 
-def _gpt2_124m():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt2_124m.py")
-    spec = importlib.util.spec_from_file_location("rlhf_jax_experiment_gpt2_124m", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg=None):
-    c = _gpt2_124m().get_config(arg)
+    c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt2_124m.py"))
     for stage in (c.sft, c.rm, c.ppo):
         stage.model_runtime.dtype = "float32"
         stage.model_runtime.remat = False

@@ -15,20 +15,14 @@ A Llama checkpoint works the same way (``LlamaForCausalLM`` / ``LlamaForSequence
 Differences from the GPT-2 config: bfloat16 compute with float32 parameters, remat in every
 stage, frozen reference and RM in bfloat16, and learning rates for ~0.5-1B models.
 """
-import importlib.util
 import os
 
-
-def _gpt2_hh():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt2_hh.py")
-    spec = importlib.util.spec_from_file_location("rlhf_jax_experiment_gpt2_hh", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from rlhf_jax.config import load_config
 
 
 def get_config(arg=None):
-    c = _gpt2_hh().get_config(arg)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt2_hh.py")
+    c = load_config(f"{path}:{arg}" if arg else path)
     for stage in (c.sft, c.sft_ptx, c.rm, c.ppo):
         stage.model_runtime.dtype = "bfloat16"
         stage.model_runtime.remat = True
