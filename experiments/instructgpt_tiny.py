@@ -76,6 +76,7 @@ def get_config(arg=None):
     c.ppo.ppo.kl_coef = 0.02
     c.ppo.ppo.ptx_per_episode = 1
     c.ppo.ppo.sample_every = 10
+    c.ppo.ppo.ema_decay = 0.992            # paper; eval reports the EMA policies too
     c.ppo_ptx_coef = 1.0                     # gamma for the ppo_ptx run (paper: 27.8)
 
     c.eval = ml_collections.ConfigDict(dict(

@@ -74,7 +74,7 @@ def generate_texts(model: Transformer, params: Any, tokenizer: Any,
     """Sample one response per prompt; returns decoded texts and the token arrays.
 
     Returns {"texts": [N] str, "sequences" [N, P+M], "attention_mask", "response_mask" [N, M],
-    "prompt_len": P}. Decoding stops at EOS; special tokens are stripped from the texts.
+    "prompt_len": P}. Decoding stops at EOS; see ``decode_response`` for the texts.
     """
     arrays, _ = tokenize_prompts(_prompt_rows(prompts), tokenizer, max_prompt_len, "truncate")
     if len(arrays["input_ids"]) != len(prompts):
@@ -94,10 +94,18 @@ def generate_texts(model: Transformer, params: Any, tokenizer: Any,
             outs[k].append(np.asarray(result[k])[:n_real])
     out = {k: np.concatenate(v) for k, v in outs.items()}
     out["prompt_len"] = max_prompt_len
-    out["texts"] = [
-        tokenizer.decode(seq[max_prompt_len:][mask > 0].tolist(), skip_special_tokens=True).strip()
-        for seq, mask in zip(out["sequences"], out["response_mask"])]
+    out["texts"] = [decode_response(tokenizer, seq[max_prompt_len:][mask > 0])
+                    for seq, mask in zip(out["sequences"], out["response_mask"])]
     return out
+
+
+def decode_response(tokenizer: Any, ids: np.ndarray) -> str:
+    """A response's text as a judge should see it: padding, BOS and EOS dropped, every other
+    token kept. ``skip_special_tokens`` would also drop ``<unk>``, a real (and bad) output word,
+    so a model that emits it would be judged on a cleaned-up text it never wrote."""
+    framing = {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id} - {None}
+    return tokenizer.decode([int(i) for i in ids if int(i) not in framing],
+                            skip_special_tokens=False).strip()
 
 
 # --- scoring token arrays ----------------------------------------------------------------------
@@ -198,6 +206,22 @@ def gold_score(prompt_rows: Sequence[Mapping], responses: Sequence[str],
     """Mean noise-free score over a labeler group (the 'true' quality of the responses)."""
     return float(np.mean([np.mean([lab.gold_score(row, resp) for lab in labelers])
                           for row, resp in zip(prompt_rows, responses)]))
+
+
+def gold_score_by_category(prompt_rows: Sequence[Mapping], responses: Sequence[str],
+                           labelers: Sequence[Any]) -> dict[str, dict[str, float]]:
+    """``{prompt type: {"mean", "n", "off_task"}}``: the gold score per kind of instruction and
+    the share of responses that do not attempt it, so a model that wins by exploiting one kind
+    of prompt (or by not answering) shows."""
+    from rlhf_jax.world.labelers import response_features
+    groups: dict[str, list[tuple[float, bool]]] = {}
+    for row, resp in zip(prompt_rows, responses):
+        score = float(np.mean([lab.gold_score(row, resp) for lab in labelers]))
+        off = response_features(labelers[0].world, row["meta"], resp).off_task
+        groups.setdefault(row["meta"]["type"], []).append((score, off))
+    return {kind: {"mean": float(np.mean([s for s, _ in v])), "n": len(v),
+                   "off_task": float(np.mean([o for _, o in v]))}
+            for kind, v in sorted(groups.items())}
 
 
 def rm_pair_accuracy(reward_model: Transformer, params: Any, tokenizer: Any,

@@ -1,7 +1,11 @@
 """`rlhf-jax eval`: evaluate every model of a pipeline workdir and write the results.
 
 Models: ``base`` (the pretrained LM), ``base_prompted`` (the same with a few-shot prefix of
-demonstrations), ``sft``, ``ppo`` and ``ppo_ptx``. Writes ``results.json``, ``results.md`` and
+demonstrations), ``sft``, ``ppo`` and ``ppo_ptx``, and ``ppo_ema`` / ``ppo_ptx_ema`` (the policy
+weights' EMA, the paper's decay 0.992) where PPO saved them. KL is measured to ``sft`` for every
+model and, for the PPO models, also to the policy PPO started from and was penalized against
+(``sft_ptx``). With the labeler world, gold scores are also reported per kind of instruction,
+with the share of responses that do not attempt it. Writes ``results.json``, ``results.md`` and
 PNG plots into the workdir.
 """
 from __future__ import annotations
@@ -21,9 +25,13 @@ from rlhf_jax.metrics import format_table, plot_curves, plot_win_rates
 
 log = logging.getLogger(__name__)
 
-MODELS = ("base", "base_prompted", "sft", "ppo", "ppo_ptx")
-MODEL_DIRS = {"base": "pretrain", "base_prompted": "pretrain", "sft": "sft", "ppo": "ppo",
-              "ppo_ptx": "ppo_ptx"}
+MODELS = ("base", "base_prompted", "sft", "ppo", "ppo_ptx", "ppo_ema", "ppo_ptx_ema")
+# name -> (stage directory, model subdirectory)
+MODEL_DIRS = {"base": ("pretrain", "model"), "base_prompted": ("pretrain", "model"),
+              "sft": ("sft", "model"), "ppo": ("ppo", "model"), "ppo_ptx": ("ppo_ptx", "model"),
+              "ppo_ema": ("ppo", "model_ema"), "ppo_ptx_ema": ("ppo_ptx", "model_ema")}
+OPTIONAL_MODELS = ("ppo_ema", "ppo_ptx_ema")    # only when PPO kept an EMA
+PPO_INIT = "sft_ptx"                             # the pipeline's PPO policy init and KL reference
 
 
 def few_shot_prefix(demonstrations: list[dict], n_shots: int) -> str:
@@ -47,20 +55,25 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
     mc_items = read_plain_jsonl(files["capability_mc"])[: e.n_capability] if "capability_mc" in files else []
     qa_items = read_plain_jsonl(files["capability_qa"])[: e.n_capability] if "capability_qa" in files else []
 
-    def load(stage: str):
+    def load(stage: str, sub: str = "model"):
         if stage == "pretrain" and cfg.get("base_model"):
             return load_model(cfg.base_model, mesh)
-        return load_model(os.path.join(workdir, stage, "model"), mesh)
+        return load_model(os.path.join(workdir, stage, sub), mesh)
     sft_model, sft_params, tokenizer, _ = load("sft")
+    has_init = os.path.isdir(os.path.join(workdir, PPO_INIT, "model"))
+    init_params = load(PPO_INIT)[1] if has_init else sft_params
+    models = [m for m in MODELS if m not in OPTIONAL_MODELS
+              or os.path.isdir(os.path.join(workdir, *MODEL_DIRS[m]))]
     rm, rm_params, _, rm_extra = load("rm")
     norm = rm_extra.get("reward_norm") or {}
     max_p, max_r = cfg.rm.data.max_prompt_len, cfg.rm.data.max_response_len
 
     results: dict[str, Any] = {"win_rate_vs_sft": {}, "capability": {}, "kl_to_sft": {},
-                               "gold_score": {}, "proxy_score": {}, "samples": {}}
+                               "kl_to_ppo_init": {}, "gold_score": {}, "gold_by_category": {},
+                               "proxy_score": {}, "samples": {}}
     responses: dict[str, list[str]] = {}
-    for name in MODELS:
-        model, params = (sft_model, sft_params) if name == "sft" else load(MODEL_DIRS[name])[:2]
+    for name in models:
+        model, params = (sft_model, sft_params) if name == "sft" else load(*MODEL_DIRS[name])[:2]
         model_prompts = ([f"{prefix} {p}" for p in prompts] if name == "base_prompted"
                          else prompt_rows)
         prompt_len = e.prompted_max_prompt_len if name == "base_prompted" else max_p
@@ -69,11 +82,16 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
                                     mesh=mesh)
         responses[name] = samples["texts"]
         results["kl_to_sft"][name] = ev.kl_to_reference(model, params, sft_params, samples, mesh)
+        if name.startswith("ppo"):
+            results["kl_to_ppo_init"][name] = ev.kl_to_reference(model, params, init_params,
+                                                                 samples, mesh)
         results["proxy_score"][name] = float(np.mean(ev.score_texts(
             rm, rm_params, norm, tokenizer, prompt_rows, samples["texts"], max_prompt_len=max_p,
             max_response_len=max_r, mesh=mesh)))
         if pool is not None:
             results["gold_score"][name] = ev.gold_score(prompt_rows, samples["texts"], pool.heldout)
+            results["gold_by_category"][name] = ev.gold_score_by_category(
+                prompt_rows, samples["texts"], pool.heldout)
         if name != "base_prompted" and mc_items and qa_items:
             mc = ev.multiple_choice_accuracy(model, params, tokenizer, mc_items,
                                              max_prompt_len=e.capability_max_prompt_len, mesh=mesh)
@@ -97,7 +115,7 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
                 mesh=mesh)["accuracy"]
         return results
 
-    for name in MODELS:
+    for name in models:
         by_group = {}
         for offset, (group, labelers) in enumerate((("train_labelers", pool.training),
                                                     ("heldout_labelers", pool.heldout))):
@@ -121,6 +139,8 @@ def results_table(results: dict[str, Any]) -> str:
     """The headline table, one row per model."""
     rows = []
     for name in MODELS:
+        if name in OPTIONAL_MODELS and name not in results.get("proxy_score", {}):
+            continue
         win = results.get("win_rate_vs_sft", {}).get(name, {})
         ci = win.get("ci95", {}).get("heldout_labelers", [np.nan, np.nan])
         rows.append({
@@ -131,6 +151,7 @@ def results_table(results: dict[str, Any]) -> str:
             "gold score": results.get("gold_score", {}).get(name, np.nan),
             "RM score": results.get("proxy_score", {}).get(name, np.nan),
             "KL to SFT": results.get("kl_to_sft", {}).get(name, np.nan),
+            "KL to PPO init": results.get("kl_to_ppo_init", {}).get(name, np.nan),
             "capability": results.get("capability_score", {}).get(name, np.nan),
         })
     acc = results.get("rm_accuracy", {})
@@ -139,6 +160,18 @@ def results_table(results: dict[str, Any]) -> str:
     footer = (f"\nRM pair accuracy: {accuracy or 'n/a'}"
               f"\nwall time: {results.get('wall_seconds', np.nan):.0f} s")
     return format_table(rows) + footer
+
+
+def category_table(results: dict[str, Any]) -> str:
+    """Held-out labelers' mean gold score per kind of instruction (and the share of responses
+    that do not attempt it), one row per model: a win that rests on one kind of prompt shows."""
+    rows = []
+    for name, by_kind in results.get("gold_by_category", {}).items():
+        row = {"model": name}
+        for kind, v in by_kind.items():
+            row[kind] = f"{v['mean']:+.2f} ({v['off_task']:.0%} off)"
+        rows.append(row)
+    return format_table(rows) if rows else ""
 
 
 def findings(results: dict[str, Any]) -> list[str]:
@@ -171,6 +204,9 @@ def write_report(results: dict[str, Any], workdir: str) -> None:
     atomic_write_text(os.path.join(workdir, "results.json"),
                       json.dumps(results, indent=2, sort_keys=True, default=float) + "\n")
     lines = ["# Results", "", results_table(results), ""]
+    if results.get("gold_by_category"):
+        lines += ["## Gold score by kind of instruction (held-out labelers; share off task)", "",
+                  category_table(results), ""]
     if results.get("win_rate_vs_sft"):
         lines += ["## Findings", "", *[f"- {line}" for line in findings(results)]]
     lines += ["", "## Samples (held-out prompts)", ""]

@@ -696,7 +696,8 @@ def run(args: Any, overrides: Sequence[str]) -> int:
     except (FileNotFoundError, AttributeError, KeyError, ValueError, SyntaxError) as e:
         raise SystemExit(f"error: {_one_line(e)}") from None
     try:
-        phases = [p.strip() for p in args.phases.split(",") if p.strip()] if args.phases else None
+        chosen = getattr(args, "phases", None)
+        phases = [p.strip() for p in chosen.split(",") if p.strip()] if chosen else None
         report = profile_stage(cfg, args.stage, steps=args.steps, warmup=args.warmup,
                                workdir=args.workdir, trace_dir=args.trace, phases=phases)
     except (FileNotFoundError, ValueError) as e:

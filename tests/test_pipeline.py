@@ -43,6 +43,17 @@ def test_micro_pipeline_every_stage_and_artifact(tmp_path):
         for table in ("capability", "kl_to_sft", "gold_score", "proxy_score"):
             assert model in saved[table], (table, model)
     assert saved["win_rate_vs_sft"]["sft"]["heldout_labelers"] == 0.5  # SFT against itself ties
+    # The EMA policies are evaluated; PPO models' KL is also taken to their own init (sft_ptx).
+    for model in ("ppo_ema", "ppo_ptx_ema"):
+        assert model in saved["win_rate_vs_sft"] and model in saved["kl_to_ppo_init"], model
+    assert set(saved["kl_to_ppo_init"]) == {"ppo", "ppo_ptx", "ppo_ema", "ppo_ptx_ema"}
+    # Gold scores per kind of instruction, for every model.
+    counts = {sum(v["n"] for v in by_kind.values()) for by_kind in saved["gold_by_category"].values()}
+    assert len(counts) == 1 and counts.pop() > 0
+    for model, by_kind in saved["gold_by_category"].items():
+        assert set(by_kind) <= {"fact", "yes_no", "describe", "list", "repeat", "rude_request"}
+        assert all(0.0 <= v["off_task"] <= 1.0 for v in by_kind.values())
+    assert "Gold score by kind of instruction" in (tmp_path / "results.md").read_text()
     assert _finite({k: v for k, v in saved.items() if k != "samples"})
     ppo_metrics = [json.loads(line) for line in open(tmp_path / "ppo_ptx" / "metrics.jsonl")]
     assert "ptx/loss" in ppo_metrics[-1] and np.isfinite(ppo_metrics[-1]["ptx/loss"])

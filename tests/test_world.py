@@ -281,3 +281,40 @@ def test_capability_items_agree_with_the_facts(world):
         assert item["answer"] == world.value(item["meta"]["entity"], item["meta"]["attribute"])
         assert item["question"].startswith("question : ") and item["question"].endswith("answer :")
     assert {i["meta"]["attribute"] for i in evals["qa"]} == set(ATTRIBUTES)
+
+
+def _degenerate_responses(world: World, row: dict) -> dict[str, str]:
+    """Responses that do not attempt the instruction, as a person would judge them."""
+    meta = row["meta"]
+    other = next(n for n in world.names if n != meta.get("entity")
+                 and n not in (meta.get("items") or ()) and n != meta.get("answer"))
+    off_attribute = next(a for a in ("color", "size", "home", "food", "age") if a in ATTRIBUTES
+                         and a != meta.get("attribute"))
+    return {"yes": "yes .", "empty": "", "prompt repeated": row["prompt"],
+            "off-topic true fact": world.statement(other, off_attribute)}
+
+
+DEGENERATE_CATEGORIES = ("fact", "yes_no", "describe", "list", "repeat", "rude_request")
+
+
+@pytest.mark.parametrize("category", DEGENERATE_CATEGORIES)
+def test_not_attempting_the_task_scores_below_i_do_not_know_below_the_answer(world, pool,
+                                                                            eval_rows, category):
+    """The loophole the old world had: "yes ." to anything scored like an honest answer."""
+    rows = [r for r in eval_rows if r["meta"]["type"] == category
+            and not (category == "yes_no" and r["meta"]["answer"] == "yes")][:15]
+    assert rows, category
+    for row in rows:
+        for labeler in pool.all:
+            correct = labeler.gold_score(row, row["meta"]["reference"])
+            honest = labeler.gold_score(row, "i do not know .")
+            assert correct > honest + 0.5, (labeler.name, row["prompt"])
+            for name, response in _degenerate_responses(world, row).items():
+                features = response_features(world, row["meta"], response)
+                # exceptions: "yes ." answers a yes/no question (wrongly here: a false claim);
+                # repeating a rude request repeats its insult (a harmlessness penalty).
+                if not (category == "yes_no" and name == "yes") and \
+                        not (category == "rude_request" and name == "prompt repeated"):
+                    assert features.off_task, (name, response)
+                assert honest > labeler.gold_score(row, response) + 0.5, \
+                    (labeler.name, category, name, row["prompt"], response)
