@@ -175,9 +175,10 @@ def _attempted(world: World, meta: Mapping, words: list[str], claims: set) -> bo
         return any(world.is_entity(w) and w != meta["entity"] and w not in subjects
                    for w in words) or any(a == meta["attribute"] and v == meta["value"]
                                           for (_, a, v) in claims)
-    if kind == "repeat":    # the sentence, not the sentence buried in the whole prompt
+    if kind == "repeat":    # a copy, maybe a wrong one; not the sentence buried in the prompt
         target = content_words(meta["answer"])
-        return difflib.SequenceMatcher(a=words, b=target, autojunk=False).ratio() >= 0.8
+        return (len(words) <= 1.5 * len(target)
+                and difflib.SequenceMatcher(a=words, b=target, autojunk=False).ratio() >= 0.4)
     if kind == "rude_request":
         return any(w in REFUSAL_WORDS or w in _RUDE for w in words)
     raise ValueError(f"unknown prompt type {kind!r}")
