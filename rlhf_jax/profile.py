@@ -359,7 +359,10 @@ def load_workdir_weights(program: Any, stage_cfg: Any, state: Any, frozen: Any):
             target = _get(trees, path)
             if target is None or not jax.tree.leaves(target):
                 continue
-            trees = _replace_at(trees, path, _graft(params, target, f"{key}={stage_cfg[key]}"))
+            grafted = _graft(params, target, f"{key}={stage_cfg[key]}")
+            if placed:     # own buffers: a step donating one of these trees must not free another
+                grafted = jax.tree.map(jnp.copy, grafted)
+            trees = _replace_at(trees, path, grafted)
             placed.append(path)
         log.info("%s: %s -> %s", key, stage_cfg[key], ", ".join(placed))
     return trees["state"], trees["frozen"]
