@@ -201,16 +201,10 @@ def win_rate(prompt_rows: Sequence[Mapping], responses: Sequence[str], baseline:
     return {"rate": wins / max(n, 1), "ci95": [lo, hi], "n": n}
 
 
-def gold_score(prompt_rows: Sequence[Mapping], responses: Sequence[str],
-               labelers: Sequence[Any]) -> float:
-    """Mean noise-free score over a labeler group (the 'true' quality of the responses)."""
-    return float(np.mean([np.mean([lab.gold_score(row, resp) for lab in labelers])
-                          for row, resp in zip(prompt_rows, responses)]))
-
-
 def gold_score_by_category(prompt_rows: Sequence[Mapping], responses: Sequence[str],
                            labelers: Sequence[Any]) -> dict[str, dict[str, float]]:
-    """``{prompt type: {"mean", "n", "off_task"}}``: the gold score per kind of instruction and
+    """``{prompt type: {"mean", "n", "off_task"}}``: the gold score (mean noise-free score over a
+    labeler group, the 'true' quality of the responses) per kind of instruction and
     the share of responses that do not attempt it, so a model that wins by exploiting one kind
     of prompt (or by not answering) shows."""
     from rlhf_jax.world.labelers import response_features

@@ -89,9 +89,10 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
             rm, rm_params, norm, tokenizer, prompt_rows, samples["texts"], max_prompt_len=max_p,
             max_response_len=max_r, mesh=mesh)))
         if pool is not None:
-            results["gold_score"][name] = ev.gold_score(prompt_rows, samples["texts"], pool.heldout)
-            results["gold_by_category"][name] = ev.gold_score_by_category(
-                prompt_rows, samples["texts"], pool.heldout)
+            by_kind = ev.gold_score_by_category(prompt_rows, samples["texts"], pool.heldout)
+            results["gold_by_category"][name] = by_kind
+            results["gold_score"][name] = (sum(v["mean"] * v["n"] for v in by_kind.values())
+                                           / sum(v["n"] for v in by_kind.values()))
         if name != "base_prompted" and mc_items and qa_items:
             mc = ev.multiple_choice_accuracy(model, params, tokenizer, mc_items,
                                              max_prompt_len=e.capability_max_prompt_len, mesh=mesh)
