@@ -52,7 +52,8 @@ def get_config(arg=None):
     c.sft_ptx.data.pretrain_mix = 0.1        # paper: 10% pretraining data
 
     c.comparisons = ml_collections.ConfigDict(dict(
-        k=4, n_prompts=2000, n_test_prompts=150, temperature=1.0))
+        k=4, n_prompts=2000, n_test_prompts=150, temperature=1.0,
+        holdout_group=""))     # e.g. "train-2": the RM trains without that labeler group's rankings
 
     c.rm = rm_config()
     c.rm.data.max_k = 4
@@ -81,7 +82,9 @@ def get_config(arg=None):
 
     c.eval = ml_collections.ConfigDict(dict(
         n_prompts=300, temperature=1.0, few_shot=2, prompted_max_prompt_len=96,
-        n_capability=200, capability_max_prompt_len=32))
+        n_capability=200, capability_max_prompt_len=32,
+        models=None,           # None: every model the workdir has; a sweep point names its own
+        reference_sft=""))     # win rates against this SFT model dir instead of the workdir's
 
     if micro:   # every stage, tiny sizes: a CI smoke test of the whole pipeline
         c.world.sizes = dict(entities=12, pretrain=300, sft=96, rm=64, ppo=64, eval=32,

@@ -34,6 +34,9 @@ TRAIN_COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("rlhf_jax.pipeline:run",
                  "the whole method: world, pretrain, SFT, comparisons, RM, PPO, PPO-ptx, eval "
                  "(finished stages are skipped, so a killed run continues)"),
+    "sweep": ("rlhf_jax.sweep:run",
+              "many pipeline points from one config (ptx or KL coefficient, episodes, seeds, "
+              "sizes, RM batching, labeler groups); shared stages train once, points reuse them"),
 }
 
 EPILOG = """\
@@ -78,6 +81,10 @@ DEFAULT_CONFIGS = {"sft": "sft_config", "rm": "rm_config", "ppo": "ppo_config"}
 
 def _config_fields(command: str) -> str:
     """Every field of a stage's default config with its default value (for --help)."""
+    if command == "sweep":
+        return ("sweep config fields: base (a pipeline config), shared, stages, models, points, "
+                "x; see rlhf_jax/sweep.py and experiments/sweep_*.py. Override the pipeline with "
+                "--config.base.<field>=value\n")
     if command not in DEFAULT_CONFIGS:
         return ("config fields: see experiments/instructgpt_tiny.py (every stage section is a "
                 "full stage config; `rlhf-jax sft|rm|ppo --help` lists their fields)\n")
@@ -319,9 +326,13 @@ def _main(argv: list[str]) -> int:
     if not args.workdir:
         raise SystemExit("error: --workdir is required")
     from rlhf_jax import validate
-    validate.check(cfg)
+    if args.command == "sweep":
+        from rlhf_jax import sweep
+        sweep.check(cfg)     # the base and every point's pipeline config
+    else:
+        validate.check(cfg)
     if args.allow_config_change:
-        _allow_config_change(cfg)
+        _allow_config_change(cfg.base if args.command == "sweep" else cfg)
     os.makedirs(args.workdir, exist_ok=True)
     cache = args.compilation_cache or default_compilation_cache()
     if cache and cache.lower() != "none":
@@ -333,7 +344,7 @@ def _main(argv: list[str]) -> int:
         atomic_write_text(os.path.join(args.workdir, f"config_{args.command}.json"),
                           json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
     result = _call(TRAIN_COMMANDS[args.command][0])(cfg, args.workdir)
-    if args.command != "pipeline":   # the pipeline prints its own results table
+    if args.command not in ("pipeline", "sweep"):   # those print their own tables
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
     return 0
 

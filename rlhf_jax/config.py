@@ -261,6 +261,23 @@ def ppo_config() -> ml_collections.ConfigDict:
 
 # --- per-stage configs from an experiment file (compile / profile) ---------------------------
 
+def sweep_config(base: ml_collections.ConfigDict, *, name: str, shared: Sequence[str],
+                 stages: Sequence[str], models: Sequence[str] | None, x: str = "",
+                 points: Sequence[dict] = ()) -> ml_collections.ConfigDict:
+    """A ``rlhf-jax sweep`` config (rlhf_jax/sweep.py): a pipeline config ``base`` and the
+    points that vary it. ``models=None`` evaluates every model a point has."""
+    c = ml_collections.ConfigDict()
+    c.name = name
+    c.base = base
+    c.shared_from = ""         # another pipeline workdir whose finished stages the points share
+    c.shared = tuple(shared)
+    c.stages = tuple(stages)
+    c.models = models if models is None else tuple(models)
+    c.x = x
+    c.points = [dict(p) for p in points]
+    return c
+
+
 STAGES = ("sft", "rm", "ppo")
 
 

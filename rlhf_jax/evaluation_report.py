@@ -20,6 +20,7 @@ import numpy as np
 from rlhf_jax import evaluation as ev
 from rlhf_jax.checkpoint import atomic_write_text
 from rlhf_jax.data import read_jsonl
+from rlhf_jax.errors import UserError
 from rlhf_jax.world.export import read_jsonl as read_plain_jsonl
 from rlhf_jax.metrics import format_table, plot_curves, plot_win_rates
 
@@ -64,6 +65,12 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
     init_params = load(PPO_INIT)[1] if has_init else sft_params
     models = [m for m in MODELS if m not in OPTIONAL_MODELS
               or os.path.isdir(os.path.join(workdir, *MODEL_DIRS[m]))]
+    if e.get("models") is not None:      # a sweep point evaluates only what it trained
+        unknown = sorted(set(e.models) - set(MODELS))
+        if unknown:
+            raise UserError(f"eval.models: {unknown} are not models; expected some of {list(MODELS)}")
+        wanted = set(e.models) | ({"sft"} if e.models else set())   # win rates need SFT's answers
+        models = [m for m in models if m in wanted]
     rm, rm_params, _, rm_extra = load("rm")
     norm = rm_extra.get("reward_norm") or {}
     max_p, max_r = cfg.rm.data.max_prompt_len, cfg.rm.data.max_response_len
@@ -72,6 +79,15 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
                                "kl_to_ppo_init": {}, "gold_score": {}, "gold_by_category": {},
                                "proxy_score": {}, "samples": {}}
     responses: dict[str, list[str]] = {}
+    # Win rates are against this workdir's SFT, or against the model ``eval.reference_sft``
+    # names (the model-size axis compares every size with the largest SFT, as Fig. 1 does).
+    reference = e.get("reference_sft") or ""
+    if reference and models and pool is not None:
+        ref_model, ref_params = load_model(reference, mesh)[:2]
+        responses["reference"] = ev.generate_texts(
+            ref_model, ref_params, tokenizer, prompt_rows, max_prompt_len=max_p,
+            max_new_tokens=max_r, temperature=e.temperature, seed=cfg.seed, mesh=mesh)["texts"]
+        results["win_rate_reference"] = reference
     for name in models:
         model, params = (sft_model, sft_params) if name == "sft" else load(*MODEL_DIRS[name])[:2]
         model_prompts = ([f"{prefix} {p}" for p in prompts] if name == "base_prompted"
@@ -120,7 +136,8 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
         by_group = {}
         for offset, (group, labelers) in enumerate((("train_labelers", pool.training),
                                                     ("heldout_labelers", pool.heldout))):
-            by_group[group] = ev.win_rate(prompt_rows, responses[name], responses["sft"], labelers,
+            by_group[group] = ev.win_rate(prompt_rows, responses[name],
+                                          responses.get("reference", responses["sft"]), labelers,
                                           seed=cfg.seed + offset)
         results["win_rate_vs_sft"][name] = {
             "train_labelers": by_group["train_labelers"]["rate"],
@@ -133,6 +150,13 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
                                   max_response_len=max_r, mesh=mesh)
         results["rm_accuracy"][group] = acc["accuracy"]
         results["rm_accuracy"][f"{group}_n_pairs"] = acc["n_pairs"]
+    # Leave-one-group-out: the RM never saw this labeler group's rankings.
+    held_group = os.path.join(workdir, "rm", "comparisons_holdout_group.jsonl")
+    if os.path.exists(held_group):
+        acc = ev.rm_pair_accuracy(rm, rm_params, tokenizer, read_jsonl(held_group, "comparisons"),
+                                  max_prompt_len=max_p, max_response_len=max_r, mesh=mesh)
+        results["rm_accuracy"]["holdout_group"] = acc["accuracy"]
+        results["rm_accuracy"]["holdout_group_n_pairs"] = acc["n_pairs"]
     return results
 
 
@@ -175,28 +199,51 @@ def category_table(results: dict[str, Any]) -> str:
     return format_table(rows) if rows else ""
 
 
-def findings(results: dict[str, Any]) -> list[str]:
-    """The paper's findings, each stated with the measured numbers and whether it appeared."""
-    win = results["win_rate_vs_sft"]
-    cap = results["capability_score"]
-    acc = results["rm_accuracy"]
-    out = []
-    out.append(f"RM accuracy >= 0.70 on training labelers: {acc['train_labelers']:.3f} "
-               f"({'yes' if acc['train_labelers'] >= 0.70 else 'NO'}); held-out labelers "
-               f"{acc['heldout_labelers']:.3f}")
-    out.append(f"SFT beats base (held-out win rate of base vs SFT < 0.5): "
-               f"{win['base']['heldout_labelers']:.3f} "
-               f"({'yes' if win['base']['heldout_labelers'] < 0.5 else 'NO'})")
+def finding_checks(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The paper's findings that this run's results can decide, each as ``{"claim", "value",
+    "holds"}`` (``value`` is the number that decides it); a sweep over seeds tallies them."""
+    win = results.get("win_rate_vs_sft", {})
+    cap = results.get("capability_score", {})
+    acc = results.get("rm_accuracy", {})
+    gold = results.get("gold_by_category", {})
+    out: dict[str, dict[str, Any]] = {}
+
+    def add(key: str, claim: str, value: float, holds: bool) -> None:
+        out[key] = {"claim": claim, "value": float(value), "holds": bool(holds)}
+    if "train_labelers" in acc:
+        add("rm_accuracy", "RM pair accuracy >= 0.70 on training labelers (paper 72.4%)",
+            acc["train_labelers"], acc["train_labelers"] >= 0.70)
+        add("rm_heldout_gap", "held-out labelers' RM accuracy within 5 points below training "
+            "labelers' (paper 69.6 vs 72.4)", acc["heldout_labelers"] - acc["train_labelers"],
+            -0.05 <= acc["heldout_labelers"] - acc["train_labelers"] <= 0.01)
+    if "holdout_group" in acc:
+        add("rm_holdout_group", "RM accuracy on an unseen training-labeler group >= 0.70",
+            acc["holdout_group"], acc["holdout_group"] >= 0.70)
+    if "base" in win:
+        add("sft_beats_base", "SFT preferred to the base LM (base's held-out win rate < 0.5)",
+            win["base"]["heldout_labelers"], win["base"]["heldout_labelers"] < 0.5)
     for name in ("ppo", "ppo_ptx"):
-        rate = win[name]["heldout_labelers"]
-        out.append(f"{name} beats SFT with held-out win rate >= 0.65: {rate:.3f} "
-                   f"({'yes' if rate >= 0.65 else 'NO'})")
-    tax = cap["sft"] - cap["ppo"]
-    recovered = (cap["ppo_ptx"] - cap["ppo"]) / tax if tax > 0 else float("nan")
-    out.append(f"alignment tax (capability SFT - PPO): {tax:+.3f}; PPO-ptx recovers "
-               f"{recovered:.0%} of it" if tax > 0 else
-               f"alignment tax (capability SFT - PPO): {tax:+.3f} (no regression measured)")
+        if name in win:
+            low = win[name]["ci95"]["heldout_labelers"][0]
+            add(f"{name}_beats_sft", f"{name} preferred to SFT by held-out labelers (win rate, "
+                "95% CI above 0.5)", win[name]["heldout_labelers"], low > 0.5)
+        if name in gold and "sft" in gold:
+            better = [k for k in gold[name] if gold[name][k]["mean"] > gold["sft"][k]["mean"]]
+            add(f"{name}_most_categories", f"{name} beats SFT on gold score in most kinds of "
+                "instruction (value: how many)", len(better), len(better) > len(gold[name]) / 2)
+    if "sft" in cap and "ppo" in cap:
+        add("alignment_tax", "PPO pays an alignment tax (capability SFT - PPO > 0)",
+            cap["sft"] - cap["ppo"], cap["sft"] > cap["ppo"])
+    if "ppo" in cap and "ppo_ptx" in cap:
+        add("ptx_reduces_tax", "PPO-ptx recovers capability (PPO-ptx - PPO > 0)",
+            cap["ppo_ptx"] - cap["ppo"], cap["ppo_ptx"] > cap["ppo"])
     return out
+
+
+def findings(results: dict[str, Any]) -> list[str]:
+    """The findings of ``finding_checks`` as lines of the report."""
+    return [f"{f['claim']}: {f['value']:.3f} ({'yes' if f['holds'] else 'NO'})"
+            for f in finding_checks(results).values()]
 
 
 def write_report(results: dict[str, Any], workdir: str) -> None:
@@ -208,7 +255,7 @@ def write_report(results: dict[str, Any], workdir: str) -> None:
     if results.get("gold_by_category"):
         lines += ["## Gold score by kind of instruction (held-out labelers; share off task)", "",
                   category_table(results), ""]
-    if results.get("win_rate_vs_sft"):
+    if findings(results):
         lines += ["## Findings", "", *[f"- {line}" for line in findings(results)]]
     lines += ["", "## Samples (held-out prompts)", ""]
     for name, rows in results.get("samples", {}).items():

@@ -447,3 +447,190 @@ def adaptive_kl_update(
     """
     proportional_error = _clip_scalar(kl / target - 1.0, -0.2, 0.2)
     return coef * (1.0 + proportional_error * n_steps / horizon)
+
+
+# --------------------------------------------------------------------------------------
+# Beyond InstructGPT: DPO, GRPO / RLOO advantages, k3 KL
+# --------------------------------------------------------------------------------------
+
+
+def dpo_loss(
+    policy_logps: Array,
+    ref_logps: Array,
+    ranks: Array,
+    valid: Array,
+    beta: Scalar = 0.1,
+) -> tuple[Array, dict]:
+    """Sigmoid DPO (Rafailov et al. 2023) over every strict pair of a K-way ranking.
+
+    With the implicit reward r_i = beta * (log pi(y_i|x) - log ref(y_i|x)), DPO's pair loss
+    -log sigmoid(r_w - r_l) is exactly the reward-model pair loss, so this is
+    ``kway_ranking_loss`` on the implicit rewards: the same pairs (rank_w < rank_l, both
+    valid, ties dropped), the same per-prompt normaliser C(K_b, 2) and the same mean over the
+    prompts that have a strict pair. One K-way row thus gives C(K, 2) DPO pairs for the cost
+    of K policy and K reference sequence log-probs; K = 2 is the usual pairwise DPO.
+
+    Args:
+      policy_logps: [B, K] summed response log-probs under the policy (differentiable), e.g.
+        ``masked_sum(token_logprobs(...), response_mask, axis=-1)`` reshaped to [B, K].
+      ref_logps: [B, K] the same under the frozen reference; a constant (stop_gradient).
+      ranks: [B, K] int, 0 = best; equal values are ties. Ignored where not valid.
+      valid: [B, K] bool, which slots hold a real completion. Invalid slots may hold garbage
+        (inf/NaN): they are zeroed before any arithmetic so the gradient stays finite.
+      beta: strength of the implicit KL constraint (Python float or jnp scalar).
+
+    Returns:
+      (loss f32, metrics) with "pair_accuracy" (fraction of strict pairs whose implicit
+      rewards are ordered correctly, r_w > r_l strictly, so 0 at the reference), "n_pairs",
+      "chosen_reward" / "rejected_reward" (mean r_w / r_l over strict pairs) and
+      "reward_margin" (mean r_w - r_l, = chosen_reward - rejected_reward).
+    """
+    valid_bool = jnp.asarray(valid).astype(bool)
+    log_ratio = policy_logps.astype(jnp.float32) - jax.lax.stop_gradient(
+        ref_logps.astype(jnp.float32))
+    log_ratio = jnp.where(valid_bool, log_ratio, 0.0)
+    rewards = jnp.asarray(beta, jnp.float32) * log_ratio  # [B, K] implicit rewards
+
+    loss, rm_metrics = kway_ranking_loss(rewards, ranks, valid_bool)
+
+    pair_mask = _strict_pair_mask(ranks, valid_bool)
+    chosen = jnp.broadcast_to(rewards[:, :, None], pair_mask.shape)    # r_i for pair (i, j)
+    rejected = jnp.broadcast_to(rewards[:, None, :], pair_mask.shape)  # r_j for pair (i, j)
+    metrics = {
+        "pair_accuracy": rm_metrics["pair_accuracy"],
+        "n_pairs": rm_metrics["n_pairs"],
+        "chosen_reward": masked_mean(chosen, pair_mask),
+        "rejected_reward": masked_mean(rejected, pair_mask),
+        "reward_margin": rm_metrics["reward_margin"],
+    }
+    return loss, metrics
+
+
+def _grouped(rewards: Array, group_size: int) -> Array:
+    """[B * G] (group-major: prompt b owns rows b*G .. b*G + G-1) or [B, G] -> [B, G] f32."""
+    shape = jnp.shape(rewards)
+    fits = (len(shape) == 2 and shape[1] == group_size) or (
+        len(shape) == 1 and group_size > 0 and shape[0] % group_size == 0)
+    if not fits:
+        raise ValueError(f"rewards of shape {shape} do not split into groups of {group_size}; "
+                         f"expected [B * {group_size}] or [B, {group_size}]")
+    return jnp.asarray(rewards).astype(jnp.float32).reshape(-1, group_size)
+
+
+def grpo_advantages(
+    rewards: Array,
+    group_size: int,
+    eps: float = 1e-6,
+    scale_by_std: bool = True,
+    unbiased: bool = True,
+) -> Array:
+    """GRPO (Shao et al. 2024) outcome advantages: each reward against its own prompt's group.
+
+    A_i = (r_i - mean_group(r)) / (std_group(r) + eps). The G samples of one prompt are the
+    baseline for each other, so no value network is needed. ``unbiased`` uses the Bessel
+    (G - 1) std as TRL and verl do (``torch.std``); ``scale_by_std=False`` keeps only the
+    centring (Dr. GRPO, Liu et al. 2025: the std division over-weights easy/hard prompts). A
+    group whose rewards are all equal gets advantage 0 (no learning signal), not NaN; a group
+    of one likewise gets 0.
+
+    Args:
+      rewards: [B * G] group-major or [B, G] sequence rewards.
+      group_size: G, a static Python int.
+
+    Returns:
+      float32 advantages with the shape of ``rewards``.
+    """
+    grouped = _grouped(rewards, group_size)
+    centered = grouped - jnp.mean(grouped, axis=-1, keepdims=True)
+    if scale_by_std:
+        denominator = max(group_size - 1, 1) if unbiased else group_size
+        std = jnp.sqrt(jnp.sum(jnp.square(centered), axis=-1, keepdims=True) / denominator)
+        centered = centered / (std + eps)
+    return centered.reshape(jnp.shape(rewards))
+
+
+def rloo_advantages(rewards: Array, group_size: int) -> Array:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024) advantages.
+
+    A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean_group(r)): the baseline for a
+    sample excludes the sample itself, so it is independent of that sample's action and the
+    policy gradient stays unbiased. Needs G >= 2.
+
+    Args:
+      rewards: [B * G] group-major or [B, G] sequence rewards.
+      group_size: G, a static Python int >= 2.
+
+    Returns:
+      float32 advantages with the shape of ``rewards``; each group sums to 0.
+    """
+    if group_size < 2:
+        raise ValueError(f"RLOO needs group_size >= 2 (a leave-one-out baseline), got {group_size}")
+    grouped = _grouped(rewards, group_size)
+    others_mean = (jnp.sum(grouped, axis=-1, keepdims=True) - grouped) / (group_size - 1)
+    return (grouped - others_mean).reshape(jnp.shape(rewards))
+
+
+def k3_kl(logp: Array, ref_logp: Array, mask: Array) -> Array:
+    """Schulman's k3 estimator of KL(pi || ref), token mean over the mask (GRPO's KL term).
+
+    Per token, with x = ref_logp - logp (log of ref/pi at the sampled token):
+      k3 = exp(x) - x - 1 >= 0,
+    unbiased for KL(pi || ref) under samples from pi (E_pi[ref/pi] = 1) and, unlike the plain
+    log-ratio, never negative. Computed as ``expm1(x) - x`` so near-identical policies (x ~ 1e-4)
+    do not lose the whole value to cancellation against 1. Off-mask positions are zeroed before
+    the exp (garbage there would overflow); an empty mask gives 0.
+
+    Args:
+      logp: [B, T] policy log-probs of the sampled tokens (differentiable).
+      ref_logp: [B, T] reference log-probs of the same tokens.
+      mask: [B, T] bool/float.
+
+    Returns:
+      scalar float32.
+    """
+    weights = _as_weights(mask)
+    log_ratio = ref_logp.astype(jnp.float32) - logp.astype(jnp.float32)
+    log_ratio = jnp.where(weights != 0, log_ratio, 0.0)
+    return masked_mean(jnp.expm1(log_ratio) - log_ratio, weights)
+
+
+def grpo_policy_loss(
+    logprobs: Array,
+    old_logprobs: Array,
+    ref_logprobs: Array,
+    advantages: Array,
+    mask: Array,
+    clip_eps: Scalar = 0.2,
+    kl_coef: Scalar = 0.04,
+) -> tuple[Array, dict]:
+    """GRPO policy loss: the clipped PPO surrogate on sequence advantages, plus a k3 KL term.
+
+    loss = ppo_policy_loss(logprobs, old, A_b broadcast over b's tokens, mask, clip_eps)
+           + kl_coef * k3_kl(logprobs, ref_logprobs, mask).
+    The KL to the reference is a loss term (GRPO) instead of a per-token reward penalty
+    (InstructGPT's ``per_token_rewards``), so the advantages stay pure outcome advantages.
+    Both terms are token means over the whole batch (as ``ppo_policy_loss``; DAPO's
+    "token-level" loss), not the paper's mean over each sequence's tokens and then over
+    sequences, which weights a short response's tokens more than a long one's.
+
+    Args:
+      logprobs: [B, T] current policy log-probs (differentiable).
+      old_logprobs: [B, T] rollout log-probs (constants).
+      ref_logprobs: [B, T] reference log-probs (constants).
+      advantages: [B] per-sequence advantages (``grpo_advantages`` / ``rloo_advantages``
+        of the group-major rollout).
+      mask: [B, T] bool/float, 1 on response tokens.
+      clip_eps, kl_coef: Python floats or jnp scalars (DeepSeekMath: 0.2 and 0.04).
+
+    Returns:
+      (loss f32, ``ppo_policy_loss``'s metrics plus "policy_loss" (the clipped surrogate)
+      and "kl" (the k3 token mean)).
+    """
+    weights = _as_weights(mask)
+    advantages32 = jnp.asarray(advantages).astype(jnp.float32)
+    per_token_advantages = jnp.broadcast_to(advantages32[..., None], jnp.shape(logprobs))
+    policy_loss, metrics = ppo_policy_loss(logprobs, old_logprobs, per_token_advantages,
+                                           weights, clip_eps)
+    kl = k3_kl(logprobs, ref_logprobs, weights)
+    loss = policy_loss + jnp.asarray(kl_coef, jnp.float32) * kl
+    return loss, dict(metrics, policy_loss=policy_loss, kl=kl)

@@ -169,8 +169,12 @@ def evaluate_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     return results
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(cfg: ml_collections.ConfigDict, workdir: str,
+        stages: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Run every stage (skipping finished ones); returns the evaluation results.
+
+    ``stages`` runs only those stages (a sweep's point reruns PPO on stages another workdir
+    finished); the others must be done already where a selected stage needs their outputs.
 
     SIGTERM / SIGINT: a training stage checkpoints and stops (Preempted); during another stage
     the pipeline stops once that stage is done. Rerunning the command continues either way.
@@ -185,11 +189,26 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     common.check_writable(workdir, recursive=False)
     common.check_writable(*(os.path.join(workdir, stage, output) for stage in STAGES
                             for output in ("model", "checkpoints")))
+    unknown = sorted(set(stages or ()) - set(STAGES))
+    if unknown:
+        raise UserError(f"stages {unknown}: not pipeline stages; expected some of {list(STAGES)}")
     with common.Preemption() as preemption:
-        return _run(cfg, workdir, preemption)
+        return _run(cfg, workdir, preemption, stages)
 
 
-def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any) -> dict[str, Any]:
+def labeler_group_split(rows: list[dict], group: str) -> tuple[list[dict], list[dict]]:
+    """Comparisons ranked by labelers outside ``group`` (to train on) and inside it (to test
+    on): the paper's leave-one-group-out check that the RM generalizes to unseen labelers."""
+    inside = [row for row in rows if row.get("group") == group]
+    if not inside:
+        groups = sorted({str(row.get("group")) for row in rows})
+        raise UserError(f"comparisons.holdout_group={group!r}: no comparison was ranked by that "
+                        f"group; expected one of {groups}")
+    return [row for row in rows if row.get("group") != group], inside
+
+
+def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any,
+         selected: tuple[str, ...] | None = None) -> dict[str, Any]:
     from rlhf_jax.stages import ppo, reward, sft
     from rlhf_jax import evaluation_report
 
@@ -201,7 +220,10 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any) -> dict[
     section = lambda stage_cfg, **paths: _with(stage_cfg, **allow, **paths)
     model_dir = lambda stage: os.path.join(workdir, stage, "model")
     stage_dir = lambda stage: os.path.join(workdir, stage)
-    stage = lambda name, fn: run_stage(workdir, name, fn, timings, preemption)
+
+    def stage(name: str, fn: Callable[[], Any]) -> None:
+        if selected is None or name in selected:
+            run_stage(workdir, name, fn, timings, preemption)
 
     if cfg.world.enabled:
         from rlhf_jax.world import write_world
@@ -228,9 +250,19 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any) -> dict[
     if cfg.get("rm_model") and not cfg.get("rm_base_model"):
         raise ValueError("config: rm_model is set (an RM architecture unlike the policy's) but "
                          "rm_base_model is empty; set rm_base_model to that checkpoint's directory")
-    stage("rm", lambda: reward.train(section(
-        cfg.rm, init_from=rm_base, data__train=comparisons,
-        normalize__demonstrations=files["sft"]), stage_dir("rm")))
+    holdout_group = cfg.comparisons.get("holdout_group", "") if "comparisons" in cfg else ""
+
+    def train_rm():
+        from rlhf_jax.world.export import read_jsonl as read_rows
+        rm_comparisons = comparisons
+        if holdout_group:
+            rows, inside = labeler_group_split(read_rows(comparisons), holdout_group)
+            rm_comparisons = os.path.join(stage_dir("rm"), "comparisons_train.jsonl")
+            write_jsonl(rm_comparisons, rows)
+            write_jsonl(os.path.join(stage_dir("rm"), "comparisons_holdout_group.jsonl"), inside)
+        return reward.train(section(cfg.rm, init_from=rm_base, data__train=rm_comparisons,
+                                    normalize__demonstrations=files["sft"]), stage_dir("rm"))
+    stage("rm", train_rm)
     for name in ("ppo", "ppo_ptx"):
         stage(name, lambda name=name: ppo.train(section(ppo_stage_config(cfg, workdir, name)),
                                                 stage_dir(name)))
@@ -240,6 +272,9 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any) -> dict[
         results.update(evaluation_report.evaluate_pipeline(cfg, workdir, files))
         return {"models": sorted(results.get("gold_score", {}))}
     stage("eval", evaluate)
+    if not results and selected is not None and "eval" not in selected:
+        results["stage_seconds"] = timings
+        return results
     if not results:
         path = os.path.join(workdir, "results.json")
         try:
