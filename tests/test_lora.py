@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import objectives as obj
-from rlhf_jax.models import Transformer, init_params, stack_layers, tiny_config
+from rlhf_jax.models import Transformer, abstract_params, stack_layers, tiny_config
 from rlhf_jax.models.lora import (LoRA, apply_lora, expand_targets, init_lora, lora_param_count,
                                   lora_targets)
 
@@ -19,8 +19,18 @@ RANK, ALPHA = 4, 8.0
 
 @functools.cache
 def _base_params(arch: str):
+    """Random values in the model's own parameter tree (``abstract_params``: shapes from
+    ``model.init``); filled with NumPy because the jitted ``init_params`` takes ~10 s to compile
+    on a busy CPU. Norm scales near 1 and nonzero biases, so every term of a layer matters."""
     config = tiny_config(arch, **({"n_kv_heads": 2} if arch == "llama" else {}))
-    return init_params(Transformer(config), jax.random.key(0))
+    rng = np.random.default_rng(0)
+
+    def fill(path, spec):
+        name = path[-1].key
+        values = rng.normal(size=spec.shape) * (0.1 if name == "scale" else 0.05)
+        return jnp.asarray(values + (name == "scale"), spec.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract_params(Transformer(config)))
 
 
 def build(arch: str = "gpt2", scan_layers: bool = False):
@@ -47,16 +57,12 @@ def batch(rows: int = 2, length: int = 7, seed: int = 1):
 
 
 def with_random_b(lora: LoRA, seed: int = 5, std: float = 0.5) -> LoRA:
-    leaves, treedef = jax.tree.flatten(lora.adapters)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    adapters = jax.tree.map(
-        lambda path_leaf: path_leaf, jax.tree.unflatten(treedef, [
-            std * jax.random.normal(k, x.shape) if x.shape[-1 if False else 0] is not None else x
-            for k, x in zip(keys, leaves)]))
-    # keep A as it was, take the random draws only for B
-    merged = jax.tree_util.tree_map_with_path(
-        lambda path, a_old, new: new if path[-1].key == "b" else a_old, lora.adapters, adapters)
-    return LoRA(adapters=merged, scale=lora.scale)
+    """The same adapters with B drawn from N(0, std^2) (A kept)."""
+    rng = np.random.default_rng(seed)
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.asarray(rng.normal(size=x.shape) * std, x.dtype)
+        if path[-1].key == "b" else x, lora.adapters)
+    return LoRA(adapters=adapters, scale=lora.scale)
 
 
 def np_merged_kernel(kernel, a, b, scale, n_lead):
@@ -119,8 +125,9 @@ def test_merged_kernels_match_loop(arch, scan_layers):
                                    rtol=1e-6, atol=1e-6)
         assert not np.allclose(expected, kernel)
     # scale=0 switches the adapters off; jit gives the same merge.
-    np.testing.assert_array_equal(
-        get(apply_lora(params, lora, scale=0.0), paths[0])["kernel"], get(params, paths[0])["kernel"])
+    switched_off = apply_lora(params, lora, scale=0.0)
+    np.testing.assert_array_equal(get(switched_off, paths[0])["kernel"],
+                                  get(params, paths[0])["kernel"])
     jitted = jax.jit(apply_lora)(params, lora)
     for path in paths:
         np.testing.assert_allclose(get(jitted, path)["kernel"], get(merged, path)["kernel"],
@@ -136,7 +143,8 @@ def test_adapted_projections_inside_the_model_equal_x_times_merged_kernel():
     logits, state = run(merged)
     inter = state["intermediates"]["layer_1"]
     scale = ALPHA / RANK
-    checks = [("attn_norm", ("attn", "q"), "btd,dhk->bthk"), ("mlp_norm", ("mlp", "fc_in"), "btd,df->btf")]
+    checks = [("attn_norm", ("attn", "q"), "btd,dhk->bthk"),
+              ("mlp_norm", ("mlp", "fc_in"), "btd,df->btf")]
     for norm, module, equation in checks:
         x = np.asarray(inter[norm]["__call__"][0], np.float64)
         y = np.asarray(get(inter, module)["__call__"][0], np.float64)
@@ -195,7 +203,7 @@ def test_param_count_and_shapes_by_hand():
     attn_only = init_lora(params, jax.random.key(0), 2, 2.0, targets="attn")
     assert set(attn_only.adapters["layer_0"]) == {"attn"}
     assert lora_param_count(attn_only) == layers * sum(
-        2 * (i + o) for name, (i, o) in per_layer.items() if name in "qkvo")
+        2 * (i + o) for name, (i, o) in per_layer.items() if name in {"q", "k", "v", "o"})
 
     stacked = init_lora(stack_layers(params, layers), jax.random.key(0), RANK, ALPHA, ("q", "v"))
     assert stacked.adapters["layers"]["attn"]["q"]["a"].shape == (layers, d, RANK)

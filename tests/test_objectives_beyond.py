@@ -63,7 +63,8 @@ def ranked_batch(rng: np.random.Generator, batch: int, k_max: int):
         elif b > 2:
             ranks[b, 0], ranks[b, 1] = 0, k_b
         order = rng.permutation(k_max)
-        policy[b], ref[b], ranks[b], valid[b] = policy[b, order], ref[b, order], ranks[b, order], valid[b, order]
+        for array in (policy, ref, ranks, valid):
+            array[b] = array[b, order]
     policy[~valid] = np.nan
     ref[~valid] = np.nan
     return policy, ref, ranks, valid
@@ -114,10 +115,13 @@ def np_dpo_reference(policy, ref, ranks, valid, beta):
 def test_dpo_loss_matches_loop(k_max: int, beta: float):
     rng = np.random.default_rng(200 + k_max)
     policy, ref, ranks, valid = ranked_batch(rng, batch=7, k_max=k_max)
-    expected_loss, expected_metrics, expected_grad = np_dpo_reference(policy, ref, ranks, valid, beta)
+    expected_loss, expected_metrics, expected_grad = np_dpo_reference(
+        policy, ref, ranks, valid, beta)
 
-    loss_fn = lambda p: obj.dpo_loss(p, jnp.asarray(ref), jnp.asarray(ranks), valid, beta)  # noqa: E731
-    (loss, metrics), grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(jnp.asarray(policy))
+    def loss_fn(p):
+        return obj.dpo_loss(p, jnp.asarray(ref), jnp.asarray(ranks), valid, beta)
+
+    (loss, metrics), grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(policy)
     assert loss.dtype == jnp.float32
     assert_close(loss, expected_loss)
     for name, value in expected_metrics.items():
@@ -292,7 +296,7 @@ def test_k3_kl_matches_loop_with_garbage_off_mask():
     assert_close(kl, np_k3_mean(logp, ref_logp, mask))
     assert float(kl) > 0.0
 
-    grad = jax.grad(lambda lp: obj.k3_kl(lp, jnp.asarray(ref_garbage), mask))(jnp.asarray(logp_garbage))
+    grad = jax.grad(lambda lp: obj.k3_kl(lp, ref_garbage, mask))(jnp.asarray(logp_garbage))
     expected_grad = np.where(mask > 0, 1.0 - np.exp(ref_logp.astype(np.float64) - logp), 0.0)
     assert_close(grad, expected_grad / mask.sum())
 
@@ -314,8 +318,8 @@ def test_k3_kl_expectation_under_policy_is_exact_kl():
     rng = np.random.default_rng(31)
     logp = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(1, 6)).astype(np.float32)))
     ref_logp = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(1, 6)).astype(np.float32)))
-    p, lp, lr = np.exp(np.asarray(logp, np.float64)), np.asarray(logp, np.float64), np.asarray(ref_logp, np.float64)
-    exact_kl = float((p * (lp - lr)).sum())
+    lp, lr = np.asarray(logp, np.float64), np.asarray(ref_logp, np.float64)
+    exact_kl = float((np.exp(lp) * (lp - lr)).sum())
     assert_close(obj.k3_kl(logp, ref_logp, jnp.exp(logp)), exact_kl, rtol=1e-5)
 
 
@@ -355,8 +359,10 @@ def test_grpo_policy_loss_matches_loop(kl_coef):
     expected, expected_pg, expected_kl, expected_clipfrac = np_grpo_policy_loss(
         new, old, ref, advantages, mask, eps, kl_coef)
 
-    loss_fn = lambda lp: obj.grpo_policy_loss(lp, old, ref, advantages, mask, eps, kl_coef)  # noqa: E731
-    (loss, metrics), grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(jnp.asarray(new_garbage))
+    def loss_fn(lp):
+        return obj.grpo_policy_loss(lp, old, ref, advantages, mask, eps, kl_coef)
+
+    (loss, metrics), grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(new_garbage)
     assert loss.dtype == jnp.float32
     assert_close(loss, expected)
     assert_close(metrics["policy_loss"], expected_pg)

@@ -34,6 +34,7 @@ give them the kernel's input/output shardings).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Union
@@ -142,23 +143,37 @@ def init_lora(params: PyTree, rng: jax.Array, rank: int, alpha: float,
     """Fresh adapters for ``targets``: A ~ N(0, 1/fan_in), B = 0, scale = alpha / rank.
 
     ``params`` may be arrays or ``ShapeDtypeStruct``s (only shapes are read), stacked
-    (``scan_layers``) or not. Each target gets its own key: ``fold_in(rng, i)`` for its index i
-    in the sorted list of target paths (``lora_targets``).
+    (``scan_layers``) or not. All A come from one normal draw of ``rng``, laid out in the
+    sorted order of ``lora_targets`` (one jitted program: a random op per target would compile
+    one threefry each, seconds on CPU).
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    adapters: dict = {}
-    for index, path in enumerate(lora_targets(params, targets)):
+    specs = []   # (path, n_lead, lead + in_shape, out_shape, fan_in)
+    for path in lora_targets(params, targets):
         shape = tuple(_get(params, path)["kernel"].shape)
         n_lead, in_dims = _layer_axes(path), _IN_DIMS.get(path[-1], 1)
-        lead, in_shape = shape[:n_lead], shape[n_lead:n_lead + in_dims]
-        out_shape = shape[n_lead + in_dims:]
-        stddev = 1.0 / math.sqrt(math.prod(in_shape))
-        a = stddev * jax.random.normal(jax.random.fold_in(rng, index), lead + in_shape + (rank,),
-                                       dtype)
-        b = jnp.zeros(lead + (rank,) + out_shape, dtype)
-        _set(adapters, path, {"a": a, "b": b})
+        in_shape = shape[n_lead:n_lead + in_dims]
+        specs.append((path, n_lead, shape[:n_lead + in_dims], shape[n_lead + in_dims:],
+                      math.prod(in_shape)))
+
+    adapters = _draw_adapters(rng, tuple(specs), rank, jnp.dtype(dtype))
     return LoRA(adapters=adapters, scale=float(alpha) / rank)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _draw_adapters(key: jax.Array, specs: tuple, rank: int, dtype: Any) -> dict:
+    """The adapters of ``init_lora`` (compiled once per layout: ``specs`` is hashable)."""
+    sizes = [math.prod(lead_in) * rank for _, _, lead_in, _, _ in specs]
+    flat = jax.random.normal(key, (sum(sizes),), dtype)
+    adapters: dict = {}
+    offset = 0
+    for (path, n_lead, lead_in, out_shape, fan_in), size in zip(specs, sizes):
+        a = flat[offset:offset + size].reshape(lead_in + (rank,)) / math.sqrt(fan_in)
+        b = jnp.zeros(lead_in[:n_lead] + (rank,) + out_shape, dtype)
+        _set(adapters, path, {"a": a, "b": b})
+        offset += size
+    return adapters
 
 
 def lora_delta(a: jax.Array, b: jax.Array, n_lead: int = 0) -> jax.Array:
