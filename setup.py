@@ -31,7 +31,7 @@ setup(
     packages=find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
         "torch": ["torch==2.13.0"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         # bench/ppo_speed.py. Tunix 0.1.7 (the third system) pins transformers/safetensors older

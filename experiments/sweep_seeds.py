@@ -17,4 +17,4 @@ def get_config(arg=None):
     return sweep_config(base, name="seeds", shared=(), stages=STAGES[:-1], models=None, x="seed",
                         points=[{"name": f"seed={s}", "set": {
                             key: s for key in ("seed", "world.seed", *TRAINED)}}
-                                for s in (0, 1, 2)])
+                                for s in ((0, 1) if arg == "micro" else (0, 1, 2))])

@@ -218,10 +218,29 @@ def gold_score_by_category(prompt_rows: Sequence[Mapping], responses: Sequence[s
             for kind, v in sorted(groups.items())}
 
 
+def noise_free_accuracy(comparisons: Sequence[Mapping], labelers: Sequence[Any]) -> float:
+    """The share of strict pairs that the ranking labeler's own noise-free score orders the
+    same way (ties count half): the accuracy of a perfect RM of that labeler, i.e. the
+    ceiling the labelers' noise leaves any RM on these comparisons."""
+    by_name = {lab.name: lab for lab in labelers}
+    hits = total = 0.0
+    for row in comparisons:
+        lab = by_name.get(row.get("labeler"))
+        if lab is None:
+            continue
+        gold = [lab.gold_score(row, c) for c in row["completions"]]
+        for a, b in ((a, b) for a in range(len(gold)) for b in range(len(gold))
+                     if row["ranking"][a] < row["ranking"][b]):
+            total += 1
+            hits += 1.0 if gold[a] > gold[b] else 0.5 if gold[a] == gold[b] else 0.0
+    return hits / total if total else float("nan")
+
+
 def rm_pair_accuracy(reward_model: Transformer, params: Any, tokenizer: Any,
                      comparisons: Sequence[Mapping], *, max_prompt_len: int, max_response_len: int,
                      mesh: Mesh | None = None) -> dict[str, float]:
-    """Fraction of strict labeler preferences the RM orders the same way."""
+    """Fraction of strict labeler preferences the RM orders the same way; with the labeler
+    world's rows also per kind of instruction (``by_kind``: where the RM fails)."""
     prompts, responses, owners = [], [], []
     for i, row in enumerate(comparisons):
         for completion in row["completions"]:
@@ -232,16 +251,21 @@ def rm_pair_accuracy(reward_model: Transformer, params: Any, tokenizer: Any,
                          max_prompt_len=max_prompt_len, max_response_len=max_response_len, mesh=mesh)
     correct = total = 0
     offset = 0
+    kinds: dict[str, list[int]] = {}
     for row in comparisons:
         k = len(row["completions"])
         r = scores[offset:offset + k]
         offset += k
+        kind = kinds.setdefault(str((row.get("meta") or {}).get("type", "")), [0, 0])
         for a in range(k):
             for b in range(k):
                 if row["ranking"][a] < row["ranking"][b]:
                     total += 1
                     correct += int(r[a] > r[b])
-    return {"accuracy": correct / max(total, 1), "n_pairs": total}
+                    kind[0] += int(r[a] > r[b])
+                    kind[1] += 1
+    by_kind = {name: c / n for name, (c, n) in sorted(kinds.items()) if name and n}
+    return {"accuracy": correct / max(total, 1), "n_pairs": total, "by_kind": by_kind}
 
 
 # --- capability evals (the alignment tax) -------------------------------------------------------

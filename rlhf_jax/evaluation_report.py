@@ -144,19 +144,23 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
             "heldout_labelers": by_group["heldout_labelers"]["rate"],
             "ci95": {g: by_group[g]["ci95"] for g in by_group}, "n": by_group["heldout_labelers"]["n"]}
 
-    for group in ("train_labelers", "heldout_labelers"):
+    for group, labelers in (("train_labelers", pool.training), ("heldout_labelers", pool.heldout)):
         rows = read_jsonl(os.path.join(workdir, "comparisons", f"test_{group}.jsonl"), "comparisons")
         acc = ev.rm_pair_accuracy(rm, rm_params, tokenizer, rows, max_prompt_len=max_p,
                                   max_response_len=max_r, mesh=mesh)
         results["rm_accuracy"][group] = acc["accuracy"]
         results["rm_accuracy"][f"{group}_n_pairs"] = acc["n_pairs"]
+        results.setdefault("rm_accuracy_by_kind", {})[group] = acc["by_kind"]
+        results["rm_accuracy"][f"{group}_ceiling"] = ev.noise_free_accuracy(rows, labelers)
     # Leave-one-group-out: the RM never saw this labeler group's rankings.
     held_group = os.path.join(workdir, "rm", "comparisons_holdout_group.jsonl")
     if os.path.exists(held_group):
-        acc = ev.rm_pair_accuracy(rm, rm_params, tokenizer, read_jsonl(held_group, "comparisons"),
-                                  max_prompt_len=max_p, max_response_len=max_r, mesh=mesh)
+        rows = read_jsonl(held_group, "comparisons")
+        acc = ev.rm_pair_accuracy(rm, rm_params, tokenizer, rows, max_prompt_len=max_p,
+                                  max_response_len=max_r, mesh=mesh)
         results["rm_accuracy"]["holdout_group"] = acc["accuracy"]
         results["rm_accuracy"]["holdout_group_n_pairs"] = acc["n_pairs"]
+        results["rm_accuracy"]["holdout_group_ceiling"] = ev.noise_free_accuracy(rows, pool.training)
     return results
 
 

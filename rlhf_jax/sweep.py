@@ -41,9 +41,15 @@ from rlhf_jax.metrics import format_table
 
 log = logging.getLogger(__name__)
 
+# Training curves sweep.json keeps of the stages a point ran (for the figures).
+CURVES = {"rm": ("train/epoch", "train/loss", "train/pair_accuracy", "valid/loss",
+                 "valid/pair_accuracy"),
+          "ppo": ("episodes", "objective/scores", "objective/kl"),
+          "ppo_ptx": ("episodes", "objective/scores", "objective/kl", "ptx/loss")}
 # What sweep.json keeps of a point's results.json (samples stay in the point's own report).
 KEPT = ("win_rate_vs_sft", "win_rate_reference", "gold_score", "gold_by_category", "proxy_score",
-        "kl_to_sft", "kl_to_ppo_init", "capability_score", "capability", "rm_accuracy")
+        "kl_to_sft", "kl_to_ppo_init", "capability_score", "capability", "rm_accuracy",
+        "rm_accuracy_by_kind")
 
 
 def point_name(point: dict) -> str:
@@ -145,6 +151,7 @@ def run(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                        "policy_model": cfg.pretrain.model.to_dict() if "pretrain" in cfg else {},
                        "stage_seconds": own, "seconds": float(sum(own.values())),
                        "findings": finding_checks(results),
+                       "curves": curves(point_dir, stages),
                        **{k: results[k] for k in KEPT if k in results}})
     summary = {"sweep": sweep.get("name", ""), "x": sweep.get("x", ""),
                "shared_dir": shared, "shared_stages": shared_all, "shared_seconds": shared_seconds,
@@ -156,6 +163,24 @@ def run(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     atomic_write_text(os.path.join(workdir, "sweep.md"), report(summary))
     print(report(summary))
     return summary
+
+
+def curves(point_dir: str, stages: tuple[str, ...]) -> dict[str, list[dict]]:
+    """The metrics rows of each stage the point ran, cut to ``CURVES``' keys."""
+    out = {}
+    for stage in stages:
+        path = os.path.join(point_dir, stage, "metrics.jsonl")
+        if stage not in CURVES or not os.path.exists(path):
+            continue
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                kept = {k: row[k] for k in CURVES[stage] if k in row}
+                if kept:
+                    rows.append({"step": row.get("step"), **kept})
+        out[stage] = rows
+    return out
 
 
 def _numbers(point: dict, prefix: str = "") -> dict[str, float]:
@@ -176,7 +201,7 @@ def aggregate(points: list[dict]) -> dict[str, dict[str, float]]:
     if len(points) < 2:
         return {}
     numbers = [_numbers({k: v for k, v in p.items()
-                         if k not in ("set", "x", "findings", "policy_model")})
+                         if k not in ("set", "x", "findings", "policy_model", "curves")})
                for p in points]
     out = {}
     for key in sorted(set.intersection(*(set(n) for n in numbers))):
