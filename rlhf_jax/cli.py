@@ -29,6 +29,9 @@ TRAIN_COMMANDS: dict[str, tuple[str, str]] = {
             "--config.data.format=pretrain it trains a base LM on plain text"),
     "rm": ("rlhf_jax.stages.reward:train",
            "reward model on K-way rankings (InstructGPT Eq. 1), then the demo-mean-0 bias"),
+    "dpo": ("rlhf_jax.stages.dpo:train",
+            "DPO: the SFT policy trained directly on the RM's comparisons (every pair of a "
+            "K-way ranking), against the frozen SFT reference; no RM, no PPO"),
     "ppo": ("rlhf_jax.stages.ppo:train",
             "PPO / PPO-ptx from an SFT policy, value from the RM, frozen SFT reference and RM"),
     "pipeline": ("rlhf_jax.pipeline:run",
@@ -76,7 +79,8 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
-DEFAULT_CONFIGS = {"sft": "sft_config", "rm": "rm_config", "ppo": "ppo_config"}
+DEFAULT_CONFIGS = {"sft": "sft_config", "rm": "rm_config", "dpo": "dpo_config",
+                   "ppo": "ppo_config"}
 
 
 def _config_fields(command: str) -> str:

@@ -190,6 +190,52 @@ def rm_config() -> ml_collections.ConfigDict:
     return c
 
 
+def dpo_config() -> ml_collections.ConfigDict:
+    """Defaults of `rlhf-jax dpo`: the policy trained directly on the RM's comparisons.
+
+    The policy starts from the SFT model and the frozen reference is that same model (or
+    ``reference_from``); the data sections are the RM's, train/optim are SFT's.
+    """
+    c = ml_collections.ConfigDict()
+    c.name = "dpo"
+    c.seed = 0
+    c.init_from = ""                   # the SFT model dir (or a transformers checkpoint dir)
+    c.reference_from = ""              # the frozen reference; empty: init_from (DPO's usual)
+    c.tokenizer = ""                   # only for random init from c.model (tests, compile)
+    c.model = ml_collections.ConfigDict(dict(
+        arch="gpt2", d_model=64, n_layers=2, n_heads=4, d_ff=256, max_position=128))
+    c.model_runtime = ml_collections.ConfigDict(dict(dtype="float32", remat=False, scan_layers=False))
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+    c.beta = 0.1                       # implicit-KL strength (Rafailov et al.: 0.1 .. 0.5)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""                  # comparisons JSONL ({"prompt","completions","ranking"} or
+    c.data.valid = ""                  #   TRL chosen/rejected pairs) or tfds:<name>:<split>
+    c.data.valid_fraction = 0.1
+    c.data.tfds_data_dir = ""
+    c.data.field_map = ml_collections.ConfigDict()
+    c.data.max_k = 9                   # a K-way row gives its C(K, 2) pairs in one batch element
+    c.data.max_prompt_len = 24
+    c.data.max_response_len = 24
+    c.data.overlong = "truncate"
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 16            # prompts per batch (each with its K completions)
+    c.train.epochs = 1.0
+    c.train.steps = 0                  # >0 overrides epochs
+    c.train.dropout = 0.0              # on the policy only; the reference is deterministic
+    c.train.logprob_chunk = 0          # LM head + log-softmax over this many positions at a time
+    c.train.log_every = 10
+    c.train.eval_every = 50
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 2
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, warmup_steps=0,
+        decay="cosine", final_fraction=0.1, warmup_start_fraction=0.0, grad_clip_norm=1.0))
+    return c
+
+
 def ppo_config() -> ml_collections.ConfigDict:
     """Defaults of `rlhf-jax ppo`: InstructGPT values in comments, CPU-sized numbers."""
     c = ml_collections.ConfigDict()
@@ -224,6 +270,12 @@ def ppo_config() -> ml_collections.ConfigDict:
     c.ppo.rollout_batch_size = 64      # paper: 512 episodes per iteration
     c.ppo.minibatch_size = 16          # paper: 64 (8 minibatches)
     c.ppo.epochs = 1                   # paper: a single inner epoch
+    c.ppo.advantage = "gae"            # "gae" (paper: value network + GAE); "grpo" / "rloo": each
+                                       #   sample's baseline is its prompt's other samples, no
+                                       #   value network (grpo: KL as a k3 loss term with kl_coef;
+                                       #   rloo: per-token KL folded into the sequence reward)
+    c.ppo.group_size = 1               # G samples per prompt (grpo / rloo: >= 2): a rollout is
+                                       #   rollout_batch_size / G prompts, each repeated G times
     c.ppo.lr = 1e-4                    # paper: ~1e-5 scale for 1.3B; tiny models need more
     c.ppo.value_lr = 1e-4              # paper: 9e-6
     c.ppo.warmup_iterations = 10       # paper: 10 iterations from 0.1x
@@ -296,7 +348,7 @@ def stage_configs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.Co
         # (a PPO stage config has a `ppo` section of its own: policy_from tells it apart)
         name = cfg.get("name", "")
         kind = "ppo" if "ppo" in name or "policy_from" in cfg else (
-            "rm" if "normalize" in cfg else "sft")
+            "dpo" if "reference_from" in cfg else "rm" if "normalize" in cfg else "sft")
         return {kind: cfg}
     vocab = _pipeline_vocab_size(cfg)
     with_vocab = lambda m: _with_vocab(m, vocab)

@@ -1,7 +1,7 @@
 """Every config checked before any model loads or any step compiles.
 
-``check(cfg)`` takes a stage config (``rlhf-jax sft|rm|ppo``) or a pipeline-style one and raises
-one :class:`~rlhf_jax.errors.ConfigError` listing every problem found, each as
+``check(cfg)`` takes a stage config (``rlhf-jax sft|rm|dpo|ppo``) or a pipeline-style one and
+raises one :class:`~rlhf_jax.errors.ConfigError` listing every problem found, each as
 ``<field>=<value>: expected <what>``:
 
 * sizes: batch sizes, lengths, epochs, K, iteration counts positive (or >= 0 where 0 means
@@ -37,6 +37,7 @@ ENUMS = {
     "optim.decay": ("cosine", "constant"),
     "model_runtime.dtype": ("float32", "bfloat16"),
     "ppo.frozen_dtype": ("float32", "bfloat16"),
+    "ppo.advantage": ("gae", "grpo", "rloo"),
     "data.format": ("demonstrations", "pretrain"),
     "model.arch": ("gpt2", "llama", "qwen2"),
 }
@@ -106,7 +107,7 @@ def _common(p: _Problems, cfg: Any) -> None:
     for field in ("train.batch_size", "data.max_prompt_len", "data.max_response_len",
                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "ppo.rollout_batch_size", "ppo.minibatch_size", "ppo.epochs",
-                  "data.ptx_seq_len"):
+                  "data.ptx_seq_len", "ppo.group_size"):
         _check(p, cfg, field, *POSITIVE_INT)
     _check(p, cfg, "train.epochs", *NON_NEGATIVE)
     for field in ("train.dropout", "data.valid_fraction", "data.pretrain_mix", "ppo.ema_decay"):
@@ -155,6 +156,16 @@ def _divisible(p: _Problems, cfg: Any, par: int | None) -> None:
     if isinstance(rollout, int) and isinstance(minibatch, int) and minibatch > 0 and rollout % minibatch:
         p.add("ppo.rollout_batch_size", rollout,
               f"a multiple of ppo.minibatch_size={minibatch} (whole minibatches per epoch)")
+    group, advantage = _get(cfg, "ppo.group_size"), _get(cfg, "ppo.advantage")
+    if isinstance(rollout, int) and isinstance(group, int) and group > 0 and rollout % group:
+        p.add("ppo.group_size", group, f"a divisor of ppo.rollout_batch_size={rollout} (whole "
+                                       "groups of samples per prompt in a rollout)")
+    if advantage in ("grpo", "rloo") and isinstance(group, int) and group == 1:
+        p.add("ppo.group_size", group, f">= 2 with ppo.advantage={advantage!r} (the other "
+                                       "samples of a prompt are each sample's baseline)")
+    if advantage == "grpo" and _get(cfg, "ppo.kl_controller") == "adaptive":
+        p.add("ppo.kl_controller", "adaptive", "'fixed' with ppo.advantage='grpo' (its KL is a "
+                                                "loss term weighted by ppo.kl_coef)")
     if not par or par == 1:
         return
     sizes = {"train.batch_size": _get(cfg, "train.batch_size"),
@@ -220,13 +231,18 @@ def _data_paths(p: _Problems, cfg: Any, fields: tuple[str, ...]) -> None:
 
 def _networks(p: _Problems, cfg: Any, kind: str) -> None:
     """Lengths against max_position and one vocabulary across the stage's networks."""
-    if kind in ("sft", "rm"):
+    if kind in ("sft", "rm", "dpo"):
         source = _get(cfg, "init_from") or ""
         if _dir_problem(p, "init_from", source):
             return
         tok = _tokenizer(source) or _tokenizer(_get(cfg, "tokenizer") or "")
         arch, where = _arch(source, _get(cfg, "model"), len(tok) if tok is not None else None)
         nets = {"model": (arch, where, tok)}
+        reference = _get(cfg, "reference_from") or ""
+        if kind == "dpo" and reference and reference != source:
+            if _dir_problem(p, "reference_from", reference):
+                return
+            nets["reference"] = (*_arch(reference, None), _tokenizer(reference))
     else:
         nets = {}
         sources = {"policy": _get(cfg, "policy_from") or "", "reward": _get(cfg, "reward_from") or ""}
@@ -269,8 +285,11 @@ def _stage(p: _Problems, cfg: Any, kind: str) -> None:
     _divisible(p, cfg, par)
     fields = {"sft": ("data.train", "data.valid", "data.pretrain_path"),
               "rm": ("data.train", "data.valid", "normalize.demonstrations"),
+              "dpo": ("data.train", "data.valid"),
               "ppo": ("data.prompts", "data.pretrain")}[kind]
     _data_paths(p, cfg, fields)
+    if kind == "dpo":
+        _check(p, cfg, "beta", *POSITIVE)
     if kind == "ppo" and _get(cfg, "ppo.ptx_coef") and not _get(cfg, "data.pretrain") \
             and _get(cfg, "policy_from"):
         p.add("data.pretrain", "", "a pretraining text file when ppo.ptx_coef > 0")

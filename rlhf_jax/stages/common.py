@@ -32,6 +32,8 @@ from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import errors
 from rlhf_jax.convert import is_our_checkpoint, load_our_checkpoint, read_extra, read_model_config
 from rlhf_jax.config import model_config_from
+from rlhf_jax.data import tokenize_comparisons
+from rlhf_jax.data.sources import read_source
 from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.hf import config_from_hf, from_pretrained, load_tokenizer, read_hf_config
 from rlhf_jax.models.params import init_params
@@ -265,6 +267,30 @@ def split_rows(rows: list, valid_fraction: float, seed: int) -> tuple[list, list
     valid = [rows[i] for i in sorted(order[:n_valid])]
     train = [rows[i] for i in sorted(order[n_valid:])]
     return train, valid
+
+
+def comparison_rows(data: Any, seed: int) -> tuple[list, list]:
+    """(train, validation) comparison rows of a stage's ``data`` section: ``data.valid`` when
+    set, else a deterministic ``data.valid_fraction`` of ``data.train``. K-way rankings and
+    TRL chosen/rejected pairs (K = 2) both come back as canonical K-way rows; the RM and DPO
+    read the same files."""
+    read = lambda spec: read_source(spec, "comparisons", data_dir=data.get("tfds_data_dir"),
+                                    field_map=data.get("field_map"), max_k=data.max_k)
+    rows = read(data.train)
+    if data.get("valid"):
+        return rows, read(data.valid)
+    return split_rows(rows, data.valid_fraction, seed)
+
+
+def comparison_arrays(rows: list, tokenizer: Any, data: Any, max_k: int, keys: Sequence[str],
+                      kind: str) -> dict[str, np.ndarray]:
+    """``keys`` of the tokenized ``[N, max_k, T]`` comparisons (prompt left-padded to
+    ``data.max_prompt_len``, so every response starts at that position), logging the
+    truncation statistics under ``kind``."""
+    arrays, stats = tokenize_comparisons(rows, tokenizer, data.max_prompt_len,
+                                         data.max_response_len, max_k, data.overlong)
+    log.info("%s %s", kind, stats)
+    return {key: arrays[key] for key in keys}
 
 
 def step_rng(seed: int, step: int) -> jax.Array:

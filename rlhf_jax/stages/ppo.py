@@ -15,6 +15,15 @@ One iteration, as the loop below reads:
                  value network takes its own steps (a second program, on a second core on CPU)
   4. log / KL controller / checkpoint
 
+``ppo.advantage`` picks the advantage estimator. ``"gae"`` (the default, InstructGPT's): a value
+network, per-token KL rewards and GAE. ``"grpo"`` / ``"rloo"``: no value network at all (none is
+loaded, run or trained); the rollout samples ``ppo.group_size`` (G) responses for each of
+rollout_batch_size / G prompts, and each response's sequence reward (the RM score) is judged
+against its own group: GRPO (Shao et al. 2024) standardizes it within the group and puts the
+KL to the reference into the loss as a k3 term (``kl_coef``), RLOO (Ahmadian et al. 2024)
+folds the per-token KL into the sequence reward and subtracts the mean of the other G - 1. The
+clipped policy loss and the ptx term are one update in every case.
+
 ``build(cfg, mesh)`` makes those jitted steps (and the abstract state they take) from shapes
 alone, so ``rlhf-jax compile`` and ``rlhf-jax profile`` use exactly what ``train`` runs. Memory
 plan for pod-size models: the reference and RM can be held in bfloat16 (``ppo.frozen_dtype``), the
@@ -44,6 +53,7 @@ from rlhf_jax import scoring
 from rlhf_jax.convert import save_our_checkpoint
 from rlhf_jax.data import BatchIterator, tokenize_pretrain, tokenize_prompts
 from rlhf_jax.data.sources import read_source
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import MetricsWriter, ProgressBar, StepTimer
 from rlhf_jax.models.params import abstract_params, cache_sharding, init_params
 from rlhf_jax.models.transformer import Transformer
@@ -95,12 +105,13 @@ class Experience:
     response_mask: jax.Array   # [B, N]
     old_logprobs: jax.Array    # [B, N] log pi_old (sampling temperature), 0 off the mask
     ref_logprobs: jax.Array    # [B, N] log pi_ref
-    old_values: jax.Array      # [B, N] V_old(s_t)
+    old_values: jax.Array      # [B, N] V_old(s_t) (0 without a value network)
     rewards: jax.Array         # [B, N] -beta * KL_t (+ score at the last token)
     kl: jax.Array              # [B, N] log pi_old - log pi_ref
     scores: jax.Array          # [B] normalized RM score (or the missing-EOS penalty)
-    advantages: jax.Array      # [B, N] GAE (whitened if configured)
-    returns: jax.Array         # [B, N] advantages + values (before whitening)
+    advantages: jax.Array      # [B, N] GAE (whitened if configured); [B] per sequence for
+                               #   grpo / rloo (group-major: prompt b owns rows b*G .. b*G+G-1)
+    returns: jax.Array         # [B, N] advantages + values (before whitening); 0 for grpo/rloo
 
 
 @flax.struct.dataclass
@@ -108,8 +119,21 @@ class Models:
     """The networks' definitions (static: closed over by the jitted steps). The reference uses
     the policy's definition with the frozen params' dtype."""
     policy: Transformer = flax.struct.field(pytree_node=False)
-    value: Transformer = flax.struct.field(pytree_node=False)
+    value: Transformer | None = flax.struct.field(pytree_node=False)   # None for grpo / rloo
     reward: Transformer = flax.struct.field(pytree_node=False)
+
+
+GROUP_ADVANTAGES = ("grpo", "rloo")
+
+
+def advantage_kind(cfg: Any) -> str:
+    """``ppo.advantage`` ("gae" for configs from before it existed)."""
+    return cfg.get("advantage", "gae")
+
+
+def uses_value_network(cfg: Any) -> bool:
+    """Only GAE needs V(s_t); the group estimators take their baseline from the group."""
+    return advantage_kind(cfg) not in GROUP_ADVANTAGES
 
 
 # --- pure pieces -------------------------------------------------------------------------------
@@ -123,11 +147,11 @@ def make_experience(models: Models, policy_params: Any, value_params: Any, froze
         models.policy, params, seqs, attn, prompt_len, temperature=cfg.temperature,
         chunk=cfg.logprob_chunk)["logprobs"]
     logprobs, ref_logprobs = logprobs_of(policy_params), logprobs_of(frozen.reference)
+    if not uses_value_network(cfg):
+        return group_experience(models, frozen, rollout, logprobs, ref_logprobs, kl_coef,
+                                cfg=cfg)
     values = scoring.response_values(models.value, value_params, seqs, attn, prompt_len) * mask
-    scores = scoring.rm_scores(models.reward, frozen.reward, frozen.reward_norm, seqs, attn)
-    if cfg.missing_eos_penalty is not None:
-        # A response cut at max_new_tokens without EOS gets a fixed low score instead.
-        scores = jnp.where(rollout.has_eos, scores, jnp.float32(cfg.missing_eos_penalty))
+    scores = final_scores(models, frozen, rollout, cfg)
     rewards, kl = obj.per_token_rewards(logprobs, ref_logprobs, scores, mask, kl_coef)
     if cfg.whiten_rewards:
         rewards = obj.masked_whiten(rewards, mask, shift_mean=False)
@@ -140,17 +164,76 @@ def make_experience(models: Models, policy_params: Any, value_params: Any, froze
                       advantages=advantages, returns=returns)
 
 
+def final_scores(models: Models, frozen: Frozen, rollout: Rollout, cfg: Any) -> jax.Array:
+    """[B] normalized RM score of each episode (or the missing-EOS penalty)."""
+    scores = scoring.rm_scores(models.reward, frozen.reward, frozen.reward_norm,
+                               rollout.sequences, rollout.attention_mask)
+    if cfg.missing_eos_penalty is not None:
+        # A response cut at max_new_tokens without EOS gets a fixed low score instead.
+        scores = jnp.where(rollout.has_eos, scores, jnp.float32(cfg.missing_eos_penalty))
+    return scores
+
+
+def sequence_rewards(rewards: jax.Array) -> jax.Array:
+    """[B, N] per-token rewards -> [B] float32 sequence rewards: the score, minus beta x the
+    summed KL where it was folded in (rloo)."""
+    return jnp.sum(rewards.astype(jnp.float32), axis=-1)
+
+
+def group_experience(models: Models, frozen: Frozen, rollout: Rollout, logprobs: jax.Array,
+                     ref_logprobs: jax.Array, kl_coef: jax.Array, *, cfg: Any) -> Experience:
+    """GRPO / RLOO experience: one sequence reward per episode, its advantage against the other
+    G - 1 samples of the same prompt; no values, so no value network runs.
+
+    GRPO's reward is the score alone (its KL to the reference is a loss term, see
+    ``ppo_objective``); RLOO's is score - beta x sum_t KL_t (the per-token KL folded in, as
+    Ahmadian et al. do), with ``kl_coef`` the current beta.
+    """
+    mask = rollout.response_mask.astype(jnp.float32)
+    scores = final_scores(models, frozen, rollout, cfg)
+    beta = kl_coef if advantage_kind(cfg) == "rloo" else jnp.float32(0.0)
+    rewards, kl = obj.per_token_rewards(logprobs, ref_logprobs, scores, mask, beta)
+    totals = sequence_rewards(rewards)
+    if advantage_kind(cfg) == "grpo":
+        advantages = obj.grpo_advantages(totals, cfg.group_size)
+    else:
+        advantages = obj.rloo_advantages(totals, cfg.group_size)
+    zeros = jnp.zeros_like(mask)
+    return Experience(sequences=rollout.sequences, attention_mask=rollout.attention_mask,
+                      response_mask=mask, old_logprobs=logprobs * mask,
+                      ref_logprobs=ref_logprobs * mask, old_values=zeros, rewards=rewards, kl=kl,
+                      scores=scores, advantages=advantages, returns=zeros)
+
+
 def ppo_objective(params: Any, models: Models, mb: Experience, *, prompt_len: int,
                   cfg: Any) -> tuple[jax.Array, dict]:
     """Clipped PPO policy loss minus the entropy bonus, on one minibatch of experience."""
     out = scoring.response_logprobs(models.policy, params, mb.sequences, mb.attention_mask,
                                     prompt_len, temperature=cfg.temperature,
                                     chunk=cfg.logprob_chunk, entropy=True)
+    if not uses_value_network(cfg):
+        return group_objective(out, mb, cfg)
     pg_loss, stats = obj.ppo_policy_loss(out["logprobs"], mb.old_logprobs, mb.advantages,
                                          mb.response_mask, cfg.clip_eps)
     entropy = obj.masked_mean(out["entropy"], mb.response_mask)
     loss = pg_loss - cfg.entropy_coef * entropy
     return loss, dict(stats, policy_loss=pg_loss, entropy=entropy)
+
+
+def group_objective(out: dict[str, jax.Array], mb: Experience, cfg: Any) -> tuple[jax.Array, dict]:
+    """GRPO / RLOO policy loss on per-sequence advantages: the clipped surrogate, plus (GRPO
+    only) ``ppo.kl_coef`` x the k3 KL to the reference, minus the entropy bonus.
+
+    ``policy_loss`` reports the clipped surrogate, ``k3_kl`` the KL estimate (also for RLOO,
+    where it only measures: its KL is in the reward), ``loss`` the whole objective.
+    """
+    kl_coef = cfg.kl_coef if advantage_kind(cfg) == "grpo" else 0.0
+    loss, stats = obj.grpo_policy_loss(out["logprobs"], mb.old_logprobs, mb.ref_logprobs,
+                                       mb.advantages, mb.response_mask, cfg.clip_eps, kl_coef)
+    entropy = obj.masked_mean(out["entropy"], mb.response_mask)
+    loss = loss - cfg.entropy_coef * entropy
+    stats = {("k3_kl" if k == "kl" else k): v for k, v in stats.items()}
+    return loss, dict(stats, entropy=entropy, loss=loss)
 
 
 def ptx_objective(params: Any, models: Models, ptx: Batch, chunk: int = 0) -> jax.Array:
@@ -261,10 +344,13 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
 
     Architectures come from ``models`` (loaded checkpoints'), else ``cfg.policy_model`` /
     ``reward_model`` / ``value_model`` or the configs stored in ``policy_from`` / ``reward_from``
-    / ``value_from``. Token ids default to the policy config's.
+    / ``value_from``. Token ids default to the policy config's. With ``ppo.advantage`` grpo /
+    rloo there is no value network: no value state, no ``value_update`` step.
     """
     mesh = as_auto_mesh(mesh)
     p = cfg.ppo
+    check_advantage_config(p)
+    with_value = uses_value_network(p)
     overrides = {**common.runtime_overrides(cfg), **(model_overrides or {})}
     given = models or Models(None, None, None)
     policy = common.stage_model(given.policy, cfg.get("policy_model"), cfg.get("policy_from", ""),
@@ -273,7 +359,8 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
                                 mesh, dict(overrides, head="scalar"))
     value = common.stage_model(
         given.value, cfg.get("value_model") or cfg.get("reward_model"),
-        cfg.get("value_from") or cfg.get("reward_from", ""), mesh, dict(overrides, head="scalar"))
+        cfg.get("value_from") or cfg.get("reward_from", ""), mesh,
+        dict(overrides, head="scalar")) if with_value else None
     models = Models(policy, value, reward)
     if p.rollout_batch_size % p.minibatch_size:
         raise ValueError(f"ppo.rollout_batch_size={p.rollout_batch_size} must be a multiple of "
@@ -295,8 +382,9 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
 
     # State and frozen networks, abstract, in the shardings the rules table gives.
     policy_state = abstract_train_state(policy, policy_opt, mesh)
-    state = PPOState(policy_state, abstract_train_state(value, value_opt, mesh),
+    state = PPOState(policy_state, abstract_train_state(value, value_opt, mesh) if with_value else {},
                      policy_state.params if p.ema_decay > 0 else {})
+    value_params = state.value.params if with_value else {}
     frozen_dtype = jnp.dtype(p.frozen_dtype)
     as_frozen = lambda m: jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, frozen_dtype if jnp.issubdtype(a.dtype, jnp.floating)
@@ -316,7 +404,7 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
                         (((b, t), jnp.int32), ((b, t), jnp.int32), ((b, n_new), jnp.int32),
                          ((b,), jnp.bool_))))
     experience = jax.eval_shape(functools.partial(make_experience, models, prompt_len=prompt_len,
-                                                  cfg=p), state.policy.params, state.value.params,
+                                                  cfg=p), state.policy.params, value_params,
                                 frozen, rollout, jnp.float32(0))
     experience = abstract_like(experience, batch_shardings(experience, mesh))
     ptx = (abstract_batch({k: ((ptx_rows, cfg.data.ptx_seq_len),
@@ -331,7 +419,7 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
         greedy=False, eos_token_id=policy.config.eos_token_id if eos_token_id is None else eos_token_id,
         pad_token_id=policy.config.pad_token_id if pad_token_id is None else pad_token_id)
     state_sh, frozen_sh = shardings_of(state), shardings_of(frozen)
-    p_sh, v_sh = state_sh.policy.params, state_sh.value.params
+    p_sh, v_sh = state_sh.policy.params, shardings_of(value_params)
     rollout_fn = jax.jit(functools.partial(rollout_step, model=policy, sampling=sampling, mesh=mesh),
                          in_shardings=(p_sh, shard(2), shard(2), rep),
                          out_shardings=shardings_of(rollout))
@@ -344,25 +432,26 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
         in_shardings=(state_sh.policy, state_sh.ema_params, shardings_of(experience), rep,
                       None if ptx is None else shardings_of(ptx)),
         out_shardings=(state_sh.policy, state_sh.ema_params, rep), donate_argnums=(0, 1))
-    value_update_fn = jax.jit(
-        functools.partial(value_update_step, models=models, value_opt=value_opt,
-                          prompt_len=prompt_len, cfg=p),
-        in_shardings=(state_sh.value, shardings_of(experience), rep),
-        out_shardings=(state_sh.value, rep), donate_argnums=0)
     kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
     steps = {
         "rollout": Step("rollout", rollout_fn, (state.policy.params, prompts["input_ids"],
                                                 prompts["attention_mask"], key),
                         tokens=b * n_new, loop_trips=n_new,
                         loop_body=_decode_body(policy, p_sh, state.policy.params, b, t, mesh)),
-        "experience": Step("experience", experience_fn, (state.policy.params, state.value.params,
+        "experience": Step("experience", experience_fn, (state.policy.params, value_params,
                                                          frozen, rollout, kl), tokens=b * t),
         "update": Step("update", update_fn, (state.policy, state.ema_params, experience, indices,
                                              ptx),
                        tokens=mb_size * t + (ptx_rows * cfg.data.ptx_seq_len if ptx else 0)),
-        "value_update": Step("value_update", value_update_fn, (state.value, experience, indices),
-                             tokens=mb_size * t),
     }
+    if with_value:
+        value_update_fn = jax.jit(
+            functools.partial(value_update_step, models=models, value_opt=value_opt,
+                              prompt_len=prompt_len, cfg=p),
+            in_shardings=(state_sh.value, shardings_of(experience), rep),
+            out_shardings=(state_sh.value, rep), donate_argnums=0)
+        steps["value_update"] = Step("value_update", value_update_fn,
+                                     (state.value, experience, indices), tokens=mb_size * t)
     if ptx is not None:
         ptx_fn = jax.jit(functools.partial(ptx_gradient, models=models, chunk=p.logprob_chunk),
                          in_shardings=(p_sh, shardings_of(ptx)), out_shardings=(rep, p_sh))
@@ -373,9 +462,9 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
         """Random policy and value; the reference is the policy, as at the start of PPO."""
         k_policy, k_value = jax.random.split(rng)
         policy_params = init_params(policy, k_policy, mesh)
-        value_params = init_params(value, k_value, mesh)
+        value_init = init_params(value, k_value, mesh) if with_value else None
         reward_params = init_params(reward, jax.random.fold_in(rng, 2), mesh)
-        return (init_ppo_state(state, policy_opt, value_opt, policy_params, value_params),
+        return (init_ppo_state(state, policy_opt, value_opt, policy_params, value_init),
                 make_frozen(frozen, policy_params, reward_params, {}))
 
     def random_args(name, state_, frozen_, rng):
@@ -385,7 +474,7 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
             data = random_batch(prompts, vocab, seed)
             return state_.policy.params, data["input_ids"], data["attention_mask"], rng
         if name == "experience":
-            return (state_.policy.params, state_.value.params, frozen_,
+            return (state_.policy.params, state_.value.params if with_value else {}, frozen_,
                     random_batch(rollout, vocab, seed), jnp.float32(p.kl_coef))
         if name in ("update", "value_update"):
             exp_, idx = (random_batch(experience, vocab, seed),
@@ -398,17 +487,42 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
             return state_.policy.params, random_batch(ptx, vocab, seed)
         raise KeyError(f"PPO has no step {name!r}; steps: {sorted(steps)}")
 
-    return Program("ppo", mesh, {"policy": policy, "value": value, "reward": reward}, state, frozen,
+    networks = {"policy": policy, "value": value, "reward": reward}
+    calls = {"rollout": 1, "experience": 1, "update": updates_per_iteration,
+             "value_update": updates_per_iteration, "ptx": updates_per_iteration}
+    if not with_value:
+        del networks["value"], calls["value_update"]
+    return Program("ppo", mesh, networks, state, frozen,
                    steps, init_state, random_args,
                    {"models": models, "policy_opt": policy_opt, "value_opt": value_opt,
                     "policy_schedule": policy_schedule, "sampling": sampling,
                     "prompt_len": prompt_len, "n_iterations": n_iterations,
                     "n_minibatches": b // mb_size, "ptx_rows": ptx_rows,
+                    "group_size": group_size(p), "prompts_per_rollout": b // group_size(p),
                     # as train() runs them; the ptx pass is part of each update
-                    "calls_per_iteration": {"rollout": 1, "experience": 1,
-                                            "update": updates_per_iteration,
-                                            "value_update": updates_per_iteration,
-                                            "ptx": updates_per_iteration}})
+                    "calls_per_iteration": calls})
+
+
+def group_size(p: Any) -> int:
+    """G: samples per prompt in one rollout (1 for configs from before it existed)."""
+    return int(p.get("group_size", 1))
+
+
+def check_advantage_config(p: Any) -> None:
+    """The advantage estimator's fields, in one-line ConfigErrors (``validate`` says the same
+    before any model loads; this guards ``build`` called directly)."""
+    kind, g = advantage_kind(p), group_size(p)
+    if kind not in ("gae", *GROUP_ADVANTAGES):
+        raise ConfigError(f"ppo.advantage={kind!r}: expected 'gae', 'grpo' or 'rloo'")
+    if g < 1 or p.rollout_batch_size % g:
+        raise ConfigError(f"ppo.group_size={g}: expected a positive divisor of "
+                          f"ppo.rollout_batch_size={p.rollout_batch_size} (whole groups per rollout)")
+    if kind in GROUP_ADVANTAGES and g < 2:
+        raise ConfigError(f"ppo.group_size={g}: expected >= 2 with ppo.advantage={kind!r} (the "
+                          "other samples of a prompt are each sample's baseline)")
+    if kind == "grpo" and p.kl_controller != "fixed":
+        raise ConfigError(f"ppo.kl_controller={p.kl_controller!r}: expected 'fixed' with "
+                          "ppo.advantage='grpo' (its KL is a loss term weighted by ppo.kl_coef)")
 
 
 PTX_KEYS = ("input_ids", "attention_mask", "position_ids", "loss_mask")
@@ -433,8 +547,14 @@ def _decode_body(policy: Transformer, p_sh: Any, params: Any, batch: int, slots:
 
 
 def init_ppo_state(state: PPOState, policy_opt, value_opt, policy_params, value_params) -> PPOState:
-    """Fresh optimizer states (and EMA) around loaded or random weights, in ``state``'s shardings."""
+    """Fresh optimizer states (and EMA) around loaded or random weights, in ``state``'s shardings.
+    ``value_params`` None: no value network (grpo / rloo), ``state.value`` is ``{}``."""
     ema = bool(jax.tree.leaves(state.ema_params))
+    if value_params is None:
+        return jax.jit(lambda pp: PPOState(
+            TrainState(jnp.zeros((), jnp.int32), pp, policy_opt.init(pp)), {},
+            jax.tree.map(jnp.copy, pp) if ema else {}),
+            out_shardings=shardings_of(state))(policy_params)
     return jax.jit(lambda pp, vp: PPOState(
         TrainState(jnp.zeros((), jnp.int32), pp, policy_opt.init(pp)),
         TrainState(jnp.zeros((), jnp.int32), vp, value_opt.init(vp)),
@@ -494,12 +614,17 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         mesh = common.setup_mesh(cfg)
         overrides = common.runtime_overrides(cfg)
 
-        # Networks: policy (trained) and its frozen reference share one definition.
+        # Networks: policy (trained) and its frozen reference share one definition; the value
+        # network only for GAE (grpo / rloo take their baseline from the group).
+        check_advantage_config(p)
+        with_value = uses_value_network(p)
         policy, policy_params, tokenizer, _ = common.load_model(cfg.policy_from, mesh, **overrides)
         reward, reward_params, _, reward_extra = common.load_model(cfg.reward_from, mesh, **overrides)
-        value, value_params, _, value_extra = common.load_model(cfg.value_from or cfg.reward_from,
-                                                                mesh, **overrides)
-        if reward.config.head != "scalar" or value.config.head != "scalar":
+        value, value_params, value_extra = None, None, {}
+        if with_value:
+            value, value_params, _, value_extra = common.load_model(
+                cfg.value_from or cfg.reward_from, mesh, **overrides)
+        if reward.config.head != "scalar" or (with_value and value.config.head != "scalar"):
             raise ValueError(f"reward_from={cfg.reward_from!r} must be a reward model (scalar head)")
         if tokenizer is None:
             raise FileNotFoundError(f"policy_from={cfg.policy_from!r}: no tokenizer saved beside it")
@@ -515,7 +640,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         program = build(cfg, mesh, models=Models(policy, value, reward),
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         info = program.info
-        phases = ("rollout", "experience", "update", "value_update")
+        phases = ("rollout", "experience", "update") + (("value_update",) if with_value else ())
         executables = common.compile_ahead(program, phases)   # while the rest is set up
         frozen = make_frozen(program.frozen, policy_params, reward_params, reward_norm)
         state = init_ppo_state(program.state, info["policy_opt"], info["value_opt"], policy_params,
@@ -526,7 +651,8 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         if prompts["input_ids"].shape[1] != info["prompt_len"]:
             raise ValueError(f"prompts tokenized to {prompts['input_ids'].shape[1]} tokens; expected "
                              f"data.max_prompt_len={info['prompt_len']}")
-        iterators = {"prompts": BatchIterator(prompts, p.rollout_batch_size, seed=cfg.seed)}
+        n_groups, n_samples = info["prompts_per_rollout"], info["group_size"]
+        iterators = {"prompts": BatchIterator(prompts, n_groups, seed=cfg.seed)}
         if ptx_arrays is not None:
             iterators["ptx"] = BatchIterator(ptx_arrays, info["ptx_rows"], seed=cfg.seed + 1)
         n_iterations, n_minibatches = info["n_iterations"], info["n_minibatches"]
@@ -541,37 +667,40 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         writer.discard_after(start_iteration, tables=("samples",))
         timer = StepTimer()
         bar = stack.enter_context(ProgressBar(n_iterations, desc=name, initial=start_iteration))
-        log.info("PPO: %d iterations x %d episodes, %d epochs x %d minibatches of %d, ptx_coef %g",
-                 n_iterations, p.rollout_batch_size, p.epochs, n_minibatches, p.minibatch_size,
-                 p.ptx_coef)
+        log.info("PPO: %d iterations x %d episodes (%d prompts x %d), %d epochs x %d minibatches "
+                 "of %d, advantage %s, ptx_coef %g", n_iterations, p.rollout_batch_size, n_groups,
+                 n_samples, p.epochs, n_minibatches, p.minibatch_size, advantage_kind(p), p.ptx_coef)
         if preemption.requested():
             raise Preempted(preemption.signum)    # nothing done since the last checkpoint
 
         side = stack.enter_context(common.SideThread())
-        rollout_fn, experience_fn, update_fn, value_update_fn = (
-            executables[k].result() for k in phases)
+        rollout_fn, experience_fn, update_fn = (executables[k].result() for k in phases[:3])
+        value_update_fn = executables["value_update"].result() if with_value else None
 
         metrics: dict[str, float] = {}
         for it in range(start_iteration, n_iterations):
             it_rng = common.step_rng(cfg.seed, it)
 
-            # 1. Rollout: sample one response per prompt with the current policy.
-            prompt_batch = next(iterators["prompts"])
+            # 1. Rollout: sample G responses per prompt (G = 1 for GAE) with the current policy.
+            prompt_batch = repeat_prompts(next(iterators["prompts"]), n_samples)
             with timer("rollout"):
                 device_prompts = shard_batch({k: prompt_batch[k] for k in ("input_ids", "attention_mask")}, mesh)
                 rollout = rollout_fn(state.policy.params, device_prompts["input_ids"],
                                      device_prompts["attention_mask"], it_rng)
                 jax.block_until_ready(rollout)
 
-            # 2. Experience: log-probs, reference log-probs, values, scores, rewards, GAE, once.
+            # 2. Experience: log-probs, reference log-probs, values, scores, rewards, GAE (or the
+            #    group advantages), once.
             with timer("experience"):
-                experience = experience_fn(state.policy.params, state.value.params, frozen, rollout,
-                                           jnp.float32(kl_coef))
+                experience = experience_fn(state.policy.params,
+                                           state.value.params if with_value else {}, frozen,
+                                           rollout, jnp.float32(kl_coef))
                 jax.block_until_ready(experience)
 
             # 3. Update: epochs x minibatches over the frozen experience. Each policy step sums
             #    the PPO and gamma_ptx x pretraining gradients into one update. The value steps
-            #    read nothing the policy steps write, so on a CPU they run on a second core.
+            #    read nothing the policy steps write, so on a CPU they run on a second core
+            #    (grpo / rloo have none).
             with timer("update"):
                 order_rng = np.random.default_rng([cfg.seed, it])
                 minibatches = [jnp.asarray(order[i:i + p.minibatch_size])
@@ -579,7 +708,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                                              for _ in range(p.epochs))
                                for i in range(0, p.rollout_batch_size, p.minibatch_size)]
                 value_job = side.submit(run_value_updates, value_update_fn, state.value,
-                                        experience, minibatches)
+                                        experience, minibatches) if with_value else None
                 policy_state, ema_params, policy_stats = state.policy, state.ema_params, []
                 for indices in minibatches:
                     ptx_batch = (shard_batch(next(iterators["ptx"]), mesh)
@@ -587,7 +716,8 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                     policy_state, ema_params, stats = update_fn(policy_state, ema_params,
                                                                 experience, indices, ptx_batch)
                     policy_stats.append(stats)
-                value_state, value_stats = value_job.result()
+                value_state, value_stats = (value_job.result() if with_value
+                                            else (state.value, [{}] * len(minibatches)))
                 state = PPOState(policy_state, value_state, ema_params)
                 update_stats = [a | b for a, b in zip(*jax.device_get((policy_stats, value_stats)))]
 
@@ -622,12 +752,26 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         final_policy = policy.clone(config=policy.config.replace(dropout=0.0))
         save_our_checkpoint(os.path.join(workdir, "model"), final_policy, state.policy.params,
                             tokenizer, extra={"stage": name, "ptx_coef": p.ptx_coef,
-                                              "iterations": n_iterations}, overwrite=True)
+                                              "iterations": n_iterations, **group_facts(p)},
+                            overwrite=True)
         if p.ema_decay > 0:
             save_our_checkpoint(os.path.join(workdir, "model_ema"), final_policy, state.ema_params,
                                 tokenizer, extra={"stage": name, "ema_decay": p.ema_decay},
                                 overwrite=True)
     return metrics
+
+
+def repeat_prompts(batch: dict[str, np.ndarray], g: int) -> dict[str, np.ndarray]:
+    """Each prompt G times in a row (group-major: prompt b owns rows b*G .. b*G + G-1), as the
+    group advantages expect; G = 1 is the batch itself."""
+    return batch if g == 1 else {k: np.repeat(v, g, axis=0) for k, v in batch.items()}
+
+
+def group_facts(p: Any) -> dict[str, Any]:
+    """What a grpo / rloo policy's extra.json records beside PPO's facts ({} for GAE)."""
+    if uses_value_network(p):
+        return {}
+    return {"advantage": advantage_kind(p), "group_size": group_size(p)}
 
 
 def run_value_updates(value_update_fn: Any, value: TrainState, experience: Experience,
@@ -678,12 +822,15 @@ def summarize(experience: Batch, update_stats: list[dict], kl_coef: float) -> di
         "policy/first_ratio_mean": float(update_stats[0]["ratio_mean"]),
         "policy/grad_norm": mean("policy_grad_norm"),
         "loss/policy_avg": mean("policy_loss"),
-        "loss/value_avg": mean("value_loss"),
-        "val/var_explained": mean("explained_variance"),
-        "val/clipfrac_avg": mean("vf_clipfrac"),
-        "response/length_mean": float(exp["response_mask"].sum(-1).mean()),
-        "_n_tokens": float(exp["response_mask"].sum()),
     }
+    if "value_loss" in update_stats[0]:           # GAE; grpo / rloo train no value network
+        out |= {"loss/value_avg": mean("value_loss"),
+                "val/var_explained": mean("explained_variance"),
+                "val/clipfrac_avg": mean("vf_clipfrac")}
+    out |= {"response/length_mean": float(exp["response_mask"].sum(-1).mean()),
+            "_n_tokens": float(exp["response_mask"].sum())}
+    if "k3_kl" in update_stats[0]:
+        out["policy/k3_kl_avg"] = mean("k3_kl")
     if "ptx_loss" in update_stats[0]:
         out["ptx/loss"] = mean("ptx_loss")
     return out
