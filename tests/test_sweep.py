@@ -2,6 +2,7 @@
 stages, and every notebook re-executed (nbclient) against these fresh summaries."""
 import glob
 import json
+import math
 import os
 
 import ml_collections
@@ -16,7 +17,8 @@ EXPERIMENTS = os.path.join(ROOT, "experiments")
 # sweep name (what the notebooks load) -> experiment spec
 SHARING = {"sweep_ptx": "sweep_ptx.py:micro", "sweep_kl": "sweep_kl.py:micro",
            "sweep_episodes": "sweep_episodes.py:micro", "sweep_rm": "sweep_rm.py:micro",
-           "sweep_rm_labelers": "sweep_rm.py:labelers,micro", "sizes": "sweep_sizes.py:micro"}
+           "sweep_rm_labelers": "sweep_rm.py:labelers,micro", "sizes": "sweep_sizes.py:micro",
+           "sweep_methods": "sweep_methods.py:micro"}
 
 
 def _load(spec: str) -> ml_collections.ConfigDict:
@@ -90,6 +92,18 @@ def test_micro_sweeps_and_every_notebook(tmp_path, monkeypatch, compilation_cach
     for p in sizes:
         assert p["win_rate_reference"] == str(shared / "sft" / "model")
         assert {"base", "base_prompted", "sft", "ppo", "ppo_ptx"} <= set(p["win_rate_vs_sft"])
+
+    # Methods from the same SFT / RM: every method evaluated, the new ones trained in the point,
+    # PPO / PPO-ptx reused with the wall times of their shared stages.
+    (methods,) = summaries["sweep_methods"]["points"]
+    for model in ("ppo", "ppo_ptx", "dpo", "grpo", "rloo"):
+        lo, hi = methods["win_rate_vs_sft"][model]["ci95"]["heldout_labelers"]
+        assert lo <= methods["win_rate_vs_sft"][model]["heldout_labelers"] <= hi, model
+        assert math.isfinite(methods["gold_score"][model]), model
+    for model in ("dpo", "grpo", "rloo"):
+        assert (tmp_path / "sweep_methods" / "points" / "methods" / model / "model").is_dir()
+        assert methods["stage_seconds"][model] > 0
+    assert {"ppo", "ppo_ptx", "rm"} <= set(methods["shared_stage_seconds"])
 
     # A rerun finds every stage done and rewrites the same summary.
     again = sweep.run(_with_shared(SHARING["sweep_ptx"], shared), str(tmp_path / "sweep_ptx"))
