@@ -8,7 +8,7 @@ paths between stages. To run on real data and checkpoints instead, see experimen
 """
 import ml_collections
 
-from rlhf_jax.config import ppo_config, rm_config, sft_config
+from rlhf_jax.config import dpo_config, ppo_config, rm_config, sft_config
 
 MODEL = dict(arch="gpt2", d_model=128, n_layers=4, n_heads=4, d_ff=512, max_position=128)
 
@@ -80,6 +80,23 @@ def get_config(arg=None):
     c.ppo.ppo.ema_decay = 0.992            # paper; eval reports the EMA policies too
     c.ppo_ptx_coef = 1.0                     # gamma for the ppo_ptx run (paper: 27.8)
 
+    # Other methods from the same SFT / RM, trained after ppo_ptx when named here (the default
+    # pipeline runs none; experiments/sweep_methods.py runs all three on a finished workdir):
+    # "dpo" (SFT trained on the comparisons directly), "grpo" / "rloo" (the ppo stage with
+    # group baselines instead of a value network, group_size samples per prompt).
+    c.methods = ()
+    c.group_size = 4                         # divides ppo.rollout_batch_size (64: 16 prompts x 4)
+    c.dpo = dpo_config()                     # sized like the RM: its comparisons, lengths, batch
+    c.dpo.data.max_k = 4
+    c.dpo.data.max_prompt_len = 24
+    c.dpo.data.max_response_len = 24
+    c.dpo.train.batch_size = 16
+    c.dpo.train.epochs = 1.0                 # one pass, as the RM's paper setting
+    c.dpo.train.eval_every = 0
+    c.dpo.optim.lr = 1e-4
+    c.dpo.optim.warmup_steps = 10
+    c.dpo.beta = 0.1
+
     c.eval = ml_collections.ConfigDict(dict(
         n_prompts=300, temperature=1.0, few_shot=2, prompted_max_prompt_len=96,
         n_capability=200, capability_max_prompt_len=32,
@@ -90,7 +107,7 @@ def get_config(arg=None):
         c.world.sizes = dict(entities=12, pretrain=300, sft=96, rm=64, ppo=64, eval=32,
                              capability_mc=16, capability_qa=16)
         c.pretrain.model = ml_collections.ConfigDict(dict(MODEL, d_model=32, n_layers=1, d_ff=64))
-        for s in (c.pretrain, c.sft, c.sft_ptx, c.rm):
+        for s in (c.pretrain, c.sft, c.sft_ptx, c.rm, c.dpo):
             s.train.batch_size = 16
             s.train.steps = 4
             s.optim.warmup_steps = 0

@@ -2,11 +2,12 @@
 
 Models: ``base`` (the pretrained LM), ``base_prompted`` (the same with a few-shot prefix of
 demonstrations), ``sft``, ``ppo`` and ``ppo_ptx``, and ``ppo_ema`` / ``ppo_ptx_ema`` (the policy
-weights' EMA, the paper's decay 0.992) where PPO saved them. KL is measured to ``sft`` for every
-model and, for the PPO models, also to the policy PPO started from and was penalized against
-(``sft_ptx``). With the labeler world, gold scores are also reported per kind of instruction,
-with the share of responses that do not attempt it. Writes ``results.json``, ``results.md`` and
-PNG plots into the workdir.
+weights' EMA, the paper's decay 0.992) where PPO saved them; ``dpo``, ``grpo`` and ``rloo`` (the
+other methods from the same SFT / RM) where the pipeline trained them. KL is measured to ``sft``
+for every model (DPO's own reference) and, for the PPO-engine models (ppo, ppo_ptx, grpo, rloo),
+also to the policy they started from and were penalized against (``sft_ptx``). With the labeler
+world, gold scores are also reported per kind of instruction, with the share of responses that
+do not attempt it. Writes ``results.json``, ``results.md`` and PNG plots into the workdir.
 """
 from __future__ import annotations
 
@@ -26,13 +27,20 @@ from rlhf_jax.metrics import format_table, plot_curves, plot_win_rates
 
 log = logging.getLogger(__name__)
 
-MODELS = ("base", "base_prompted", "sft", "ppo", "ppo_ptx", "ppo_ema", "ppo_ptx_ema")
+METHODS = ("dpo", "grpo", "rloo")               # other methods from the same SFT / RM
+MODELS = ("base", "base_prompted", "sft", "ppo", "ppo_ptx", "ppo_ema", "ppo_ptx_ema") + METHODS
 # name -> (stage directory, model subdirectory)
 MODEL_DIRS = {"base": ("pretrain", "model"), "base_prompted": ("pretrain", "model"),
               "sft": ("sft", "model"), "ppo": ("ppo", "model"), "ppo_ptx": ("ppo_ptx", "model"),
-              "ppo_ema": ("ppo", "model_ema"), "ppo_ptx_ema": ("ppo_ptx", "model_ema")}
-OPTIONAL_MODELS = ("ppo_ema", "ppo_ptx_ema")    # only when PPO kept an EMA
+              "ppo_ema": ("ppo", "model_ema"), "ppo_ptx_ema": ("ppo_ptx", "model_ema"),
+              **{name: (name, "model") for name in METHODS}}
+# Only when their directory exists: PPO kept an EMA, or the pipeline trained the method.
+OPTIONAL_MODELS = ("ppo_ema", "ppo_ptx_ema") + METHODS
 PPO_INIT = "sft_ptx"                             # the pipeline's PPO policy init and KL reference
+# Models trained from PPO_INIT and penalized against it (DPO's reference is SFT itself).
+FROM_PPO_INIT = ("ppo", "ppo_ptx", "ppo_ema", "ppo_ptx_ema", "grpo", "rloo")
+# The stage whose wall time trained each model (results' stage_seconds).
+TRAINED_BY = {"ppo": "ppo", "ppo_ptx": "ppo_ptx", **{name: name for name in METHODS}}
 
 
 def few_shot_prefix(demonstrations: list[dict], n_shots: int) -> str:
@@ -98,7 +106,7 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
                                     mesh=mesh)
         responses[name] = samples["texts"]
         results["kl_to_sft"][name] = ev.kl_to_reference(model, params, sft_params, samples, mesh)
-        if name.startswith("ppo"):
+        if name in FROM_PPO_INIT:
             results["kl_to_ppo_init"][name] = ev.kl_to_reference(model, params, init_params,
                                                                  samples, mesh)
         results["proxy_score"][name] = float(np.mean(ev.score_texts(
@@ -188,6 +196,11 @@ def results_table(results: dict[str, Any]) -> str:
                          if not k.endswith("n_pairs"))
     footer = (f"\nRM pair accuracy: {accuracy or 'n/a'}"
               f"\nwall time: {results.get('wall_seconds', np.nan):.0f} s")
+    seconds = results.get("stage_seconds", {})
+    if any(name in seconds for name in METHODS):     # methods compared: what each one cost
+        footer += "\ntraining time: " + ", ".join(
+            f"{name} {seconds[stage]:.0f} s" for name, stage in TRAINED_BY.items()
+            if stage in seconds)
     return format_table(rows) + footer
 
 
@@ -226,7 +239,7 @@ def finding_checks(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if "base" in win:
         add("sft_beats_base", "SFT preferred to the base LM (base's held-out win rate < 0.5)",
             win["base"]["heldout_labelers"], win["base"]["heldout_labelers"] < 0.5)
-    for name in ("ppo", "ppo_ptx"):
+    for name in ("ppo", "ppo_ptx") + METHODS:
         if name in win:
             low = win[name]["ci95"]["heldout_labelers"][0]
             add(f"{name}_beats_sft", f"{name} preferred to SFT by held-out labelers (win rate, "
@@ -280,7 +293,10 @@ def _plots(results: dict[str, Any], workdir: str) -> None:
     curves = {"pretrain": ["train/loss", "valid/loss"], "sft": ["train/loss", "valid/loss"],
               "rm": ["train/loss", "valid/pair_accuracy"],
               "ppo": ["objective/scores", "objective/kl", "val/var_explained"],
-              "ppo_ptx": ["objective/scores", "objective/kl", "ptx/loss"]}
+              "ppo_ptx": ["objective/scores", "objective/kl", "ptx/loss"],
+              "dpo": ["train/loss", "valid/pair_accuracy"],
+              "grpo": ["objective/scores", "objective/kl"],
+              "rloo": ["objective/scores", "objective/kl"]}
     for stage, keys in curves.items():
         path = os.path.join(workdir, stage, "metrics.jsonl")
         if os.path.exists(path):

@@ -2,7 +2,13 @@
 
     world -> pretrain (base LM) -> sft, sft_ptx (PPO init, 10% pretraining mix)
           -> comparisons (K SFT samples per prompt, ranked by training labelers) -> rm
-          -> ppo, ppo_ptx -> eval (results.json, results.md, plots)
+          -> ppo, ppo_ptx -> [dpo, grpo, rloo] -> eval (results.json, results.md, plots)
+
+The bracketed stages are other methods from the same SFT / RM, run only when ``methods`` names
+them (or a sweep selects them): ``dpo`` trains SFT on the comparisons directly (SFT is also its
+frozen reference); ``grpo`` and ``rloo`` are the ``ppo`` stage (from sft_ptx, reward from the
+RM, the same episodes) with the group baselines of ``group_size`` samples per prompt instead of
+a value network.
 
 Every stage writes ``<workdir>/<stage>/DONE`` when it finishes; a stage whose marker exists is
 skipped, so an interrupted run continues from its last finished stage (and a stage killed midway
@@ -22,11 +28,15 @@ from typing import Any
 import ml_collections
 from rlhf_jax.checkpoint import atomic_write_text
 from rlhf_jax.data import read_jsonl, write_jsonl
-from rlhf_jax.errors import Preempted, UserError
+from rlhf_jax.errors import ConfigError, Preempted, UserError
 
 log = logging.getLogger(__name__)
 
 STAGES = ("world", "pretrain", "sft", "sft_ptx", "comparisons", "rm", "ppo", "ppo_ptx", "eval")
+# Other methods from the same SFT / RM: run only when ``cfg.methods`` names them or a sweep
+# selects them (``stages=``); ``STAGES`` stays the default pipeline.
+METHOD_STAGES = ("dpo", "grpo", "rloo")
+ALL_STAGES = STAGES[:-1] + METHOD_STAGES + STAGES[-1:]
 
 
 def _done_path(workdir: str, stage: str) -> str:
@@ -140,13 +150,71 @@ def make_comparisons_stage(cfg, workdir: str, files: dict[str, str]) -> dict[str
 
 def ppo_stage_config(cfg: ml_collections.ConfigDict, workdir: str,
                      name: str = "ppo") -> ml_collections.ConfigDict:
-    """The config the pipeline's ``ppo`` or ``ppo_ptx`` stage runs with: policy from sft_ptx,
-    reward and value from rm, the pipeline's prompts and pretraining text."""
+    """The config the pipeline's ``ppo``, ``ppo_ptx``, ``grpo`` or ``rloo`` stage runs with:
+    policy from sft_ptx, reward (and GAE's value) from rm, the pipeline's prompts and
+    pretraining text. grpo / rloo are ``ppo`` (no ptx, the same episodes) with that advantage
+    estimator over ``group_size`` samples per prompt."""
     files = world_files(cfg, workdir)
     model_dir = lambda stage: os.path.join(os.path.abspath(workdir), stage, "model")
-    return _with(cfg.ppo, name=name, policy_from=model_dir("sft_ptx"), reward_from=model_dir("rm"),
-                 data__prompts=files["ppo_prompts"], data__pretrain=files["pretrain"],
-                 ppo__ptx_coef=cfg.ppo_ptx_coef if name == "ppo_ptx" else 0.0)
+    out = _with(cfg.ppo, name=name, policy_from=model_dir("sft_ptx"), reward_from=model_dir("rm"),
+                data__prompts=files["ppo_prompts"], data__pretrain=files["pretrain"],
+                ppo__ptx_coef=cfg.ppo_ptx_coef if name == "ppo_ptx" else 0.0)
+    return _as_group_method(out, cfg, name)
+
+
+def _as_group_method(section: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict,
+                     name: str) -> ml_collections.ConfigDict:
+    if name not in ("grpo", "rloo"):
+        return section
+    return _with(section, ppo__advantage=name, ppo__group_size=int(cfg.get("group_size", 4)))
+
+
+def dpo_stage_config(cfg: ml_collections.ConfigDict, workdir: str,
+                     comparisons: str) -> ml_collections.ConfigDict:
+    """The config the pipeline's ``dpo`` stage runs with: the policy and its frozen reference
+    are the SFT model, the data the comparisons the RM trains on."""
+    sft_model = os.path.join(os.path.abspath(workdir), "sft", "model")
+    return _with(cfg.dpo, name="dpo", init_from=sft_model, reference_from="",
+                 data__train=comparisons)
+
+
+def methods_to_run(cfg: ml_collections.ConfigDict,
+                   stages: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The method stages this run may train: those ``cfg.methods`` names (when every stage
+    runs) or those ``stages`` selects."""
+    methods = tuple(cfg.get("methods") or ())
+    unknown = sorted(set(methods) - set(METHOD_STAGES))
+    if unknown:
+        raise ConfigError(f"config: methods={list(methods)}: {unknown} are not methods; expected "
+                          f"some of {list(METHOD_STAGES)}")
+    wanted = set(methods) if stages is None else set(stages)
+    return tuple(m for m in METHOD_STAGES if m in wanted)
+
+
+def check_methods(cfg: ml_collections.ConfigDict, methods: tuple[str, ...]) -> None:
+    """The config of every method stage that will run, before any stage starts (``validate``
+    checks the default stages; these are built here from the pipeline's sections)."""
+    from rlhf_jax import validate
+    from rlhf_jax.config import stage_configs
+    if not methods:
+        return
+    stages = stage_configs(cfg)      # the pipeline's networks filled in (policy, RM)
+
+    def check(name: str, section: ml_collections.ConfigDict) -> None:
+        try:
+            validate.check(section)
+        except ConfigError as error:
+            raise ConfigError(f"config: {name} stage: {str(error).removeprefix('config: ')}") \
+                from None
+    if "dpo" in methods:
+        if "dpo" not in cfg:
+            raise ConfigError("config: methods names 'dpo' but the config has no dpo section "
+                              "(a rlhf_jax.config.dpo_config())")
+        sft = stages["sft"]
+        check("dpo", _with(cfg.dpo, init_from=sft.init_from, model=sft.model))
+    for name in ("grpo", "rloo"):
+        if name in methods:
+            check(name, _as_group_method(_with(stages["ppo"], ppo__ptx_coef=0.0), cfg, name))
 
 
 def evaluate_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -175,6 +243,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
 
     ``stages`` runs only those stages (a sweep's point reruns PPO on stages another workdir
     finished); the others must be done already where a selected stage needs their outputs.
+    The method stages (``METHOD_STAGES``) run when ``cfg.methods`` names them, or when
+    ``stages`` selects them.
 
     SIGTERM / SIGINT: a training stage checkpoints and stops (Preempted); during another stage
     the pipeline stops once that stage is done. Rerunning the command continues either way.
@@ -183,15 +253,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     from rlhf_jax.stages import common
 
     validate.check(cfg)      # every stage's config, before the first one starts
+    unknown = sorted(set(stages or ()) - set(ALL_STAGES))
+    if unknown:
+        raise UserError(f"stages {unknown}: not pipeline stages; expected some of "
+                        f"{list(ALL_STAGES)}")
+    check_methods(cfg, methods_to_run(cfg, stages))
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     # Up front, so a read-only output of a late stage does not waste the earlier ones.
     common.check_writable(workdir, recursive=False)
-    common.check_writable(*(os.path.join(workdir, stage, output) for stage in STAGES
+    common.check_writable(*(os.path.join(workdir, stage, output) for stage in ALL_STAGES
                             for output in ("model", "checkpoints")))
-    unknown = sorted(set(stages or ()) - set(STAGES))
-    if unknown:
-        raise UserError(f"stages {unknown}: not pipeline stages; expected some of {list(STAGES)}")
     with common.Preemption() as preemption:
         return _run(cfg, workdir, preemption, stages)
 
@@ -207,9 +279,21 @@ def labeler_group_split(rows: list[dict], group: str) -> tuple[list[dict], list[
     return [row for row in rows if row.get("group") != group], inside
 
 
+def _warn_if_evaluated_before(workdir: str, methods: tuple[str, ...]) -> None:
+    """A method added to a finished workdir trains, but eval/DONE keeps the old report: say so."""
+    marker = _done_path(workdir, "eval")
+    if not os.path.exists(marker):
+        return
+    later = [m for m in methods if os.path.exists(_done_path(workdir, m))
+             and os.path.getmtime(_done_path(workdir, m)) > os.path.getmtime(marker)]
+    if later:
+        log.warning("%s finished after eval: the report leaves them out; run `rlhf-jax eval` "
+                    "on this workdir (or delete %s) to evaluate them", ", ".join(later), marker)
+
+
 def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any,
          selected: tuple[str, ...] | None = None) -> dict[str, Any]:
-    from rlhf_jax.stages import ppo, reward, sft
+    from rlhf_jax.stages import dpo, ppo, reward, sft
     from rlhf_jax import evaluation_report
 
     start = time.time()
@@ -266,6 +350,25 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any,
     for name in ("ppo", "ppo_ptx"):
         stage(name, lambda name=name: ppo.train(section(ppo_stage_config(cfg, workdir, name)),
                                                 stage_dir(name)))
+    # Other methods from the same SFT / RM (only those cfg.methods names or a sweep selects).
+    methods = methods_to_run(cfg, selected)
+
+    def train_dpo():
+        dpo_comparisons = comparisons
+        if holdout_group:      # DPO sees the comparisons the RM trained on, no more
+            from rlhf_jax.world.export import read_jsonl as read_rows
+            dpo_comparisons = os.path.join(stage_dir("dpo"), "comparisons_train.jsonl")
+            write_jsonl(dpo_comparisons, labeler_group_split(read_rows(comparisons),
+                                                             holdout_group)[0])
+        return dpo.train(section(dpo_stage_config(cfg, workdir, dpo_comparisons)),
+                         stage_dir("dpo"))
+    if "dpo" in methods:
+        stage("dpo", train_dpo)
+    for name in ("grpo", "rloo"):
+        if name in methods:
+            stage(name, lambda name=name: ppo.train(section(ppo_stage_config(cfg, workdir, name)),
+                                                    stage_dir(name)))
+    _warn_if_evaluated_before(workdir, methods)
     results: dict[str, Any] = {}
 
     def evaluate():

@@ -83,10 +83,10 @@ def point_config(sweep: ml_collections.ConfigDict, point: dict,
 
 def _stages(sweep, point: dict, key: str) -> tuple[str, ...]:
     stages = tuple(point.get(key, sweep[key]))
-    unknown = sorted(set(stages) - set(pipeline.STAGES))
+    unknown = sorted(set(stages) - set(pipeline.ALL_STAGES))
     if unknown:
         raise ConfigError(f"sweep point {point_name(point)!r}: {key} {unknown} are not pipeline "
-                          f"stages; expected some of {list(pipeline.STAGES)}")
+                          f"stages; expected some of {list(pipeline.ALL_STAGES)}")
     return stages
 
 
@@ -128,7 +128,7 @@ def run(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     start = time.time()
     shared = shared_dir(sweep, workdir)
     shared_all = sorted({s for p in sweep.points for s in _stages(sweep, p, "shared")},
-                        key=pipeline.STAGES.index)
+                        key=pipeline.ALL_STAGES.index)
     shared_seconds = 0.0
     if shared_all:
         log.info("sweep: shared stages %s in %s", shared_all, shared)
@@ -150,6 +150,8 @@ def run(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                        "x": dict(point.get("set", {})).get(sweep.get("x", "")),
                        "policy_model": cfg.pretrain.model.to_dict() if "pretrain" in cfg else {},
                        "stage_seconds": own, "seconds": float(sum(own.values())),
+                       "shared_stage_seconds": shared_stage_seconds(
+                           point_dir, _stages(sweep, point, "shared")),
                        "findings": finding_checks(results),
                        "curves": curves(point_dir, stages),
                        **{k: results[k] for k in KEPT if k in results}})
@@ -163,6 +165,22 @@ def run(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     atomic_write_text(os.path.join(workdir, "sweep.md"), report(summary))
     print(report(summary))
     return summary
+
+
+def shared_stage_seconds(point_dir: str, stages: tuple[str, ...]) -> dict[str, float]:
+    """The wall time of each shared stage, from its ``DONE`` marker (read through the point's
+    link into the shared workdir): what the stages the point reuses cost when they ran."""
+    out = {}
+    for stage in stages:
+        path = os.path.join(point_dir, stage, "DONE")
+        try:
+            with open(path, encoding="utf-8") as f:
+                done = json.load(f)
+        except (OSError, ValueError):
+            continue       # not finished (or damaged): the pipeline reported it already
+        if isinstance(done, dict) and isinstance(done.get("seconds"), (int, float)):
+            out[stage] = float(done["seconds"])
+    return out
 
 
 def curves(point_dir: str, stages: tuple[str, ...]) -> dict[str, list[dict]]:

@@ -27,8 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rlhf_jax.convert import save_our_checkpoint
-from rlhf_jax.data import (BatchIterator, comparisons_to_pairs, tokenize_comparisons,
-                           tokenize_demonstrations)
+from rlhf_jax.data import BatchIterator, comparisons_to_pairs, tokenize_demonstrations
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.models.params import init_params, param_shardings
 from rlhf_jax.models.transformer import Transformer
@@ -123,27 +122,15 @@ def reward_model_from_lm(model: Transformer, params: Any, rng: jax.Array,
 
 def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict | None]:
     data = cfg.data
-    read = lambda spec: read_source(spec, "comparisons", data_dir=data.get("tfds_data_dir"),
-                                    field_map=data.get("field_map"), max_k=data.max_k)
-    rows = read(data.train)
-    if data.get("valid"):
-        train_rows, valid_rows = rows, read(data.valid)
-    else:
-        train_rows, valid_rows = common.split_rows(rows, data.valid_fraction, cfg.seed)
+    train_rows, valid_rows = common.comparison_rows(data, cfg.seed)
     max_k = data.max_k
     if cfg.mode == "shuffled_pairs":
         train_rows, max_k = comparisons_to_pairs(train_rows), 2
         log.info("shuffled_pairs: %d pair examples", len(train_rows))
-
-    def tokenize(rows_, k, kind):
-        arrays, stats = tokenize_comparisons(rows_, tokenizer, data.max_prompt_len,
-                                             data.max_response_len, k, data.overlong)
-        log.info("%s %s", kind, stats)
-        return {key: arrays[key] for key in BATCH_KEYS}
-
-    train = tokenize(train_rows, max_k, "train")
+    train = common.comparison_arrays(train_rows, tokenizer, data, max_k, BATCH_KEYS, "train")
     # Validation always uses whole rankings: accuracy over every strict pair of a prompt.
-    valid = tokenize(valid_rows, data.max_k, "valid") if valid_rows else None
+    valid = (common.comparison_arrays(valid_rows, tokenizer, data, data.max_k, BATCH_KEYS, "valid")
+             if valid_rows else None)
     return train, valid
 
 
