@@ -14,7 +14,7 @@ UPSTREAM = ("world", "pretrain", "sft", "sft_ptx", "comparisons", "rm")
 def get_config(arg=None):
     base = load_config(PIPELINE + (f":{arg}" if arg else ""))
     rollout = base.ppo.ppo.rollout_batch_size
-    iterations = (8, 15, 30, 60, 120) if arg != "micro" else (1, 2)
+    iterations = (8, 30, 120) if arg != "micro" else (1, 2)
     return sweep_config(base, name="episodes", shared=UPSTREAM, stages=("ppo_ptx",),
                         models=("ppo_ptx",), x="ppo.ppo.iterations",
                         points=[{"name": f"episodes={n * rollout}",
