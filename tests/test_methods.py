@@ -60,6 +60,7 @@ def test_shared_stage_seconds_read_from_done_markers(tmp_path):
     assert sweep.shared_stage_seconds(str(point), ("ppo", "rm", "ppo_ptx")) == {"ppo": 12.5}
 
 
+@pytest.mark.slow   # test_sweep.py's micro sweep_methods runs the same stages in the default suite
 def test_micro_pipeline_with_every_method(tmp_path):
     results = run(_micro(methods=METHODS), str(tmp_path))
     for stage in ALL_STAGES:
