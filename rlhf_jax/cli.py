@@ -209,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--topology", required=True,
                       help="TPU topology name, e.g. v5e:2x2, v5e:4x4, v5p:4x4x4, v6e:8x8; "
                            "'cpu' compiles for this machine's devices instead")
-    comp.add_argument("--stage", default="all", choices=["sft", "rm", "ppo", "all"],
-                      help="which stage's steps to compile (default all)")
+    comp.add_argument("--stage", default="all", choices=["sft", "rm", "ppo", "dpo", "all"],
+                      help="which stage's steps to compile (default all: sft, rm, ppo, and dpo "
+                           "when the config's methods name it or it is a DPO config); GRPO / "
+                           "RLOO are ppo with --config.ppo.ppo.advantage=grpo|rloo")
     comp.add_argument("--out", default=None, help="write the JSON report here")
 
     prof = sub.add_parser(
@@ -220,13 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "compile time, FLOPs and bytes, per-device memory, median step time after "
                     "warm-up, achieved FLOP/s, MFU against a matmul peak measured in the same "
                     "run, and tokens/s; PPO is broken down into rollout, experience, update "
-                    "(policy), value_update and ptx. --trace writes a jax.profiler trace (TensorBoard profile plugin, "
+                    "(policy), value_update and ptx (no value_update with ppo.advantage grpo / "
+                    "rloo), DPO into ref_logps, update and eval. --trace writes a jax.profiler trace (TensorBoard profile plugin, "
                     "Perfetto) with the phases named.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  rlhf-jax profile --config experiments/instructgpt_tiny.py --stage ppo "
                "--out p.json --trace runs/trace")
     prof.add_argument("--config", required=True, help="experiment config (pipeline-style or one stage's)")
-    prof.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo"],
+    prof.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo", "dpo"],
                       help="which stage to profile (default ppo)")
     prof.add_argument("--steps", type=int, default=5, help="timed calls per step after warm-up (5)")
     prof.add_argument("--warmup", type=int, default=1, help="untimed calls per step first (1)")

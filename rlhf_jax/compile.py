@@ -1,6 +1,7 @@
 """``rlhf-jax compile``: will every step of a stage fit a TPU slice, and how fast could it run?
 
-Each stage's ``build(cfg, mesh)`` (``rlhf_jax.stages.{sft,reward,ppo}``) returns its jitted steps
+Each stage's ``build(cfg, mesh)`` (``rlhf_jax.stages.{sft,reward,ppo,dpo}``; GRPO / RLOO are
+``ppo`` with ``ppo.advantage`` grpo / rloo: no value network, no ``value_update``) returns its jitted steps
 with abstract arguments (ShapeDtypeStructs carrying shardings) — no weights, no data. This module
 lowers and compiles every one of them for a TPU topology *on this CPU machine*
 (``jax.experimental.topologies``, the ``tpu`` extra: libtpu compiles for a chip it does not have),
@@ -58,7 +59,8 @@ Per step it reports:
   ``mfu = step_time_at_peak_s / roofline_step_s``: the MFU the step could reach if only compute
   and HBM traffic counted (no collectives, no remat, perfect overlap), an upper bound. Decoding
   is memory-bound, so the rollout's is the low one. ``stage_info.ppo.iteration`` adds up one PPO
-  iteration (rollout + experience + minibatch updates).
+  iteration (rollout + experience + minibatch updates), ``stage_info.dpo.iteration`` one DPO
+  batch (ref_logps + update).
 
 When a step does not fit, the command prints one line per such step to stderr (stage, step, bytes
 needed vs available, the largest buffers: arguments by name and the largest HLO values) and exits
@@ -100,11 +102,13 @@ CHIPS: dict[str, dict[str, float]] = {
 }
 
 BUILDERS = {"sft": "rlhf_jax.stages.sft:build", "rm": "rlhf_jax.stages.reward:build",
-            "ppo": "rlhf_jax.stages.ppo:build"}
-STAGE_ORDER = ("sft", "rm", "ppo")
+            "ppo": "rlhf_jax.stages.ppo:build", "dpo": "rlhf_jax.stages.dpo:build"}
+STAGE_ORDER = ("sft", "rm", "ppo", "dpo")
+# PPO's advantage estimators without a value network (no value state, no value_update step).
+GROUP_ADVANTAGES = ("grpo", "rloo")
 # Config sections holding a network architecture, per stage (others are found by shape: any
 # sub-section with n_layers and d_model).
-MODEL_SECTIONS = {"sft": ("model",), "rm": ("model",),
+MODEL_SECTIONS = {"sft": ("model",), "rm": ("model",), "dpo": ("model",),
                   "ppo": ("policy_model", "reward_model", "value_model")}
 # What the FLOP-counting variants change in every network.
 FLOP_VARIANT_OVERRIDES = {"scan_layers": False, "remat": False}
@@ -357,6 +361,8 @@ def layer_sections(stage: str, stage_cfg: ml_collections.ConfigDict) -> dict[str
     names = list(MODEL_SECTIONS.get(stage, ()))
     names += [k for k, v in stage_cfg.items() if k not in names and isinstance(v, ml_collections.ConfigDict)
               and "n_layers" in v and "d_model" in v]
+    if stage == "ppo" and ppo_advantage(stage_cfg) in GROUP_ADVANTAGES:
+        names = [n for n in names if n != "value_model"]     # grpo / rloo build no value network
     out = {}
     for name in names:
         section = stage_cfg.get(name)
@@ -634,16 +640,28 @@ def hbm_traffic(step, weight_ids: set[int], mesh: Mesh, unaliased_output_bytes: 
     return total + unaliased_output_bytes
 
 
+def ppo_advantage(stage_cfg: Any) -> str:
+    """A PPO stage config's ``ppo.advantage`` ("gae" when absent or not a PPO config)."""
+    ppo = stage_cfg.get("ppo") if hasattr(stage_cfg, "get") else None
+    return str(ppo.get("advantage", "gae")) if ppo is not None and hasattr(ppo, "get") else "gae"
+
+
 def _iteration(stage: str, stage_cfg: Any, program, rows: dict, target: Target,
                n_dev: int) -> dict[str, Any] | None:
     """One PPO iteration: rollout + experience + epochs x minibatches policy and value updates
-    (the ``ptx`` step is part of ``update`` and the decode body part of ``rollout``)."""
-    if stage != "ppo" or not {"rollout", "experience", "update"} <= set(rows):
+    (the ``ptx`` step is part of ``update`` and the decode body part of ``rollout``; grpo / rloo
+    have no ``value_update``). One DPO iteration (a batch): ``ref_logps`` + ``update`` (the
+    stage's ``calls_per_iteration``; ``eval`` runs only every ``eval_every`` steps)."""
+    if stage == "dpo" and "update" in rows:
+        per = dict(program.info.get("calls_per_iteration") or {"ref_logps": 1, "update": 1})
+        calls = {k: int(n) for k, n in per.items() if n and k in rows}
+    elif stage != "ppo" or not {"rollout", "experience", "update"} <= set(rows):
         return None
-    n_updates = int(program.info.get("n_minibatches", 1)) * int(stage_cfg.ppo.get("epochs", 1))
-    calls = {"rollout": 1, "experience": 1, "update": n_updates}
-    if "value_update" in rows:
-        calls["value_update"] = n_updates
+    else:
+        n_updates = int(program.info.get("n_minibatches", 1)) * int(stage_cfg.ppo.get("epochs", 1))
+        calls = {"rollout": 1, "experience": 1, "update": n_updates}
+        if "value_update" in rows:
+            calls["value_update"] = n_updates
     out: dict[str, Any] = {"calls": calls}
     if all(rows[k].get("flops") is not None for k in calls):
         out["flops"] = sum(n * rows[k]["flops"] for k, n in calls.items())
@@ -660,15 +678,49 @@ def _abstract_params(model) -> Any:
     return abstract_params(model)
 
 
+def stage_configs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """``rlhf_jax.config.stage_configs`` plus what the pipeline adds to a pipeline-style config
+    (``rlhf_jax.pipeline``): its ``dpo`` section as a stage whose policy and frozen reference are
+    the SFT model (its architecture and ``init_from``), and, for ``ppo.advantage`` grpo / rloo
+    with no ``ppo.group_size`` of its own (< 2), the pipeline's top-level ``group_size``, so
+    ``--config.ppo.ppo.advantage=grpo`` builds the stage the pipeline's grpo runs."""
+    from rlhf_jax.config import stage_configs as base_stage_configs
+    configs = dict(base_stage_configs(cfg))
+    pipeline = "sft" in configs and "sft" in cfg
+    if pipeline and "dpo" in cfg and "dpo" not in configs:
+        sft = configs["sft"]
+        dpo = ml_collections.ConfigDict(cfg.dpo.to_dict())
+        with dpo.unlocked():
+            dpo.name = "dpo"
+            dpo.model = ml_collections.ConfigDict(sft.model.to_dict())
+            dpo.init_from = sft.get("init_from", "")
+        configs["dpo"] = dpo
+    ppo = configs.get("ppo")
+    if pipeline and ppo is not None and ppo_advantage(ppo) in GROUP_ADVANTAGES \
+            and int(ppo.ppo.get("group_size", 1)) < 2:
+        ppo = ml_collections.ConfigDict(ppo.to_dict())
+        with ppo.unlocked():
+            ppo.ppo.group_size = int(cfg.get("group_size", 4))
+        configs["ppo"] = ppo
+    return configs
+
+
+def _in_all(cfg: ml_collections.ConfigDict, stage: str) -> bool:
+    """``--stage all``: every stage the pipeline runs by default; a pipeline config's dpo only
+    when its ``methods`` name it (a single DPO config's is its one stage)."""
+    if stage != "dpo" or "sft" not in cfg:
+        return True
+    return "dpo" in tuple(cfg.get("methods") or ())
+
+
 def select_stages(cfg: ml_collections.ConfigDict, stage: str) -> dict[str, ml_collections.ConfigDict]:
-    """The stage configs to compile (``stage`` is sft, rm, ppo or all)."""
-    from rlhf_jax.config import stage_configs
+    """The stage configs to compile (``stage`` is sft, rm, ppo, dpo or all)."""
     try:
         configs = stage_configs(cfg)
     except (ValueError, KeyError, FileNotFoundError, AttributeError) as e:
         raise CompileError(f"config: {_first_line(e)}") from None
     if stage in (None, "", "all"):
-        return {s: configs[s] for s in STAGE_ORDER if s in configs}
+        return {s: configs[s] for s in STAGE_ORDER if s in configs and _in_all(cfg, s)}
     if stage not in configs:
         raise CompileError(f"stage {stage!r} is not in the config (it has: "
                            f"{', '.join(configs) or 'none'})")
@@ -765,7 +817,7 @@ def format_table(report: dict[str, Any]) -> str:
         it = info.get("iteration", {})
         if "roofline_s" in it:
             shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in it["share_of_time"].items())
-            lines.append(f"{'':<5} one iteration ({it['calls']['update']} updates): "
+            lines.append(f"{'':<5} one iteration ({it['calls'].get('update', 0)} updates): "
                          f"{it['flops'] / 1e12:.1f} TFLOP, roofline {_fmt_time(it['roofline_s'])}, "
                          f"MFU {100 * it['mfu']:.0f}% ({shares})")
         if info.get("flops_error"):

@@ -1,7 +1,8 @@
 """``rlhf-jax profile``: time a stage's compiled steps on the machine at hand.
 
 For each step of a stage's ``Program`` (SFT/RM: train, eval; PPO: rollout, experience, update,
-value_update, ptx) this reports compile time, XLA's FLOPs and bytes accessed (``cost_analysis``), per-device
+value_update, ptx, no value_update with ``ppo.advantage`` grpo / rloo; DPO: ref_logps, update,
+eval) this reports compile time, XLA's FLOPs and bytes accessed (``cost_analysis``), per-device
 memory (``memory_analysis``), the median wall time of a call after warm-up, achieved FLOP/s, MFU
 against a matmul peak measured in the same run on the same devices, and tokens/s. Weights are
 random, of the config's shapes (no data, no checkpoint needed), or a pipeline workdir's trained
@@ -31,7 +32,8 @@ What the numbers mean:
 * per-iteration time (PPO): ``calls_per_iteration`` times the median of each phase: one rollout
   and one experience pass per iteration, ``epochs * rollout_batch_size / minibatch_size`` update
   steps. ``ptx`` is the pretraining-gradient pass alone, already inside ``update``; it is timed on
-  its own only to show its share, and is not added to the iteration.
+  its own only to show its share, and is not added to the iteration. DPO: one ``ref_logps``
+  and one ``update`` per batch; ``eval`` is timed but not part of the iteration.
 """
 from __future__ import annotations
 
@@ -54,9 +56,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 log = logging.getLogger(__name__)
 
 STAGE_MODULES = {"sft": "rlhf_jax.stages.sft", "rm": "rlhf_jax.stages.reward",
-                 "ppo": "rlhf_jax.stages.ppo"}
+                 "ppo": "rlhf_jax.stages.ppo", "dpo": "rlhf_jax.stages.dpo"}
 # Steps run each iteration (in this order); anything else a Program has runs after them.
-PHASE_ORDER = ("rollout", "experience", "update", "value_update", "ptx", "train", "eval")
+# (PPO with ppo.advantage grpo / rloo has no value_update; DPO: ref_logps, update, eval.)
+PHASE_ORDER = ("rollout", "experience", "ref_logps", "update", "value_update", "ptx", "train",
+               "eval")
 # Steps whose time is already inside another step's (not added to the iteration).
 INCLUDED_IN = {"ptx": "update"}
 
@@ -255,12 +259,18 @@ def stage_config(cfg: Any, stage: str, workdir: str | None = None) -> Any:
     pipeline ``workdir`` its model paths point at that run's trained models."""
     import ml_collections
 
-    from rlhf_jax.config import stage_configs
-    configs = stage_configs(cfg)
+    from rlhf_jax.compile import GROUP_ADVANTAGES, ppo_advantage, stage_configs
+    configs = stage_configs(cfg)      # a pipeline config's dpo and grpo / rloo as the pipeline runs them
     if stage not in configs:
         raise ValueError(f"the config has no {stage!r} stage (it has: {', '.join(configs) or 'none'})")
     c = configs[stage]
-    if stage == "ppo" and "ppo" in cfg and cfg.get("ppo_ptx_coef") and not c.ppo.ptx_coef:
+    group = stage == "ppo" and ppo_advantage(c) in GROUP_ADVANTAGES
+    if group and "ppo" in cfg and "sft" in cfg:
+        # The pipeline's grpo / rloo stages are ppo without ptx, named after their estimator.
+        c = ml_collections.ConfigDict(c.to_dict())
+        c.name = ppo_advantage(c)
+        c.ppo.ptx_coef = 0.0
+    elif stage == "ppo" and "ppo" in cfg and cfg.get("ppo_ptx_coef") and not c.ppo.ptx_coef:
         # A pipeline config runs PPO and PPO-ptx; profile PPO-ptx (all four phases). Set
         # --config.ppo_ptx_coef=0 to profile plain PPO.
         c = ml_collections.ConfigDict(c.to_dict())
@@ -322,7 +332,7 @@ def _with_workdir_models(c: Any, stage: str, workdir: str, cfg: Any) -> Any:
     model_dir = lambda s: os.path.join(workdir, s, "model")
     if stage == "sft":
         paths = {"init_from": cfg.get("base_model") or model_dir("pretrain")}
-    elif stage == "rm":
+    elif stage in ("rm", "dpo"):      # DPO: policy and frozen reference both the SFT model
         paths = {"init_from": model_dir("sft")}
     else:
         paths = {"policy_from": model_dir("sft_ptx"), "reward_from": model_dir("rm")}
@@ -338,13 +348,14 @@ def _with_workdir_models(c: Any, stage: str, workdir: str, cfg: Any) -> Any:
 def load_workdir_weights(program: Any, stage_cfg: Any, state: Any, frozen: Any):
     """Replace the random parameters of ``state``/``frozen`` by the stage's trained models.
 
-    SFT/RM: ``init_from`` -> ``state.params``; PPO: ``policy_from`` -> the policy, its EMA and the
+    SFT/RM: ``init_from`` -> ``state.params``; DPO: ``init_from`` -> ``state.params`` and the
+    frozen reference (``frozen``); PPO: ``policy_from`` -> the policy, its EMA and the
     frozen reference, ``reward_from`` -> the frozen RM and (unless ``value_from``) the value.
     Optimizer moments stay as ``init_state`` made them. A scalar-head target loaded from an LM
     (the RM starts from SFT) keeps its fresh score head, as the RM stage does.
     """
     from rlhf_jax.stages.common import load_model, runtime_overrides
-    targets = {"init_from": ["state.params"],
+    targets = {"init_from": ["state.params", "frozen"],     # frozen: DPO's reference ({} else)
                "policy_from": ["state.policy.params", "state.ema_params", "frozen.reference"],
                "reward_from": ["frozen.reward"] + ([] if stage_cfg.get("value_from")
                                                   else ["state.value.params"]),

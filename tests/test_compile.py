@@ -15,7 +15,8 @@ import ml_collections
 import pytest
 
 from rlhf_jax import compile as aot
-from rlhf_jax.config import load_config, ppo_config, rm_config, sft_config, stage_configs
+from rlhf_jax.config import (dpo_config, load_config, ppo_config, rm_config, sft_config,
+                             stage_configs)
 from rlhf_jax.models.params import abstract_params, cache_sharding
 from rlhf_jax.models.transformer import Transformer, init_cache
 from rlhf_jax.program import Program, Step, abstract_batch, abstract_key
@@ -96,6 +97,47 @@ def test_hbm_traffic_reads_fsdp_weights_whole(cpu_report):
     ids = aot.weight_leaf_ids(program)
     assert all(id(x) in ids for x in jax.tree.leaves(program.state.params))
     assert not any(id(x) in ids for x in jax.tree.leaves(program.state.opt_state))
+
+
+
+def test_dpo_compiles_ref_logps_update_eval():
+    """A pipeline config's dpo section: the SFT architecture (3 scanned, remat layers) as policy
+    and reference; one iteration is ref_logps + update. ``all`` leaves it out unless ``methods``
+    names it."""
+    c = tiny_pipeline()
+    c.dpo = dpo_config()
+    c.dpo.mesh.shape = (-1, 1, 1)
+    c.dpo.data.max_k, c.dpo.data.max_prompt_len, c.dpo.data.max_response_len = 2, 6, 6
+    c.dpo.train.batch_size = 8
+    assert "dpo" not in aot.select_stages(c, "all")
+    r = aot.compile_report(c, "cpu", "dpo")
+    rows = r["stages"]["dpo"]
+    assert list(rows) == ["ref_logps", "update", "eval"]
+    assert all(row["fits"] and row["flops"] > 0 for row in rows.values()), rows
+    assert rows["update"]["flops"] > rows["eval"]["flops"] > rows["ref_logps"]["flops"]
+    info = r["stage_info"]["dpo"]
+    assert info["models"]["policy"]["n_layers"] == MODEL["n_layers"]
+    assert info["iteration"]["calls"] == {"ref_logps": 1, "update": 1}
+    assert "ref_logps" in aot.format_table(r)
+    c.methods = ("dpo",)
+    assert "dpo" in aot.select_stages(c, "all")
+
+
+def test_grpo_ppo_compiles_without_value_update():
+    """ppo.advantage=grpo as an override: no value network, so no value_update row, and the
+    pipeline's group_size (default 4) fills in ppo.group_size."""
+    c = tiny_pipeline()
+    c.ppo.ppo.ptx_coef = 0.0             # the pipeline's grpo runs without ptx
+    c.ppo.ppo.advantage = "grpo"
+    assert aot.select_stages(c, "ppo")["ppo"].ppo.group_size == 4
+    r = aot.compile_report(c, "cpu", "ppo", flops=False)
+    rows = r["stages"]["ppo"]
+    assert {"rollout", "decode", "experience", "update"} == set(rows)
+    assert all(row["fits"] for row in rows.values()), rows
+    assert "value" not in r["stage_info"]["ppo"]["models"]
+    assert r["stage_info"]["ppo"]["iteration"]["calls"] == {"rollout": 1, "experience": 1,
+                                                            "update": 2}
+    assert "value_model" not in aot.layer_sections("ppo", aot.select_stages(c, "ppo")["ppo"])
 
 
 def _unrolled_flops(stage: str, stage_cfg, n_devices_mesh) -> dict[str, float]:

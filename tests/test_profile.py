@@ -126,6 +126,36 @@ def test_ppo_from_a_workdir_has_five_phases_and_counts_the_decode_loop(tmp_path,
     json.dumps(report)
 
 
+
+def test_dpo_random_weights_times_ref_logps_update_eval(peak):
+    """The pipeline config's dpo section (policy and reference: the SFT architecture)."""
+    report = profile.profile_stage(load_config(MICRO), "dpo", steps=1, warmup=1, peak=peak)
+    assert report["stage"] == "dpo" and report["weights"] == "random"
+    assert list(report["phases"]) == ["ref_logps", "update", "eval"]
+    for p in report["phases"].values():
+        _check_phase(p)
+    it = report["iteration"]
+    assert it["calls"] == {"ref_logps": 1, "update": 1}      # eval: not every batch
+    assert it["seconds"] == pytest.approx(report["phases"]["ref_logps"]["median_s"]
+                                          + report["phases"]["update"]["median_s"])
+    json.dumps(report)
+
+
+def test_grpo_ppo_random_weights_has_no_value_update(peak):
+    """--config.ppo.ppo.advantage=grpo: the pipeline's grpo stage (no ptx, its group_size)."""
+    cfg = apply_overrides(load_config(MICRO), ["ppo.ppo.advantage=grpo"])
+    stage_cfg = profile.stage_config(cfg, "ppo")
+    assert stage_cfg.name == "grpo" and stage_cfg.ppo.ptx_coef == 0
+    assert stage_cfg.ppo.group_size == cfg.group_size
+    report = profile.profile_stage(cfg, "ppo", steps=1, warmup=1, peak=peak)
+    assert list(report["phases"]) == ["rollout", "experience", "update"]
+    for p in report["phases"].values():
+        _check_phase(p)
+    updates = cfg.ppo.ppo.rollout_batch_size // cfg.ppo.ppo.minibatch_size
+    assert report["iteration"]["calls"] == {"rollout": 1, "experience": 1, "update": updates}
+    assert "value" not in report["models"]
+
+
 def test_graft_keeps_a_fresh_head_and_rejects_other_architectures():
     lm = {"embed": {"embedding": np.ones((5, 2))}, "final_norm": {"scale": np.ones(2)}}
     rm = {"embed": {"embedding": np.zeros((5, 2))}, "final_norm": {"scale": np.zeros(2)},
