@@ -308,6 +308,10 @@ def ppo_config() -> ml_collections.ConfigDict:
     # so no float32 [B, N, V] exists; the LM head only ever runs on response positions.
     c.ppo.frozen_dtype = "float32"     # or "bfloat16"
     c.ppo.logprob_chunk = 0
+    # LoRA on the policy (rank 0 = off: full fine-tune). With rank > 0 only the adapters (and
+    # their optimizer state / EMA) train; the base weights are frozen and are also the KL
+    # reference (no second copy); model/ is the merged policy, lora/ the adapters alone.
+    c.ppo.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=("attn",)))
     return c
 
 

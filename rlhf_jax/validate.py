@@ -102,7 +102,7 @@ def _common(p: _Problems, cfg: Any) -> None:
         _check(p, cfg, field, *NON_NEGATIVE)
     for field in ("optim.warmup_steps", "train.steps", "ppo.iterations", "ppo.warmup_iterations",
                   "train.logprob_chunk", "ppo.logprob_chunk", "ppo.top_k", "train.eval_every",
-                  "ppo.sample_every", "ppo.checkpoint_every", "seed"):
+                  "ppo.sample_every", "ppo.checkpoint_every", "seed", "ppo.lora.rank"):
         _check(p, cfg, field, *NON_NEGATIVE_INT)
     for field in ("train.batch_size", "data.max_prompt_len", "data.max_response_len",
                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -126,6 +126,18 @@ def _common(p: _Problems, cfg: Any) -> None:
         _check(p, cfg, "ppo.ptx_per_episode", *POSITIVE_INT)
     if "ppo" in cfg and not _get(cfg, "ppo.iterations"):
         _check(p, cfg, "ppo.total_episodes", *POSITIVE_INT)
+    if _get(cfg, "ppo.lora.rank", 0):
+        _check(p, cfg, "ppo.lora.alpha", *POSITIVE)
+        _check(p, cfg, "ppo.lora.targets", _lora_targets_ok,
+               "LoRA targets (q, k, v, o, fc_in, fc_out, gate, up, down, or attn / mlp / all)")
+
+
+def _lora_targets_ok(value: Any) -> bool:
+    from rlhf_jax.models.lora import expand_targets
+    try:
+        return bool(expand_targets(value))
+    except (ValueError, TypeError):
+        return False
 
 
 def _mesh_parallelism(p: _Problems, cfg: Any) -> int | None:

@@ -30,6 +30,15 @@ plan for pod-size models: the reference and RM can be held in bfloat16 (``ppo.fr
 LM head only runs over response positions and, with ``ppo.logprob_chunk``, a block of positions at
 a time (``scoring.py``), and ``model_runtime.remat`` recomputes each layer in the backward pass.
 
+LoRA (``ppo.lora.rank`` > 0, ``models/lora.py``): the policy's trainable state (``state.policy``,
+its optimizer state, the EMA, the checkpoints) is only the adapters, replicated on every device
+(they are tiny). The base weights are frozen: they are ``frozen.reference`` (the KL reference
+is the base with the adapters off, so no second copy exists; held in the policy's own dtype,
+``ppo.frozen_dtype`` then only applies to the RM), passed to the rollout and update steps as a
+last, non-donated argument, and every policy forward runs on ``apply_lora(base, adapters)``.
+At the end ``model/`` (and ``model_ema/``) is the merged policy, base + scale * A @ B, in the
+usual format; ``lora/`` holds the adapters alone (``adapters/`` + ``lora.json``).
+
     rlhf-jax ppo --config experiments/tiny_ppo.py --workdir runs/ppo
 """
 from __future__ import annotations
@@ -55,6 +64,7 @@ from rlhf_jax.data import BatchIterator, tokenize_pretrain, tokenize_prompts
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import MetricsWriter, ProgressBar, StepTimer
+from rlhf_jax.models.lora import LoRA, apply_lora, init_lora, lora_param_count
 from rlhf_jax.models.params import abstract_params, cache_sharding, init_params
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.optim import current_lr, ema_update, make_lr_schedule, make_optimizer
@@ -134,6 +144,17 @@ def advantage_kind(cfg: Any) -> str:
 def uses_value_network(cfg: Any) -> bool:
     """Only GAE needs V(s_t); the group estimators take their baseline from the group."""
     return advantage_kind(cfg) not in GROUP_ADVANTAGES
+
+
+def lora_rank(cfg: Any) -> int:
+    """``ppo.lora.rank`` (0, LoRA off, for configs without the field)."""
+    lora = cfg.get("lora")
+    return int(lora.get("rank", 0) or 0) if lora is not None else 0
+
+
+def lora_merge(base: Any, scale: float):
+    """adapters -> the policy's parameters ``apply_lora(base, adapters)``."""
+    return lambda adapters: apply_lora(base, LoRA(adapters, scale))
 
 
 # --- pure pieces -------------------------------------------------------------------------------
@@ -242,15 +263,19 @@ def ptx_objective(params: Any, models: Models, ptx: Batch, chunk: int = 0) -> ja
 
 
 def policy_gradient(params: Any, models: Models, mb: Experience, ptx: Batch | None, *,
-                    prompt_len: int, cfg: Any) -> tuple[Any, dict]:
+                    prompt_len: int, cfg: Any, merge: Any = None) -> tuple[Any, dict]:
     """grad(PPO loss + gamma_ptx * ptx NLL): one gradient for one optimizer step.
 
     One backward pass over the summed objective, so only one parameter-sized gradient tree
     exists (at 8B parameters a second one is 32 GB); gamma_ptx = 0 skips the ptx pass entirely.
+    ``merge`` (LoRA): ``params`` are adapters and ``merge(params)`` the policy's weights; the
+    gradient is the adapters'.
     """
     use_ptx = ptx is not None and cfg.ptx_coef > 0
 
     def objective(p):
+        if merge is not None:
+            p = merge(p)
         loss, stats = ppo_objective(p, models, mb, prompt_len=prompt_len, cfg=cfg)
         if use_ptx:
             ptx_loss = ptx_objective(p, models, ptx, cfg.logprob_chunk)
@@ -273,11 +298,16 @@ def value_objective(params: Any, models: Models, mb: Experience, *, prompt_len: 
 
 
 def policy_update_step(policy: TrainState, ema_params: Any, experience: Experience,
-                       indices: jax.Array, ptx: Batch | None, *, models: Models,
-                       policy_opt: optax.GradientTransformation, prompt_len: int, cfg: Any):
-    """One minibatch update of the policy: PPO + gamma_ptx x ptx in one gradient, then the EMA."""
+                       indices: jax.Array, ptx: Batch | None, base: Any = None, *, models: Models,
+                       policy_opt: optax.GradientTransformation, prompt_len: int, cfg: Any,
+                       lora_scale: float = 1.0):
+    """One minibatch update of the policy: PPO + gamma_ptx x ptx in one gradient, then the EMA.
+
+    With LoRA, ``policy.params`` (and the EMA) are the adapters and ``base`` the frozen weights."""
     mb = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), experience)
-    grads, stats = policy_gradient(policy.params, models, mb, ptx, prompt_len=prompt_len, cfg=cfg)
+    merge = None if base is None else lora_merge(base, lora_scale)
+    grads, stats = policy_gradient(policy.params, models, mb, ptx, prompt_len=prompt_len, cfg=cfg,
+                                   merge=merge)
     updates, opt_state = policy_opt.update(grads, policy.opt_state, policy.params)
     policy = TrainState(policy.step + 1, optax.apply_updates(policy.params, updates), opt_state)
     if cfg.ema_decay > 0:
@@ -321,6 +351,28 @@ def rollout_step(params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng
     else:
         has_eos = jnp.any((out["response_ids"] == sampling.eos_token_id) & (mask > 0), axis=-1)
     return Rollout(out["sequences"], out["attention_mask"], mask, has_eos)
+
+
+def lora_rollout_step(adapters: Any, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                      rng: jax.Array, base: Any, *, scale: float, **kwargs) -> Rollout:
+    """``rollout_step`` of the LoRA policy (adapters merged into the frozen base)."""
+    return rollout_step(apply_lora(base, LoRA(adapters, scale)), prompt_ids, prompt_mask, rng,
+                        **kwargs)
+
+
+def lora_make_experience(models: Models, adapters: Any, value_params: Any, frozen: Frozen,
+                         rollout: Rollout, kl_coef: jax.Array, *, scale: float,
+                         **kwargs) -> Experience:
+    """``make_experience`` of the LoRA policy: its base is ``frozen.reference`` (adapters off)."""
+    return make_experience(models, apply_lora(frozen.reference, LoRA(adapters, scale)),
+                           value_params, frozen, rollout, kl_coef, **kwargs)
+
+
+def lora_ptx_gradient(adapters: Any, ptx: Batch, base: Any, *, models: Models, chunk: int,
+                      scale: float) -> tuple[jax.Array, Any]:
+    """``ptx_gradient`` with respect to the adapters."""
+    return jax.value_and_grad(lambda a: ptx_objective(apply_lora(base, LoRA(a, scale)), models,
+                                                      ptx, chunk))(adapters)
 
 
 def decode_step(params: Any, tokens: jax.Array, slot_mask: jax.Array, cache: dict,
@@ -380,8 +432,23 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
     policy_opt = make_optimizer(policy_schedule, b1=p.b1, b2=p.b2, grad_clip_norm=clip)
     value_opt = make_optimizer(p.value_lr, b1=p.b1, b2=p.b2, grad_clip_norm=clip)
 
-    # State and frozen networks, abstract, in the shardings the rules table gives.
-    policy_state = abstract_train_state(policy, policy_opt, mesh)
+    # State and frozen networks, abstract, in the shardings the rules table gives. With LoRA
+    # the policy state is the adapters (replicated: rank x (in + out) per kernel is tiny) and
+    # the reference (= the frozen base) keeps the policy's dtype.
+    rank = lora_rank(p)
+    rep = replicated(mesh)
+    lora_scale = 1.0
+    if rank:
+        base_params = abstract_params(policy, mesh)
+        lora_shape = jax.eval_shape(lambda k: init_lora(base_params, k, rank, p.lora.alpha,
+                                                        tuple(p.lora.targets)), abstract_key(rep))
+        lora_scale = lora_shape.scale
+        policy_state = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+            jax.eval_shape(lambda a: TrainState(jnp.zeros((), jnp.int32), a, policy_opt.init(a)),
+                           lora_shape.adapters))
+    else:
+        policy_state = abstract_train_state(policy, policy_opt, mesh)
     state = PPOState(policy_state, abstract_train_state(value, value_opt, mesh) if with_value else {},
                      policy_state.params if p.ema_decay > 0 else {})
     value_params = state.value.params if with_value else {}
@@ -389,8 +456,7 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
     as_frozen = lambda m: jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, frozen_dtype if jnp.issubdtype(a.dtype, jnp.floating)
                                        else a.dtype, sharding=a.sharding), abstract_params(m, mesh))
-    rep = replicated(mesh)
-    frozen = Frozen(as_frozen(policy), as_frozen(reward),
+    frozen = Frozen(abstract_params(policy, mesh) if rank else as_frozen(policy), as_frozen(reward),
                     jax.ShapeDtypeStruct((2,), jnp.float32, sharding=rep))
 
     # Batch shapes.
@@ -403,9 +469,11 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
     rollout = Rollout(*(jax.ShapeDtypeStruct(shape, dtype, sharding=shard(len(shape))) for shape, dtype in
                         (((b, t), jnp.int32), ((b, t), jnp.int32), ((b, n_new), jnp.int32),
                          ((b,), jnp.bool_))))
-    experience = jax.eval_shape(functools.partial(make_experience, models, prompt_len=prompt_len,
-                                                  cfg=p), state.policy.params, value_params,
-                                frozen, rollout, jnp.float32(0))
+    experience_step = (functools.partial(lora_make_experience, models, scale=lora_scale,
+                                         prompt_len=prompt_len, cfg=p) if rank else
+                       functools.partial(make_experience, models, prompt_len=prompt_len, cfg=p))
+    experience = jax.eval_shape(experience_step, state.policy.params, value_params, frozen,
+                                rollout, jnp.float32(0))
     experience = abstract_like(experience, batch_shardings(experience, mesh))
     ptx = (abstract_batch({k: ((ptx_rows, cfg.data.ptx_seq_len),
                                jnp.float32 if k == "loss_mask" else jnp.int32)
@@ -420,28 +488,36 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
         pad_token_id=policy.config.pad_token_id if pad_token_id is None else pad_token_id)
     state_sh, frozen_sh = shardings_of(state), shardings_of(frozen)
     p_sh, v_sh = state_sh.policy.params, shardings_of(value_params)
-    rollout_fn = jax.jit(functools.partial(rollout_step, model=policy, sampling=sampling, mesh=mesh),
-                         in_shardings=(p_sh, shard(2), shard(2), rep),
-                         out_shardings=shardings_of(rollout))
-    experience_fn = jax.jit(functools.partial(make_experience, models, prompt_len=prompt_len, cfg=p),
+    # LoRA: the rollout, update (and ptx) steps take the frozen base as a last argument,
+    # never donated; without LoRA they take exactly the arguments they always did.
+    base_sh, base_arg = ((frozen_sh.reference,), (frozen.reference,)) if rank else ((), ())
+    rollout_fn = jax.jit(
+        functools.partial(lora_rollout_step, scale=lora_scale, model=policy, sampling=sampling,
+                          mesh=mesh) if rank else
+        functools.partial(rollout_step, model=policy, sampling=sampling, mesh=mesh),
+        in_shardings=(p_sh, shard(2), shard(2), rep, *base_sh),
+        out_shardings=shardings_of(rollout))
+    experience_fn = jax.jit(experience_step,
                             in_shardings=(p_sh, v_sh, frozen_sh, shardings_of(rollout), rep),
                             out_shardings=shardings_of(experience))
     update_fn = jax.jit(
         functools.partial(policy_update_step, models=models, policy_opt=policy_opt,
-                          prompt_len=prompt_len, cfg=p),
+                          prompt_len=prompt_len, cfg=p,
+                          **({"lora_scale": lora_scale} if rank else {})),
         in_shardings=(state_sh.policy, state_sh.ema_params, shardings_of(experience), rep,
-                      None if ptx is None else shardings_of(ptx)),
+                      None if ptx is None else shardings_of(ptx), *base_sh),
         out_shardings=(state_sh.policy, state_sh.ema_params, rep), donate_argnums=(0, 1))
     kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    decode_params = (frozen_sh.reference, frozen.reference) if rank else (p_sh, state.policy.params)
     steps = {
         "rollout": Step("rollout", rollout_fn, (state.policy.params, prompts["input_ids"],
-                                                prompts["attention_mask"], key),
+                                                prompts["attention_mask"], key, *base_arg),
                         tokens=b * n_new, loop_trips=n_new,
-                        loop_body=_decode_body(policy, p_sh, state.policy.params, b, t, mesh)),
+                        loop_body=_decode_body(policy, *decode_params, b, t, mesh)),
         "experience": Step("experience", experience_fn, (state.policy.params, value_params,
                                                          frozen, rollout, kl), tokens=b * t),
         "update": Step("update", update_fn, (state.policy, state.ema_params, experience, indices,
-                                             ptx),
+                                             ptx, *base_arg),
                        tokens=mb_size * t + (ptx_rows * cfg.data.ptx_seq_len if ptx else 0)),
     }
     if with_value:
@@ -453,9 +529,12 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
         steps["value_update"] = Step("value_update", value_update_fn,
                                      (state.value, experience, indices), tokens=mb_size * t)
     if ptx is not None:
-        ptx_fn = jax.jit(functools.partial(ptx_gradient, models=models, chunk=p.logprob_chunk),
-                         in_shardings=(p_sh, shardings_of(ptx)), out_shardings=(rep, p_sh))
-        steps["ptx"] = Step("ptx", ptx_fn, (state.policy.params, ptx),
+        ptx_fn = jax.jit(
+            functools.partial(lora_ptx_gradient, models=models, chunk=p.logprob_chunk,
+                              scale=lora_scale) if rank else
+            functools.partial(ptx_gradient, models=models, chunk=p.logprob_chunk),
+            in_shardings=(p_sh, shardings_of(ptx), *base_sh), out_shardings=(rep, p_sh))
+        steps["ptx"] = Step("ptx", ptx_fn, (state.policy.params, ptx, *base_arg),
                             tokens=ptx_rows * cfg.data.ptx_seq_len)
 
     def init_state(rng):
@@ -464,7 +543,9 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
         policy_params = init_params(policy, k_policy, mesh)
         value_init = init_params(value, k_value, mesh) if with_value else None
         reward_params = init_params(reward, jax.random.fold_in(rng, 2), mesh)
-        return (init_ppo_state(state, policy_opt, value_opt, policy_params, value_init),
+        trained = (init_policy_lora(policy_params, jax.random.fold_in(rng, 3), p) if rank
+                   else policy_params)
+        return (init_ppo_state(state, policy_opt, value_opt, trained, value_init),
                 make_frozen(frozen, policy_params, reward_params, {}))
 
     def random_args(name, state_, frozen_, rng):
@@ -472,7 +553,8 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
         vocab = policy.config.vocab_size
         if name == "rollout":
             data = random_batch(prompts, vocab, seed)
-            return state_.policy.params, data["input_ids"], data["attention_mask"], rng
+            return (state_.policy.params, data["input_ids"], data["attention_mask"], rng,
+                    *((frozen_.reference,) if rank else ()))
         if name == "experience":
             return (state_.policy.params, state_.value.params if with_value else {}, frozen_,
                     random_batch(rollout, vocab, seed), jnp.float32(p.kl_coef))
@@ -482,9 +564,11 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
             if name == "value_update":
                 return state_.value, exp_, idx
             return (state_.policy, state_.ema_params, exp_, idx,
-                    None if ptx is None else random_batch(ptx, vocab, seed + 1))
+                    None if ptx is None else random_batch(ptx, vocab, seed + 1),
+                    *((frozen_.reference,) if rank else ()))
         if name == "ptx":
-            return state_.policy.params, random_batch(ptx, vocab, seed)
+            return (state_.policy.params, random_batch(ptx, vocab, seed),
+                    *((frozen_.reference,) if rank else ()))
         raise KeyError(f"PPO has no step {name!r}; steps: {sorted(steps)}")
 
     networks = {"policy": policy, "value": value, "reward": reward}
@@ -499,6 +583,7 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
                     "prompt_len": prompt_len, "n_iterations": n_iterations,
                     "n_minibatches": b // mb_size, "ptx_rows": ptx_rows,
                     "group_size": group_size(p), "prompts_per_rollout": b // group_size(p),
+                    "lora_rank": rank, "lora_scale": lora_scale,
                     # as train() runs them; the ptx pass is part of each update
                     "calls_per_iteration": calls})
 
@@ -544,6 +629,26 @@ def _decode_body(policy: Transformer, p_sh: Any, params: Any, batch: int, slots:
             jax.ShapeDtypeStruct((batch, slots), jnp.int32, sharding=shard(2)), cache,
             jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
     return Step("decode", fn, args, tokens=batch)
+
+
+def init_policy_lora(policy_params: Any, rng: jax.Array, p: Any) -> dict:
+    """Fresh adapters (A random, B zero: the merged policy starts equal to the base)."""
+    return init_lora(policy_params, rng, lora_rank(p), p.lora.alpha, tuple(p.lora.targets)).adapters
+
+
+def lora_rng(seed: int) -> jax.Array:
+    """The adapters' init key (apart from every iteration's ``common.step_rng``)."""
+    return jax.random.fold_in(jax.random.key(seed), 0x10_4A)
+
+
+def save_lora(lora_dir: str, adapters: Any, p: Any, scale: float, policy_from: str) -> None:
+    """``<workdir>/lora``: ``adapters/`` (orbax pytree of A and B) and ``lora.json``."""
+    ckpt_lib.save_pytree(os.path.join(lora_dir, "adapters"), adapters, overwrite=True)
+    if jax.process_index() == 0:
+        ckpt_lib.atomic_write_json(os.path.join(lora_dir, "lora.json"), {
+            "rank": lora_rank(p), "alpha": float(p.lora.alpha), "scale": float(scale),
+            "targets": list(p.lora.targets), "base": policy_from,
+            "n_params": lora_param_count(LoRA(adapters, scale))}, indent=1)
 
 
 def init_ppo_state(state: PPOState, policy_opt, value_opt, policy_params, value_params) -> PPOState:
@@ -605,7 +710,9 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     workdir = os.path.abspath(workdir)
     p = cfg.ppo
     name = cfg.get("name", "ppo")
-    outputs = ["checkpoints", "model"] + (["model_ema"] if p.ema_decay > 0 else [])
+    rank = lora_rank(p)
+    outputs = (["checkpoints", "model"] + (["model_ema"] if p.ema_decay > 0 else [])
+               + (["lora"] if rank else []))
     common.check_writable(workdir, *(os.path.join(workdir, out) for out in outputs))
     # Left in reverse order on any exit: the bar is closed, pending checkpoint saves are
     # committed (never left as *-tmp), the previous signal handlers come back.
@@ -643,6 +750,11 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         phases = ("rollout", "experience", "update") + (("value_update",) if with_value else ())
         executables = common.compile_ahead(program, phases)   # while the rest is set up
         frozen = make_frozen(program.frozen, policy_params, reward_params, reward_norm)
+        if rank:     # the policy trains adapters only; its base is frozen.reference
+            policy_params = init_policy_lora(policy_params, lora_rng(cfg.seed), p)
+            log.info("LoRA rank %d on %s: %d trainable parameters", rank, tuple(p.lora.targets),
+                     lora_param_count(LoRA(policy_params, info["lora_scale"])))
+        base_arg = (frozen.reference,) if rank else ()
         state = init_ppo_state(program.state, info["policy_opt"], info["value_opt"], policy_params,
                                value_params)
         del policy_params, value_params, reward_params
@@ -686,7 +798,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
             with timer("rollout"):
                 device_prompts = shard_batch({k: prompt_batch[k] for k in ("input_ids", "attention_mask")}, mesh)
                 rollout = rollout_fn(state.policy.params, device_prompts["input_ids"],
-                                     device_prompts["attention_mask"], it_rng)
+                                     device_prompts["attention_mask"], it_rng, *base_arg)
                 jax.block_until_ready(rollout)
 
             # 2. Experience: log-probs, reference log-probs, values, scores, rewards, GAE (or the
@@ -714,7 +826,8 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                     ptx_batch = (shard_batch(next(iterators["ptx"]), mesh)
                                  if ptx_arrays is not None else None)
                     policy_state, ema_params, stats = update_fn(policy_state, ema_params,
-                                                                experience, indices, ptx_batch)
+                                                                experience, indices, ptx_batch,
+                                                                *base_arg)
                     policy_stats.append(stats)
                 value_state, value_stats = (value_job.result() if with_value
                                             else (state.value, [{}] * len(minibatches)))
@@ -750,12 +863,22 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
             guard.check_tree(n_iterations, state.ema_params, "ema")
         checkpointer.wait()
         final_policy = policy.clone(config=policy.config.replace(dropout=0.0))
-        save_our_checkpoint(os.path.join(workdir, "model"), final_policy, state.policy.params,
+        final_params, ema_final = state.policy.params, state.ema_params
+        if rank:     # model/ (and model_ema/) are the merged policy; lora/ the adapters alone
+            merge = jax.jit(lambda base, a: apply_lora(base, LoRA(a, info["lora_scale"])),
+                            out_shardings=shardings_of(program.frozen.reference))
+            save_lora(os.path.join(workdir, "lora"), state.policy.params, p, info["lora_scale"],
+                      cfg.policy_from)
+            final_params = merge(frozen.reference, state.policy.params)
+            if p.ema_decay > 0:
+                ema_final = merge(frozen.reference, state.ema_params)
+        save_our_checkpoint(os.path.join(workdir, "model"), final_policy, final_params,
                             tokenizer, extra={"stage": name, "ptx_coef": p.ptx_coef,
-                                              "iterations": n_iterations, **group_facts(p)},
+                                              "iterations": n_iterations, **group_facts(p),
+                                              **lora_facts(p)},
                             overwrite=True)
         if p.ema_decay > 0:
-            save_our_checkpoint(os.path.join(workdir, "model_ema"), final_policy, state.ema_params,
+            save_our_checkpoint(os.path.join(workdir, "model_ema"), final_policy, ema_final,
                                 tokenizer, extra={"stage": name, "ema_decay": p.ema_decay},
                                 overwrite=True)
     return metrics
@@ -772,6 +895,14 @@ def group_facts(p: Any) -> dict[str, Any]:
     if uses_value_network(p):
         return {}
     return {"advantage": advantage_kind(p), "group_size": group_size(p)}
+
+
+def lora_facts(p: Any) -> dict[str, Any]:
+    """What a LoRA-trained policy's extra.json records ({} without LoRA)."""
+    if not lora_rank(p):
+        return {}
+    return {"lora_rank": lora_rank(p), "lora_alpha": float(p.lora.alpha),
+            "lora_targets": list(p.lora.targets), "lora_merged": True}
 
 
 def run_value_updates(value_update_fn: Any, value: TrainState, experience: Experience,
