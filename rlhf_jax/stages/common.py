@@ -14,6 +14,7 @@ lost:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -607,6 +608,18 @@ class FiniteGuard:
 
 
 # --- outputs --------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def stage_run(cfg: Any, workdir: str):
+    """What every supervised stage's loop runs inside: its outputs checked writable up front,
+    then ``(stack, preemption, mesh)``. The stack unwinds in reverse order on any exit: the bar
+    is closed, pending checkpoint saves are committed (never left as *-tmp), the previous
+    signal handlers come back."""
+    check_writable(workdir, os.path.join(workdir, "checkpoints"), os.path.join(workdir, "model"))
+    with contextlib.ExitStack() as stack:
+        preemption = stack.enter_context(Preemption())
+        yield stack, preemption, setup_mesh(cfg)
+
 
 def check_writable(*paths: str, recursive: bool = True) -> None:
     """Fail at once, naming the path, if a stage could not write its outputs there.

@@ -21,7 +21,6 @@ The model is saved to ``<workdir>/model`` as SFT saves its own, so ``eval`` and 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -238,13 +237,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     """
     workdir = os.path.abspath(workdir)
     name = cfg.get("name", "dpo")
-    common.check_writable(workdir, os.path.join(workdir, "checkpoints"),
-                          os.path.join(workdir, "model"))
-    # Left in reverse order on any exit: the bar is closed, pending checkpoint saves are
-    # committed (never left as *-tmp), the previous signal handlers come back.
-    with contextlib.ExitStack() as stack:
-        preemption = stack.enter_context(common.Preemption())
-        mesh = common.setup_mesh(cfg)
+    with common.stage_run(cfg, workdir) as (stack, preemption, mesh):
 
         # Networks: the policy starts from the SFT model, which is also the frozen reference.
         model, params, tokenizer, _ = common.init_or_load_model(

@@ -13,7 +13,6 @@ After training, the bias (and optionally the gain) that makes labeler demonstrat
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -176,13 +175,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     """
     workdir = os.path.abspath(workdir)
     name = cfg.get("name", "rm")
-    common.check_writable(workdir, os.path.join(workdir, "checkpoints"),
-                          os.path.join(workdir, "model"))
-    # Left in reverse order on any exit: the bar is closed, pending checkpoint saves are
-    # committed (never left as *-tmp), the previous signal handlers come back.
-    with contextlib.ExitStack() as stack:
-        preemption = stack.enter_context(common.Preemption())
-        mesh = common.setup_mesh(cfg)
+    with common.stage_run(cfg, workdir) as (stack, preemption, mesh):
         rng = jax.random.key(cfg.seed)
         lm, lm_params, tokenizer, extra = common.init_or_load_model(cfg, mesh, rng,
                                                                     dropout=cfg.train.dropout)

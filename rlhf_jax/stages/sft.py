@@ -9,7 +9,6 @@ rows from the text corpus (InstructGPT's PPO-init SFT uses 10%).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -133,13 +132,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     """
     workdir = os.path.abspath(workdir)
     name = cfg.get("name", "sft")
-    common.check_writable(workdir, os.path.join(workdir, "checkpoints"),
-                          os.path.join(workdir, "model"))
-    # Left in reverse order on any exit: the bar is closed, pending checkpoint saves are
-    # committed (never left as *-tmp), the previous signal handlers come back.
-    with contextlib.ExitStack() as stack:
-        preemption = stack.enter_context(common.Preemption())
-        mesh = common.setup_mesh(cfg)
+    with common.stage_run(cfg, workdir) as (stack, preemption, mesh):
         model, params, tokenizer, _ = common.init_or_load_model(
             cfg, mesh, jax.random.key(cfg.seed), dropout=cfg.train.dropout)
         common.log_params(params)
