@@ -312,6 +312,10 @@ def ppo_config() -> ml_collections.ConfigDict:
     # their optimizer state / EMA) train; the base weights are frozen and are also the KL
     # reference (no second copy); model/ is the merged policy, lora/ the adapters alone.
     c.ppo.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=("attn",)))
+    # LoRA on the value network (GAE only; rank 0 = off). Its frozen base is the frozen RM
+    # itself (the value starts from the RM: value_from empty), so it needs no weights of its
+    # own; adapters and the scalar score head train, and the checkpoints hold only those.
+    c.ppo.value_lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=("attn",)))
     return c
 
 

@@ -102,7 +102,7 @@ def _common(p: _Problems, cfg: Any) -> None:
         _check(p, cfg, field, *NON_NEGATIVE)
     for field in ("optim.warmup_steps", "train.steps", "ppo.iterations", "ppo.warmup_iterations",
                   "train.logprob_chunk", "ppo.logprob_chunk", "ppo.top_k", "train.eval_every",
-                  "ppo.sample_every", "ppo.checkpoint_every", "seed", "ppo.lora.rank"):
+                  "ppo.sample_every", "ppo.checkpoint_every", "seed", "ppo.lora.rank", "ppo.value_lora.rank"):
         _check(p, cfg, field, *NON_NEGATIVE_INT)
     for field in ("train.batch_size", "data.max_prompt_len", "data.max_response_len",
                   "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -126,10 +126,18 @@ def _common(p: _Problems, cfg: Any) -> None:
         _check(p, cfg, "ppo.ptx_per_episode", *POSITIVE_INT)
     if "ppo" in cfg and not _get(cfg, "ppo.iterations"):
         _check(p, cfg, "ppo.total_episodes", *POSITIVE_INT)
-    if _get(cfg, "ppo.lora.rank", 0):
-        _check(p, cfg, "ppo.lora.alpha", *POSITIVE)
-        _check(p, cfg, "ppo.lora.targets", _lora_targets_ok,
-               "LoRA targets (q, k, v, o, fc_in, fc_out, gate, up, down, or attn / mlp / all)")
+    for section in ("ppo.lora", "ppo.value_lora"):
+        if _get(cfg, f"{section}.rank", 0):
+            _check(p, cfg, f"{section}.alpha", *POSITIVE)
+            _check(p, cfg, f"{section}.targets", _lora_targets_ok,
+                   "LoRA targets (q, k, v, o, fc_in, fc_out, gate, up, down, or attn / mlp / all)")
+    if _get(cfg, "ppo.value_lora.rank", 0) and isinstance(_get(cfg, "ppo.value_lora.rank"), int):
+        if _get(cfg, "ppo.advantage", "gae") != "gae":
+            p.add("ppo.value_lora.rank", _get(cfg, "ppo.value_lora.rank"),
+                  f"0 with ppo.advantage={_get(cfg, 'ppo.advantage')!r} (no value network)")
+        elif _get(cfg, "value_from", ""):
+            p.add("value_from", _get(cfg, "value_from"),
+                  "empty with ppo.value_lora.rank > 0 (the value's frozen base is the RM)")
 
 
 def _lora_targets_ok(value: Any) -> bool:
