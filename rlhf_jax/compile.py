@@ -87,6 +87,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rlhf_jax.config import GROUP_ADVANTAGES, stage_configs
 from rlhf_jax.sharding import MESH_AXES, resolve_mesh_shape
 
 GiB = 1024 ** 3
@@ -104,8 +105,6 @@ CHIPS: dict[str, dict[str, float]] = {
 BUILDERS = {"sft": "rlhf_jax.stages.sft:build", "rm": "rlhf_jax.stages.reward:build",
             "ppo": "rlhf_jax.stages.ppo:build", "dpo": "rlhf_jax.stages.dpo:build"}
 STAGE_ORDER = ("sft", "rm", "ppo", "dpo")
-# PPO's advantage estimators without a value network (no value state, no value_update step).
-GROUP_ADVANTAGES = ("grpo", "rloo")
 # Config sections holding a network architecture, per stage (others are found by shape: any
 # sub-section with n_layers and d_model).
 MODEL_SECTIONS = {"sft": ("model",), "rm": ("model",), "dpo": ("model",),
@@ -678,33 +677,6 @@ def _abstract_params(model) -> Any:
     return abstract_params(model)
 
 
-def stage_configs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
-    """``rlhf_jax.config.stage_configs`` plus what the pipeline adds to a pipeline-style config
-    (``rlhf_jax.pipeline``): its ``dpo`` section as a stage whose policy and frozen reference are
-    the SFT model (its architecture and ``init_from``), and, for ``ppo.advantage`` grpo / rloo
-    with no ``ppo.group_size`` of its own (< 2), the pipeline's top-level ``group_size``, so
-    ``--config.ppo.ppo.advantage=grpo`` builds the stage the pipeline's grpo runs."""
-    from rlhf_jax.config import stage_configs as base_stage_configs
-    configs = dict(base_stage_configs(cfg))
-    pipeline = "sft" in configs and "sft" in cfg
-    if pipeline and "dpo" in cfg and "dpo" not in configs:
-        sft = configs["sft"]
-        dpo = ml_collections.ConfigDict(cfg.dpo.to_dict())
-        with dpo.unlocked():
-            dpo.name = "dpo"
-            dpo.model = ml_collections.ConfigDict(sft.model.to_dict())
-            dpo.init_from = sft.get("init_from", "")
-        configs["dpo"] = dpo
-    ppo = configs.get("ppo")
-    if pipeline and ppo is not None and ppo_advantage(ppo) in GROUP_ADVANTAGES \
-            and int(ppo.ppo.get("group_size", 1)) < 2:
-        ppo = ml_collections.ConfigDict(ppo.to_dict())
-        with ppo.unlocked():
-            ppo.ppo.group_size = int(cfg.get("group_size", 4))
-        configs["ppo"] = ppo
-    return configs
-
-
 def _in_all(cfg: ml_collections.ConfigDict, stage: str) -> bool:
     """``--stage all``: every stage the pipeline runs by default; a pipeline config's dpo only
     when its ``methods`` name it (a single DPO config's is its one stage)."""
@@ -716,7 +688,7 @@ def _in_all(cfg: ml_collections.ConfigDict, stage: str) -> bool:
 def select_stages(cfg: ml_collections.ConfigDict, stage: str) -> dict[str, ml_collections.ConfigDict]:
     """The stage configs to compile (``stage`` is sft, rm, ppo, dpo or all)."""
     try:
-        configs = stage_configs(cfg)
+        configs = stage_configs(cfg, methods=True)
     except (ValueError, KeyError, FileNotFoundError, AttributeError) as e:
         raise CompileError(f"config: {_first_line(e)}") from None
     if stage in (None, "", "all"):

@@ -339,9 +339,13 @@ def sweep_config(base: ml_collections.ConfigDict, *, name: str, shared: Sequence
 
 
 STAGES = ("sft", "rm", "ppo")
+# PPO's advantage estimators with group baselines instead of a value network; the pipeline's
+# grpo and rloo stages are its ppo stage with one of them.
+GROUP_ADVANTAGES = ("grpo", "rloo")
 
 
-def stage_configs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+def stage_configs(cfg: ml_collections.ConfigDict, *,
+                  methods: bool = False) -> dict[str, ml_collections.ConfigDict]:
     """Each stage's config with its networks' architectures filled in, from a loaded config.
 
     A pipeline-style config (``sft``/``rm``/``ppo`` sections) chains its stages the way the
@@ -351,6 +355,14 @@ def stage_configs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.Co
     ``base_model`` checkpoint the architectures are read from it (``*_from``). A single
     stage's config is returned under its ``name``. ``vocab_size`` missing from an architecture
     comes from ``cfg.vocab_size`` or, for the built-in world, the world's tokenizer.
+
+    ``methods`` adds what a pipeline config's optional method stages run (``rlhf-jax compile``
+    / ``profile``, ``rlhf_jax.pipeline.check``): its ``dpo`` section as the ``dpo`` stage
+    (:func:`dpo_stage`), and a ``ppo`` section whose ``ppo.advantage`` is grpo / rloo with no
+    ``ppo.group_size`` of its own (< 2) gets the pipeline's ``group_size``, so
+    ``--config.ppo.ppo.advantage=grpo`` is the stage the pipeline's grpo runs. Without it, only
+    the default pipeline's stages: ``validate.check`` checks those, and the pipeline checks a
+    method stage only when it will run.
     """
     if "policy_from" in cfg or not any(s in cfg for s in STAGES):   # one stage's config
         # (a PPO stage config has a `ppo` section of its own: policy_from tells it apart)
@@ -379,6 +391,42 @@ def stage_configs(cfg: ml_collections.ConfigDict) -> dict[str, ml_collections.Co
                            policy_from="" if ppo.get("policy_model") else base_dir,
                            reward_from="" if ppo.get("reward_model") else rm_dir,
                            value_from="" if ppo.get("value_model") else rm_dir)
+    if not methods:
+        return out
+    if "dpo" in cfg and "sft" in out:
+        # SFT's architecture and start stand for the SFT model, which the pipeline trains later.
+        out["dpo"] = dpo_stage(cfg, base_dir, model=arch)
+    knobs = out["ppo"].get("ppo") if "ppo" in out else None
+    if knobs is not None and knobs.get("advantage") in GROUP_ADVANTAGES \
+            and int(knobs.get("group_size", 1)) < 2:
+        knobs.group_size = pipeline_group_size(cfg)
+    return out
+
+
+def pipeline_group_size(cfg: ml_collections.ConfigDict) -> int:
+    """Samples per prompt of a pipeline config's grpo / rloo stages."""
+    return int(cfg.get("group_size", 4))
+
+
+def dpo_stage(cfg: ml_collections.ConfigDict, sft_model: str,
+              **fields: Any) -> ml_collections.ConfigDict:
+    """The pipeline's dpo stage from its ``dpo`` section: the policy starts from the SFT model
+    (``sft_model``: its directory, or before SFT has trained the checkpoint SFT starts from)
+    and that model is also the frozen reference, whatever ``dpo.reference_from`` says;
+    ``fields`` set more top-level fields (``model``: SFT's architecture)."""
+    return _copy(cfg.dpo, name="dpo", init_from=sft_model, reference_from="", **fields)
+
+
+def group_method_stage(ppo: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict,
+                       advantage: str) -> ml_collections.ConfigDict:
+    """The pipeline's grpo / rloo stage from a PPO stage config of pipeline config ``cfg``: the
+    ``advantage`` estimator over ``group_size`` samples per prompt, without ptx (PPO's episodes,
+    no value network)."""
+    out = ml_collections.ConfigDict(ppo.to_dict())
+    out.name = advantage
+    out.ppo.advantage = advantage
+    out.ppo.group_size = pipeline_group_size(cfg)
+    out.ppo.ptx_coef = 0.0
     return out
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import ml_collections
 from rlhf_jax.checkpoint import atomic_write_text
+from rlhf_jax.config import GROUP_ADVANTAGES, dpo_stage, group_method_stage, stage_configs
 from rlhf_jax.data import read_jsonl, write_jsonl
 from rlhf_jax.errors import ConfigError, Preempted, UserError
 
@@ -159,14 +160,7 @@ def ppo_stage_config(cfg: ml_collections.ConfigDict, workdir: str,
     out = _with(cfg.ppo, name=name, policy_from=model_dir("sft_ptx"), reward_from=model_dir("rm"),
                 data__prompts=files["ppo_prompts"], data__pretrain=files["pretrain"],
                 ppo__ptx_coef=cfg.ppo_ptx_coef if name == "ppo_ptx" else 0.0)
-    return _as_group_method(out, cfg, name)
-
-
-def _as_group_method(section: ml_collections.ConfigDict, cfg: ml_collections.ConfigDict,
-                     name: str) -> ml_collections.ConfigDict:
-    if name not in ("grpo", "rloo"):
-        return section
-    return _with(section, ppo__advantage=name, ppo__group_size=int(cfg.get("group_size", 4)))
+    return group_method_stage(out, cfg, name) if name in GROUP_ADVANTAGES else out
 
 
 def dpo_stage_config(cfg: ml_collections.ConfigDict, workdir: str,
@@ -174,8 +168,7 @@ def dpo_stage_config(cfg: ml_collections.ConfigDict, workdir: str,
     """The config the pipeline's ``dpo`` stage runs with: the policy and its frozen reference
     are the SFT model, the data the comparisons the RM trains on."""
     sft_model = os.path.join(os.path.abspath(workdir), "sft", "model")
-    return _with(cfg.dpo, name="dpo", init_from=sft_model, reference_from="",
-                 data__train=comparisons)
+    return _with(dpo_stage(cfg, sft_model), data__train=comparisons)
 
 
 def methods_to_run(cfg: ml_collections.ConfigDict,
@@ -191,30 +184,33 @@ def methods_to_run(cfg: ml_collections.ConfigDict,
     return tuple(m for m in METHOD_STAGES if m in wanted)
 
 
-def check_methods(cfg: ml_collections.ConfigDict, methods: tuple[str, ...]) -> None:
-    """The config of every method stage that will run, before any stage starts (``validate``
-    checks the default stages; these are built here from the pipeline's sections)."""
+def check(cfg: ml_collections.ConfigDict, stages: tuple[str, ...] | None = None) -> None:
+    """Every config ``run(cfg, workdir, stages)`` will train with, before any stage starts: the
+    default stages' (``validate.check``) and that of each method stage that will run, built
+    with the helpers ``_run`` uses (``dpo_stage``, ``group_method_stage``) from
+    ``stage_configs``, where SFT's and the RM's architectures and starts stand for the models
+    they will train. ``rlhf_jax.sweep`` runs it for every point before any stage."""
     from rlhf_jax import validate
-    from rlhf_jax.config import stage_configs
+
+    validate.check(cfg)
+    unknown = sorted(set(stages or ()) - set(ALL_STAGES))
+    if unknown:
+        raise UserError(f"stages {unknown}: not pipeline stages; expected some of "
+                        f"{list(ALL_STAGES)}")
+    methods = methods_to_run(cfg, stages)
     if not methods:
         return
-    stages = stage_configs(cfg)      # the pipeline's networks filled in (policy, RM)
-
-    def check(name: str, section: ml_collections.ConfigDict) -> None:
+    if "dpo" in methods and "dpo" not in cfg:
+        raise ConfigError("config: methods names 'dpo' but the config has no dpo section "
+                          "(a rlhf_jax.config.dpo_config())")
+    configs = stage_configs(cfg, methods=True)
+    for name in methods:
+        section = configs["dpo"] if name == "dpo" else group_method_stage(configs["ppo"], cfg, name)
         try:
             validate.check(section)
         except ConfigError as error:
             raise ConfigError(f"config: {name} stage: {str(error).removeprefix('config: ')}") \
                 from None
-    if "dpo" in methods:
-        if "dpo" not in cfg:
-            raise ConfigError("config: methods names 'dpo' but the config has no dpo section "
-                              "(a rlhf_jax.config.dpo_config())")
-        sft = stages["sft"]
-        check("dpo", _with(cfg.dpo, init_from=sft.init_from, model=sft.model))
-    for name in ("grpo", "rloo"):
-        if name in methods:
-            check(name, _as_group_method(_with(stages["ppo"], ppo__ptx_coef=0.0), cfg, name))
 
 
 def evaluate_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -249,15 +245,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     SIGTERM / SIGINT: a training stage checkpoints and stops (Preempted); during another stage
     the pipeline stops once that stage is done. Rerunning the command continues either way.
     """
-    from rlhf_jax import validate
     from rlhf_jax.stages import common
 
-    validate.check(cfg)      # every stage's config, before the first one starts
-    unknown = sorted(set(stages or ()) - set(ALL_STAGES))
-    if unknown:
-        raise UserError(f"stages {unknown}: not pipeline stages; expected some of "
-                        f"{list(ALL_STAGES)}")
-    check_methods(cfg, methods_to_run(cfg, stages))
+    check(cfg, stages)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     # Up front, so a read-only output of a late stage does not waste the earlier ones.

@@ -259,8 +259,9 @@ def stage_config(cfg: Any, stage: str, workdir: str | None = None) -> Any:
     pipeline ``workdir`` its model paths point at that run's trained models."""
     import ml_collections
 
-    from rlhf_jax.compile import GROUP_ADVANTAGES, ppo_advantage, stage_configs
-    configs = stage_configs(cfg)      # a pipeline config's dpo and grpo / rloo as the pipeline runs them
+    from rlhf_jax.compile import ppo_advantage
+    from rlhf_jax.config import GROUP_ADVANTAGES, stage_configs
+    configs = stage_configs(cfg, methods=True)
     if stage not in configs:
         raise ValueError(f"the config has no {stage!r} stage (it has: {', '.join(configs) or 'none'})")
     c = configs[stage]

@@ -90,9 +90,17 @@ def _stages(sweep, point: dict, key: str) -> tuple[str, ...]:
     return stages
 
 
+def _shared_stages(sweep: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The stages the shared workdir runs: every point's ``shared``, in pipeline order."""
+    return tuple(sorted({s for p in sweep.points for s in _stages(sweep, p, "shared")},
+                        key=pipeline.ALL_STAGES.index))
+
+
 def check(sweep: ml_collections.ConfigDict) -> None:
-    """Every point's config, before any stage starts."""
-    from rlhf_jax import validate
+    """Every config a stage of the sweep will train with, before any stage starts: the shared
+    run's and each point's (its ``set`` applied), as ``pipeline.run`` will check them, so a bad
+    field of a stage that runs last (a point's dpo, grpo or rloo) fails now, not after the
+    shared stages."""
     for field in ("base", "shared", "stages", "models", "points"):
         if field not in sweep:
             raise ConfigError(f"sweep config: no field {field!r} (see rlhf_jax/sweep.py)")
@@ -101,10 +109,19 @@ def check(sweep: ml_collections.ConfigDict) -> None:
     names = [point_name(p) for p in sweep.points]
     if len(set(names)) != len(names):
         raise ConfigError(f"sweep config: point names repeat: {names}")
+    shared = _shared_stages(sweep)
+    if shared:
+        try:
+            pipeline.check(sweep.base, shared)
+        except ConfigError as error:
+            raise ConfigError(f"sweep shared stages {list(shared)}: {error}") from None
     for point in sweep.points:
-        _stages(sweep, point, "shared")
-        _stages(sweep, point, "stages")
-        validate.check(point_config(sweep, point))
+        stages = _stages(sweep, point, "stages") + ("eval",)
+        cfg = point_config(sweep, point)
+        try:
+            pipeline.check(cfg, stages)
+        except ConfigError as error:
+            raise ConfigError(f"sweep point {point_name(point)!r}: {error}") from None
 
 
 def _link_shared(shared: str, point_dir: str, stages: tuple[str, ...]) -> None:
@@ -127,12 +144,11 @@ def run(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     workdir = os.path.abspath(workdir)
     start = time.time()
     shared = shared_dir(sweep, workdir)
-    shared_all = sorted({s for p in sweep.points for s in _stages(sweep, p, "shared")},
-                        key=pipeline.ALL_STAGES.index)
+    shared_all = _shared_stages(sweep)
     shared_seconds = 0.0
     if shared_all:
         log.info("sweep: shared stages %s in %s", shared_all, shared)
-        out = pipeline.run(sweep.base, shared, stages=tuple(shared_all))
+        out = pipeline.run(sweep.base, shared, stages=shared_all)
         shared_seconds = float(sum(out.get("stage_seconds", {}).values()))
     points = []
     for i, point in enumerate(sweep.points):
