@@ -246,14 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "*.safetensors + tokenizer) to an rlhf_jax model directory (orbax params + "
                     "model_config.json + tokenizer), or back. Reward / value models (scalar "
                     "head) travel as *ForSequenceClassification (num_labels=1); jax-to-hf folds "
-                    "the stored reward normalization into the exported score. Nothing is "
-                    "downloaded and no pickled file is ever read.")
-    conv.add_argument("direction", choices=["hf-to-jax", "jax-to-hf"],
-                      help="hf-to-jax: transformers dir -> rlhf_jax dir; jax-to-hf: the reverse")
-    conv.add_argument("src", help="source directory")
+                    "the stored reward normalization into the exported score. A LoRA run's "
+                    "adapters (--lora) are merged into their base model: jax-to-hf exports "
+                    "the merged model, merge-lora stores it as an rlhf_jax dir. Nothing is "
+                    "downloaded and no pickled file is ever read. Example: rlhf-jax convert "
+                    "jax-to-hf runs/sft/model hf_out --lora runs/ppo/lora")
+    conv.add_argument("direction", choices=["hf-to-jax", "jax-to-hf", "merge-lora"],
+                      help="hf-to-jax: transformers dir -> rlhf_jax dir; jax-to-hf: the reverse; "
+                           "merge-lora: base model + --lora adapters -> rlhf_jax dir")
+    conv.add_argument("src", help="source directory (with --lora: the base model the LoRA run "
+                                  "started from, rlhf_jax or transformers)")
     conv.add_argument("dst", help="destination directory (created)")
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="parameter dtype of the rlhf_jax copy (hf-to-jax only)")
+    conv.add_argument("--lora", default=None, metavar="DIR",
+                      help="a LoRA run's adapters (<ppo workdir>/lora: adapters/ + lora.json) "
+                           "to merge into src, with lora.json's scale (jax-to-hf, merge-lora)")
     return parser
 
 
@@ -300,11 +308,7 @@ def _main(argv: list[str]) -> int:
     distributed.initialize_from_args(args)
 
     if args.command == "convert":
-        from rlhf_jax import convert
-        fn = convert.hf_to_orbax if args.direction == "hf-to-jax" else convert.orbax_to_hf
-        kwargs = {"dtype": args.dtype} if args.direction == "hf-to-jax" else {}
-        print(fn(args.src, args.dst, **kwargs))
-        return 0
+        return _convert(args)
 
     if args.command == "sample":
         return _sample(args)
@@ -353,6 +357,24 @@ def _main(argv: list[str]) -> int:
     result = _call(TRAIN_COMMANDS[args.command][0])(cfg, args.workdir)
     if args.command not in ("pipeline", "sweep"):   # those print their own tables
         print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from rlhf_jax import convert
+    from rlhf_jax.errors import UserError
+    if args.direction == "hf-to-jax":
+        if args.lora:
+            raise UserError("convert hf-to-jax: --lora applies to jax-to-hf and merge-lora "
+                            "(whose SRC may be a transformers directory)")
+        print(convert.hf_to_orbax(args.src, args.dst, dtype=args.dtype))
+    elif args.direction == "jax-to-hf":
+        print(convert.orbax_to_hf(args.src, args.dst, lora_dir=args.lora))
+    else:
+        if not args.lora:
+            raise UserError("convert merge-lora: --lora DIR is required (a LoRA run's "
+                            "adapters/ + lora.json, e.g. runs/ppo/lora)")
+        print(convert.merge_lora(args.src, args.lora, args.dst))
     return 0
 
 

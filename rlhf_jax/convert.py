@@ -8,7 +8,12 @@ Our layout (what every stage writes as its output and reads as its input)::
         tokenizer files     (optional) tokenizer.json, tokenizer_config.json, ...
 
 ``hf_to_orbax`` and ``orbax_to_hf`` back the ``rlhf-jax convert`` CLI; ``load_our_checkpoint``
-is how a stage loads the output of the previous one.
+is how a stage loads the output of the previous one. ``merge_lora`` (and ``orbax_to_hf``'s
+``lora_dir``) fold a LoRA run's adapters into its base model::
+
+    lora_dir/               what PPO writes as <workdir>/lora with ppo.lora.rank > 0
+        lora.json           {"rank", "alpha", "scale", "targets", "base", ...}
+        adapters/           orbax pytree of A and B (rlhf_jax.models.lora.LoRA.adapters)
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from rlhf_jax.checkpoint import load_pytree, save_pytree
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.hf import from_pretrained, load_tokenizer, save_pretrained
+from rlhf_jax.models.lora import ALL_TARGETS, LoRA, apply_lora, init_lora
 from rlhf_jax.models.params import (abstract_params, cast_floating, place_params, stack_layers,
                                     unstack_layers)
 from rlhf_jax.models.transformer import Transformer
@@ -293,7 +299,7 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", mesh: Mesh
     return save_our_checkpoint(out_dir, model, params, tokenizer, overwrite=overwrite)
 
 
-def orbax_to_hf(our_dir: str, hf_dir: str) -> str:
+def orbax_to_hf(our_dir: str, hf_dir: str, *, lora_dir: str | None = None) -> str:
     """Export our layout to a transformers checkpoint directory.
 
     LM-head models become the causal LM; scalar-head (reward / value) models the
@@ -301,11 +307,183 @@ def orbax_to_hf(our_dir: str, hf_dir: str) -> str:
     in ``extra.json`` (see ``rlhf_jax.models.hf``). Weights are written as float32 safetensors
     beside config.json (and the tokenizer, if ``our_dir`` has one). Returns the absolute
     ``hf_dir``.
+
+    ``lora_dir``: export ``our_dir`` (then the LoRA run's base, ours or a transformers
+    directory) with those adapters merged in, as ``merge_lora`` would store it.
     """
-    model, params, tokenizer = load_our_checkpoint(our_dir)
+    if lora_dir is not None:
+        model, params, tokenizer, extra = merged_lora_model(our_dir, lora_dir)
+    else:
+        model, params, tokenizer = load_our_checkpoint(our_dir)
+        extra = None
     reward_norm = None
     if model.config.head == "scalar":
-        reward_norm = read_extra(our_dir).get("reward_norm") or None
+        reward_norm = (read_extra(our_dir) if extra is None else extra).get("reward_norm") or None
         log.info("%s: exporting a scalar-head model; reward normalization %s", our_dir,
                  reward_norm or "none")
     return save_pretrained(hf_dir, model, params, tokenizer, reward_norm=reward_norm)
+
+
+# --- LoRA merge --------------------------------------------------------------------------------
+
+LORA_META_FILE = "lora.json"
+LORA_ADAPTERS_DIR = "adapters"
+
+
+def merge_lora(base_dir: str, lora_dir: str, out_dir: str, *, overwrite: bool = False) -> str:
+    """Write ``base_dir``'s model with the adapters of ``lora_dir`` merged in (``apply_lora``
+    with ``lora.json``'s scale) to ``out_dir`` in our layout; ``orbax_to_hf`` then exports it.
+
+    ``base_dir`` is the model the LoRA run started from (its ``policy_from``, recorded as
+    ``base`` in lora.json): our layout or a transformers directory. The tokenizer and
+    ``extra.json`` facts of the base are kept; the LoRA facts are added. The result is the
+    PPO run's own ``model/`` when the base is stored in the parameter dtype the run used (the
+    merge rounds to the base's dtype, as training does). Returns the absolute ``out_dir``.
+    """
+    model, params, tokenizer, extra = merged_lora_model(base_dir, lora_dir)
+    return save_our_checkpoint(out_dir, model, params, tokenizer, extra=extra,
+                               overwrite=overwrite)
+
+
+def merged_lora_model(base_dir: str, lora_dir: str) -> tuple[Transformer, Any, Any, dict]:
+    """``model, params, tokenizer, extra`` of ``base_dir`` with ``lora_dir``'s adapters merged.
+
+    The base is loaded in the adapters' layout (stacked ``layers`` under scan_layers or not),
+    whatever layout it was saved in; merged kernels keep the base's dtype, as in training.
+    """
+    base_dir, lora_dir = _local_dir(base_dir), _local_dir(lora_dir)
+    ours = is_our_checkpoint(base_dir)
+    if not ours and not _exists(os.path.join(base_dir, "config.json")):
+        raise UserError(f"{base_dir}: not a model directory; the LoRA base must be an rlhf_jax "
+                        f"model ({MODEL_CONFIG_FILE} + {PARAMS_DIR}/) or a transformers "
+                        "checkpoint (config.json + *.safetensors)")
+    meta = read_lora_meta(lora_dir)
+    adapters_dir = os.path.join(lora_dir, LORA_ADAPTERS_DIR)
+    saved = _saved_adapter_shapes(adapters_dir)
+    stacked = "layers" in saved
+    if ours:
+        model, params, tokenizer = load_our_checkpoint(base_dir, scan_layers=stacked)
+        extra = read_extra(base_dir)
+    else:
+        model, params, tokenizer = from_pretrained(base_dir, scan_layers=stacked)
+        extra = {}
+    recorded = meta.get("base")
+    if isinstance(recorded, str) and recorded and _local_dir(recorded) != base_dir:
+        log.warning("%s: the adapters were trained on %s; merging them into %s",
+                    os.path.join(lora_dir, LORA_META_FILE), recorded, base_dir)
+
+    _check_adapter_shapes(saved, params, adapters_dir, base_dir)
+    single = SingleDeviceSharding(jax.local_devices()[0])
+    adapters = load_pytree(adapters_dir, jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=single), saved))
+    merged = apply_lora(params, LoRA(adapters, meta["scale"]))
+    rank = jax.tree.leaves(saved)[0].shape[-1]
+    extra = {**extra, "lora_rank": rank, "lora_alpha": meta.get("alpha"),
+             "lora_scale": meta["scale"], "lora_targets": meta.get("targets"),
+             "lora_merged": True, "lora_dir": lora_dir}
+    return model, merged, tokenizer, extra
+
+
+def read_lora_meta(lora_dir: str) -> dict:
+    """``lora_dir/lora.json``, checked to hold a numeric ``scale`` and to sit beside
+    ``adapters/``."""
+    lora_dir = _local_dir(lora_dir)
+    meta_path = os.path.join(lora_dir, LORA_META_FILE)
+    layout = (f"a LoRA directory holds {LORA_META_FILE} and {LORA_ADAPTERS_DIR}/ (PPO writes it "
+              "as <workdir>/lora when ppo.lora.rank > 0)")
+    if not _exists(meta_path):
+        raise UserError(f"{meta_path}: missing; {layout}")
+    try:
+        meta = json.loads(_read_text(meta_path))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{meta_path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: expected a JSON object with rank, alpha, scale, targets; "
+                        f"got {type(meta).__name__}")
+    scale = meta.get("scale")
+    # bool is an int to Python but never a meaningful scale.
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise UserError(f"{meta_path}: 'scale' must be a number (alpha / rank); got {scale!r}")
+    if not _exists(os.path.join(lora_dir, LORA_ADAPTERS_DIR)):
+        raise UserError(f"{os.path.join(lora_dir, LORA_ADAPTERS_DIR)}: missing; {layout}")
+    return dict(meta, scale=float(scale))
+
+
+def _saved_adapter_shapes(adapters_dir: str) -> dict:
+    """The saved adapter tree as ShapeDtypeStructs, read from orbax's metadata: no arrays, and
+    no dependence on the device topology the adapters were saved from (a restore without a
+    target would need the saving run's devices)."""
+    import orbax.checkpoint as ocp
+    expected = "expected the orbax pytree of A and B that a LoRA run saves"
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        item = checkpointer.metadata(adapters_dir).item_metadata
+    except (OSError, ValueError) as e:
+        raise UserError(f"{adapters_dir}: unreadable ({' '.join(str(e).split())}); "
+                        f"{expected}") from e
+    finally:
+        checkpointer.close()
+
+    def plain(node: Any) -> Any:
+        if hasattr(node, "items"):
+            return {key: plain(child) for key, child in node.items()}
+        if not hasattr(node, "shape") or not hasattr(node, "dtype"):
+            raise UserError(f"{adapters_dir}: holds {type(node).__name__} where arrays belong; "
+                            f"{expected}")
+        return jax.ShapeDtypeStruct(tuple(node.shape), node.dtype)
+
+    if item is None:   # orbax only warns about a directory that is no checkpoint
+        raise UserError(f"{adapters_dir}: no orbax checkpoint metadata; {expected}")
+    tree = plain(item)
+    if not tree:
+        raise UserError(f"{adapters_dir}: an empty tree; {expected}")
+    return tree
+
+
+def _adapter_paths(tree: dict, where: str, path: tuple[str, ...] = ()) -> dict:
+    """``{module path: {"a": shape, "b": shape}}`` of an adapter tree (``where`` names it)."""
+    out = {}
+    for key, child in tree.items():
+        child_path = path + (key,)
+        if not isinstance(child, dict):
+            raise UserError(f"{where}: unexpected array at {'/'.join(child_path)}; expected "
+                            "{a, b} pairs under the projection modules (e.g. layer_0/attn/q/a)")
+        if set(child) == {"a", "b"}:
+            out[child_path] = {k: tuple(v.shape) for k, v in child.items()}
+        else:
+            out.update(_adapter_paths(child, where, child_path))
+    return out
+
+
+def _check_adapter_shapes(saved: dict, params: Any, adapters_dir: str, base_dir: str) -> None:
+    """Each saved adapter must be one ``init_lora`` would make on this base at its rank:
+    an adapter trained on another model is refused in one line naming the first mismatch."""
+    got = _adapter_paths(saved, adapters_dir)
+    names = {path[-1] for path in got}
+    unknown = sorted(names - set(ALL_TARGETS))
+    if unknown:
+        raise UserError(f"{adapters_dir}: adapters on {unknown}, which are not LoRA targets; "
+                        f"expected some of {list(ALL_TARGETS)}")
+    ranks = {shapes["a"][-1] for shapes in got.values()}
+    if len(ranks) != 1:
+        raise UserError(f"{adapters_dir}: adapters of ranks {sorted(ranks)}; expected one rank")
+    rank = ranks.pop()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    try:
+        expected = jax.eval_shape(
+            lambda key: init_lora(abstract, key, rank, 1.0, tuple(sorted(names))),
+            jax.random.key(0)).adapters
+    except ValueError as e:   # no kernel of these targets in the base
+        raise UserError(f"{adapters_dir}: do not fit the base model {base_dir}: "
+                        f"{' '.join(str(e).split())}") from e
+    want = _adapter_paths(expected, "init_lora")
+    for path, shapes in sorted(got.items()):
+        name = "/".join(path)
+        if path not in want:
+            raise UserError(f"{adapters_dir}: adapter {name} has no kernel to adapt in the base "
+                            f"model {base_dir}; expected adapters trained on this base")
+        if shapes != want[path]:
+            raise UserError(f"{adapters_dir}: adapter {name} has A {shapes['a']} and B "
+                            f"{shapes['b']}, but the base model {base_dir} needs A "
+                            f"{want[path]['a']} and B {want[path]['b']}; expected adapters "
+                            "trained on this base")
