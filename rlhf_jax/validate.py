@@ -135,9 +135,9 @@ def _common(p: _Problems, cfg: Any) -> None:
         if _get(cfg, "ppo.advantage", "gae") != "gae":
             p.add("ppo.value_lora.rank", _get(cfg, "ppo.value_lora.rank"),
                   f"0 with ppo.advantage={_get(cfg, 'ppo.advantage')!r} (no value network)")
-        elif _get(cfg, "value_from", ""):
-            p.add("value_from", _get(cfg, "value_from"),
-                  "empty with ppo.value_lora.rank > 0 (the value's frozen base is the RM)")
+        elif _get(cfg, "value_from", "") not in ("", _get(cfg, "reward_from", "")):
+            p.add("value_from", _get(cfg, "value_from"), "empty or reward_from with "
+                  "ppo.value_lora.rank > 0 (the value's frozen base is the RM)")
 
 
 def _lora_targets_ok(value: Any) -> bool:

@@ -39,6 +39,12 @@ last, non-donated argument, and every policy forward runs on ``apply_lora(base, 
 At the end ``model/`` (and ``model_ema/``) is the merged policy, base + scale * A @ B, in the
 usual format; ``lora/`` holds the adapters alone (``adapters/`` + ``lora.json``).
 
+Value LoRA (``ppo.value_lora.rank`` > 0, GAE only): the value network starts from the RM, so
+its frozen base IS ``frozen.reward`` (the same arrays, no copy); ``state.value`` trains
+``{"adapters", "score_head"}`` (the scalar head in full: it is [D, 1] and, with the RM's
+normalization folded in, starts on the returns' scale). The value steps take ``frozen.reward``
+as a last, non-donated argument.
+
     rlhf-jax ppo --config experiments/tiny_ppo.py --workdir runs/ppo
 """
 from __future__ import annotations
@@ -152,16 +158,35 @@ def lora_rank(cfg: Any) -> int:
     return int(lora.get("rank", 0) or 0) if lora is not None else 0
 
 
+def value_lora_rank(cfg: Any) -> int:
+    """``ppo.value_lora.rank`` (0 when off, for configs without it, and for grpo / rloo)."""
+    lora = cfg.get("value_lora")
+    rank = int(lora.get("rank", 0) or 0) if lora is not None else 0
+    return rank if uses_value_network(cfg) else 0
+
+
 def lora_merge(base: Any, scale: float):
     """adapters -> the policy's parameters ``apply_lora(base, adapters)``."""
     return lambda adapters: apply_lora(base, LoRA(adapters, scale))
 
 
+def value_lora_merge(base: Any, scale: float):
+    """``{"adapters", "score_head"}`` -> the value network's parameters: the frozen RM's trunk
+    with the adapters merged in, and the trained head."""
+    return lambda trainable: {**apply_lora(base, LoRA(trainable["adapters"], scale)),
+                              "score_head": trainable["score_head"]}
+
+
 # --- pure pieces -------------------------------------------------------------------------------
 
 def make_experience(models: Models, policy_params: Any, value_params: Any, frozen: Frozen,
-                    rollout: Rollout, kl_coef: jax.Array, *, prompt_len: int, cfg: Any) -> Experience:
-    """Everything the update needs, computed once per rollout batch, without gradients, in f32."""
+                    rollout: Rollout, kl_coef: jax.Array, *, prompt_len: int, cfg: Any,
+                    value_lora_scale: float = 0.0) -> Experience:
+    """Everything the update needs, computed once per rollout batch, without gradients, in f32.
+
+    ``value_lora_scale`` > 0: ``value_params`` are the value LoRA's trainables on ``frozen.reward``."""
+    if value_lora_scale:
+        value_params = value_lora_merge(frozen.reward, value_lora_scale)(value_params)
     seqs, attn = rollout.sequences, rollout.attention_mask
     mask = rollout.response_mask.astype(jnp.float32)
     logprobs_of = lambda params: scoring.response_logprobs(
@@ -315,14 +340,19 @@ def policy_update_step(policy: TrainState, ema_params: Any, experience: Experien
     return policy, ema_params, dict(stats, policy_grad_norm=optax.global_norm(grads))
 
 
-def value_update_step(value: TrainState, experience: Experience, indices: jax.Array, *,
-                      models: Models, value_opt: optax.GradientTransformation, prompt_len: int,
-                      cfg: Any):
-    """One minibatch update of the value network (clipped value loss)."""
+def value_update_step(value: TrainState, experience: Experience, indices: jax.Array,
+                      base: Any = None, *, models: Models, value_opt: optax.GradientTransformation,
+                      prompt_len: int, cfg: Any, lora_scale: float = 1.0):
+    """One minibatch update of the value network (clipped value loss).
+
+    With value LoRA, ``value.params`` are ``{"adapters", "score_head"}`` and ``base`` the frozen RM."""
     mb = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), experience)
-    (loss, stats), grads = jax.value_and_grad(
-        functools.partial(value_objective, models=models, mb=mb, prompt_len=prompt_len, cfg=cfg),
-        has_aux=True)(value.params)
+    objective = functools.partial(value_objective, models=models, mb=mb, prompt_len=prompt_len,
+                                  cfg=cfg)
+    if base is not None:
+        merge = value_lora_merge(base, lora_scale)
+        objective = lambda trainable, f=objective: f(merge(trainable))
+    (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(value.params)
     updates, opt_state = value_opt.update(grads, value.opt_state, value.params)
     value = TrainState(value.step + 1, optax.apply_updates(value.params, updates), opt_state)
     return value, dict(stats, value_loss=loss, value_grad_norm=optax.global_norm(grads))
@@ -435,22 +465,30 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
     # State and frozen networks, abstract, in the shardings the rules table gives. With LoRA
     # the policy state is the adapters (replicated: rank x (in + out) per kernel is tiny) and
     # the reference (= the frozen base) keeps the policy's dtype.
-    rank = lora_rank(p)
+    rank, vrank = lora_rank(p), value_lora_rank(p)
     rep = replicated(mesh)
-    lora_scale = 1.0
+    lora_scale, value_lora_scale = 1.0, 0.0
     if rank:
-        base_params = abstract_params(policy, mesh)
-        lora_shape = jax.eval_shape(lambda k: init_lora(base_params, k, rank, p.lora.alpha,
-                                                        tuple(p.lora.targets)), abstract_key(rep))
+        lora_shape = jax.eval_shape(lambda k: init_lora(
+            abstract_params(policy, mesh), k, rank, p.lora.alpha, tuple(p.lora.targets)),
+            abstract_key(rep))
         lora_scale = lora_shape.scale
-        policy_state = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-            jax.eval_shape(lambda a: TrainState(jnp.zeros((), jnp.int32), a, policy_opt.init(a)),
-                           lora_shape.adapters))
+        policy_state = replicated_train_state(lora_shape.adapters, policy_opt, rep)
     else:
         policy_state = abstract_train_state(policy, policy_opt, mesh)
-    state = PPOState(policy_state, abstract_train_state(value, value_opt, mesh) if with_value else {},
-                     policy_state.params if p.ema_decay > 0 else {})
+    if vrank:
+        check_value_lora(cfg, value, reward)
+        value_shapes = abstract_params(value, mesh)
+        value_lora_shape = jax.eval_shape(lambda k: init_lora(
+            value_shapes, k, vrank, p.value_lora.alpha, tuple(p.value_lora.targets)),
+            abstract_key(rep))
+        value_lora_scale = value_lora_shape.scale
+        value_state = replicated_train_state({"adapters": value_lora_shape.adapters,
+                                              "score_head": value_shapes["score_head"]},
+                                             value_opt, rep)
+    else:
+        value_state = abstract_train_state(value, value_opt, mesh) if with_value else {}
+    state = PPOState(policy_state, value_state, policy_state.params if p.ema_decay > 0 else {})
     value_params = state.value.params if with_value else {}
     frozen_dtype = jnp.dtype(p.frozen_dtype)
     as_frozen = lambda m: jax.tree.map(
@@ -469,9 +507,11 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
     rollout = Rollout(*(jax.ShapeDtypeStruct(shape, dtype, sharding=shard(len(shape))) for shape, dtype in
                         (((b, t), jnp.int32), ((b, t), jnp.int32), ((b, n_new), jnp.int32),
                          ((b,), jnp.bool_))))
+    value_kw = {"value_lora_scale": value_lora_scale} if vrank else {}
     experience_step = (functools.partial(lora_make_experience, models, scale=lora_scale,
-                                         prompt_len=prompt_len, cfg=p) if rank else
-                       functools.partial(make_experience, models, prompt_len=prompt_len, cfg=p))
+                                         prompt_len=prompt_len, cfg=p, **value_kw) if rank else
+                       functools.partial(make_experience, models, prompt_len=prompt_len, cfg=p,
+                                         **value_kw))
     experience = jax.eval_shape(experience_step, state.policy.params, value_params, frozen,
                                 rollout, jnp.float32(0))
     experience = abstract_like(experience, batch_shardings(experience, mesh))
@@ -521,13 +561,17 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
                        tokens=mb_size * t + (ptx_rows * cfg.data.ptx_seq_len if ptx else 0)),
     }
     if with_value:
+        # Value LoRA: the frozen RM is the value's base, a last, non-donated argument.
+        value_base_sh, value_base_arg = ((frozen_sh.reward,), (frozen.reward,)) if vrank else ((), ())
         value_update_fn = jax.jit(
             functools.partial(value_update_step, models=models, value_opt=value_opt,
-                              prompt_len=prompt_len, cfg=p),
-            in_shardings=(state_sh.value, shardings_of(experience), rep),
+                              prompt_len=prompt_len, cfg=p,
+                              **({"lora_scale": value_lora_scale} if vrank else {})),
+            in_shardings=(state_sh.value, shardings_of(experience), rep, *value_base_sh),
             out_shardings=(state_sh.value, rep), donate_argnums=0)
         steps["value_update"] = Step("value_update", value_update_fn,
-                                     (state.value, experience, indices), tokens=mb_size * t)
+                                     (state.value, experience, indices, *value_base_arg),
+                                     tokens=mb_size * t)
     if ptx is not None:
         ptx_fn = jax.jit(
             functools.partial(lora_ptx_gradient, models=models, chunk=p.logprob_chunk,
@@ -545,6 +589,8 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
         reward_params = init_params(reward, jax.random.fold_in(rng, 2), mesh)
         trained = (init_policy_lora(policy_params, jax.random.fold_in(rng, 3), p) if rank
                    else policy_params)
+        if vrank:
+            value_init = init_value_lora(reward_params, value_init, jax.random.fold_in(rng, 4), p)
         return (init_ppo_state(state, policy_opt, value_opt, trained, value_init),
                 make_frozen(frozen, policy_params, reward_params, {}))
 
@@ -562,7 +608,7 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
             exp_, idx = (random_batch(experience, vocab, seed),
                          jax.device_put(np.arange(mb_size, dtype=np.int32), rep))
             if name == "value_update":
-                return state_.value, exp_, idx
+                return (state_.value, exp_, idx, *((frozen_.reward,) if vrank else ()))
             return (state_.policy, state_.ema_params, exp_, idx,
                     None if ptx is None else random_batch(ptx, vocab, seed + 1),
                     *((frozen_.reference,) if rank else ()))
@@ -584,8 +630,28 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
                     "n_minibatches": b // mb_size, "ptx_rows": ptx_rows,
                     "group_size": group_size(p), "prompts_per_rollout": b // group_size(p),
                     "lora_rank": rank, "lora_scale": lora_scale,
+                    "value_lora_rank": vrank, "value_lora_scale": value_lora_scale,
                     # as train() runs them; the ptx pass is part of each update
                     "calls_per_iteration": calls})
+
+
+def replicated_train_state(params: Any, opt: optax.GradientTransformation, rep: Any) -> TrainState:
+    """Abstract TrainState of small trainables (LoRA adapters, a head), replicated everywhere."""
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+        jax.eval_shape(lambda a: TrainState(jnp.zeros((), jnp.int32), a, opt.init(a)), params))
+
+
+def check_value_lora(cfg: Any, value: Transformer, reward: Transformer) -> None:
+    """Value LoRA's base is the frozen RM: the value network must be the RM's architecture,
+    started from the RM's checkpoint."""
+    value_from = cfg.get("value_from", "")
+    if value_from and value_from != cfg.get("reward_from", ""):
+        raise ConfigError(f"value_from={value_from!r}: expected empty or reward_from with "
+                          "ppo.value_lora.rank > 0 (the value's frozen base is the RM)")
+    if value.config != reward.config:
+        raise ConfigError("ppo.value_lora.rank > 0: expected the value network to have the RM's "
+                          "architecture (value_model empty): its frozen base is the RM")
 
 
 def group_size(p: Any) -> int:
@@ -634,6 +700,14 @@ def _decode_body(policy: Transformer, p_sh: Any, params: Any, batch: int, slots:
 def init_policy_lora(policy_params: Any, rng: jax.Array, p: Any) -> dict:
     """Fresh adapters (A random, B zero: the merged policy starts equal to the base)."""
     return init_lora(policy_params, rng, lora_rank(p), p.lora.alpha, tuple(p.lora.targets)).adapters
+
+
+def init_value_lora(reward_params: Any, value_params: Any, rng: jax.Array, p: Any) -> dict:
+    """The value LoRA's trainables: fresh adapters on the RM (B zero: the value starts as
+    ``value_params``' trunk, the RM's) and ``value_params``' score head."""
+    adapters = init_lora(reward_params, rng, value_lora_rank(p), p.value_lora.alpha,
+                         tuple(p.value_lora.targets)).adapters
+    return {"adapters": adapters, "score_head": value_params["score_head"]}
 
 
 def lora_rng(seed: int) -> jax.Array:
@@ -710,7 +784,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     workdir = os.path.abspath(workdir)
     p = cfg.ppo
     name = cfg.get("name", "ppo")
-    rank = lora_rank(p)
+    rank, vrank = lora_rank(p), value_lora_rank(p)
     outputs = (["checkpoints", "model"] + (["model_ema"] if p.ema_decay > 0 else [])
                + (["lora"] if rank else []))
     common.check_writable(workdir, *(os.path.join(workdir, out) for out in outputs))
@@ -728,7 +802,9 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         policy, policy_params, tokenizer, _ = common.load_model(cfg.policy_from, mesh, **overrides)
         reward, reward_params, _, reward_extra = common.load_model(cfg.reward_from, mesh, **overrides)
         value, value_params, value_extra = None, None, {}
-        if with_value:
+        if vrank:    # the value's base is the RM: its weights, not a second load of them
+            value, value_params, value_extra = reward, reward_params, reward_extra
+        elif with_value:
             value, value_params, _, value_extra = common.load_model(
                 cfg.value_from or cfg.reward_from, mesh, **overrides)
         if reward.config.head != "scalar" or (with_value and value.config.head != "scalar"):
@@ -754,7 +830,14 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
             policy_params = init_policy_lora(policy_params, lora_rng(cfg.seed), p)
             log.info("LoRA rank %d on %s: %d trainable parameters", rank, tuple(p.lora.targets),
                      lora_param_count(LoRA(policy_params, info["lora_scale"])))
+        if vrank:    # the value trains adapters on frozen.reward and its own score head
+            value_params = init_value_lora(reward_params, value_params,
+                                           jax.random.fold_in(lora_rng(cfg.seed), 1), p)
+            log.info("value LoRA rank %d on %s: %d trainable parameters", vrank,
+                     tuple(p.value_lora.targets),
+                     sum(math.prod(x.shape) for x in jax.tree.leaves(value_params)))
         base_arg = (frozen.reference,) if rank else ()
+        value_base_arg = (frozen.reward,) if vrank else ()
         state = init_ppo_state(program.state, info["policy_opt"], info["value_opt"], policy_params,
                                value_params)
         del policy_params, value_params, reward_params
@@ -820,7 +903,8 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                                              for _ in range(p.epochs))
                                for i in range(0, p.rollout_batch_size, p.minibatch_size)]
                 value_job = side.submit(run_value_updates, value_update_fn, state.value,
-                                        experience, minibatches) if with_value else None
+                                        experience, minibatches,
+                                        *value_base_arg) if with_value else None
                 policy_state, ema_params, policy_stats = state.policy, state.ema_params, []
                 for indices in minibatches:
                     ptx_batch = (shard_batch(next(iterators["ptx"]), mesh)
@@ -899,18 +983,23 @@ def group_facts(p: Any) -> dict[str, Any]:
 
 def lora_facts(p: Any) -> dict[str, Any]:
     """What a LoRA-trained policy's extra.json records ({} without LoRA)."""
-    if not lora_rank(p):
-        return {}
-    return {"lora_rank": lora_rank(p), "lora_alpha": float(p.lora.alpha),
-            "lora_targets": list(p.lora.targets), "lora_merged": True}
+    facts = {}
+    if lora_rank(p):
+        facts |= {"lora_rank": lora_rank(p), "lora_alpha": float(p.lora.alpha),
+                  "lora_targets": list(p.lora.targets), "lora_merged": True}
+    if value_lora_rank(p):
+        facts |= {"value_lora_rank": value_lora_rank(p),
+                  "value_lora_targets": list(p.value_lora.targets)}
+    return facts
 
 
 def run_value_updates(value_update_fn: Any, value: TrainState, experience: Experience,
-                      minibatches: list[jax.Array]) -> tuple[TrainState, list[dict]]:
-    """The value network's steps of one iteration, in the policy's minibatch order."""
+                      minibatches: list[jax.Array], *base: Any) -> tuple[TrainState, list[dict]]:
+    """The value network's steps of one iteration, in the policy's minibatch order (``base``:
+    the frozen RM, with value LoRA)."""
     stats = []
     for indices in minibatches:
-        value, step_stats = value_update_fn(value, experience, indices)
+        value, step_stats = value_update_fn(value, experience, indices, *base)
         stats.append(step_stats)
     return value, stats
 
