@@ -353,14 +353,21 @@ def load_workdir_weights(program: Any, stage_cfg: Any, state: Any, frozen: Any):
     frozen reference (``frozen``); PPO: ``policy_from`` -> the policy, its EMA and the
     frozen reference, ``reward_from`` -> the frozen RM and (unless ``value_from``) the value.
     Optimizer moments stay as ``init_state`` made them. A scalar-head target loaded from an LM
-    (the RM starts from SFT) keeps its fresh score head, as the RM stage does.
+    (the RM starts from SFT) keeps its fresh score head, as the RM stage does. With LoRA the
+    trained state holds adapters, which stay fresh as at the start of a LoRA run: the policy's
+    weights go to the frozen base (``frozen.reference``) only, and with value LoRA the RM's
+    score head is the value's trained head (its trunk is ``frozen.reward`` already).
     """
     from rlhf_jax.stages.common import load_model, runtime_overrides
+    info = getattr(program, "info", {}) or {}
+    value_target = ("state.value.params.score_head" if info.get("value_lora_rank")
+                    else "state.value.params")
     targets = {"init_from": ["state.params", "frozen"],     # frozen: DPO's reference ({} else)
-               "policy_from": ["state.policy.params", "state.ema_params", "frozen.reference"],
+               "policy_from": (["frozen.reference"] if info.get("lora_rank") else
+                               ["state.policy.params", "state.ema_params", "frozen.reference"]),
                "reward_from": ["frozen.reward"] + ([] if stage_cfg.get("value_from")
-                                                  else ["state.value.params"]),
-               "value_from": ["state.value.params"]}
+                                                  else [value_target]),
+               "value_from": [value_target]}
     trees = {"state": state, "frozen": frozen}
     for key, paths in targets.items():
         if not stage_cfg.get(key):
@@ -371,7 +378,8 @@ def load_workdir_weights(program: Any, stage_cfg: Any, state: Any, frozen: Any):
             target = _get(trees, path)
             if target is None or not jax.tree.leaves(target):
                 continue
-            grafted = _graft(params, target, f"{key}={stage_cfg[key]}")
+            source = params["score_head"] if path.endswith(".score_head") else params
+            grafted = _graft(source, target, f"{key}={stage_cfg[key]}")
             if placed:     # own buffers: a step donating one of these trees must not free another
                 grafted = jax.tree.map(jnp.copy, grafted)
             trees = _replace_at(trees, path, grafted)

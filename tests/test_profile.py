@@ -127,6 +127,27 @@ def test_ppo_from_a_workdir_has_five_phases_and_counts_the_decode_loop(tmp_path,
 
 
 
+def test_lora_ppo_from_a_workdir_fills_the_frozen_bases_and_keeps_fresh_adapters(tmp_path):
+    """Policy and value LoRA: the trained state is adapters (and the value's head), so the
+    workdir's policy is the frozen base only and the RM's head becomes the value's head."""
+    cfg = apply_overrides(load_config(MICRO), ["ppo.ppo.lora.rank=2", "ppo.ppo.value_lora.rank=2"])
+    ppo_cfg = profile.stage_config(cfg, "ppo")
+    program = profile.build_program("ppo", ppo_cfg, setup_mesh(ppo_cfg))
+    assert program.info["lora_rank"] == program.info["value_lora_rank"] == 2
+    save_our_checkpoint(str(tmp_path / "sft_ptx" / "model"), program.models["policy"],
+                        _constant_params(program.frozen.reference, 0.25))
+    save_our_checkpoint(str(tmp_path / "rm" / "model"), program.models["reward"],
+                        _constant_params(program.frozen.reward, 0.75))
+    wd_cfg = profile.stage_config(cfg, "ppo", str(tmp_path))
+    zeros = lambda tree: jax.tree.map(
+        lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), tree)
+    state, frozen = profile.load_workdir_weights(program, wd_cfg, zeros(program.state),
+                                                 zeros(program.frozen))
+    assert _all_equal(frozen.reference, 0.25) and _all_equal(frozen.reward, 0.75)
+    assert _all_equal(state.policy.params, 0.0) and _all_equal(state.value.params["adapters"], 0.0)
+    assert _all_equal(state.value.params["score_head"], 0.75)
+
+
 def test_dpo_random_weights_times_ref_logps_update_eval(peak):
     """The pipeline config's dpo section (policy and reference: the SFT architecture)."""
     report = profile.profile_stage(load_config(MICRO), "dpo", steps=1, warmup=1, peak=peak)
