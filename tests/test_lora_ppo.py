@@ -3,6 +3,9 @@
 Pure pieces on test_ppo's tiny policy and hand rollout: a fresh adapter (B = 0) gives exactly
 the experience of the plain policy; an update moves only the adapters (their gradient is the
 chain rule of the full-weight gradient) and leaves the base, a non-donated argument, intact.
+``build()``'s jitted rollout, experience, update and value-update steps (LoRA on the policy and
+on the value: replicated adapters, sharded bases) give the single-device results on (2,2,2) and
+(8,1,1) meshes.
 Then one micro ``train`` on test_ppo's marker-RM toy task (PPO-ptx, EMA, checkpoints): it writes
 model/ = apply_lora(base, adapters), lora/, checkpoints of the adapters only, and compiles
 nothing after the first iteration.
@@ -17,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_ppo import (BETA, P, base, hand_rollout, perturbed, ptx_batch,  # noqa: F401 (fixtures)
-                      ppo_config, run_train, toy_dirs, toy_overrides)
+from test_ppo import (BETA, B, N, P, base, hand_rollout,  # noqa: F401 (fixtures)
+                      perturbed, ptx_batch, ppo_config, run_train, toy_dirs, toy_overrides)
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax.models.lora import LoRA, apply_lora, init_lora, lora_param_count
@@ -190,3 +193,137 @@ def test_lora_no_recompilation_across_iterations(lora_run):
     # Iteration 2's window also holds the first checkpoint save's eager compiles; from then on
     # nothing compiles.
     assert compiles[2:] == [compiles[1]] * (LORA_ITERATIONS - 2), compiles
+
+
+# --- sharded == unsharded, through build()'s jitted steps ---------------------------------------
+
+MESH_UPDATES = 4          # 2 epochs x 2 minibatches of 4
+
+
+def lora_mesh_cfg():
+    # ptx rows = ptx_per_episode x minibatch_size = 8: divisible over data x fsdp = 8 of (8,1,1).
+    return ppo_config(f"data.max_prompt_len={P}", f"data.max_response_len={N}",
+                      "data.ptx_seq_len=8", "ppo.rollout_batch_size=8", "ppo.minibatch_size=4",
+                      "ppo.ptx_per_episode=2", "ppo.ptx_coef=1.0", "ppo.ema_decay=0.9",
+                      "ppo.lr=1e-2", "ppo.warmup_iterations=0", "ppo.iterations=1",
+                      "ppo.epochs=2", f"ppo.lora.rank={RANK}", f"ppo.lora.alpha={ALPHA}",
+                      f"ppo.value_lora.rank={RANK}", "ppo.value_lora.targets=('attn', 'mlp')")
+
+
+@pytest.fixture(scope="module")
+def lora_mesh_inputs(lora_nets):
+    """Host inputs shared by every mesh: weights, adapters with B != 0 (so the merged policy is
+    not the reference and every LoRA term matters), the hand rollout, ptx batches, minibatches."""
+    n = jax.device_get({k: lora_nets[k] for k in ("policy", "value", "frozen")})
+    adapters = perturbed(lora_nets["lora"].adapters, 21, 0.05)
+    # The value's trainables on the RM, B != 0 too.
+    value = perturbed(ppo.init_value_lora(n["frozen"].reward, n["value"], jax.random.key(8),
+                                          lora_mesh_cfg().ppo), 22, 0.05)
+    order = np.random.default_rng(0)
+    indices = [perm[i:i + 4] for perm in (order.permutation(B) for _ in range(2))
+               for i in (0, 4)]
+    return dict(policy=n["policy"], value=jax.device_get(value), reward=n["frozen"].reward,
+                adapters=jax.device_get(adapters), rollout=hand_rollout(),
+                ptx=[jax.device_get(ptx_batch(seed=30 + i, batch=8)) for i in range(MESH_UPDATES)],
+                indices=[i.astype(np.int32) for i in indices])
+
+
+def run_lora_steps(inputs, base_models, shape):
+    """Rollout, experience and MESH_UPDATES policy updates (PPO-ptx, EMA) and value updates
+    through the steps ``ppo.build`` jits for ``shape``, with the state placed as ``train``
+    places it."""
+    mesh = make_mesh(shape)
+    models = ppo.Models(*(m.clone(mesh=mesh) for m in (base_models.policy, base_models.value,
+                                                        base_models.reward)))
+    program = ppo.build(lora_mesh_cfg(), mesh, models=models)
+    info, steps = program.info, program.steps
+    place = lambda tree, like: jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), tree, like)
+    state = ppo.init_ppo_state(program.state, info["policy_opt"], info["value_opt"],
+                               inputs["adapters"], inputs["value"])
+    frozen = ppo.make_frozen(program.frozen, inputs["policy"], inputs["reward"],
+                             {"mean": 0.3, "std": 2.0})
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.policy.params))
+    base_arg = (frozen.reference,)
+
+    r = inputs["rollout"]
+    prompts = place((r["sequences"][:, :P], r["attention_mask"][:, :P]), steps["rollout"].args[1:3])
+    sampled = steps["rollout"].fn(state.policy.params, *prompts,
+                                  place(jax.random.key(7), steps["rollout"].args[3]), *base_arg)
+    rollout = place(ppo.Rollout(**r), steps["experience"].args[3])
+    experience = steps["experience"].fn(state.policy.params, state.value.params, frozen, rollout,
+                                        place(jnp.float32(BETA), steps["experience"].args[4]))
+    out = dict(sampled=jax.device_get(sampled), experience=jax.device_get(experience), stats=[])
+    policy, ema = state.policy, state.ema_params
+    for idx, ptx in zip(inputs["indices"], inputs["ptx"]):
+        policy, ema, stats = steps["update"].fn(policy, ema, experience,
+                                                place(idx, steps["update"].args[3]),
+                                                place(ptx, steps["update"].args[4]), *base_arg)
+        out["stats"].append(jax.device_get(stats))
+    value, out["value_stats"] = state.value, []
+    for idx in inputs["indices"]:
+        value, stats = steps["value_update"].fn(value, experience,
+                                                place(idx, steps["value_update"].args[2]),
+                                                frozen.reward)
+        out["value_stats"].append(jax.device_get(stats))
+    return out | dict(adapters=jax.device_get(policy.params), ema=jax.device_get(ema),
+                      opt_state=jax.device_get(policy.opt_state), step=int(policy.step),
+                      value=jax.device_get(value.params), value_step=int(value.step))
+
+
+@pytest.fixture(scope="module")
+def lora_mesh_runs(lora_mesh_inputs, lora_nets):
+    """``get(shape)``: ``run_lora_steps`` on that mesh, run once (the reference is shared)."""
+    out = {}
+
+    def get(shape):
+        if shape not in out:
+            out[shape] = run_lora_steps(lora_mesh_inputs, lora_nets["models"], shape)
+        return out[shape]
+    return get
+
+
+def assert_trees_close(got, ref, what, rtol=1e-5, atol=1e-5):
+    # atol: f32 rounding of log-probs ~ -3 (and of their small differences, the KL) reordered
+    # by a sharded reduction, and Adam's ~lr-sized steps on it, stay a few 1e-6 here.
+    leaves = jax.tree_util.tree_leaves_with_path(ref)
+    assert jax.tree.structure(got) == jax.tree.structure(ref), what
+    for (path, b), a in zip(leaves, jax.tree.leaves(got)):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol,
+                                   err_msg=f"{what}{jax.tree_util.keystr(path)}")
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (8, 1, 1)],
+                         ids=lambda shape: "x".join(map(str, shape)))
+def test_lora_steps_sharded_equal_single_device(lora_mesh_runs, lora_mesh_inputs, shape):
+    ref, got = lora_mesh_runs((1, 1, 1)), lora_mesh_runs(shape)
+    # Same key -> the same samples on any mesh.
+    for field in ("sequences", "attention_mask", "response_mask", "has_eos"):
+        np.testing.assert_array_equal(getattr(got["sampled"], field),
+                                      getattr(ref["sampled"], field), err_msg=field)
+    assert_trees_close(got["experience"], ref["experience"], "experience")
+    assert len(got["stats"]) == len(ref["stats"]) == MESH_UPDATES
+    for i, (g, r) in enumerate(zip(got["stats"], ref["stats"])):
+        assert set(g) == set(r) and "ptx_loss" in r
+        assert_trees_close(g, r, f"update {i} stats")
+    assert got["step"] == ref["step"] == MESH_UPDATES
+    assert_trees_close(got["adapters"], ref["adapters"], "adapters")
+    assert_trees_close(got["ema"], ref["ema"], "ema")
+    assert_trees_close(got["opt_state"], ref["opt_state"], "opt_state")
+    for i, (g, r) in enumerate(zip(got["value_stats"], ref["value_stats"])):
+        assert_trees_close(g, r, f"value update {i} stats")
+    assert got["value_step"] == ref["value_step"] == MESH_UPDATES
+    assert_trees_close(got["value"], ref["value"], "value")
+
+    # Not vacuous: the adapters made the policy differ from the reference (KL > 0), the updates
+    # moved every adapter, and the EMA trails them.
+    assert np.abs(ref["experience"].kl).sum() > 0.1
+    assert all(float(s["ptx_loss"]) > 0 and float(s["policy_grad_norm"]) > 0 for s in ref["stats"])
+    start = lora_mesh_inputs["adapters"]
+    for (path, new), old, ema in zip(jax.tree_util.tree_leaves_with_path(ref["adapters"]),
+                                     jax.tree.leaves(start), jax.tree.leaves(ref["ema"])):
+        assert np.abs(new - old).max() > 1e-3, jax.tree_util.keystr(path)
+        assert np.abs(ema - new).max() > 1e-4, jax.tree_util.keystr(path)
+    assert all(float(s["value_loss"]) > 0 for s in ref["value_stats"])
+    for (path, new), old in zip(jax.tree_util.tree_leaves_with_path(ref["value"]),
+                                jax.tree.leaves(lora_mesh_inputs["value"])):
+        assert np.abs(new - old).max() > 1e-4, jax.tree_util.keystr(path)
