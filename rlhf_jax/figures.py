@@ -40,6 +40,15 @@ def load_sweep(name: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def load_sweeps(*names: str) -> list[dict[str, Any]]:
+    """The summaries of those of ``names`` that exist, in order (the same table at more seeds
+    where they were run; CI's micro sweeps have only the first)."""
+    root = os.environ.get("RLHF_JAX_SWEEPS")
+    found = lambda name: os.path.exists(os.path.join(root, name, "sweep.json") if root
+                                        else os.path.join(DATA, f"{name}.json"))
+    return [load_sweep(name) for name in names if found(name)]
+
+
 def get(tree: Any, path: str, default: float = float("nan")) -> Any:
     """``tree["a"]["b"]`` for ``path="a.b"`` (model names may contain no dots)."""
     for key in path.split("."):
