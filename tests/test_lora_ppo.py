@@ -104,7 +104,9 @@ def test_update_moves_only_adapters_by_the_chain_rule(lora_nets):
     np.testing.assert_array_equal(part["layer_0"]["attn"]["q"]["a"], 0.0)
 
     opt = make_optimizer(3e-2)
-    state = TrainState(jnp.zeros((), jnp.int32), lora.adapters, opt.init(lora.adapters))
+    # Own buffers: the step donates them, and the fixture's adapters serve later tests.
+    own = jax.tree.map(jnp.copy, lora.adapters)
+    state = TrainState(jnp.zeros((), jnp.int32), own, opt.init(own))
     ema = jax.tree.map(jnp.copy, lora.adapters)
     base_before = jax.device_get(n["policy"])
     update = jax.jit(functools.partial(ppo.policy_update_step, models=n["models"], policy_opt=opt,

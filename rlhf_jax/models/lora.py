@@ -190,12 +190,17 @@ def lora_delta(a: jax.Array, b: jax.Array, n_lead: int = 0) -> jax.Array:
     return delta.reshape(lead + in_shape + out_shape)
 
 
-def apply_lora(params: PyTree, lora: LoRA, scale: Any = None) -> PyTree:
+def apply_lora(params: PyTree, lora: LoRA, scale: Any = None, shardings: PyTree = None) -> PyTree:
     """Parameters with ``kernel <- kernel + scale * A @ B`` for every adapted module.
 
     Also the merge: the result is a plain parameter tree for ``Transformer.apply``, a checkpoint
     or ``save_pretrained``. ``scale`` overrides ``lora.scale`` (a float or a jnp scalar; 0 turns
     the adapters off). Untouched leaves are the same objects as in ``params``.
+
+    ``shardings`` (``params``' shardings, inside jit): each ``A @ B`` is computed in its
+    kernel's sharding. Without it, replicated adapters make a replicated float32 product of
+    every kernel's full size on every device (an FSDP-sharded 1B model's update then needs more
+    memory than its full fine-tune).
     """
     scale = lora.scale if scale is None else scale
     out = dict(params)
@@ -210,6 +215,9 @@ def apply_lora(params: PyTree, lora: LoRA, scale: Any = None) -> PyTree:
                 if delta.shape != kernel.shape:
                     raise ValueError(f"adapter {'/'.join(child_path)} gives {delta.shape}, "
                                      f"kernel is {kernel.shape}")
+                if shardings is not None:
+                    delta = jax.lax.with_sharding_constraint(
+                        delta, _get(shardings, child_path)["kernel"])
                 module["kernel"] = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
                 _replace(out, child_path, module)
             else:

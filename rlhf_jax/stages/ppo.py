@@ -165,15 +165,17 @@ def value_lora_rank(cfg: Any) -> int:
     return rank if uses_value_network(cfg) else 0
 
 
-def lora_merge(base: Any, scale: float):
-    """adapters -> the policy's parameters ``apply_lora(base, adapters)``."""
-    return lambda adapters: apply_lora(base, LoRA(adapters, scale))
+def lora_merge(base: Any, scale: float, shardings: Any = None):
+    """adapters -> the policy's parameters ``apply_lora(base, adapters)`` (``shardings``: the
+    base's, so each A @ B is formed in its kernel's sharding)."""
+    return lambda adapters: apply_lora(base, LoRA(adapters, scale), shardings=shardings)
 
 
-def value_lora_merge(base: Any, scale: float):
+def value_lora_merge(base: Any, scale: float, shardings: Any = None):
     """``{"adapters", "score_head"}`` -> the value network's parameters: the frozen RM's trunk
     with the adapters merged in, and the trained head."""
-    return lambda trainable: {**apply_lora(base, LoRA(trainable["adapters"], scale)),
+    return lambda trainable: {**apply_lora(base, LoRA(trainable["adapters"], scale),
+                                           shardings=shardings),
                               "score_head": trainable["score_head"]}
 
 
@@ -181,12 +183,13 @@ def value_lora_merge(base: Any, scale: float):
 
 def make_experience(models: Models, policy_params: Any, value_params: Any, frozen: Frozen,
                     rollout: Rollout, kl_coef: jax.Array, *, prompt_len: int, cfg: Any,
-                    value_lora_scale: float = 0.0) -> Experience:
+                    value_lora_scale: float = 0.0, value_lora_shardings: Any = None) -> Experience:
     """Everything the update needs, computed once per rollout batch, without gradients, in f32.
 
     ``value_lora_scale`` > 0: ``value_params`` are the value LoRA's trainables on ``frozen.reward``."""
     if value_lora_scale:
-        value_params = value_lora_merge(frozen.reward, value_lora_scale)(value_params)
+        value_params = value_lora_merge(frozen.reward, value_lora_scale,
+                                        value_lora_shardings)(value_params)
     seqs, attn = rollout.sequences, rollout.attention_mask
     mask = rollout.response_mask.astype(jnp.float32)
     logprobs_of = lambda params: scoring.response_logprobs(
@@ -325,12 +328,12 @@ def value_objective(params: Any, models: Models, mb: Experience, *, prompt_len: 
 def policy_update_step(policy: TrainState, ema_params: Any, experience: Experience,
                        indices: jax.Array, ptx: Batch | None, base: Any = None, *, models: Models,
                        policy_opt: optax.GradientTransformation, prompt_len: int, cfg: Any,
-                       lora_scale: float = 1.0):
+                       lora_scale: float = 1.0, lora_shardings: Any = None):
     """One minibatch update of the policy: PPO + gamma_ptx x ptx in one gradient, then the EMA.
 
     With LoRA, ``policy.params`` (and the EMA) are the adapters and ``base`` the frozen weights."""
     mb = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), experience)
-    merge = None if base is None else lora_merge(base, lora_scale)
+    merge = None if base is None else lora_merge(base, lora_scale, lora_shardings)
     grads, stats = policy_gradient(policy.params, models, mb, ptx, prompt_len=prompt_len, cfg=cfg,
                                    merge=merge)
     updates, opt_state = policy_opt.update(grads, policy.opt_state, policy.params)
@@ -342,7 +345,8 @@ def policy_update_step(policy: TrainState, ema_params: Any, experience: Experien
 
 def value_update_step(value: TrainState, experience: Experience, indices: jax.Array,
                       base: Any = None, *, models: Models, value_opt: optax.GradientTransformation,
-                      prompt_len: int, cfg: Any, lora_scale: float = 1.0):
+                      prompt_len: int, cfg: Any, lora_scale: float = 1.0,
+                      lora_shardings: Any = None):
     """One minibatch update of the value network (clipped value loss).
 
     With value LoRA, ``value.params`` are ``{"adapters", "score_head"}`` and ``base`` the frozen RM."""
@@ -350,7 +354,7 @@ def value_update_step(value: TrainState, experience: Experience, indices: jax.Ar
     objective = functools.partial(value_objective, models=models, mb=mb, prompt_len=prompt_len,
                                   cfg=cfg)
     if base is not None:
-        merge = value_lora_merge(base, lora_scale)
+        merge = value_lora_merge(base, lora_scale, lora_shardings)
         objective = lambda trainable, f=objective: f(merge(trainable))
     (loss, stats), grads = jax.value_and_grad(objective, has_aux=True)(value.params)
     updates, opt_state = value_opt.update(grads, value.opt_state, value.params)
@@ -384,25 +388,26 @@ def rollout_step(params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array, rng
 
 
 def lora_rollout_step(adapters: Any, prompt_ids: jax.Array, prompt_mask: jax.Array,
-                      rng: jax.Array, base: Any, *, scale: float, **kwargs) -> Rollout:
+                      rng: jax.Array, base: Any, *, scale: float, shardings: Any = None,
+                      **kwargs) -> Rollout:
     """``rollout_step`` of the LoRA policy (adapters merged into the frozen base)."""
-    return rollout_step(apply_lora(base, LoRA(adapters, scale)), prompt_ids, prompt_mask, rng,
-                        **kwargs)
+    return rollout_step(lora_merge(base, scale, shardings)(adapters), prompt_ids, prompt_mask,
+                        rng, **kwargs)
 
 
 def lora_make_experience(models: Models, adapters: Any, value_params: Any, frozen: Frozen,
                          rollout: Rollout, kl_coef: jax.Array, *, scale: float,
-                         **kwargs) -> Experience:
+                         shardings: Any = None, **kwargs) -> Experience:
     """``make_experience`` of the LoRA policy: its base is ``frozen.reference`` (adapters off)."""
-    return make_experience(models, apply_lora(frozen.reference, LoRA(adapters, scale)),
+    return make_experience(models, lora_merge(frozen.reference, scale, shardings)(adapters),
                            value_params, frozen, rollout, kl_coef, **kwargs)
 
 
 def lora_ptx_gradient(adapters: Any, ptx: Batch, base: Any, *, models: Models, chunk: int,
-                      scale: float) -> tuple[jax.Array, Any]:
+                      scale: float, shardings: Any = None) -> tuple[jax.Array, Any]:
     """``ptx_gradient`` with respect to the adapters."""
-    return jax.value_and_grad(lambda a: ptx_objective(apply_lora(base, LoRA(a, scale)), models,
-                                                      ptx, chunk))(adapters)
+    merge = lora_merge(base, scale, shardings)
+    return jax.value_and_grad(lambda a: ptx_objective(merge(a), models, ptx, chunk))(adapters)
 
 
 def decode_step(params: Any, tokens: jax.Array, slot_mask: jax.Array, cache: dict,
@@ -496,6 +501,9 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
                                        else a.dtype, sharding=a.sharding), abstract_params(m, mesh))
     frozen = Frozen(abstract_params(policy, mesh) if rank else as_frozen(policy), as_frozen(reward),
                     jax.ShapeDtypeStruct((2,), jnp.float32, sharding=rep))
+    # The LoRA bases' shardings: each A @ B is formed in its kernel's sharding, not replicated.
+    base_shardings = shardings_of(frozen.reference) if rank else None
+    value_base_shardings = shardings_of(frozen.reward) if vrank else None
 
     # Batch shapes.
     b, mb_size = p.rollout_batch_size, p.minibatch_size
@@ -507,9 +515,11 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
     rollout = Rollout(*(jax.ShapeDtypeStruct(shape, dtype, sharding=shard(len(shape))) for shape, dtype in
                         (((b, t), jnp.int32), ((b, t), jnp.int32), ((b, n_new), jnp.int32),
                          ((b,), jnp.bool_))))
-    value_kw = {"value_lora_scale": value_lora_scale} if vrank else {}
+    value_kw = ({"value_lora_scale": value_lora_scale,
+                 "value_lora_shardings": value_base_shardings} if vrank else {})
     experience_step = (functools.partial(lora_make_experience, models, scale=lora_scale,
-                                         prompt_len=prompt_len, cfg=p, **value_kw) if rank else
+                                         shardings=base_shardings, prompt_len=prompt_len, cfg=p,
+                                         **value_kw) if rank else
                        functools.partial(make_experience, models, prompt_len=prompt_len, cfg=p,
                                          **value_kw))
     experience = jax.eval_shape(experience_step, state.policy.params, value_params, frozen,
@@ -532,8 +542,8 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
     # never donated; without LoRA they take exactly the arguments they always did.
     base_sh, base_arg = ((frozen_sh.reference,), (frozen.reference,)) if rank else ((), ())
     rollout_fn = jax.jit(
-        functools.partial(lora_rollout_step, scale=lora_scale, model=policy, sampling=sampling,
-                          mesh=mesh) if rank else
+        functools.partial(lora_rollout_step, scale=lora_scale, shardings=base_shardings,
+                          model=policy, sampling=sampling, mesh=mesh) if rank else
         functools.partial(rollout_step, model=policy, sampling=sampling, mesh=mesh),
         in_shardings=(p_sh, shard(2), shard(2), rep, *base_sh),
         out_shardings=shardings_of(rollout))
@@ -543,7 +553,8 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
     update_fn = jax.jit(
         functools.partial(policy_update_step, models=models, policy_opt=policy_opt,
                           prompt_len=prompt_len, cfg=p,
-                          **({"lora_scale": lora_scale} if rank else {})),
+                          **({"lora_scale": lora_scale, "lora_shardings": base_shardings}
+                             if rank else {})),
         in_shardings=(state_sh.policy, state_sh.ema_params, shardings_of(experience), rep,
                       None if ptx is None else shardings_of(ptx), *base_sh),
         out_shardings=(state_sh.policy, state_sh.ema_params, rep), donate_argnums=(0, 1))
@@ -566,7 +577,8 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
         value_update_fn = jax.jit(
             functools.partial(value_update_step, models=models, value_opt=value_opt,
                               prompt_len=prompt_len, cfg=p,
-                              **({"lora_scale": value_lora_scale} if vrank else {})),
+                              **({"lora_scale": value_lora_scale,
+                                  "lora_shardings": value_base_shardings} if vrank else {})),
             in_shardings=(state_sh.value, shardings_of(experience), rep, *value_base_sh),
             out_shardings=(state_sh.value, rep), donate_argnums=0)
         steps["value_update"] = Step("value_update", value_update_fn,
@@ -575,7 +587,7 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
     if ptx is not None:
         ptx_fn = jax.jit(
             functools.partial(lora_ptx_gradient, models=models, chunk=p.logprob_chunk,
-                              scale=lora_scale) if rank else
+                              scale=lora_scale, shardings=base_shardings) if rank else
             functools.partial(ptx_gradient, models=models, chunk=p.logprob_chunk),
             in_shardings=(p_sh, shardings_of(ptx), *base_sh), out_shardings=(rep, p_sh))
         steps["ptx"] = Step("ptx", ptx_fn, (state.policy.params, ptx, *base_arg),
