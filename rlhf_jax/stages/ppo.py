@@ -152,17 +152,26 @@ def uses_value_network(cfg: Any) -> bool:
     return advantage_kind(cfg) not in GROUP_ADVANTAGES
 
 
+def _section_rank(cfg: Any, section: str) -> int:
+    lora = cfg.get(section)
+    return int(lora.get("rank", 0) or 0) if lora is not None else 0
+
+
 def lora_rank(cfg: Any) -> int:
     """``ppo.lora.rank`` (0, LoRA off, for configs without the field)."""
-    lora = cfg.get("lora")
-    return int(lora.get("rank", 0) or 0) if lora is not None else 0
+    return _section_rank(cfg, "lora")
 
 
 def value_lora_rank(cfg: Any) -> int:
     """``ppo.value_lora.rank`` (0 when off, for configs without it, and for grpo / rloo)."""
-    lora = cfg.get("value_lora")
-    rank = int(lora.get("rank", 0) or 0) if lora is not None else 0
-    return rank if uses_value_network(cfg) else 0
+    return _section_rank(cfg, "value_lora") if uses_value_network(cfg) else 0
+
+
+def section_lora(params: Any, rng: jax.Array, p: Any, section: str) -> LoRA:
+    """Fresh adapters on ``params`` as ``ppo.<section>`` (lora / value_lora) configures them;
+    ``params`` may be ShapeDtypeStructs (``build``'s abstract state)."""
+    c = p[section]
+    return init_lora(params, rng, _section_rank(p, section), c.alpha, tuple(c.targets))
 
 
 def lora_merge(base: Any, scale: float, shardings: Any = None):
@@ -474,9 +483,8 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
     rep = replicated(mesh)
     lora_scale, value_lora_scale = 1.0, 0.0
     if rank:
-        lora_shape = jax.eval_shape(lambda k: init_lora(
-            abstract_params(policy, mesh), k, rank, p.lora.alpha, tuple(p.lora.targets)),
-            abstract_key(rep))
+        lora_shape = jax.eval_shape(
+            lambda k: section_lora(abstract_params(policy, mesh), k, p, "lora"), abstract_key(rep))
         lora_scale = lora_shape.scale
         policy_state = replicated_train_state(lora_shape.adapters, policy_opt, rep)
     else:
@@ -484,9 +492,8 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
     if vrank:
         check_value_lora(cfg, value, reward)
         value_shapes = abstract_params(value, mesh)
-        value_lora_shape = jax.eval_shape(lambda k: init_lora(
-            value_shapes, k, vrank, p.value_lora.alpha, tuple(p.value_lora.targets)),
-            abstract_key(rep))
+        value_lora_shape = jax.eval_shape(
+            lambda k: section_lora(value_shapes, k, p, "value_lora"), abstract_key(rep))
         value_lora_scale = value_lora_shape.scale
         value_state = replicated_train_state({"adapters": value_lora_shape.adapters,
                                               "score_head": value_shapes["score_head"]},
@@ -608,11 +615,11 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
 
     def random_args(name, state_, frozen_, rng):
         seed = int(jax.random.randint(rng, (), 0, 2**30))
+        base = (frozen_.reference,) if rank else ()
         vocab = policy.config.vocab_size
         if name == "rollout":
             data = random_batch(prompts, vocab, seed)
-            return (state_.policy.params, data["input_ids"], data["attention_mask"], rng,
-                    *((frozen_.reference,) if rank else ()))
+            return (state_.policy.params, data["input_ids"], data["attention_mask"], rng, *base)
         if name == "experience":
             return (state_.policy.params, state_.value.params if with_value else {}, frozen_,
                     random_batch(rollout, vocab, seed), jnp.float32(p.kl_coef))
@@ -622,11 +629,9 @@ def build(cfg: Any, mesh: Mesh, *, models: Models | None = None, eos_token_id: i
             if name == "value_update":
                 return (state_.value, exp_, idx, *((frozen_.reward,) if vrank else ()))
             return (state_.policy, state_.ema_params, exp_, idx,
-                    None if ptx is None else random_batch(ptx, vocab, seed + 1),
-                    *((frozen_.reference,) if rank else ()))
+                    None if ptx is None else random_batch(ptx, vocab, seed + 1), *base)
         if name == "ptx":
-            return (state_.policy.params, random_batch(ptx, vocab, seed),
-                    *((frozen_.reference,) if rank else ()))
+            return state_.policy.params, random_batch(ptx, vocab, seed), *base
         raise KeyError(f"PPO has no step {name!r}; steps: {sorted(steps)}")
 
     networks = {"policy": policy, "value": value, "reward": reward}
@@ -711,15 +716,14 @@ def _decode_body(policy: Transformer, p_sh: Any, params: Any, batch: int, slots:
 
 def init_policy_lora(policy_params: Any, rng: jax.Array, p: Any) -> dict:
     """Fresh adapters (A random, B zero: the merged policy starts equal to the base)."""
-    return init_lora(policy_params, rng, lora_rank(p), p.lora.alpha, tuple(p.lora.targets)).adapters
+    return section_lora(policy_params, rng, p, "lora").adapters
 
 
 def init_value_lora(reward_params: Any, value_params: Any, rng: jax.Array, p: Any) -> dict:
     """The value LoRA's trainables: fresh adapters on the RM (B zero: the value starts as
     ``value_params``' trunk, the RM's) and ``value_params``' score head."""
-    adapters = init_lora(reward_params, rng, value_lora_rank(p), p.value_lora.alpha,
-                         tuple(p.value_lora.targets)).adapters
-    return {"adapters": adapters, "score_head": value_params["score_head"]}
+    return {"adapters": section_lora(reward_params, rng, p, "value_lora").adapters,
+            "score_head": value_params["score_head"]}
 
 
 def lora_rng(seed: int) -> jax.Array:
