@@ -128,6 +128,7 @@ def sft_config() -> ml_collections.ConfigDict:
     c.data.overlong = "truncate"      # or "drop"
     c.data.pretrain_mix = 0.0         # fraction of each batch from pretraining text (paper: 0.1)
     c.data.pretrain_path = ""
+    c.data.pack = False               # plain text (pretrain format, the mix) packed into full rows
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 16

@@ -120,6 +120,7 @@ def _common(p: _Problems, cfg: Any) -> None:
     for field in ("ppo.kl_coef", "ppo.ptx_coef", "ppo.entropy_coef", "optim.grad_clip_norm",
                   "ppo.grad_clip_norm", "optim.weight_decay"):
         _check(p, cfg, field, *NON_NEGATIVE)
+    _check(p, cfg, "data.pack", lambda v: isinstance(v, bool), "True or False")
     _check(p, cfg, "data.max_k", lambda v: isinstance(v, int) and v >= 2,
            "an integer >= 2 (a comparison ranks at least two completions)")
     if _get(cfg, "ppo.ptx_coef", 0) and _number(_get(cfg, "ppo.ptx_coef")):

@@ -253,6 +253,7 @@ def tokenize_pretrain(
     overlong: str = "chunk",
     *,
     add_bos: bool = False,
+    pack: bool = False,
 ) -> tuple[dict[str, np.ndarray], TruncationStats]:
     """Tokenize pretraining text (the "ptx" mix of PPO-ptx) into fixed-length sequences.
 
@@ -267,12 +268,20 @@ def tokenize_pretrain(
     * ``"truncate"``: keep the first ``seq_len`` tokens;
     * ``"drop"``: skip the document.
 
+    ``pack=True`` (GPT-style packing; ``overlong`` is then moot) concatenates the
+    documents in order into one stream and cuts it into consecutive rows of exactly
+    ``seq_len`` tokens, so short documents no longer waste most of a row on padding.
+    Only the last row is padded (dropped if it holds < 2 tokens); attention crosses
+    document boundaries, and the ``<eos>`` between documents tells the model where
+    one ends. ``row_index`` is then the document of the row's first token, and
+    documents split across rows count as truncated.
+
     Returns:
         arrays: ``input_ids`` [M, seq_len] int32, ``attention_mask``, ``position_ids``
             [M, seq_len] int32, ``loss_mask`` [M, seq_len] float32 (1 on every real
-            token after the first), ``row_index`` [M] int32 (source document; M >= N
-            kept documents when chunking).
-        stats: documents seen / truncated-or-chunked / dropped.
+            token after the first of its row), ``row_index`` [M] int32 (source
+            document; M >= N kept documents when chunking).
+        stats: documents seen / truncated-or-chunked (split when packing) / dropped.
     """
     _check_positive(seq_len=seq_len)
     if seq_len < 2:
@@ -282,6 +291,8 @@ def tokenize_pretrain(
     documents = _encode([row["text"] for row in rows], tokenizer)
 
     stats = TruncationStats(n_total=len(rows), kind="pretrain documents")
+    if pack:
+        return _pack_documents(documents, seq_len, pad_id, eos_id, bos_id, stats)
     sequences: list[list[int]] = []
     sources: list[int] = []
     for i, ids in enumerate(documents):
@@ -309,16 +320,55 @@ def tokenize_pretrain(
     for slot, ids in enumerate(sequences):
         input_ids[slot, : len(ids)] = ids
         attention_mask[slot, : len(ids)] = 1
+    return _pretrain_arrays(input_ids, attention_mask, sources), stats
+
+
+def _pretrain_arrays(input_ids: np.ndarray, attention_mask: np.ndarray,
+                     sources: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
     loss_mask = attention_mask.astype(np.float32)
-    loss_mask[:, 0] = 0.0  # the first token has nothing before it to predict it from
-    arrays = {
+    loss_mask[:, 0] = 0.0  # the first token has nothing before it (in its row) to predict it from
+    return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": positions_from_mask(attention_mask),
         "loss_mask": loss_mask,
         "row_index": np.asarray(sources, np.int32),
     }
-    return arrays, stats
+
+
+def _pack_documents(documents: list[list[int]], seq_len: int, pad_id: int, eos_id: int,
+                    bos_id: int | None, stats: TruncationStats) -> tuple[dict[str, np.ndarray], TruncationStats]:
+    """``tokenize_pretrain(pack=True)``: one stream of ``[BOS?] text <eos>`` cut every ``seq_len``."""
+    prefix = [bos_id] if bos_id is not None else []
+    pieces: list[list[int]] = []
+    kept: list[int] = []
+    for i, ids in enumerate(documents):
+        ids = prefix + ids + [eos_id]
+        if len(ids) < 2:  # same rule as unpacked: an empty text is not a document
+            stats.n_dropped += 1
+            continue
+        pieces.append(ids)
+        kept.append(i)
+    _require_rows(len(pieces), stats, "the documents tokenized to nothing")
+    lengths = np.asarray([len(ids) for ids in pieces], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    stream = np.fromiter((t for ids in pieces for t in ids), np.int32, count=int(lengths.sum()))
+    n_rows = -(-len(stream) // seq_len)
+    # A document is split when a row boundary (the end of a dropped tail included) falls inside it.
+    boundaries = np.arange(1, n_rows, dtype=np.int64) * seq_len
+    at = np.searchsorted(starts, boundaries, side="right") - 1
+    stats.n_truncated = int(len(np.unique(at[boundaries > starts[at]])))
+    if len(stream) - (n_rows - 1) * seq_len < 2:  # a 1-token tail has no prediction target
+        n_rows -= 1  # never to 0: every document holds >= 2 tokens
+        stream = stream[: n_rows * seq_len]
+    input_ids = np.full(n_rows * seq_len, pad_id, np.int32)
+    attention_mask = np.zeros(n_rows * seq_len, np.int32)
+    input_ids[: len(stream)] = stream
+    attention_mask[: len(stream)] = 1
+    row_starts = np.arange(n_rows, dtype=np.int64) * seq_len
+    sources = np.asarray(kept, np.int64)[np.searchsorted(starts, row_starts, side="right") - 1]
+    return _pretrain_arrays(input_ids.reshape(n_rows, seq_len), attention_mask.reshape(n_rows, seq_len),
+                            sources), stats
 
 
 def tokenize_comparisons(

@@ -3,7 +3,8 @@
 Loss: next-token cross-entropy on **response tokens only** (prompt and padding are masked out).
 ``cfg.data.format = "pretrain"`` trains on every token of plain text instead, which is how the
 small runs make their base LM. An optional pretraining mix puts ``pretrain_mix`` of every batch's
-rows from the text corpus (InstructGPT's PPO-init SFT uses 10%).
+rows from the text corpus (InstructGPT's PPO-init SFT uses 10%). ``cfg.data.pack`` packs plain
+text (the pretrain format and the mix) into full rows instead of one padded document per row.
 
     rlhf-jax sft --config experiments/tiny_sft.py --workdir runs/sft
 """
@@ -98,9 +99,12 @@ def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict, dict | None]:
     else:
         train_rows, valid_rows = common.split_rows(rows, data.valid_fraction, cfg.seed)
 
+    pack = bool(data.get("pack", False))
+
     def tokenize(rows_, kind):
         if data.format == "pretrain":
-            arrays, stats = tokenize_pretrain(rows_, tokenizer, seq_len, data.get("pretrain_overlong", "chunk"))
+            arrays, stats = tokenize_pretrain(rows_, tokenizer, seq_len, data.get("pretrain_overlong", "chunk"),
+                                              pack=pack)
         else:
             arrays, stats = tokenize_demonstrations(rows_, tokenizer, data.max_prompt_len,
                                                     data.max_response_len, data.overlong)
@@ -112,7 +116,7 @@ def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict, dict | None]:
     mix = None
     if data.get("pretrain_mix", 0.0) > 0:
         mix_rows = read_source(data.pretrain_path, "pretrain", data_dir=data.get("tfds_data_dir"))
-        mix_arrays, stats = tokenize_pretrain(mix_rows, tokenizer, seq_len, "chunk")
+        mix_arrays, stats = tokenize_pretrain(mix_rows, tokenizer, seq_len, "chunk", pack=pack)
         log.info("pretrain mix %s", stats)
         mix = {k: mix_arrays[k] for k in BATCH_KEYS}
     return train, valid, mix
