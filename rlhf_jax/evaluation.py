@@ -74,7 +74,9 @@ def generate_texts(model: Transformer, params: Any, tokenizer: Any,
     """Sample one response per prompt; returns decoded texts and the token arrays.
 
     Returns {"texts": [N] str, "sequences" [N, P+M], "attention_mask", "response_mask" [N, M],
-    "prompt_len": P}. Decoding stops at EOS; see ``decode_response`` for the texts.
+    "prompt_len": P, "temperature": float}. Decoding stops at EOS; see ``decode_response`` for
+    the texts. ``temperature`` is the one the samples were drawn at (1.0 for greedy, which takes
+    the argmax of the raw logits), so ``kl_to_reference`` scores them under that distribution.
     """
     arrays, _ = tokenize_prompts(_prompt_rows(prompts), tokenizer, max_prompt_len, "truncate")
     if len(arrays["input_ids"]) != len(prompts):
@@ -94,25 +96,38 @@ def generate_texts(model: Transformer, params: Any, tokenizer: Any,
             outs[k].append(np.asarray(result[k])[:n_real])
     out = {k: np.concatenate(v) for k, v in outs.items()}
     out["prompt_len"] = max_prompt_len
-    out["texts"] = [decode_response(tokenizer, seq[max_prompt_len:][mask > 0])
+    out["temperature"] = 1.0 if greedy else float(temperature)
+    out["texts"] = [decode_response(tokenizer, seq[max_prompt_len:], mask)
                     for seq, mask in zip(out["sequences"], out["response_mask"])]
     return out
 
 
-def decode_response(tokenizer: Any, ids: np.ndarray) -> str:
-    """A response's text as a judge should see it: padding, BOS and EOS dropped, every other
-    token kept. ``skip_special_tokens`` would also drop ``<unk>``, a real (and bad) output word,
-    so a model that emits it would be judged on a cleaned-up text it never wrote."""
-    framing = {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id} - {None}
-    return tokenizer.decode([int(i) for i in ids if int(i) not in framing],
-                            skip_special_tokens=False).strip()
+def decode_response(tokenizer: Any, ids: np.ndarray, response_mask: np.ndarray | None = None) -> str:
+    """A response's text as a judge should see it: every token the model sampled, as written.
+
+    Only framing is removed: the positions after the response (``response_mask`` 0, when given)
+    and everything from the first EOS on. The sampler fills the positions after EOS with pad and
+    gives them mask 0, while a pad or BOS id the model sampled inside its response has mask 1 and
+    comes before any EOS, so dropping those ids by value would judge a cleaned-up text the model
+    never wrote (as ``skip_special_tokens`` would with ``<unk>``). Where pad == EOS (GPT-2-style
+    tokenizers) a sampled pad is an EOS and ends the response, as it did in the sampler.
+    """
+    ids = np.asarray(ids).reshape(-1)
+    if response_mask is not None:
+        ids = ids[np.asarray(response_mask).reshape(-1) > 0]
+    kept = [int(i) for i in ids]
+    if tokenizer.eos_token_id is not None and int(tokenizer.eos_token_id) in kept:
+        kept = kept[:kept.index(int(tokenizer.eos_token_id))]
+    return tokenizer.decode(kept, skip_special_tokens=False).strip()
 
 
 # --- scoring token arrays ----------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("model", "prompt_len"))
-def _response_logprob_sum(model, params, sequences, attention_mask, response_mask, prompt_len):
-    lp = scoring.response_logprobs(model, params, sequences, attention_mask, prompt_len)["logprobs"]
+@functools.partial(jax.jit, static_argnames=("model", "prompt_len", "temperature"))
+def _response_logprob_sum(model, params, sequences, attention_mask, response_mask, prompt_len,
+                          temperature=1.0):
+    lp = scoring.response_logprobs(model, params, sequences, attention_mask, prompt_len,
+                                   temperature=temperature)["logprobs"]
     return obj.masked_sum(lp, response_mask.astype(jnp.float32), axis=-1)
 
 
@@ -127,21 +142,37 @@ def _map_batches(fn, arrays: Mapping[str, np.ndarray], mesh: Mesh | None, batch_
     return np.concatenate(outs)
 
 
+def _sampling_temperature(samples: Mapping[str, Any], temperature: float | None) -> float:
+    if temperature is None:
+        temperature = samples.get("temperature", 1.0)
+    return float(temperature)
+
+
 def response_logprobs(model: Transformer, params: Any, samples: Mapping[str, Any],
-                      mesh: Mesh | None = None, batch_size: int = 64) -> np.ndarray:
-    """Sum of log pi(response | prompt) for each sample, [N] float32."""
+                      mesh: Mesh | None = None, batch_size: int = 64, *,
+                      temperature: float | None = None) -> np.ndarray:
+    """Sum of log pi(response | prompt) for each sample, [N] float32, with pi = softmax(logits /
+    temperature): the distribution the samples were drawn from, as PPO scores its rollouts.
+    ``temperature=None`` reads ``samples["temperature"]`` (``generate_texts`` sets it), else 1."""
     keys = ("sequences", "attention_mask", "response_mask")
+    temperature = _sampling_temperature(samples, temperature)
     return _map_batches(lambda b: _response_logprob_sum(model, params, b["sequences"],
                                                         b["attention_mask"], b["response_mask"],
-                                                        samples["prompt_len"]),
+                                                        samples["prompt_len"], temperature),
                         {k: samples[k] for k in keys}, mesh, batch_size)
 
 
 def kl_to_reference(model: Transformer, params: Any, ref_params: Any, samples: Mapping[str, Any],
-                    mesh: Mesh | None = None) -> float:
-    """Monte-Carlo KL(pi || pi_ref) per response, on the policy's own samples (nats)."""
-    return float(np.mean(response_logprobs(model, params, samples, mesh)
-                         - response_logprobs(model, ref_params, samples, mesh)))
+                    mesh: Mesh | None = None, *, temperature: float | None = None) -> float:
+    """Monte-Carlo KL(pi || pi_ref) per response, on the policy's own samples (nats).
+
+    Both policies are tempered by the samples' temperature: a Monte-Carlo estimate is only
+    unbiased under the distribution that drew the samples, and it is the KL PPO penalizes.
+    """
+    temperature = _sampling_temperature(samples, temperature)
+    return float(np.mean(response_logprobs(model, params, samples, mesh, temperature=temperature)
+                         - response_logprobs(model, ref_params, samples, mesh,
+                                             temperature=temperature)))
 
 
 def proxy_scores(reward_model: Transformer, params: Any, norm: Mapping[str, float] | None,
@@ -157,9 +188,12 @@ def score_texts(reward_model: Transformer, params: Any, norm: Mapping[str, float
                 tokenizer: Any, prompts: Sequence[str | Mapping[str, Any]],
                 responses: Sequence[str], *, max_prompt_len: int, max_response_len: int,
                 mesh: Mesh | None = None) -> np.ndarray:
-    """Normalized RM scores of (prompt, response) text pairs (laid out as in RM training)."""
-    rows = [{**row, "completion": r if r else tokenizer.eos_token}
-            for row, r in zip(_prompt_rows(prompts), responses)]
+    """Normalized RM scores of (prompt, response) text pairs (laid out as in RM training).
+
+    An empty response is prompt + EOS, the layout the RM trained on and PPO scores (a rollout
+    whose first token is EOS); the demonstration layout appends that EOS itself.
+    """
+    rows = [{**row, "completion": r} for row, r in zip(_prompt_rows(prompts), responses)]
     arrays, _ = tokenize_demonstrations(rows, tokenizer, max_prompt_len, max_response_len, "truncate")
     raw = _map_batches(lambda b: _raw_rewards(reward_model, params, b["input_ids"],
                                                    b["attention_mask"]),

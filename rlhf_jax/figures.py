@@ -75,14 +75,34 @@ def win(summary: dict, model: str, group: str = "heldout_labelers") -> tuple[np.
     return rate, np.stack([rate - ci[:, 0], ci[:, 1] - rate])
 
 
+def average_ranks(v: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties sharing the mean of the ranks they span (scipy's "average")."""
+    v = np.asarray(v, dtype=float)
+    order = np.argsort(v, kind="stable")
+    ordered = v[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    sizes = np.diff(np.r_[starts, len(v)])
+    group_rank = starts + (sizes + 1) / 2.0
+    ranks = np.empty(len(v), dtype=float)
+    ranks[order] = np.repeat(group_rank, sizes)
+    return ranks
+
+
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Rank correlation of the finite pairs: the sign of a trend without assuming its shape."""
+    """Rank correlation of the finite pairs: the sign of a trend without assuming its shape.
+
+    As ``scipy.stats.spearmanr``: tied values share their average rank, and a constant series
+    gives nan, since it has no trend to agree or disagree with (distinct ranks for ties would
+    make a flat series a perfect +1). Verdicts compare it with 0, so nan reads as "does not
+    hold". Under 3 finite pairs is nan too: two points always correlate perfectly.
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     keep = np.isfinite(x) & np.isfinite(y)
     if keep.sum() < 3:
         return float("nan")
-    rx, ry = (np.argsort(np.argsort(v[keep])).astype(float) for v in (x, y))
-    if rx.std() == 0 or ry.std() == 0:
-        return 0.0
+    rx, ry = average_ranks(x[keep]), average_ranks(y[keep])
+    if np.all(rx == rx[0]) or np.all(ry == ry[0]):
+        return float("nan")
     return float(np.corrcoef(rx, ry)[0, 1])
 
 

@@ -8,11 +8,19 @@ pay for ``max_new_tokens`` forward passes.
 
 Two log-probabilities are returned per sampled token:
 
-* ``logprobs``: log-softmax of the *raw* logits (temperature 1, no filtering). PPO's ratio and
-  KL penalty compare the policy's own distribution, which is this one, not the distorted
-  distribution the sampler happened to draw from.
+* ``logprobs``: log-softmax of the *raw* logits (temperature 1, no filtering).
 * ``sampling_logprobs``: under the tempered / top-k / top-p distribution actually sampled from
   (0 for greedy, a point mass). Useful for diagnostics and importance corrections.
+
+Neither is what PPO trains on: its experience pass and update rescore the rollout with
+``scoring.response_logprobs(..., temperature=cfg.temperature)``, softmax(logits / T) without the
+top-k / top-p filters, for the old, new and reference log-probs alike, so the ratio and the KL
+penalty use the sampling temperature's distribution consistently. Evaluation's KL
+(``evaluation.kl_to_reference``) scores samples at the temperature that drew them too.
+
+A response's tokens carry ``response_mask`` 1, its EOS included; the positions after EOS are pad
+with mask 0. A pad id the model itself sampled inside its response has mask 1, so the mask, not
+the id, tells padding apart (``evaluation.decode_response`` keeps such a token in the text).
 
 With a mesh the batch is split over ('data', 'fsdp') and the KV cache follows
 ``cache_sharding``; parameters keep their model shardings.

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax.models import Transformer, init_params, place_params, tiny_config
-from rlhf_jax.sampling import (SamplingConfig, filter_logits, make_generate_fn, sample_logits,
-                               sample_with_logprobs)
+from rlhf_jax.sampling import (SamplingConfig, _DecodeState, _record_sample, filter_logits,
+                               make_generate_fn, sample_logits, sample_with_logprobs)
 from rlhf_jax.sharding import make_mesh
 
 BATCH, PROMPT_LEN, NEW_TOKENS = 8, 6, 6
@@ -145,6 +145,30 @@ def test_loop_exits_early_when_every_sequence_has_stopped(gpt2_setup):
     np.testing.assert_array_equal(out["response_mask"][:, 0], 1)
     np.testing.assert_array_equal(out["response_mask"][:, 1:], 0)
     np.testing.assert_array_equal(out["response_ids"][:, 1:], PAD)
+
+
+def test_a_sampled_pad_has_mask_one_and_padding_after_eos_mask_zero():
+    """The mask, not the id, tells a pad the model wrote from the padding after its EOS."""
+    eos, word, vocab, prompt_len, n = 1, 5, 8, 2, 3
+    cfg = dataclasses.replace(GREEDY, max_new_tokens=n, eos_token_id=eos)
+
+    def one_hot_logits(tokens):
+        return jnp.asarray(np.eye(vocab, dtype=np.float32)[tokens] * 10.0)
+
+    state = _DecodeState(
+        step=jnp.int32(0), input_tokens=jnp.zeros((2,), jnp.int32), cache=None,
+        slot_mask=jnp.asarray([[1, 1, 0, 0, 0]] * 2, jnp.int32),
+        response_ids=jnp.full((2, n), PAD, jnp.int32),
+        response_mask=jnp.zeros((2, n), jnp.int32),
+        logprobs=jnp.zeros((2, n), jnp.float32), sampling_logprobs=jnp.zeros((2, n), jnp.float32),
+        done=jnp.zeros((2,), bool))
+    # Row 0 samples pad, a word, EOS; row 1 samples EOS first, then would sample words.
+    for tokens in ([PAD, eos], [word, word], [eos, word]):
+        state = _record_sample(state, one_hot_logits(tokens), jax.random.key(0), prompt_len, cfg)
+    np.testing.assert_array_equal(state.response_ids, [[PAD, word, eos], [eos, PAD, PAD]])
+    np.testing.assert_array_equal(state.response_mask, [[1, 1, 1], [1, 0, 0]])
+    np.testing.assert_array_equal(state.slot_mask, [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(state.done, [True, True])
 
 
 # --- filters and stochastic sampling -------------------------------------------------------
