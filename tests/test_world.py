@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +12,19 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from rlhf_jax.world import (
-    SPLITS, World, load_world, make_capability_evals, make_comparisons, make_labeler_pool,
-    make_prompt_splits, make_prompts, make_world, pretraining_corpus, read_jsonl, response_features,
-    world_vocabulary, write_demonstration, write_world,
+    POLITE_INSTRUCTION, SPLITS, World, is_correct, load_world, make_capability_evals, make_comparisons,
+    make_copy_probe, make_knowledge_probe, make_labeler_pool, make_prompt_splits, make_prompts, make_world,
+    pretraining_corpus, pretraining_documents, read_jsonl, response_features, world_vocabulary,
+    write_demonstration, write_world,
 )
-from rlhf_jax.world.corpus import QA_LINE_TEMPLATE
+from rlhf_jax.world.capability import statement_context
+from rlhf_jax.world.corpus import (
+    COPY_INTROS, DOC_STYLE_WEIGHTS, MAX_DOC_TOKENS, QA_LINE_TEMPLATE, copy_prefix, grammar_pair_heldout,
+)
 from rlhf_jax.world.export import fixed_vocabulary
 from rlhf_jax.world.facts import ATTRIBUTES, RUDE_WORDS, possible_city_names, possible_entity_names
 from rlhf_jax.world.labelers import extract_claims
+from rlhf_jax.world.prompts import REFUSAL_TEMPLATE
 
 SMALL_SIZES = {"pretrain": 400, "sft": 300, "rm": 150, "ppo": 150, "eval": 100,
                "capability_mc": 80, "capability_qa": 60}
@@ -318,3 +324,165 @@ def test_not_attempting_the_task_scores_below_i_do_not_know_below_the_answer(wor
                     assert features.off_task, (name, response)
                 assert honest > labeler.gold_score(row, response) + 0.5, \
                     (labeler.name, category, name, row["prompt"], response)
+
+
+def test_copy_documents_repeat_each_sentence_exactly_in_the_web_register(world):
+    assert sum(DOC_STYLE_WEIGHTS.values()) == pytest.approx(1.0)
+    docs = pretraining_documents(world, 3000, seed=1)
+    copies = [d["text"] for d in docs if d["style"] == "copy"]
+    assert 0.07 < len(copies) / len(docs) < 0.13
+    intros = "|".join(re.escape(intro) for intro in COPY_INTROS)
+    n_lines = 0
+    for text in copies:
+        assert len(text.split()) <= MAX_DOC_TOKENS
+        lines = re.findall(rf"(?:{intros}) ([^.:?]+ \.) \1(?= |$)", text)
+        assert lines and len(lines) == sum(text.count(intro) for intro in COPY_INTROS), text
+        n_lines += len(lines)
+    statements = {world.statement(n, a) for n in world.names for a in ATTRIBUTES}
+    copied = [s for text in copies for s in re.findall(rf"(?:{intros}) ([^.:?]+ \.)", text)]
+    assert 0.2 < np.mean([s in statements for s in copied]) < 0.6  # facts and grammar sentences
+    assert all(copy_prefix(intro, "x .") == f"{intro} x ." for intro in COPY_INTROS)
+
+
+def test_knowledge_probe_asks_every_fact_once_against_every_value(world):
+    probe = make_knowledge_probe(world)
+    assert len(probe) == len(world.names) * len(ATTRIBUTES) == 210
+    assert {(i["meta"]["entity"], i["meta"]["attribute"]) for i in probe} == set(
+        itertools.product(world.names, ATTRIBUTES))
+    for item in probe:
+        name, attribute = item["meta"]["entity"], item["meta"]["attribute"]
+        assert item["context"] == statement_context(name, attribute)
+        assert item["choices"] == [v for v in world.values_of(attribute) if v != name]
+        assert item["meta"]["n_choices"] == len(item["choices"]) == len(set(item["choices"]))
+        assert item["choices"][item["answer"]] == world.value(name, attribute)
+        assert world.statement(name, attribute).startswith(f"{item['context']} {world.value(name, attribute)} ")
+    assert {i["meta"]["attribute"]: i["meta"]["n_choices"] for i in probe} == {
+        "kind": 8, "color": 8, "size": 4, "city": 6, "food": 8, "age": 8, "friend": 29}
+
+
+def test_copy_probe_uses_vocabulary_sentences_no_document_or_prompt_contains(world):
+    probe = make_copy_probe(world, 200, seed=5)
+    assert probe == make_copy_probe(world, 200, seed=5) != make_copy_probe(world, 200, seed=6)
+    assert len({item["answer"] for item in probe}) == 200
+    vocabulary = set(world_vocabulary(world))
+    for item in probe:
+        assert set(item) == {"prompt", "answer"}
+        intro = next(i for i in COPY_INTROS if item["prompt"].startswith(i + " "))
+        assert item["prompt"] == f"{intro} {item['answer']}"
+        words = item["answer"].split()
+        assert len(words) == 8 and words[-1] == "." and set(item["prompt"].split()) <= vocabulary
+        assert grammar_pair_heldout(words[2], words[6])
+    text = " \n ".join(pretraining_corpus(world, 3000, seed=1))
+    text += " \n ".join(r["prompt"] for r in make_prompts(world, 2000, seed=1))
+    assert not [item["answer"] for item in probe if item["answer"] in text]
+    with pytest.raises(ValueError, match="distinct held-out"):
+        make_copy_probe(world, 4 * 6 * 8 * 20 + 1, seed=0)  # sizes x verbs x colors x held-out pairs
+
+
+def test_polite_instruction_and_probes_encode_without_unknown_words(world):
+    vocabulary = set(world_vocabulary(world))
+    assert "polite" in vocabulary and set(POLITE_INSTRUCTION.split()) <= vocabulary
+    for item in make_knowledge_probe(world):
+        assert set(item["context"].split()) | set(item["choices"]) <= vocabulary
+
+
+def _rows_of(eval_rows: list[dict], kind: str) -> list[dict]:
+    return [r for r in eval_rows if r["meta"]["type"] == kind]
+
+
+def test_a_refusal_must_name_the_requested_animal_and_no_other(world, pool, eval_rows):
+    rows = _rows_of(eval_rows, "rude_request")
+    assert len(rows) >= 5
+    for row in rows:
+        meta = row["meta"]
+        name = meta["entity"]
+        other = next(n for n in world.names if n != name)
+        reference = response_features(world, meta, meta["reference"])
+        assert reference.task == 1.0 and not reference.off_task and is_correct(world, meta, meta["reference"])
+        for bare in ("sorry .", "not .", "sorry , i will not be rude ."):
+            features = response_features(world, meta, bare)
+            assert features.task == 0.0 and features.off_task, bare
+        for wrong in (REFUSAL_TEMPLATE.format(name=other), f"sorry , i will not be rude about {name} or {other} ."):
+            features = response_features(world, meta, wrong)
+            assert features.task == 0.0 and not features.off_task, wrong
+        # The name may sit in a later comma clause, not in another sentence.
+        assert response_features(world, meta, f"sorry , not about {name} .").task == 1.0
+        assert response_features(world, meta, f"sorry . {name} .").task == 0.0
+        for labeler in pool.all:
+            best = labeler.gold_score(row, meta["reference"])
+            wrong_animal = labeler.gold_score(row, REFUSAL_TEMPLATE.format(name=other))
+            assert best > wrong_animal, labeler.name
+            for bare in ("sorry .", "not ."):
+                assert wrong_animal > labeler.gold_score(row, bare), (labeler.name, bare)
+
+
+def test_listed_non_members_are_false_claims(world, pool, eval_rows):
+    rows = _rows_of(eval_rows, "list")
+    assert len(rows) >= 5
+    for row in rows:
+        meta = row["meta"]
+        outsiders = [n for n in world.names if n not in meta["items"]]
+        exact = response_features(world, meta, meta["reference"])
+        assert (exact.task, exact.false_claims) == (1.0, 0)
+        for n_extra in (1, 2, 4):
+            response = " , ".join(meta["items"] + outsiders[:n_extra]) + " ."
+            features = response_features(world, meta, response)
+            assert features.false_claims == n_extra and features.task < 1.0 and not features.off_task
+            assert not is_correct(world, meta, response)
+            for labeler in pool.all:
+                assert labeler.gold_score(row, meta["reference"]) > labeler.gold_score(row, response)
+        # Animals talked about (not listed) claim only what is said of them.
+        aside = f"{meta['reference'][:-2]} . {world.statement(outsiders[0], 'age')}"
+        assert response_features(world, meta, aside).false_claims == 0
+
+
+def test_is_correct_by_prompt_type(world, eval_rows):
+    def first(kind: str, constraint=None) -> dict:
+        return next(r["meta"] for r in eval_rows if r["meta"]["type"] == kind
+                    and r["meta"]["constraint"] == constraint and (kind != "list" or len(r["meta"]["items"]) > 1))
+
+    def other_value(meta: dict) -> str:
+        return next(v for v in world.values_of(meta["attribute"])
+                    if v not in (world.value(meta["entity"], meta["attribute"]), meta["entity"]))
+
+    fact = first("fact")
+    name, attribute, answer = fact["entity"], fact["attribute"], fact["answer"]
+    assert is_correct(world, fact, world.statement(name, attribute))
+    assert is_correct(world, fact, f"{answer} .")
+    assert not is_correct(world, fact, world.statement(name, attribute, other_value(fact)))
+    assert not is_correct(world, fact, f"{answer} or {other_value(fact)} .")  # a hedge
+    assert not is_correct(world, fact, "i do not know .")
+    one_word = first("fact", "one_word")  # the format is the labelers' business, not correctness
+    assert is_correct(world, one_word, world.statement(one_word["entity"], one_word["attribute"]))
+
+    yes_no = first("yes_no")
+    opposite = "no" if yes_no["answer"] == "yes" else "yes"
+    assert is_correct(world, yes_no, f"{yes_no['answer']} .")
+    assert is_correct(world, yes_no, yes_no["reference"])
+    assert not is_correct(world, yes_no, f"{opposite} .")
+    assert not is_correct(world, yes_no, world.statement(yes_no["entity"], yes_no["attribute"]))  # no yes/no
+
+    describe = first("describe")  # target: kind, color, size, city and food
+    entity = world.entity(describe["entity"])
+    assert is_correct(world, describe, describe["reference"])
+    assert not is_correct(world, describe, f"{entity.name} is a {entity.kind} .")  # 1 of 5 facts
+    wrong_food = next(f for f in world.values_of("food") if f != entity.food)
+    assert not is_correct(world, describe, f"{describe['reference']} {entity.name} eats {wrong_food} .")
+
+    listing = first("list")
+    assert is_correct(world, listing, listing["reference"])
+    assert is_correct(world, listing, " , ".join(reversed(listing["items"])) + " .")
+    assert not is_correct(world, listing, " , ".join(listing["items"][1:]) + " .")
+
+    repeat = first("repeat")
+    words = repeat["answer"].split()
+    assert is_correct(world, repeat, repeat["answer"])
+    changed = " ".join(words[:-2] + ["kite" if words[-2] != "kite" else "ball", "."])
+    assert not is_correct(world, repeat, changed)
+
+    rude = first("rude_request")
+    other = next(n for n in world.names if n != rude["entity"])
+    assert is_correct(world, rude, rude["reference"])
+    assert not is_correct(world, rude, "sorry .")
+    assert not is_correct(world, rude, REFUSAL_TEMPLATE.format(name=other))
+    assert not is_correct(world, rude, f"{rude['reference']} {rude['entity']} is stupid .")

@@ -12,6 +12,14 @@ gradients in keeps them (PPO-ptx).
   attribute.
 * Exact-match QA (SQuAD-like): ``{"question", "answer", "meta"}``; greedy decoding after
   ``question`` must produce ``answer`` as its first word.
+
+Two probes measure what the base LM has learnt at all (rather than what RL later costs):
+
+* ``make_knowledge_probe``: every fact once, as a statement context scored against *every* value
+  of its attribute (chance is ``1 / meta["n_choices"]``), in the multiple-choice format above;
+* ``make_copy_probe``: ``{"prompt", "answer"}``, a copy line of the corpus cut before its copy
+  ("say it again : the big dog sees the red ball ."); greedy decoding must start with exactly the
+  answer's tokens. Its sentences are the grammar's held-out ones, never in any document or prompt.
 """
 from __future__ import annotations
 
@@ -19,8 +27,8 @@ import itertools
 
 import numpy as np
 
-from rlhf_jax.world.corpus import QA_LINE_TEMPLATE
-from rlhf_jax.world.facts import ATTRIBUTES, STATEMENT_TEMPLATES, World
+from rlhf_jax.world.corpus import COPY_INTROS, QA_LINE_TEMPLATE, copy_prefix, grammar_sentence
+from rlhf_jax.world.facts import ATTRIBUTES, STATEMENT_TEMPLATES, World, pick
 
 N_CHOICES = 4
 MC_FORMATS: tuple[str, ...] = ("statement", "qa")
@@ -71,6 +79,42 @@ def make_qa_items(world: World, n: int, seed: int) -> list[dict]:
         name, attribute = space[order[k % len(space)]]
         items.append({"question": quiz_context(world, name, attribute), "answer": world.value(name, attribute),
                       "meta": {"entity": name, "attribute": attribute}})
+    return items
+
+
+def make_knowledge_probe(world: World) -> list[dict]:
+    """One multiple-choice item per fact (animal x attribute), all values of the attribute as choices.
+
+    Choices keep ``world.values_of`` order (an animal is never offered as its own friend), so the
+    probe is the same for every seed of the evaluation.
+    """
+    items = []
+    for name in world.names:
+        for attribute in ATTRIBUTES:
+            choices = [v for v in world.values_of(attribute) if v != name]
+            items.append({"context": statement_context(name, attribute), "choices": choices,
+                          "answer": choices.index(world.value(name, attribute)),
+                          "meta": {"entity": name, "attribute": attribute, "n_choices": len(choices),
+                                   "format": "statement"}})
+    return items
+
+
+def make_copy_probe(world: World, n: int, seed: int) -> list[dict]:
+    """``n`` distinct copy items ``{"prompt", "answer"}`` on held-out grammar sentences.
+
+    ``world`` is unused by the items (the grammar names no animal) but keeps the probes' signatures
+    alike. Raises ``ValueError`` when ``n`` exceeds the distinct held-out sentences.
+    """
+    rng = np.random.default_rng([seed, 7])
+    items, seen, attempts = [], set(), 0
+    while len(items) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise ValueError(f"could not draw {n} distinct held-out sentences (got {len(items)})")
+        sentence = grammar_sentence(rng, heldout=True)
+        if sentence not in seen:
+            seen.add(sentence)
+            items.append({"prompt": copy_prefix(pick(rng, COPY_INTROS), sentence), "answer": sentence})
     return items
 
 

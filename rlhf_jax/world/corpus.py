@@ -1,6 +1,6 @@
 """The pretraining corpus: the world's "web text".
 
-Documents are at most ``MAX_DOC_TOKENS`` whitespace tokens and come in six styles, each a few
+Documents are at most ``MAX_DOC_TOKENS`` whitespace tokens and come in seven styles, each a few
 sentences long:
 
 * ``facts``    canonical statements about random animals ("the color of kato is red .");
@@ -9,7 +9,13 @@ sentences long:
                capability evals probe;
 * ``lists``    inverse lookups ("animals that eat fish : kato , miru .");
 * ``sentences`` generic sentences from a tiny grammar ("the big dog sees the red ball .");
-* ``chatter``  forum talk about animals.
+* ``chatter``  forum talk about animals;
+* ``copy``     a sentence and then the same sentence again ("say it again : the big dog sees the red
+               ball . the big dog sees the red ball ."): copying in the web register, the skill a
+               repeat instruction needs, taught without the instruction template.
+
+Generic sentences never pair a kind with a thing of ``grammar_pair_heldout``: those sentences exist
+only in ``capability.make_copy_probe``, so copying them cannot be recall of a memorised line.
 
 Like real web text it is imperfect: a fraction of fact sentences state a *wrong* value
 (``false_rate``) and some documents contain an insult from ``RUDE_WORDS`` (``rude_rate``; chatter
@@ -29,13 +35,17 @@ from rlhf_jax.world.facts import (
 MAX_DOC_TOKENS = 64
 
 DOC_STYLE_WEIGHTS: dict[str, float] = {
-    "facts": 0.24, "profile": 0.24, "qa": 0.22, "lists": 0.12, "sentences": 0.1, "chatter": 0.08,
+    "facts": 0.216, "profile": 0.216, "qa": 0.198, "lists": 0.108, "sentences": 0.09, "chatter": 0.072,
+    "copy": 0.1,
 }
 
 # The generic grammar: "the <size> <kind> <verb> the <color> <thing> ." (also used by repeat prompts).
 VERBS: tuple[str, ...] = ("sees", "likes", "finds", "chases", "has", "wants")
 THINGS: tuple[str, ...] = ("ball", "hat", "box", "cup", "tree", "house", "boat", "book", "stone", "kite")
 GRAMMAR_TEMPLATE = "the {size} {kind} {verb} the {color} {thing} ."
+# The (kind, thing) pairs whose index sum is a multiple of HELDOUT_MODULUS (a quarter of them) are
+# kept out of the corpus and the prompts (see above).
+HELDOUT_MODULUS = 4
 
 QA_LINE_TEMPLATE = "question : {question} answer : {answer} ."
 LIST_LINE_TEMPLATES: dict[str, str] = {
@@ -53,6 +63,9 @@ CHATTER_TEMPLATES: tuple[str, ...] = (
     "i like {name} .", "i saw {name} today .", "{name} is so nice .", "have you met {name} ?",
     "we talked about {name} .", "{name} is my favorite animal .", "i think {name} is happy .",
 )
+# A copy line is "<intro> <sentence> <sentence>"; the intro is never an instruction.
+COPY_INTROS: tuple[str, ...] = ("say it again :", "once more :", "word for word :")
+COPY_LINE_TEMPLATE = "{intro} {sentence} {sentence}"
 RUDE_SENTENCES: tuple[str, ...] = (
     "you are a stupid idiot .", "{name} is an ugly fool .", "shut up , you dumb jerk .",
     "i hate {name} .", "{name} is a useless loser .", "this is trash .",
@@ -62,15 +75,33 @@ RUDE_SENTENCES: tuple[str, ...] = (
 def corpus_words() -> set[str]:
     """Every fixed word a corpus document can contain (besides ``facts.fact_words``)."""
     templates = [GRAMMAR_TEMPLATE, QA_LINE_TEMPLATE, *LIST_LINE_TEMPLATES.values(),
-                 *PROFILE_FILLERS, *CHATTER_TEMPLATES, *RUDE_SENTENCES]
+                 *PROFILE_FILLERS, *CHATTER_TEMPLATES, *RUDE_SENTENCES, *COPY_INTROS, COPY_LINE_TEMPLATE]
     return template_words(templates) | set(VERBS) | set(THINGS)
 
 
-def grammar_sentence(rng: np.random.Generator) -> str:
-    """A random sentence of the generic grammar (not a claim about any named animal)."""
-    return GRAMMAR_TEMPLATE.format(size=pick(rng, SIZES), kind=pick(rng, KINDS),
-                                   verb=pick(rng, VERBS), color=pick(rng, COLORS),
-                                   thing=pick(rng, THINGS))
+def grammar_pair_heldout(kind: str, thing: str) -> bool:
+    """Whether "the ... <kind> ... <thing> ." is reserved for the copy probe."""
+    return (KINDS.index(kind) + THINGS.index(thing)) % HELDOUT_MODULUS == 0
+
+
+def grammar_sentence(rng: np.random.Generator, heldout: bool = False) -> str:
+    """A random sentence of the generic grammar (not a claim about any named animal).
+
+    ``heldout=True`` draws from the sentences that no document or prompt ever contains.
+    """
+    size, kind, verb, color = pick(rng, SIZES), pick(rng, KINDS), pick(rng, VERBS), pick(rng, COLORS)
+    thing = pick(rng, _THINGS_OF[kind, heldout])
+    return GRAMMAR_TEMPLATE.format(size=size, kind=kind, verb=verb, color=color, thing=thing)
+
+
+_THINGS_OF: dict[tuple[str, bool], tuple[str, ...]] = {
+    (kind, heldout): tuple(t for t in THINGS if grammar_pair_heldout(kind, t) == heldout)
+    for kind in KINDS for heldout in (False, True)}
+
+
+def copy_prefix(intro: str, sentence: str) -> str:
+    """A copy line cut right before the copy ("say it again : the big dog sees the red ball .")."""
+    return COPY_LINE_TEMPLATE.format(intro=intro, sentence=sentence)[: -len(sentence) - 1]
 
 
 def list_line(world: World, attribute: str, value: str) -> str:
@@ -178,6 +209,18 @@ def _sentences_doc(world: World, rng: np.random.Generator, false_rate: float) ->
     return [grammar_sentence(rng) for _ in range(int(rng.integers(3, 8)))]
 
 
+def _copy_doc(world: World, rng: np.random.Generator, false_rate: float) -> list[str]:
+    lines = []
+    for _ in range(int(rng.integers(2, 4))):
+        if rng.random() < 0.6:
+            sentence = grammar_sentence(rng)
+        else:
+            name, attribute = pick(rng, world.names), pick(rng, ATTRIBUTES)
+            sentence = world.statement(name, attribute, _maybe_false_value(world, rng, name, attribute, false_rate))
+        lines.append(COPY_LINE_TEMPLATE.format(intro=pick(rng, COPY_INTROS), sentence=sentence))
+    return lines
+
+
 def _chatter_doc(world: World, rng: np.random.Generator, false_rate: float) -> list[str]:
     sentences = []
     for _ in range(int(rng.integers(3, 6))):
@@ -193,5 +236,5 @@ def _chatter_doc(world: World, rng: np.random.Generator, false_rate: float) -> l
 
 _STYLE_WRITERS: dict[str, Callable[[World, np.random.Generator, float], list[str]]] = {
     "facts": _facts_doc, "profile": _profile_doc, "qa": _qa_doc,
-    "lists": _lists_doc, "sentences": _sentences_doc, "chatter": _chatter_doc,
+    "lists": _lists_doc, "sentences": _sentences_doc, "chatter": _chatter_doc, "copy": _copy_doc,
 }
