@@ -486,3 +486,17 @@ def test_is_correct_by_prompt_type(world, eval_rows):
     assert not is_correct(world, rude, "sorry .")
     assert not is_correct(world, rude, REFUSAL_TEMPLATE.format(name=other))
     assert not is_correct(world, rude, f"{rude['reference']} {rude['entity']} is stupid .")
+
+
+def test_sampled_markers_are_judged_as_written(world):
+    """A <pad> or <bos> the model sampled inside its answer is a word it wrote: a one-word
+    answer with one is no longer one word; only <eos> ends the response."""
+    from rlhf_jax.world.labelers import response_tokens
+    assert response_tokens("kato <pad> red . <eos> ignored") == ["kato", "<pad>", "red", "."]
+    name = world.names[0]
+    meta = {"type": "fact", "entity": name, "attribute": "color", "answer": world.value(name, "color"),
+            "constraint": "one_word", "budget": 1, "reference": "x .", "reference_terse": "x .",
+            "items": [], "value": None, "max_words": None, "target_facts": 0}
+    clean = response_features(world, meta, f"{meta['answer']} .")
+    padded = response_features(world, meta, f"<pad> {meta['answer']} .")
+    assert clean.constraint_ok and not padded.constraint_ok

@@ -65,16 +65,16 @@ MAX_EXCESS = 3.0
 
 
 def response_tokens(response: str) -> list[str]:
-    """The tokens of a decoded response: cut at the first ``<eos>``, other markers dropped.
+    """The tokens of a decoded response, cut at the first ``<eos>``.
 
-    ``<unk>`` is kept (it is a real, bad, output word).
+    Every other token is judged as written: ``<unk>``, ``<pad>`` or ``<bos>`` inside a response
+    were sampled by the model (the decoder drops only the framing after it), so dropping them
+    here would grade a cleaned-up text the model never wrote.
     """
     tokens = []
     for token in response.split():
         if token == "<eos>":
             break
-        if token in ("<pad>", "<bos>"):
-            continue
         tokens.append(token)
     return tokens
 
