@@ -3,21 +3,33 @@
 Models: ``base`` (the pretrained LM), ``base_prompted`` (the same with a few-shot prefix of
 demonstrations), ``sft``, ``ppo`` and ``ppo_ptx``, and ``ppo_ema`` / ``ppo_ptx_ema`` (the policy
 weights' EMA, the paper's decay 0.992) where PPO saved them; ``dpo``, ``grpo`` and ``rloo`` (the
-other methods from the same SFT / RM) where the pipeline trained them. KL is measured to ``sft``
-for every model (DPO's own reference) and, for the PPO-engine models (ppo, ppo_ptx, grpo, rloo),
-also to the policy they started from and were penalized against (``sft_ptx``). With the labeler
-world, gold scores are also reported per kind of instruction, with the share of responses that
-do not attempt it. Writes ``results.json``, ``results.md`` and PNG plots into the workdir.
+other methods from the same SFT / RM) where the pipeline trained them, and ``grpo_ema`` /
+``rloo_ema`` where those kept an EMA. KL is measured to ``sft`` for every model (DPO's own
+reference) and, for the PPO-engine models (ppo, ppo_ptx, grpo, rloo and their EMAs), also to the
+policy they started from and were penalized against (``sft_ptx``).
+
+With the labeler world, gold scores are also reported per kind of instruction, with the share of
+responses that do not attempt it; the floor policies (``rlhf_jax.world.floors``: fixed rules such
+as always abstaining) are judged like the models, and a model counts as preferred to SFT only if
+it also beats every floor; each model's and floor's behaviour (``rlhf_jax.behaviour``: correct,
+off task, collapsed to one response, hallucinating, rude with and without a request to be polite)
+and knowledge / copy probes of the world are reported beside.
+
+Writes ``results.json`` (with the machine and package versions), ``results.md`` and PNG plots
+into the workdir, and every response to every eval prompt to ``eval/responses.jsonl``.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
+import platform
 from typing import Any
 
 import numpy as np
 
+from rlhf_jax import behaviour
 from rlhf_jax import evaluation as ev
 from rlhf_jax.checkpoint import atomic_write_text
 from rlhf_jax.data import read_jsonl
@@ -28,17 +40,22 @@ from rlhf_jax.metrics import format_table, plot_curves, plot_win_rates
 log = logging.getLogger(__name__)
 
 METHODS = ("dpo", "grpo", "rloo")               # other methods from the same SFT / RM
-MODELS = ("base", "base_prompted", "sft", "ppo", "ppo_ptx", "ppo_ema", "ppo_ptx_ema") + METHODS
+EMA_METHODS = ("grpo_ema", "rloo_ema")         # the PPO engine keeps an EMA for these too
+MODELS = (("base", "base_prompted", "sft", "ppo", "ppo_ptx", "ppo_ema", "ppo_ptx_ema") + METHODS
+          + EMA_METHODS)
 # name -> (stage directory, model subdirectory)
 MODEL_DIRS = {"base": ("pretrain", "model"), "base_prompted": ("pretrain", "model"),
               "sft": ("sft", "model"), "ppo": ("ppo", "model"), "ppo_ptx": ("ppo_ptx", "model"),
               "ppo_ema": ("ppo", "model_ema"), "ppo_ptx_ema": ("ppo_ptx", "model_ema"),
-              **{name: (name, "model") for name in METHODS}}
-# Only when their directory exists: PPO kept an EMA, or the pipeline trained the method.
-OPTIONAL_MODELS = ("ppo_ema", "ppo_ptx_ema") + METHODS
+              **{name: (name, "model") for name in METHODS},
+              **{name: (name.removesuffix("_ema"), "model_ema") for name in EMA_METHODS}}
+# Only when their directory exists: the stage kept an EMA, or the pipeline trained the method.
+OPTIONAL_MODELS = ("ppo_ema", "ppo_ptx_ema") + METHODS + EMA_METHODS
 PPO_INIT = "sft_ptx"                             # the pipeline's PPO policy init and KL reference
 # Models trained from PPO_INIT and penalized against it (DPO's reference is SFT itself).
-FROM_PPO_INIT = ("ppo", "ppo_ptx", "ppo_ema", "ppo_ptx_ema", "grpo", "rloo")
+FROM_PPO_INIT = ("ppo", "ppo_ptx", "ppo_ema", "ppo_ptx_ema", "grpo", "rloo") + EMA_METHODS
+COPY_PROBE_ITEMS = 100
+VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
 # The stage whose wall time trained each model (results' stage_seconds).
 TRAINED_BY = {"ppo": "ppo", "ppo_ptx": "ppo_ptx", **{name: name for name in METHODS}}
 
@@ -49,20 +66,84 @@ def few_shot_prefix(demonstrations: list[dict], n_shots: int) -> str:
     return " ".join(f"{r['prompt']} {r['completion']}" for r in chosen)
 
 
+def machine_info() -> dict[str, Any]:
+    """The CPU and accelerators the evaluation ran on (timings in the report depend on them)."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), "")
+    except OSError:     # not Linux
+        pass
+    info: dict[str, Any] = {"cpu": cpu or platform.processor() or platform.machine(),
+                            "logical_cores": os.cpu_count()}
+    import jax
+    devices = jax.devices()
+    info["accelerator"] = {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
+                           "count": len(devices)}
+    return info
+
+
+def package_versions() -> dict[str, str | None]:
+    """Python's and the numerical packages' versions (None: not installed)."""
+    import rlhf_jax
+    out: dict[str, str | None] = {"python": platform.python_version(),
+                                  "rlhf_jax": rlhf_jax.__version__}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _longest_prompt(tokenizer: Any, texts: list[str]) -> int:
+    return max([1] + [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+
+
+def _win_rates(prompt_rows, texts, baseline, pool, seed: int) -> dict[str, dict]:
+    """Win rates against ``baseline`` by each labeler group; a group's seed is fixed, so every
+    model and floor meets the same draw of labelers."""
+    return {group: ev.win_rate(prompt_rows, texts, baseline, labelers, seed=seed + offset)
+            for offset, (group, labelers) in enumerate((("train_labelers", pool.training),
+                                                        ("heldout_labelers", pool.heldout)))}
+
+
+def _gold(prompt_rows, texts, labelers) -> tuple[dict, float]:
+    by_kind = ev.gold_score_by_category(prompt_rows, texts, labelers)
+    return by_kind, (sum(v["mean"] * v["n"] for v in by_kind.values())
+                     / sum(v["n"] for v in by_kind.values()))
+
+
+def write_responses(workdir: str, prompts: list[str], responses: dict[str, list[str]]) -> str:
+    """``eval/responses.jsonl``: one row per model (or floor) and eval prompt."""
+    path = os.path.join(workdir, "eval", "responses.jsonl")
+    lines = [json.dumps({"model": name, "prompt": p, "response": r})
+             for name, texts in responses.items() for p, r in zip(prompts, texts)]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return path
+
+
 def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str, Any]:
     from rlhf_jax.stages.common import load_model, setup_mesh
     from rlhf_jax.world import load_world
+    from rlhf_jax.world.floors import FLOORS, floor_responses
 
     e = cfg.eval
     mesh = setup_mesh(cfg.sft)
     # Labelers exist only in the built-in world; on real data the report keeps the RM score, KL,
     # capability (when its files are given) and RM accuracy on a held-out comparisons file.
-    pool = load_world(files["world"])[1] if cfg.world.enabled else None
+    world, pool = load_world(files["world"]) if cfg.world.enabled else (None, None)
     prompt_rows = read_jsonl(files["eval_prompts"], "prompts")[: e.n_prompts]
     prompts = [row["prompt"] for row in prompt_rows]
     prefix = few_shot_prefix(read_jsonl(files["sft"], "demonstrations"), e.few_shot)
     mc_items = read_plain_jsonl(files["capability_mc"])[: e.n_capability] if "capability_mc" in files else []
     qa_items = read_plain_jsonl(files["capability_qa"])[: e.n_capability] if "capability_qa" in files else []
+    polite_rows = behaviour.polite_probe_rows(prompt_rows) if world is not None else []
+    if world is not None:
+        from rlhf_jax.world.capability import make_copy_probe, make_knowledge_probe
+        knowledge_items = make_knowledge_probe(world)
+        copy_items = make_copy_probe(world, COPY_PROBE_ITEMS, cfg.seed)
 
     def load(stage: str, sub: str = "model"):
         if stage == "pretrain" and cfg.get("base_model"):
@@ -82,10 +163,18 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
     rm, rm_params, _, rm_extra = load("rm")
     norm = rm_extra.get("reward_norm") or {}
     max_p, max_r = cfg.rm.data.max_prompt_len, cfg.rm.data.max_response_len
+    # The polite prompts keep the whole original prompt: their length grows by the instruction's.
+    polite_extra = _longest_prompt(tokenizer, [behaviour.POLITE_INSTRUCTION]) if polite_rows else 0
+    if world is not None:      # never cut: a copy of half a sentence is no copy
+        copy_prompts = [item["prompt"] for item in copy_items]
+        copy_prompt_len = _longest_prompt(tokenizer, copy_prompts)
 
     results: dict[str, Any] = {"win_rate_vs_sft": {}, "capability": {}, "kl_to_sft": {},
                                "kl_to_ppo_init": {}, "gold_score": {}, "gold_by_category": {},
-                               "proxy_score": {}, "samples": {}}
+                               "proxy_score": {}, "samples": {},
+                               "machine": machine_info(), "versions": package_versions()}
+    if world is not None:
+        results.update(behaviour={}, floors={}, knowledge_probe={}, copy_probe={})
     responses: dict[str, list[str]] = {}
     # Win rates are against this workdir's SFT, or against the model ``eval.reference_sft``
     # names (the model-size axis compares every size with the largest SFT, as Fig. 1 does).
@@ -98,9 +187,9 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
         results["win_rate_reference"] = reference
     for name in models:
         model, params = (sft_model, sft_params) if name == "sft" else load(*MODEL_DIRS[name])[:2]
-        model_prompts = ([f"{prefix} {p}" for p in prompts] if name == "base_prompted"
-                         else prompt_rows)
-        prompt_len = e.prompted_max_prompt_len if name == "base_prompted" else max_p
+        prompted = name == "base_prompted"
+        model_prompts = [f"{prefix} {p}" for p in prompts] if prompted else prompt_rows
+        prompt_len = e.prompted_max_prompt_len if prompted else max_p
         samples = ev.generate_texts(model, params, tokenizer, model_prompts, max_prompt_len=prompt_len,
                                     max_new_tokens=max_r, temperature=e.temperature, seed=cfg.seed,
                                     mesh=mesh)
@@ -113,11 +202,30 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
             rm, rm_params, norm, tokenizer, prompt_rows, samples["texts"], max_prompt_len=max_p,
             max_response_len=max_r, mesh=mesh)))
         if pool is not None:
-            by_kind = ev.gold_score_by_category(prompt_rows, samples["texts"], pool.heldout)
-            results["gold_by_category"][name] = by_kind
-            results["gold_score"][name] = (sum(v["mean"] * v["n"] for v in by_kind.values())
-                                           / sum(v["n"] for v in by_kind.values()))
-        if name != "base_prompted" and mc_items and qa_items:
+            results["gold_by_category"][name], results["gold_score"][name] = _gold(
+                prompt_rows, samples["texts"], pool.heldout)
+        if world is not None:
+            polite = []
+            if polite_rows:
+                polite = ev.generate_texts(
+                    model, params, tokenizer,
+                    [f"{prefix} {r['prompt']}" for r in polite_rows] if prompted else polite_rows,
+                    max_prompt_len=prompt_len + polite_extra, max_new_tokens=max_r,
+                    temperature=e.temperature, seed=cfg.seed, mesh=mesh)["texts"]
+            results["behaviour"][name] = behaviour.behaviour_metrics(
+                world, prompt_rows, samples["texts"], polite)
+        if world is not None and not prompted:     # the prefix would only get in the probes' way
+            results["knowledge_probe"][name] = {
+                "accuracy": ev.multiple_choice_accuracy(
+                    model, params, tokenizer, knowledge_items,
+                    max_prompt_len=e.capability_max_prompt_len, mesh=mesh),
+                "n": len(knowledge_items), "chance": behaviour.knowledge_chance(knowledge_items)}
+            copied = ev.generate_texts(
+                model, params, tokenizer, copy_prompts, max_prompt_len=copy_prompt_len,
+                max_new_tokens=behaviour.copy_probe_new_tokens(copy_items), greedy=True,
+                mesh=mesh)["texts"]
+            results["copy_probe"][name] = behaviour.copy_exact(copy_items, copied)
+        if not prompted and mc_items and qa_items:
             mc = ev.multiple_choice_accuracy(model, params, tokenizer, mc_items,
                                              max_prompt_len=e.capability_max_prompt_len, mesh=mesh)
             qa = ev.qa_exact_match(model, params, tokenizer, qa_items,
@@ -133,6 +241,7 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
     results["capability_score"] = {k: v["score"] for k, v in results["capability"].items()}
     results["rm_accuracy"] = {}
     if pool is None:
+        write_responses(workdir, prompts, responses)
         if files.get("comparisons_test"):
             rows = read_jsonl(files["comparisons_test"], "comparisons")
             results["rm_accuracy"]["test"] = ev.rm_pair_accuracy(
@@ -140,17 +249,27 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
                 mesh=mesh)["accuracy"]
         return results
 
+    baseline = responses.get("reference", responses.get("sft"))
     for name in models:
-        by_group = {}
-        for offset, (group, labelers) in enumerate((("train_labelers", pool.training),
-                                                    ("heldout_labelers", pool.heldout))):
-            by_group[group] = ev.win_rate(prompt_rows, responses[name],
-                                          responses.get("reference", responses["sft"]), labelers,
-                                          seed=cfg.seed + offset)
+        by_group = _win_rates(prompt_rows, responses[name], baseline, pool, cfg.seed)
         results["win_rate_vs_sft"][name] = {
             "train_labelers": by_group["train_labelers"]["rate"],
             "heldout_labelers": by_group["heldout_labelers"]["rate"],
             "ci95": {g: by_group[g]["ci95"] for g in by_group}, "n": by_group["heldout_labelers"]["n"]}
+    # The floors meet the same baseline, labelers and seeds as the models: what a rule that
+    # knows nothing of the world wins is the bar a trained model has to clear.
+    for floor in FLOORS if baseline is not None else ():
+        texts = responses[floor] = floor_responses(floor, prompt_rows)
+        by_group = _win_rates(prompt_rows, texts, baseline, pool, cfg.seed)
+        results["floors"][floor] = {
+            "win_heldout": by_group["heldout_labelers"]["rate"],
+            "win_heldout_ci": by_group["heldout_labelers"]["ci95"],
+            "win_train": by_group["train_labelers"]["rate"],
+            "win_train_ci": by_group["train_labelers"]["ci95"],
+            "gold": _gold(prompt_rows, texts, pool.heldout)[1]}
+        results["behaviour"][floor] = behaviour.behaviour_metrics(
+            world, prompt_rows, texts, floor_responses(floor, polite_rows))
+    write_responses(workdir, prompts, responses)
 
     for group, labelers in (("train_labelers", pool.training), ("heldout_labelers", pool.heldout)):
         rows = read_jsonl(os.path.join(workdir, "comparisons", f"test_{group}.jsonl"), "comparisons")
@@ -216,6 +335,52 @@ def category_table(results: dict[str, Any]) -> str:
     return format_table(rows) if rows else ""
 
 
+def floors_table(results: dict[str, Any]) -> str:
+    """Each floor policy's win rates against SFT and gold score, the bar under the models."""
+    rows = [{"floor": name, "win vs SFT (held-out)": f["win_heldout"],
+             "95% CI": f"[{f['win_heldout_ci'][0]:.2f}, {f['win_heldout_ci'][1]:.2f}]",
+             "win vs SFT (train)": f["win_train"],
+             "95% CI (train)": f"[{f['win_train_ci'][0]:.2f}, {f['win_train_ci'][1]:.2f}]",
+             "gold score": f["gold"]}
+            for name, f in results.get("floors", {}).items()]
+    return format_table(rows) if rows else ""
+
+
+def _share(metric: dict[str, Any] | None) -> str:
+    if not metric or metric["share"] is None:
+        return "n/a"
+    return f"{metric['share']:.0%}"
+
+
+def behaviour_table(results: dict[str, Any]) -> str:
+    """One row per model and floor: what its responses do (``rlhf_jax.behaviour``)."""
+    rows = []
+    for name, b in results.get("behaviour", {}).items():
+        rude = b.get("rude_share", {})
+        rows.append({
+            "model": name, "correct": _share(b["correct_share"]),
+            "off-task": _share(b["off_task_share"]), "abstain": _share(b["abstain_share"]),
+            "top response": f"{_share(b['top_response_share'])} {b['top_response']!r}",
+            "hallucination": _share(b["hallucination_rate"]),
+            "hallucination (attempted)": _share(b["hallucination_rate_attempted"]),
+            "constraint ok": _share(b["constraint_ok_share"]),
+            "refusal correct": _share(b["refusal_correct_share"]),
+            "rude": _share(rude.get("without")), "rude (polite asked)": _share(rude.get("with_polite")),
+        })
+    return format_table(rows, max_width=40) if rows else ""
+
+
+def probe_table(results: dict[str, Any]) -> str:
+    """World-knowledge multiple choice (against chance) and copying, per model."""
+    knowledge, copy = results.get("knowledge_probe", {}), results.get("copy_probe", {})
+    rows = [{"model": name,
+             "knowledge accuracy": knowledge[name]["accuracy"] if name in knowledge else np.nan,
+             "chance": knowledge[name]["chance"] if name in knowledge else np.nan,
+             "copy exact": copy[name]["exact"] if name in copy else np.nan}
+            for name in dict.fromkeys([*knowledge, *copy])]
+    return format_table(rows) if rows else ""
+
+
 def finding_checks(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The paper's findings that this run's results can decide, each as ``{"claim", "value",
     "holds"}`` (``value`` is the number that decides it); a sweep over seeds tallies them."""
@@ -225,8 +390,13 @@ def finding_checks(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     gold = results.get("gold_by_category", {})
     out: dict[str, dict[str, Any]] = {}
 
-    def add(key: str, claim: str, value: float, holds: bool) -> None:
+    floors = results.get("floors", {})
+    top_floor = max(floors, key=lambda f: floors[f]["win_heldout"]) if floors else None
+
+    def add(key: str, claim: str, value: float, holds: bool, detail: str = "") -> None:
         out[key] = {"claim": claim, "value": float(value), "holds": bool(holds)}
+        if detail:      # run-specific numbers stay out of the claim, which a sweep tallies by
+            out[key]["detail"] = detail
     if "train_labelers" in acc:
         add("rm_accuracy", "RM pair accuracy >= 0.70 on training labelers (paper 72.4%)",
             acc["train_labelers"], acc["train_labelers"] >= 0.70)
@@ -241,9 +411,18 @@ def finding_checks(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             win["base"]["heldout_labelers"], win["base"]["heldout_labelers"] < 0.5)
     for name in ("ppo", "ppo_ptx") + METHODS:
         if name in win:
-            low = win[name]["ci95"]["heldout_labelers"][0]
-            add(f"{name}_beats_sft", f"{name} preferred to SFT by held-out labelers (win rate, "
-                "95% CI above 0.5)", win[name]["heldout_labelers"], low > 0.5)
+            # A win that a fixed rule also gets (always abstaining, always "no .") is the labelers'
+            # blind spot, not the model's skill: the model must beat the best floor as well.
+            rate = win[name]["heldout_labelers"]
+            both = min(win[name]["ci95"][g][0] for g in ("train_labelers", "heldout_labelers"))
+            above = all(rate > f["win_heldout"] for f in floors.values())
+            detail = (f"95% CI lower bounds: train {win[name]['ci95']['train_labelers'][0]:.3f}, "
+                      f"held-out {win[name]['ci95']['heldout_labelers'][0]:.3f}; "
+                      + (f"highest floor {top_floor} {floors[top_floor]['win_heldout']:.3f}"
+                         if floors else "no floors evaluated"))
+            add(f"{name}_beats_sft", f"{name} preferred to SFT by both labeler groups (95% CI "
+                "above 0.5) and above every floor policy's held-out win rate",
+                rate, both > 0.5 and above, detail)
         if name in gold and "sft" in gold:
             better = [k for k in gold[name] if gold[name][k]["mean"] > gold["sft"][k]["mean"]]
             add(f"{name}_most_categories", f"{name} beats SFT on gold score in most kinds of "
@@ -260,6 +439,7 @@ def finding_checks(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def findings(results: dict[str, Any]) -> list[str]:
     """The findings of ``finding_checks`` as lines of the report."""
     return [f"{f['claim']}: {f['value']:.3f} ({'yes' if f['holds'] else 'NO'})"
+            + (f" [{f['detail']}]" if f.get("detail") else "")
             for f in finding_checks(results).values()]
 
 
@@ -272,6 +452,15 @@ def write_report(results: dict[str, Any], workdir: str) -> None:
     if results.get("gold_by_category"):
         lines += ["## Gold score by kind of instruction (held-out labelers; share off task)", "",
                   category_table(results), ""]
+    if results.get("floors"):
+        lines += ["## Floor policies (fixed rules; a model must beat them all)", "",
+                  floors_table(results), ""]
+    if results.get("behaviour"):
+        lines += ["## Behaviour (share of responses; rude: over hostile prompts and rude requests, "
+                  "without and with \"please be polite\" in the prompt)", "",
+                  behaviour_table(results), ""]
+    if results.get("knowledge_probe") or results.get("copy_probe"):
+        lines += ["## Probes (world facts, multiple choice; copying)", "", probe_table(results), ""]
     if findings(results):
         lines += ["## Findings", "", *[f"- {line}" for line in findings(results)]]
     lines += ["", "## Samples (held-out prompts)", ""]

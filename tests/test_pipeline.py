@@ -54,6 +54,27 @@ def test_micro_pipeline_every_stage_and_artifact(tmp_path):
         assert set(by_kind) <= {"fact", "yes_no", "describe", "list", "repeat", "rude_request"}
         assert all(0.0 <= v["off_task"] <= 1.0 for v in by_kind.values())
     assert "Gold score by kind of instruction" in (tmp_path / "results.md").read_text()
+    # The floor policies, judged like the models; every model's and floor's behaviour.
+    assert set(saved["floors"]) == {"abstain", "always_no", "abstain_no_sorry"}
+    for floor in saved["floors"].values():
+        lo, hi = floor["win_heldout_ci"]
+        assert lo <= floor["win_heldout"] <= hi
+    assert set(saved["behaviour"]) == set(saved["win_rate_vs_sft"]) | set(saved["floors"])
+    assert saved["behaviour"]["abstain"]["abstain_share"]["share"] == 1.0
+    assert saved["behaviour"]["abstain"]["top_response"] == "i do not know ."
+    n_prompts = saved["win_rate_vs_sft"]["sft"]["n"]
+    assert all(b["correct_share"]["n"] == n_prompts for b in saved["behaviour"].values())
+    rows = [json.loads(line) for line in open(tmp_path / "eval" / "responses.jsonl")]
+    assert len(rows) == n_prompts * len(saved["behaviour"])
+    assert {r["model"] for r in rows} == set(saved["behaviour"])
+    # The probes: every fact of the 12 animals (7 attributes), 100 copy items.
+    assert {"base", "sft", "ppo"} <= set(saved["knowledge_probe"]) == set(saved["copy_probe"])
+    assert saved["knowledge_probe"]["base"]["n"] == 12 * 7
+    assert 0 < saved["knowledge_probe"]["base"]["chance"] < 1
+    assert saved["copy_probe"]["sft"]["n"] == 100
+    assert saved["machine"]["logical_cores"] >= 1 and saved["versions"]["jax"]
+    for heading in ("Floor policies", "Behaviour", "Probes"):
+        assert heading in (tmp_path / "results.md").read_text(), heading
     assert _finite({k: v for k, v in saved.items() if k != "samples"})
     ppo_metrics = [json.loads(line) for line in open(tmp_path / "ppo_ptx" / "metrics.jsonl")]
     assert "ptx/loss" in ppo_metrics[-1] and np.isfinite(ppo_metrics[-1]["ptx/loss"])
