@@ -105,3 +105,29 @@ def test_machine_and_versions():
     import jax
     import numpy as np
     assert versions["jax"] == jax.__version__ and versions["numpy"] == np.__version__
+
+
+def test_behaviour_and_ceiling_findings():
+    """PPO must answer correctly more often (>= +0.10), be off task no more than SFT and not
+    collapse onto one response; the RM must reach 0.85 of the labelers' noise-free ceiling."""
+    from rlhf_jax.evaluation_report import finding_checks
+    sh = lambda v: {"share": v, "n": 100, "ci95": [0.0, 1.0]}
+    results = {
+        "rm_accuracy": {"train_labelers": 0.68, "heldout_labelers": 0.67,
+                        "train_labelers_ceiling": 0.80},
+        "behaviour": {
+            "sft": {"correct_share": sh(0.40), "off_task_share": sh(0.10),
+                    "top_response_share": sh(0.02)},
+            "ppo": {"correct_share": sh(0.45), "off_task_share": sh(0.30),
+                    "top_response_share": sh(0.33)},
+            "ppo_ptx": {"correct_share": sh(0.55), "off_task_share": sh(0.05),
+                        "top_response_share": sh(0.03)}}}
+    f = finding_checks(results)
+    assert f["rm_near_ceiling"]["value"] == pytest.approx(0.85) and f["rm_near_ceiling"]["holds"]
+    assert f["ppo_more_correct"]["value"] == pytest.approx(0.05) and not f["ppo_more_correct"]["holds"]
+    assert f["ppo_ptx_more_correct"]["value"] == pytest.approx(0.15) and f["ppo_ptx_more_correct"]["holds"]
+    assert not f["ppo_not_more_off_task"]["holds"] and f["ppo_ptx_not_more_off_task"]["holds"]
+    assert f["ppo_diverse"]["value"] == pytest.approx(0.33) and not f["ppo_diverse"]["holds"]
+    assert f["ppo_ptx_diverse"]["holds"]
+    results["rm_accuracy"]["train_labelers"] = 0.67
+    assert not finding_checks(results)["rm_near_ceiling"]["holds"]
