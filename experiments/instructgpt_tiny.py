@@ -32,8 +32,12 @@ def get_config(arg=None):
     c.pretrain.data.max_prompt_len = 32      # pretraining sequences: 32 + 32 = 64 tokens
     c.pretrain.data.max_response_len = 32
     c.pretrain.data.valid_fraction = 0.02
+    # Documents packed into full rows: unpacked, 38% of every row was padding. Three packed
+    # epochs take the base LM from 29% to ~98% of the world's facts (knowledge probe); one
+    # left it unable to tell right answers from wrong ones, so the RM could not either.
+    c.pretrain.data.pack = True
     c.pretrain.train.batch_size = 32
-    c.pretrain.train.epochs = 1.0
+    c.pretrain.train.epochs = 3.0
     c.pretrain.train.eval_every = 0
     c.pretrain.train.log_every = 20
     c.pretrain.optim.lr = 2e-3
