@@ -28,7 +28,7 @@ import itertools
 import numpy as np
 
 from rlhf_jax.world.corpus import COPY_INTROS, QA_LINE_TEMPLATE, copy_prefix, grammar_sentence
-from rlhf_jax.world.facts import ATTRIBUTES, STATEMENT_TEMPLATES, World, pick
+from rlhf_jax.world.facts import ATTRIBUTES, STATEMENT_TEMPLATES, World, draw_distinct, pick
 
 N_CHOICES = 4
 MC_FORMATS: tuple[str, ...] = ("statement", "qa")
@@ -106,16 +106,11 @@ def make_copy_probe(world: World, n: int, seed: int) -> list[dict]:
     alike. Raises ``ValueError`` when ``n`` exceeds the distinct held-out sentences.
     """
     rng = np.random.default_rng([seed, 7])
-    items, seen, attempts = [], set(), 0
-    while len(items) < n:
-        attempts += 1
-        if attempts > 50 * n + 1000:
-            raise ValueError(f"could not draw {n} distinct held-out sentences (got {len(items)})")
+
+    def draw() -> dict:
         sentence = grammar_sentence(rng, heldout=True)
-        if sentence not in seen:
-            seen.add(sentence)
-            items.append({"prompt": copy_prefix(pick(rng, COPY_INTROS), sentence), "answer": sentence})
-    return items
+        return {"prompt": copy_prefix(pick(rng, COPY_INTROS), sentence), "answer": sentence}
+    return draw_distinct(draw, lambda item: item["answer"], n, "held-out sentences")
 
 
 def make_capability_evals(world: World, n_mc: int, n_qa: int, seed: int) -> dict[str, list[dict]]:

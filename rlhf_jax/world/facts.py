@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence, TypeVar
+from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
@@ -104,6 +104,21 @@ def possible_city_names() -> list[str]:
 def pick(rng: np.random.Generator, items: Sequence[T]) -> T:
     """One item drawn uniformly (much faster than ``rng.choice`` on a Python sequence)."""
     return items[int(rng.integers(len(items)))]
+
+
+def draw_distinct(draw: Callable[[], T], key: Callable[[T], Hashable], n: int, what: str) -> list[T]:
+    """``n`` draws with pairwise distinct ``key``s, redrawing duplicates; a ``ValueError`` once
+    ~50 tries per item found no new one (the space is exhausted)."""
+    items, seen, attempts = [], set(), 0
+    while len(items) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise ValueError(f"could not draw {n} distinct {what} (got {len(items)})")
+        item = draw()
+        if key(item) not in seen:
+            seen.add(key(item))
+            items.append(item)
+    return items
 
 
 def template_words(templates: Iterable[str]) -> set[str]:

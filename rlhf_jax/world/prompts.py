@@ -33,7 +33,8 @@ import numpy as np
 
 from rlhf_jax.world.corpus import grammar_sentence
 from rlhf_jax.world.facts import (
-    ATTRIBUTES, DESCRIPTIVE_ATTRIBUTES, KIND_PLURALS, NUMBER_WORDS, PUNCTUATION, World, pick, template_words,
+    ATTRIBUTES, DESCRIPTIVE_ATTRIBUTES, KIND_PLURALS, NUMBER_WORDS, PUNCTUATION, World, draw_distinct, pick,
+    template_words,
 )
 
 PROMPT_TEMPLATE = "instruction : {instruction} response :"
@@ -240,16 +241,7 @@ def make_prompts(world: World, n: int, seed: int) -> list[dict]:
     prompts the others fill in; an error is raised only when the whole space is exhausted.
     """
     rng = np.random.default_rng([seed, 2])
-    rows, seen, attempts = [], set(), 0
-    while len(rows) < n:
-        attempts += 1
-        if attempts > 50 * n + 1000:
-            raise ValueError(f"could not draw {n} distinct prompts (got {len(rows)})")
-        row = sample_prompt(world, rng)
-        if row["prompt"] not in seen:
-            seen.add(row["prompt"])
-            rows.append(row)
-    return rows
+    return draw_distinct(lambda: sample_prompt(world, rng), lambda row: row["prompt"], n, "prompts")
 
 
 def make_prompt_splits(world: World, sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
