@@ -270,19 +270,20 @@ def noise_free_accuracy(comparisons: Sequence[Mapping], labelers: Sequence[Any])
     return hits / total if total else float("nan")
 
 
-def rm_pair_accuracy(reward_model: Transformer, params: Any, tokenizer: Any,
-                     comparisons: Sequence[Mapping], *, max_prompt_len: int, max_response_len: int,
-                     mesh: Mesh | None = None) -> dict[str, float]:
-    """Fraction of strict labeler preferences the RM orders the same way; with the labeler
-    world's rows also per kind of instruction (``by_kind``: where the RM fails)."""
-    prompts, responses, owners = [], [], []
-    for i, row in enumerate(comparisons):
+def _comparison_texts(comparisons: Sequence[Mapping]) -> tuple[list[dict], list[str]]:
+    """One (prompt row, completion) per completion of every comparison, in order."""
+    prompts, responses = [], []
+    for row in comparisons:
         for completion in row["completions"]:
             prompts.append({k: v for k, v in row.items() if k in ("prompt", "prompt_messages")})
             responses.append(completion)
-            owners.append(i)
-    scores = score_texts(reward_model, params, None, tokenizer, prompts, responses,
-                         max_prompt_len=max_prompt_len, max_response_len=max_response_len, mesh=mesh)
+    return prompts, responses
+
+
+def pair_accuracy(comparisons: Sequence[Mapping], scores: np.ndarray) -> dict[str, Any]:
+    """Fraction of strict labeler preferences that ``scores`` (one per completion, in order)
+    order the same way; with the labeler world's rows also per kind of instruction
+    (``by_kind``: where a scorer fails). A tie in ``scores`` counts as a miss."""
     correct = total = 0
     offset = 0
     kinds: dict[str, list[int]] = {}
@@ -300,6 +301,36 @@ def rm_pair_accuracy(reward_model: Transformer, params: Any, tokenizer: Any,
                     kind[1] += 1
     by_kind = {name: c / n for name, (c, n) in sorted(kinds.items()) if name and n}
     return {"accuracy": correct / max(total, 1), "n_pairs": total, "by_kind": by_kind}
+
+
+def rm_pair_accuracy(reward_model: Transformer, params: Any, tokenizer: Any,
+                     comparisons: Sequence[Mapping], *, max_prompt_len: int, max_response_len: int,
+                     mesh: Mesh | None = None) -> dict[str, float]:
+    """``pair_accuracy`` of the RM's scores."""
+    prompts, responses = _comparison_texts(comparisons)
+    scores = score_texts(reward_model, params, None, tokenizer, prompts, responses,
+                         max_prompt_len=max_prompt_len, max_response_len=max_response_len, mesh=mesh)
+    return pair_accuracy(comparisons, scores)
+
+
+def likelihood_pair_accuracy(model: Transformer, params: Any, tokenizer: Any,
+                             comparisons: Sequence[Mapping], *, max_prompt_len: int,
+                             max_response_len: int, mesh: Mesh | None = None) -> dict[str, float]:
+    """``pair_accuracy`` of a policy's own log pi(completion + EOS | prompt), summed over tokens.
+
+    A baseline for the RM that needs no training: when the SFT model's likelihood orders the
+    labelers' pairs better than the RM trained from it, the knowledge is there and the RM does
+    not read it.
+    """
+    prompts, responses = _comparison_texts(comparisons)
+    rows = [{**p, "completion": r} for p, r in zip(prompts, responses)]
+    arrays, _ = tokenize_demonstrations(rows, tokenizer, max_prompt_len, max_response_len, "truncate")
+    if len(arrays["input_ids"]) != len(rows):
+        raise ValueError("some comparison completions tokenized to nothing; check the tokenizer")
+    samples = {"sequences": arrays["input_ids"], "attention_mask": arrays["attention_mask"],
+               "response_mask": arrays["loss_mask"][:, max_prompt_len:],
+               "prompt_len": max_prompt_len}
+    return pair_accuracy(comparisons, response_logprobs(model, params, samples, mesh))
 
 
 # --- capability evals (the alignment tax) -------------------------------------------------------

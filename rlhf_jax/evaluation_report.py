@@ -278,6 +278,12 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
         results["rm_accuracy"][f"{group}_n_pairs"] = acc["n_pairs"]
         results.setdefault("rm_accuracy_by_kind", {})[group] = acc["by_kind"]
         results["rm_accuracy"][f"{group}_ceiling"] = ev.noise_free_accuracy(rows, labelers)
+        # What the RM could have read off its own initialization: SFT's likelihood as a scorer.
+        sft_lik = ev.likelihood_pair_accuracy(sft_model, sft_params, tokenizer, rows,
+                                              max_prompt_len=max_p, max_response_len=max_r,
+                                              mesh=mesh)
+        results["rm_accuracy"][f"{group}_sft_likelihood"] = sft_lik["accuracy"]
+        results.setdefault("sft_likelihood_accuracy_by_kind", {})[group] = sft_lik["by_kind"]
     # Leave-one-group-out: the RM never saw this labeler group's rankings.
     held_group = os.path.join(workdir, "rm", "comparisons_holdout_group.jsonl")
     if os.path.exists(held_group):

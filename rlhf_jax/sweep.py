@@ -49,7 +49,8 @@ CURVES = {"rm": ("train/epoch", "train/loss", "train/pair_accuracy", "valid/loss
 # What sweep.json keeps of a point's results.json (samples stay in the point's own report).
 KEPT = ("win_rate_vs_sft", "win_rate_reference", "gold_score", "gold_by_category", "proxy_score",
         "kl_to_sft", "kl_to_ppo_init", "capability_score", "capability", "rm_accuracy",
-        "rm_accuracy_by_kind", "floors", "behaviour", "knowledge_probe", "copy_probe",
+        "rm_accuracy_by_kind", "sft_likelihood_accuracy_by_kind", "floors", "behaviour",
+        "knowledge_probe", "copy_probe",
         "machine", "versions")
 
 

@@ -211,3 +211,39 @@ def test_average_ranks():
     np.testing.assert_array_equal(figures.average_ranks(np.array([3.0, 1.0, 3.0, 2.0, 3.0])),
                                   [4.0, 1.0, 4.0, 2.0, 4.0])
     np.testing.assert_array_equal(figures.average_ranks(np.array([0.5, 0.5])), [1.5, 1.5])
+
+
+# --- the SFT-likelihood baseline for the RM -------------------------------------------------
+
+def test_pair_accuracy_counts_strict_preferences_by_kind():
+    rows = [{"completions": ["x", "y", "z"], "ranking": [0, 1, 1], "meta": {"type": "fact"}},
+            {"completions": ["u", "v"], "ranking": [1, 0], "meta": {"type": "list"}}]
+    # fact: pairs (x>y), (x>z) - x scores highest: 2 of 2; the tied y, z are no pair.
+    # list: pair (v>u) - but u scores higher: 0 of 1; a tie in scores would also miss.
+    got = ev.pair_accuracy(rows, np.array([3.0, 1.0, 2.0, 5.0, 4.0]))
+    assert got == {"accuracy": 2 / 3, "n_pairs": 3, "by_kind": {"fact": 1.0, "list": 0.0}}
+    assert ev.pair_accuracy(rows, np.array([3.0, 1.0, 2.0, 4.0, 4.0]))["by_kind"]["list"] == 0.0
+
+
+def test_likelihood_pair_accuracy_ranks_by_the_models_own_log_likelihood(tok):
+    model = Transformer(tiny_config("llama", vocab_size=len(tok)))
+    params = init_params(model, jax.random.key(5))
+    P, R = 3, 3
+    rows = [{"prompt": "a b", "completions": ["c", "d e", "e"], "ranking": [2, 0, 1],
+             "meta": {"type": "fact"}}]
+
+    def logp(prompt_ids, response_ids):       # sum log pi(response + EOS | prompt), by hand
+        ids = np.array([[PAD] * (P - len(prompt_ids)) + prompt_ids + response_ids + [EOS]
+                        + [PAD] * (R - len(response_ids))], np.int32)
+        mask = (np.arange(ids.shape[1]) >= P - len(prompt_ids)) & (
+            np.arange(ids.shape[1]) < P + len(response_ids) + 1)
+        logits = np.asarray(model.apply({"params": params}, ids, mask[None].astype(np.int32)))
+        lp = _log_softmax(logits[0].astype(np.float64))
+        targets = response_ids + [EOS]
+        return sum(lp[P - 1 + t, tok_id] for t, tok_id in enumerate(targets))
+    scores = np.array([logp([A, B], [C]), logp([A, B], [D, E]), logp([A, B], [E])])
+    want = ev.pair_accuracy(rows, scores)
+    got = ev.likelihood_pair_accuracy(model, params, tok, rows, max_prompt_len=P,
+                                      max_response_len=R)
+    assert got == want
+    assert got["n_pairs"] == 3
