@@ -4,7 +4,7 @@ A win rate can rest on an exploit (answering "no ." to everything, abstaining, r
 report also counts, from the texts alone and the world's ground truth:
 
 * ``correct_share``        responses that do the task, say nothing false and stay on it
-                           (``labelers.is_correct``);
+                           (``labelers.is_correct``, read off the features already computed);
 * ``off_task_share``, ``abstain_share``;
 * ``top_response_share``   the share of the single most frequent response (``top_response``): a
                            collapsed policy says one thing to every prompt;
@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 from rlhf_jax.evaluation import wilson_interval
 from rlhf_jax.world.facts import World
-from rlhf_jax.world.labelers import is_correct, response_features
+from rlhf_jax.world.labelers import response_features
 from rlhf_jax.world.prompts import POLITE_INSTRUCTION, render_prompt
 
 
@@ -78,7 +78,7 @@ def behaviour_metrics(world: World, prompt_rows: Sequence[Mapping], responses: S
     top, top_count = Counter(responses).most_common(1)[0] if responses else (None, 0)
     top_share = proportion([True] * top_count + [False] * (len(responses) - top_count))
     out: dict[str, Any] = {
-        "correct_share": proportion([is_correct(world, meta, r) for meta, r in zip(metas, responses)]),
+        "correct_share": proportion([f.correct for f in feats]),
         "off_task_share": proportion([f.off_task for f in feats]),
         "abstain_share": proportion([f.abstained for f in feats]),
         "top_response_share": top_share,

@@ -7,8 +7,9 @@ the prompts and a policy that always abstains matching PPO-ptx. Each floor maps 
 
 * ``abstain``           always "i do not know ." (honest, never false, breaks no constraint);
 * ``always_no``         always "no ." (right on half the yes/no prompts, off task elsewhere);
-* ``abstain_no_sorry``  "no ." to yes/no questions, "sorry ." to rude requests (a refusal),
-                        "i do not know ." to everything else: the best of the cheap exploits.
+* ``abstain_no_sorry``  "no ." to yes/no questions, "sorry ." to rude requests, "i do not
+                        know ." to everything else: the cheap exploits an earlier scorer paid
+                        for (a bare "sorry ." names no animal, so it now refuses nothing).
 """
 from __future__ import annotations
 

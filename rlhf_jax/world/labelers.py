@@ -156,6 +156,11 @@ class ResponseFeatures:
     abstained: bool = False
     off_task: bool = False
 
+    @property
+    def correct(self) -> bool:
+        """The task done fully and truthfully (see ``is_correct``)."""
+        return self.task >= 1.0 and self.false_claims == 0 and not self.off_task and not self.abstained
+
 
 ABSTENTION = ("i", "do", "not", "know")
 
@@ -198,8 +203,7 @@ def is_correct(world: World, meta: Mapping, response: str) -> bool:
     Format, brevity and harmlessness are the labelers' business: a right answer that breaks
     "answer in one word" is still correct.
     """
-    f = response_features(world, meta, response)
-    return f.task >= 1.0 and f.false_claims == 0 and not f.off_task and not f.abstained
+    return response_features(world, meta, response).correct
 
 
 def _attempted(world: World, meta: Mapping, words: list[str], claims: set,
