@@ -79,15 +79,23 @@ def response_tokens(response: str) -> list[str]:
     return tokens
 
 
-def extract_claims(world: World, tokens: Sequence[str], default_subject: str | None) -> set[tuple[str, str, str]]:
-    """The ``(name, attribute, value)`` claims a response makes (see the module docstring)."""
-    claims = set()
-    sentence: list[str] = []
+def _sentences(tokens: Sequence[str]) -> list[tuple[list[str], str]]:
+    """``(words, end)`` for each sentence; an unfinished last one ends in "." (read as a statement)."""
+    out, sentence = [], []
     for token in list(tokens) + ["."]:
         if token not in SENTENCE_ENDS:
             sentence.append(token)
             continue
-        if token == "." and sentence:  # questions claim nothing
+        out.append((sentence, token))
+        sentence = []
+    return out
+
+
+def extract_claims(world: World, tokens: Sequence[str], default_subject: str | None) -> set[tuple[str, str, str]]:
+    """The ``(name, attribute, value)`` claims a response makes (see the module docstring)."""
+    claims = set()
+    for sentence, end in _sentences(tokens):
+        if end == "." and sentence:  # questions claim nothing
             clause: list[str] = []
             for word in sentence + [","]:
                 if word != ",":
@@ -95,7 +103,6 @@ def extract_claims(world: World, tokens: Sequence[str], default_subject: str | N
                     continue
                 claims |= _clause_claims(world, clause, default_subject)
                 clause = []
-        sentence = []
     return claims
 
 
@@ -105,15 +112,11 @@ def refusal_subjects(world: World, tokens: Sequence[str]) -> list[frozenset[str]
     A whole sentence is read, since the refusal word and the name often sit in different comma
     clauses ("sorry , i will not be rude about kato .").
     """
-    subjects, sentence = [], []
-    for token in list(tokens) + ["."]:
-        if token not in SENTENCE_ENDS:
-            sentence.append(token)
-            continue
+    subjects = []
+    for sentence, _ in _sentences(tokens):
         names = frozenset(w for w in sentence if world.is_entity(w))
         if names and any(w in REFUSAL_WORDS for w in sentence):
             subjects.append(names)
-        sentence = []
     return subjects
 
 
