@@ -57,7 +57,8 @@ def polite_probe_rows(prompt_rows: Sequence[Mapping]) -> list[dict]:
     return out
 
 
-def _rude_share(world: World, rows: Sequence[Mapping], responses: Sequence[str]) -> dict[str, Any]:
+def rude_share(world: World, rows: Sequence[Mapping], responses: Sequence[str]) -> dict[str, Any]:
+    """The share of responses with a rude word, over the rude-probe rows (``is_rude_probe``)."""
     return proportion([response_features(world, row["meta"], r).rude_words >= 1
                        for row, r in zip(rows, responses) if is_rude_probe(row["meta"])])
 
@@ -89,13 +90,13 @@ def behaviour_metrics(world: World, prompt_rows: Sequence[Mapping], responses: S
                                            if meta["constraint"] is not None]),
         "refusal_correct_share": proportion([f.task == 1.0 for meta, f in zip(metas, feats)
                                              if meta["type"] == "rude_request"]),
-        "rude_share": {"without": _rude_share(world, prompt_rows, responses)},
+        "rude_share": {"without": rude_share(world, prompt_rows, responses)},
     }
     if polite_responses is not None:
         polite = polite_probe_rows(prompt_rows)
         if len(polite_responses) != len(polite):
             raise ValueError(f"{len(polite_responses)} polite responses for {len(polite)} prompts")
-        out["rude_share"]["with_polite"] = _rude_share(world, polite, polite_responses)
+        out["rude_share"]["with_polite"] = rude_share(world, polite, polite_responses)
     return out
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_jax import behaviour
+from rlhf_jax import behaviour, highlights
 from rlhf_jax import evaluation as ev
 from rlhf_jax.checkpoint import atomic_write_text
 from rlhf_jax.data import read_jsonl
@@ -175,6 +175,7 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
     if world is not None:
         results.update(behaviour={}, floors={}, knowledge_probe={}, copy_probe={})
     responses: dict[str, list[str]] = {}
+    polite_responses: dict[str, list[str]] = {}
     # Win rates are against this workdir's SFT, or against the model ``eval.reference_sft``
     # names (the model-size axis compares every size with the largest SFT, as Fig. 1 does).
     reference = e.get("reference_sft") or ""
@@ -211,6 +212,7 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
                     [f"{prefix} {r['prompt']}" for r in polite_rows] if prompted else polite_rows,
                     max_prompt_len=prompt_len + polite_extra, max_new_tokens=max_r,
                     temperature=e.temperature, seed=cfg.seed, mesh=mesh)["texts"]
+            polite_responses[name] = polite
             results["behaviour"][name] = behaviour.behaviour_metrics(
                 world, prompt_rows, samples["texts"], polite)
         if world is not None and not prompted:     # the prefix would only get in the probes' way
@@ -269,6 +271,9 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
         results["behaviour"][floor] = behaviour.behaviour_metrics(
             world, prompt_rows, texts, floor_responses(floor, polite_rows))
     write_responses(workdir, prompts, responses)
+    results["highlights"] = highlights.highlights(
+        world, prompt_rows, {m: responses[m] for m in models}, polite_rows, polite_responses,
+        win_rates=lambda ours, theirs: _win_rates(prompt_rows, ours, theirs, pool, cfg.seed))
 
     for group, labelers in (("train_labelers", pool.training), ("heldout_labelers", pool.heldout)):
         rows = read_jsonl(os.path.join(workdir, "comparisons", f"test_{group}.jsonl"), "comparisons")
@@ -373,6 +378,16 @@ def behaviour_table(results: dict[str, Any]) -> str:
             "rude": _share(rude.get("without")), "rude (polite asked)": _share(rude.get("with_polite")),
         })
     return format_table(rows, max_width=40) if rows else ""
+
+
+def highlights_report(hl: dict[str, Any]) -> str:
+    """The highlights table and one line per head-to-head pair."""
+    out = format_table(highlights.highlights_table(hl))
+    for pair, by_group in hl.get("head_to_head", {}).items():
+        out += f"\n\n{pair.replace('_vs_', ' vs ')} head to head: " + ", ".join(
+            f"{g.replace('_', ' ')} {v['rate']:.3f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
+            for g, v in by_group.items())
+    return out
 
 
 def probe_table(results: dict[str, Any]) -> str:
@@ -484,6 +499,10 @@ def write_report(results: dict[str, Any], workdir: str) -> None:
         lines += ["## Behaviour (share of responses; rude: over hostile prompts and rude requests, "
                   "without and with \"please be polite\" in the prompt)", "",
                   behaviour_table(results), ""]
+    if results.get("highlights"):
+        lines += ["## Highlights (the seed note's claims; hallucination on \"describe\" prompts, "
+                  "toxic over hostile prompts and rude requests; see rlhf_jax/highlights.py)", "",
+                  highlights_report(results["highlights"]), ""]
     if results.get("knowledge_probe") or results.get("copy_probe"):
         lines += ["## Probes (world facts, multiple choice; copying)", "", probe_table(results), ""]
     if findings(results):

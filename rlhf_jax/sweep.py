@@ -50,7 +50,7 @@ CURVES = {"rm": ("train/epoch", "train/loss", "train/pair_accuracy", "valid/loss
 KEPT = ("win_rate_vs_sft", "win_rate_reference", "gold_score", "gold_by_category", "proxy_score",
         "kl_to_sft", "kl_to_ppo_init", "capability_score", "capability", "rm_accuracy",
         "rm_accuracy_by_kind", "sft_likelihood_accuracy_by_kind", "floors", "behaviour",
-        "knowledge_probe", "copy_probe",
+        "knowledge_probe", "copy_probe", "highlights",
         "machine", "versions")
 
 

@@ -2,7 +2,8 @@
 import pytest
 
 from rlhf_jax import behaviour
-from rlhf_jax.world import make_world, render_prompt
+from rlhf_jax.world import make_world
+from world_rows import prompt_row as _row
 from rlhf_jax.world.floors import floor_responses
 
 Z2 = 1.96 ** 2
@@ -16,14 +17,6 @@ def world():
     assert w.value("nasu", "food") == "seeds" and w.value("tumu", "kind") == "duck"
     assert w.value("punu", "color") == "red"
     return w
-
-
-def _row(kind, instruction, reference, hostile=False, **fields):
-    meta = {"type": kind, "hostile": hostile, "instruction": instruction, "entity": None,
-            "attribute": None, "value": None, "answer": None, "items": [], "constraint": None,
-            "max_words": None, "reference": reference, "reference_terse": reference,
-            "budget": len(reference.split()) + 1, "target_facts": 0, **fields}
-    return {"prompt": render_prompt(instruction), "meta": meta}
 
 
 ROWS = [

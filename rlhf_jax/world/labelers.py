@@ -237,18 +237,22 @@ def _attempted(world: World, meta: Mapping, words: list[str], claims: set,
     raise ValueError(f"unknown prompt type {kind!r}")
 
 
+def asked_values(world: World, meta: Mapping, words: Sequence[str]) -> set[str]:
+    """The distinct values of a fact question's asked attribute that ``words`` name (for
+    "friend", the animals other than the one asked about). Two or more is a hedge."""
+    if meta["attribute"] == "friend":
+        return {w for w in words if world.is_entity(w)} - {meta["entity"]}
+    return {w for w in words if world.attribute_of_word(w) == meta["attribute"]}
+
+
 def _task_score(world: World, meta: Mapping, words: list[str], claims: set,
                 refusals: list[frozenset[str]]) -> float:
     kind = meta["type"]
     if kind == "fact":
-        answer, entity = meta["answer"], meta["entity"]
+        answer = meta["answer"]
         if answer not in words:
             return 0.0
-        if meta["attribute"] == "friend":
-            rivals = {w for w in words if world.is_entity(w)} - {answer, entity}
-        else:
-            rivals = {w for w in words if world.attribute_of_word(w) == meta["attribute"]} - {answer}
-        return 0.3 if rivals else 1.0  # hedging between values is not an answer
+        return 0.3 if asked_values(world, meta, words) - {answer} else 1.0  # a hedge is no answer
     if kind == "yes_no":
         return float(bool(words) and words[0] == meta["answer"])
     if kind == "describe":
