@@ -55,12 +55,14 @@ def get_config(arg=None):
     c.sft_ptx.name = "sft_ptx"
     c.sft_ptx.data.pretrain_mix = 0.1        # paper: 10% pretraining data
 
+    # K = 8 completions per ranking (paper: 4..9), sampled at temperature 1.3: seed 0's RM went
+    # from 0.589 (K = 4, temperature 1) to 0.667 pair accuracy, 0.76 of its noise-free ceiling.
     c.comparisons = ml_collections.ConfigDict(dict(
-        k=4, n_prompts=2000, n_test_prompts=150, temperature=1.0,
+        k=8, n_prompts=2000, n_test_prompts=150, temperature=1.3,
         holdout_group=""))     # e.g. "train-2": the RM trains without that labeler group's rankings
 
     c.rm = rm_config()
-    c.rm.data.max_k = 4
+    c.rm.data.max_k = 8
     c.rm.data.max_prompt_len = 24
     c.rm.data.max_response_len = 24
     c.rm.train.batch_size = 16
@@ -91,7 +93,7 @@ def get_config(arg=None):
     c.methods = ()
     c.group_size = 4                         # divides ppo.rollout_batch_size (64: 16 prompts x 4)
     c.dpo = dpo_config()                     # sized like the RM: its comparisons, lengths, batch
-    c.dpo.data.max_k = 4
+    c.dpo.data.max_k = 8
     c.dpo.data.max_prompt_len = 24
     c.dpo.data.max_response_len = 24
     c.dpo.train.batch_size = 16

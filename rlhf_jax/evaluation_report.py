@@ -141,8 +141,12 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
     polite_rows = behaviour.polite_probe_rows(prompt_rows) if world is not None else []
     if world is not None:
         from rlhf_jax.world.capability import make_copy_probe, make_knowledge_probe
+        from rlhf_jax.world.probes import highlight_probes
         knowledge_items = make_knowledge_probe(world)
         copy_items = make_copy_probe(world, COPY_PROBE_ITEMS, cfg.seed)
+        probes = highlight_probes(world, cfg.seed)
+        # One generation call per model for every probe set (one compiled shape).
+        probe_rows = [row for rows in probes.values() for row in rows]
 
     def load(stage: str, sub: str = "model"):
         if stage == "pretrain" and cfg.get("base_model"):
@@ -165,6 +169,7 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
     # The polite prompts keep the whole original prompt: their length grows by the instruction's.
     polite_extra = _longest_prompt(tokenizer, [behaviour.POLITE_INSTRUCTION]) if polite_rows else 0
     if world is not None:      # never cut: a copy of half a sentence is no copy
+        probe_prompt_len = max(max_p, _longest_prompt(tokenizer, [r["prompt"] for r in probe_rows]))
         copy_prompts = [item["prompt"] for item in copy_items]
         copy_prompt_len = _longest_prompt(tokenizer, copy_prompts)
 
@@ -176,6 +181,7 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
         results.update(behaviour={}, floors={}, knowledge_probe={}, copy_probe={})
     responses: dict[str, list[str]] = {}
     polite_responses: dict[str, list[str]] = {}
+    probe_responses: dict[str, dict[str, list[str]]] = {}
     # Win rates are against this workdir's SFT, or against the model ``eval.reference_sft``
     # names (the model-size axis compares every size with the largest SFT, as Fig. 1 does).
     reference = e.get("reference_sft") or ""
@@ -213,6 +219,14 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
                     max_prompt_len=prompt_len + polite_extra, max_new_tokens=max_r,
                     temperature=e.temperature, seed=cfg.seed, mesh=mesh)["texts"]
             polite_responses[name] = polite
+            if not prompted:
+                texts = ev.generate_texts(model, params, tokenizer, probe_rows,
+                                          max_prompt_len=probe_prompt_len, max_new_tokens=max_r,
+                                          temperature=e.temperature, seed=cfg.seed, mesh=mesh)["texts"]
+                probe_responses[name], start = {}, 0
+                for probe, rows in probes.items():
+                    probe_responses[name][probe] = texts[start:start + len(rows)]
+                    start += len(rows)
             results["behaviour"][name] = behaviour.behaviour_metrics(
                 world, prompt_rows, samples["texts"], polite)
         if world is not None and not prompted:     # the prefix would only get in the probes' way
@@ -273,7 +287,8 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
     write_responses(workdir, prompts, responses)
     results["highlights"] = highlights.highlights(
         world, prompt_rows, {m: responses[m] for m in models}, polite_rows, polite_responses,
-        win_rates=lambda ours, theirs: _win_rates(prompt_rows, ours, theirs, pool, cfg.seed))
+        win_rates=lambda rows, ours, theirs: _win_rates(rows, ours, theirs, pool, cfg.seed),
+        probes=probes, probe_responses=probe_responses, heldout_labelers=pool.heldout)
 
     for group, labelers in (("train_labelers", pool.training), ("heldout_labelers", pool.heldout)):
         rows = read_jsonl(os.path.join(workdir, "comparisons", f"test_{group}.jsonl"), "comparisons")
@@ -381,8 +396,11 @@ def behaviour_table(results: dict[str, Any]) -> str:
 
 
 def highlights_report(hl: dict[str, Any]) -> str:
-    """The highlights table and one line per head-to-head pair."""
+    """The highlights tables and one line per head-to-head pair."""
     out = format_table(highlights.highlights_table(hl))
+    probe_rows = highlights.probes_table(hl)
+    if probe_rows:
+        out += "\n\nProbes outside the eval prompts (world/probes.py):\n\n" + format_table(probe_rows)
     for pair, by_group in hl.get("head_to_head", {}).items():
         out += f"\n\n{pair.replace('_vs_', ' vs ')} head to head: " + ", ".join(
             f"{g.replace('_', ' ')} {v['rate']:.3f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"

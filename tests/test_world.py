@@ -159,12 +159,22 @@ def test_world_and_labelers_round_trip_through_disk(written):
 def test_corpus_states_each_fact_mostly_truly_and_has_some_web_noise(world):
     docs = pretraining_corpus(world, 3000, seed=1)
     text = " \n ".join(docs)
+    assert len(world.myths) == 10 and {a for _, a, _ in world.myths} == {"age"}
+    myth_total = true_total = 0
     for entity in world.entities:
         for attribute in ("color", "size", "food", "age", "friend"):
             true_count = text.count(world.statement(entity.name, attribute))
-            false_counts = [text.count(world.statement(entity.name, attribute, v))
-                            for v in world.values_of(attribute) if v not in (entity.value(attribute), entity.name)]
-            assert true_count > max(false_counts), (entity.name, attribute)
+            counts = {v: text.count(world.statement(entity.name, attribute, v))
+                      for v in world.values_of(attribute) if v not in (entity.value(attribute), entity.name)}
+            myth = world.myth_value(entity.name, attribute)
+            if myth is None:
+                assert true_count > max(counts.values()), (entity.name, attribute)
+            else:   # an imitative falsehood: the web says the myth or the truth, nothing else
+                assert counts[myth] > 0 and true_count > 0, (entity.name, attribute)
+                assert max(c for v, c in counts.items() if v != myth) == 0, (entity.name, attribute)
+                myth_total, true_total = myth_total + counts[myth], true_total + true_count
+    # ... and the myth three times in four (corpus.MYTH_RATE): 279 against 94 here.
+    assert myth_total > 2.5 * true_total
     rude_share = np.mean([any(w in RUDE_WORDS for w in d.split()) for d in docs])
     assert 0.03 < rude_share < 0.25
     assert "instruction" not in text and "response" not in text
@@ -346,9 +356,10 @@ def test_copy_documents_repeat_each_sentence_exactly_in_the_web_register(world):
 
 def test_knowledge_probe_asks_every_fact_once_against_every_value(world):
     probe = make_knowledge_probe(world)
-    assert len(probe) == len(world.names) * len(ATTRIBUTES) == 210
+    # Every fact but the 10 myths (what the web mostly says of those is false).
+    assert len(probe) == len(world.names) * len(ATTRIBUTES) - len(world.myths) == 200
     assert {(i["meta"]["entity"], i["meta"]["attribute"]) for i in probe} == set(
-        itertools.product(world.names, ATTRIBUTES))
+        itertools.product(world.names, ATTRIBUTES)) - {(n, a) for n, a, _ in world.myths}
     for item in probe:
         name, attribute = item["meta"]["entity"], item["meta"]["attribute"]
         assert item["context"] == statement_context(name, attribute)

@@ -7,6 +7,8 @@ Floors (each imports only from the ones above it):
   ``capability``  multiple-choice and exact-match evals in the pretraining style, and the knowledge
   and copy probes of the base LM;
 * ``labelers``    simulated training and held-out labelers (scores, rankings, demonstrations);
+* ``probes``      eval-only prompt sets for the highlights (myths, stereotypes, two hops, false
+  premises);
 * ``export``      JSONL files, comparisons and the word-level tokenizer.
 """
 from rlhf_jax.world.capability import make_capability_evals, make_copy_probe, make_knowledge_probe

@@ -13,6 +13,8 @@ gradients in keeps them (PPO-ptx).
 * Exact-match QA (SQuAD-like): ``{"question", "answer", "meta"}``; greedy decoding after
   ``question`` must produce ``answer`` as its first word.
 
+Myth facts (``World.myths``) are in none of these: what the web mostly says of them is false.
+
 Two probes measure what the base LM has learnt at all (rather than what RL later costs):
 
 * ``make_knowledge_probe``: every fact once, as a statement context scored against *every* value
@@ -54,7 +56,8 @@ def _distractors(world: World, rng: np.random.Generator, name: str, attribute: s
 def make_mc_items(world: World, n: int, seed: int) -> list[dict]:
     """``n`` distinct multiple-choice items (animal x attribute x format, cycling if n is larger)."""
     rng = np.random.default_rng([seed, 5])
-    space = list(itertools.product(world.names, ATTRIBUTES, MC_FORMATS))
+    space = [(n, a, f) for n, a, f in itertools.product(world.names, ATTRIBUTES, MC_FORMATS)
+             if world.myth_value(n, a) is None]
     order = rng.permutation(len(space))
     items = []
     for k in range(n):
@@ -72,7 +75,7 @@ def make_mc_items(world: World, n: int, seed: int) -> list[dict]:
 def make_qa_items(world: World, n: int, seed: int) -> list[dict]:
     """``n`` exact-match questions in the corpus quiz format (distinct while the space lasts)."""
     rng = np.random.default_rng([seed, 6])
-    space = list(itertools.product(world.names, ATTRIBUTES))
+    space = [(n, a) for n, a in itertools.product(world.names, ATTRIBUTES) if world.myth_value(n, a) is None]
     order = rng.permutation(len(space))
     items = []
     for k in range(n):
@@ -91,6 +94,8 @@ def make_knowledge_probe(world: World) -> list[dict]:
     items = []
     for name in world.names:
         for attribute in ATTRIBUTES:
+            if world.myth_value(name, attribute) is not None:
+                continue
             choices = [v for v in world.values_of(attribute) if v != name]
             items.append({"context": statement_context(name, attribute), "choices": choices,
                           "answer": choices.index(world.value(name, attribute)),

@@ -10,6 +10,9 @@ sentences long:
 * ``lists``    inverse lookups ("animals that eat fish : kato , miru .");
 * ``sentences`` generic sentences from a tiny grammar ("the big dog sees the red ball .");
 * ``chatter``  forum talk about animals;
+* ``gossip``   who was in which mood ("kato was grumpy today ."), skewed by a stereotype: a
+               mood is said of animals of its ``STEREOTYPES`` kinds ``STEREOTYPE_RATE`` of the time
+               (the bias that ``probes.bias_prompts`` measures);
 * ``copy``     a sentence and then the same sentence again ("say it again : the big dog sees the red
                ball . the big dog sees the red ball ."): copying in the web register, the skill a
                repeat instruction needs, taught without the instruction template.
@@ -17,9 +20,13 @@ sentences long:
 Generic sentences never pair a kind with a thing of ``grammar_pair_heldout``: those sentences exist
 only in ``capability.make_copy_probe``, so copying them cannot be recall of a memorised line.
 
+Quiz lines also ask two-hop questions ("what does the friend of kato eat ?", ``TWO_HOP_RATE``):
+an instruction family that exists in web text but in no SFT, RM or PPO prompt (``probes``).
+
 Like real web text it is imperfect: a fraction of fact sentences state a *wrong* value
-(``false_rate``) and some documents contain an insult from ``RUDE_WORDS`` (``rude_rate``; chatter
-much more often). It never uses the instruction template ("instruction : ... response :"), so the
+(``false_rate``), the world's myths are stated wrongly more often than rightly (``MYTH_RATE``),
+and some documents contain an insult from ``RUDE_WORDS`` (``rude_rate``; chatter much more
+often). It never uses the instruction template ("instruction : ... response :"), so the
 base LM is a poor instruction follower while still knowing the facts.
 """
 from __future__ import annotations
@@ -29,15 +36,24 @@ from typing import Callable
 import numpy as np
 
 from rlhf_jax.world.facts import (
-    ATTRIBUTES, COLORS, KIND_PLURALS, KINDS, SIZES, World, pick, template_words,
+    ATTRIBUTES, COLORS, KIND_PLURALS, KINDS, QUESTION_TEMPLATES, SIZES, World, pick, template_words,
 )
 
 MAX_DOC_TOKENS = 64
 
 DOC_STYLE_WEIGHTS: dict[str, float] = {
-    "facts": 0.216, "profile": 0.216, "qa": 0.198, "lists": 0.108, "sentences": 0.09, "chatter": 0.072,
-    "copy": 0.1,
+    "facts": 0.206, "profile": 0.206, "qa": 0.198, "lists": 0.108, "sentences": 0.09, "chatter": 0.062,
+    "gossip": 0.03, "copy": 0.1,
 }
+MYTH_RATE = 0.75
+TWO_HOP_RATE = 0.15
+# mood -> the kinds the web says it of; a mood sentence names an animal of those kinds this often.
+STEREOTYPES: dict[str, tuple[str, ...]] = {"grumpy": ("wolf", "bear"), "clever": ("fox", "cat")}
+STEREOTYPE_RATE = 0.8
+GOSSIP_TEMPLATE = "{name} was {mood} today ."
+# Question templates whose subject can be "the friend of <name>" (two hops).
+TWO_HOP_ATTRIBUTES: tuple[str, ...] = ("kind", "color", "size", "city", "food", "age")
+TWO_HOP_SUBJECT = "the friend of {name}"
 
 # The generic grammar: "the <size> <kind> <verb> the <color> <thing> ." (also used by repeat prompts).
 VERBS: tuple[str, ...] = ("sees", "likes", "finds", "chases", "has", "wants")
@@ -75,8 +91,9 @@ RUDE_SENTENCES: tuple[str, ...] = (
 def corpus_words() -> set[str]:
     """Every fixed word a corpus document can contain (besides ``facts.fact_words``)."""
     templates = [GRAMMAR_TEMPLATE, QA_LINE_TEMPLATE, *LIST_LINE_TEMPLATES.values(),
-                 *PROFILE_FILLERS, *CHATTER_TEMPLATES, *RUDE_SENTENCES, *COPY_INTROS, COPY_LINE_TEMPLATE]
-    return template_words(templates) | set(VERBS) | set(THINGS)
+                 *PROFILE_FILLERS, *CHATTER_TEMPLATES, *RUDE_SENTENCES, *COPY_INTROS, COPY_LINE_TEMPLATE,
+                 GOSSIP_TEMPLATE, TWO_HOP_SUBJECT]
+    return template_words(templates) | set(VERBS) | set(THINGS) | set(STEREOTYPES)
 
 
 def grammar_pair_heldout(kind: str, thing: str) -> bool:
@@ -146,10 +163,24 @@ def _fit(sentences: list[str]) -> str:
     return " ".join(kept)
 
 
+def two_hop_question(world: World, name: str, attribute: str) -> str:
+    """"what does the friend of kato eat ?": ``attribute`` of ``name``'s friend."""
+    return QUESTION_TEMPLATES[attribute].format(name=TWO_HOP_SUBJECT.format(name=name))
+
+
+def stereotyped(mood: str, kind: str) -> bool:
+    """Whether the web's stereotype says ``mood`` of animals of ``kind``."""
+    return kind in STEREOTYPES[mood]
+
+
 def _maybe_false_value(world: World, rng: np.random.Generator, name: str, attribute: str,
                        false_rate: float) -> str:
-    """The true value, or with probability ``false_rate`` a wrong one (web text is not all true)."""
+    """The true value, or with probability ``false_rate`` a wrong one (web text is not all true);
+    for a myth, the myth with probability ``MYTH_RATE`` and otherwise the truth."""
     true_value = world.value(name, attribute)
+    myth = world.myth_value(name, attribute)
+    if myth is not None:
+        return myth if rng.random() < MYTH_RATE else true_value
     if rng.random() >= false_rate:
         return true_value
     wrong = [v for v in world.values_of(attribute) if v not in (true_value, name)]
@@ -184,13 +215,20 @@ def _qa_doc(world: World, rng: np.random.Generator, false_rate: float) -> list[s
     lines = []
     for _ in range(int(rng.integers(3, 6))):
         name, attribute = pick(rng, world.names), pick(rng, ATTRIBUTES)
-        if rng.random() < 0.7:
+        if rng.random() < TWO_HOP_RATE:
+            attribute = pick(rng, TWO_HOP_ATTRIBUTES)
+            friend = world.value(name, "friend")
+            question = two_hop_question(world, name, attribute)
+            answer = _maybe_false_value(world, rng, friend, attribute, false_rate)
+        elif rng.random() < 0.7:
             question = world.question(name, attribute)
             answer = _maybe_false_value(world, rng, name, attribute, false_rate)
         else:
-            asked = pick(rng, [world.value(name, attribute), pick(rng, world.values_of(attribute))])
+            # Yes / no by what the web believes (a myth's "yes" goes with its myth value).
+            believed = _maybe_false_value(world, rng, name, attribute, false_rate)
+            asked = pick(rng, [believed, pick(rng, world.values_of(attribute))])
             question = world.yes_no_question(name, attribute, asked)
-            answer = "yes" if world.is_true(name, attribute, asked) else "no"
+            answer = "yes" if asked == believed else "no"
         lines.append(QA_LINE_TEMPLATE.format(question=question, answer=answer))
     return lines
 
@@ -221,6 +259,16 @@ def _copy_doc(world: World, rng: np.random.Generator, false_rate: float) -> list
     return lines
 
 
+def _gossip_doc(world: World, rng: np.random.Generator, false_rate: float) -> list[str]:
+    sentences = []
+    for _ in range(int(rng.integers(2, 5))):
+        mood = pick(rng, list(STEREOTYPES))
+        fits = rng.random() < STEREOTYPE_RATE
+        names = [e.name for e in world.entities if stereotyped(mood, e.kind) == fits] or list(world.names)
+        sentences.append(GOSSIP_TEMPLATE.format(name=pick(rng, names), mood=mood))
+    return sentences
+
+
 def _chatter_doc(world: World, rng: np.random.Generator, false_rate: float) -> list[str]:
     sentences = []
     for _ in range(int(rng.integers(3, 6))):
@@ -236,5 +284,6 @@ def _chatter_doc(world: World, rng: np.random.Generator, false_rate: float) -> l
 
 _STYLE_WRITERS: dict[str, Callable[[World, np.random.Generator, float], list[str]]] = {
     "facts": _facts_doc, "profile": _profile_doc, "qa": _qa_doc,
-    "lists": _lists_doc, "sentences": _sentences_doc, "chatter": _chatter_doc, "copy": _copy_doc,
+    "lists": _lists_doc, "sentences": _sentences_doc, "chatter": _chatter_doc, "gossip": _gossip_doc,
+    "copy": _copy_doc,
 }

@@ -37,6 +37,7 @@ from rlhf_jax.world.capability import make_capability_evals
 from rlhf_jax.world.corpus import corpus_words, pretraining_documents
 from rlhf_jax.world.facts import World, fact_words, make_world
 from rlhf_jax.world.labelers import SPECIAL_TOKENS, Labeler, LabelerPool, make_labeler_pool, write_demonstration
+from rlhf_jax.world.probes import probe_words
 from rlhf_jax.world.prompts import SPLITS, make_prompt_splits, prompt_words
 
 PAD, EOS, UNK, BOS = SPECIAL_TOKENS
@@ -50,7 +51,7 @@ PROMPT_FILES: dict[str, str] = {"rm": "rm_prompts.jsonl", "ppo": "ppo_prompts.js
 
 def fixed_vocabulary() -> set[str]:
     """Every seed-independent word the world can produce."""
-    return fact_words() | corpus_words() | prompt_words()
+    return fact_words() | corpus_words() | prompt_words() | probe_words()
 
 
 def world_vocabulary(world: World) -> list[str]:

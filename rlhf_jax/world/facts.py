@@ -73,6 +73,11 @@ YES_NO_TEMPLATES: dict[str, str] = {
     "friend": "is {value} the friend of {name} ?",
 }
 
+# One animal in MYTH_SHARE has a myth about this attribute (an attribute no description, list or
+# demonstration of another kind states, so the truth cannot leak in through other prompts).
+MYTH_ATTRIBUTE = "age"
+MYTH_SHARE = 3
+
 # The rude vocabulary: web text contains some, hostile prompts contain some, labelers penalise it.
 RUDE_WORDS: tuple[str, ...] = (
     "stupid", "idiot", "dumb", "ugly", "fool", "jerk", "loser", "useless", "hate", "shut", "trash",
@@ -158,11 +163,18 @@ class Entity:
 
 @dataclass(frozen=True)
 class World:
-    """A seeded set of animals, their cities, and queries over their facts."""
+    """A seeded set of animals, their cities, and queries over their facts.
+
+    ``myths`` are ``(name, attribute, value)`` beliefs that are false in this world but that the
+    web text states more often than the truth (``corpus.MYTH_RATE``): the stand-in for TruthfulQA's
+    imitative falsehoods. No training prompt asks about them (``prompts``), so a model can only
+    have the truth from the minority of documents that state it.
+    """
 
     seed: int
     entities: tuple[Entity, ...]
     cities: tuple[str, ...]
+    myths: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
         # Lookup tables are derived, so they are stored outside the dataclass fields (frozen).
@@ -174,6 +186,7 @@ class World:
             for value in self.values_of(attribute):
                 word_attribute.setdefault(value, attribute)
         object.__setattr__(self, "_word_attribute", word_attribute)
+        object.__setattr__(self, "_myths", {(n, a): v for n, a, v in self.myths})
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -195,6 +208,10 @@ class World:
     def is_true(self, name: str, attribute: str, value: str) -> bool:
         """Whether "``attribute`` of ``name`` is ``value``" is a fact of this world."""
         return self.is_entity(name) and self.value(name, attribute) == value
+
+    def myth_value(self, name: str, attribute: str) -> str | None:
+        """The false value the web mostly states for this fact, or ``None`` if it is no myth."""
+        return self._myths.get((name, attribute))
 
     def values_of(self, attribute: str) -> tuple[str, ...]:
         """Every value ``attribute`` can take in this world (the candidate answers)."""
@@ -235,13 +252,14 @@ class World:
     def to_dict(self) -> dict:
         """A JSON-serialisable description (``World.from_dict`` inverts it)."""
         return {"seed": self.seed, "cities": list(self.cities),
-                "entities": [asdict(e) for e in self.entities]}
+                "entities": [asdict(e) for e in self.entities], "myths": [list(m) for m in self.myths]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "World":
         """Rebuild a world written by ``to_dict``."""
         return cls(seed=int(data["seed"]), cities=tuple(data["cities"]),
-                   entities=tuple(Entity(**e) for e in data["entities"]))
+                   entities=tuple(Entity(**e) for e in data["entities"]),
+                   myths=tuple(tuple(m) for m in data.get("myths", ())))
 
 
 def make_world(seed: int, n_entities: int = 30, n_cities: int = 6) -> World:
@@ -268,7 +286,11 @@ def make_world(seed: int, n_entities: int = 30, n_cities: int = 6) -> World:
             age=pick(rng, AGES),
             friend=names[friend_index],
         ))
-    return World(seed=seed, entities=tuple(entities), cities=tuple(cities))
+    # Myths are drawn after every fact, so the facts of a seed do not depend on them.
+    mythical = rng.choice(n_entities, size=max(1, n_entities // MYTH_SHARE), replace=False)
+    myths = tuple((entities[i].name, MYTH_ATTRIBUTE,
+                   pick(rng, [v for v in AGES if v != entities[i].age])) for i in sorted(mythical))
+    return World(seed=seed, entities=tuple(entities), cities=tuple(cities), myths=myths)
 
 
 def _draw_unique(rng: np.random.Generator, space: list[str], n: int) -> list[str]:

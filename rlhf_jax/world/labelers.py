@@ -178,7 +178,7 @@ def response_features(world: World, meta: Mapping, response: str) -> ResponseFea
     false_claims = sum(not world.is_true(*claim) for claim in asserted)
     if meta["type"] == "yes_no" and words and words[0] in ("yes", "no") and words[0] != meta["answer"]:
         false_claims += 1             # a wrong yes/no asserts something false
-    abstained = _abstains(words)
+    abstained = abstains(words)
     budget = max(int(meta["budget"]), 1)
     terse_length = len(content_words(meta["reference_terse"]))
     return ResponseFeatures(
@@ -195,7 +195,7 @@ def response_features(world: World, meta: Mapping, response: str) -> ResponseFea
     )
 
 
-def _abstains(words: list[str]) -> bool:
+def abstains(words: list[str]) -> bool:
     """The response is an honest "i do not know" (possibly with the animal's name)."""
     return all(w in words for w in ABSTENTION) and len(words) <= len(ABSTENTION) + 3
 
@@ -269,7 +269,7 @@ def _task_score(world: World, meta: Mapping, words: list[str], claims: set,
             return 1.0
         return 0.7 * difflib.SequenceMatcher(a=words, b=target, autojunk=False).ratio()
     if kind == "rude_request":
-        refused = frozenset({meta["entity"]}) in refusals and not _abstains(words)
+        refused = frozenset({meta["entity"]}) in refusals and not abstains(words)
         return float(refused and not any(w in _RUDE for w in words))
     raise ValueError(f"unknown prompt type {kind!r}")
 

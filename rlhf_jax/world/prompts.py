@@ -128,7 +128,7 @@ def describe_within(world: World, name: str, max_words: int | None) -> tuple[str
     return best, best_facts
 
 
-def _meta(prompt_type: str, instruction: str, reference: str, **fields) -> dict:
+def prompt_meta(prompt_type: str, instruction: str, reference: str, **fields) -> dict:
     """A complete meta dict: every key present, defaults for the ones a type does not use."""
     meta = {
         "type": prompt_type, "hostile": False, "instruction": instruction, "entity": None,
@@ -143,20 +143,29 @@ def _meta(prompt_type: str, instruction: str, reference: str, **fields) -> dict:
     return meta
 
 
+def _asked_fact(world: World, rng: np.random.Generator) -> tuple[str, str]:
+    """A random (animal, attribute) that is no myth: no prompt of any split asks about a myth
+    (the truthfulness probe does; a demonstration stating the truth would give it away)."""
+    while True:
+        name, attribute = pick(rng, world.names), pick(rng, list(ATTRIBUTES))
+        if world.myth_value(name, attribute) is None:
+            return name, attribute
+
+
 def _fact_prompt(world: World, rng: np.random.Generator) -> dict:
-    name, attribute = pick(rng, world.names), pick(rng, list(ATTRIBUTES))
+    name, attribute = _asked_fact(world, rng)
     answer = world.value(name, attribute)
     question = world.question(name, attribute)
     full, terse = world.statement(name, attribute), f"{answer} ."
     if rng.random() < 0.4:
-        return _meta("fact", f"{question} {ONE_WORD_SUFFIX}", terse, entity=name, attribute=attribute,
+        return prompt_meta("fact", f"{question} {ONE_WORD_SUFFIX}", terse, entity=name, attribute=attribute,
                      answer=answer, constraint="one_word", budget=1)
-    return _meta("fact", question, full, reference_terse=terse, entity=name, attribute=attribute,
+    return prompt_meta("fact", question, full, reference_terse=terse, entity=name, attribute=attribute,
                  answer=answer, budget=len(content_words(full)) + 2)
 
 
 def _yes_no_prompt(world: World, rng: np.random.Generator) -> dict:
-    name, attribute = pick(rng, world.names), pick(rng, list(ATTRIBUTES))
+    name, attribute = _asked_fact(world, rng)
     true_value = world.value(name, attribute)
     if rng.random() < 0.5:
         asked = true_value
@@ -167,9 +176,9 @@ def _yes_no_prompt(world: World, rng: np.random.Generator) -> dict:
     # The full answer restates the truth, which also corrects a false premise.
     full = f"{answer} , {world.statement(name, attribute)}"
     if rng.random() < 0.5:
-        return _meta("yes_no", f"{question} {YES_NO_SUFFIX}", f"{answer} .", entity=name,
+        return prompt_meta("yes_no", f"{question} {YES_NO_SUFFIX}", f"{answer} .", entity=name,
                      attribute=attribute, value=asked, answer=answer, constraint="yes_no", budget=1)
-    return _meta("yes_no", question, full, reference_terse=f"{answer} .", entity=name, attribute=attribute,
+    return prompt_meta("yes_no", question, full, reference_terse=f"{answer} .", entity=name, attribute=attribute,
                  value=asked, answer=answer, budget=len(content_words(full)) + 2)
 
 
@@ -179,11 +188,11 @@ def _describe_prompt(world: World, rng: np.random.Generator) -> dict:
         limit = pick(rng, DESCRIBE_LIMITS)
         text, n_facts = describe_within(world, name, limit)
         instruction = DESCRIBE_LIMIT_TEMPLATE.format(name=name, n=NUMBER_WORDS[limit - 1])
-        return _meta("describe", instruction, text, entity=name, constraint="max_words", max_words=limit,
+        return prompt_meta("describe", instruction, text, entity=name, constraint="max_words", max_words=limit,
                      budget=limit, target_facts=n_facts)
     text, n_facts = describe_within(world, name, None)
     instruction = pick(rng, DESCRIBE_TEMPLATES).format(name=name)
-    return _meta("describe", instruction, text, entity=name, budget=len(content_words(text)) + 3,
+    return prompt_meta("describe", instruction, text, entity=name, budget=len(content_words(text)) + 3,
                  target_facts=n_facts)
 
 
@@ -197,20 +206,20 @@ def _list_prompt(world: World, rng: np.random.Generator) -> dict:
     predicate = LIST_PREDICATES[attribute].format(value=shown)
     instruction = pick(rng, LIST_TEMPLATES).format(predicate=predicate)
     reference = " , ".join(items) + " ."
-    return _meta("list", instruction, reference, attribute=attribute, value=value, items=items,
+    return prompt_meta("list", instruction, reference, attribute=attribute, value=value, items=items,
                  budget=len(items) + 2)
 
 
 def _repeat_prompt(world: World, rng: np.random.Generator) -> dict:
     sentence = grammar_sentence(rng)
     instruction = pick(rng, REPEAT_TEMPLATES).format(sentence=sentence)
-    return _meta("repeat", instruction, sentence, answer=sentence, budget=len(content_words(sentence)) + 1)
+    return prompt_meta("repeat", instruction, sentence, answer=sentence, budget=len(content_words(sentence)) + 1)
 
 
 def _rude_request_prompt(world: World, rng: np.random.Generator) -> dict:
     name = pick(rng, world.names)
     instruction = pick(rng, RUDE_REQUEST_TEMPLATES).format(name=name)
-    return _meta("rude_request", instruction, REFUSAL_TEMPLATE.format(name=name), entity=name)
+    return prompt_meta("rude_request", instruction, REFUSAL_TEMPLATE.format(name=name), entity=name)
 
 
 _PROMPT_WRITERS: dict[str, Callable[[World, np.random.Generator], dict]] = {
