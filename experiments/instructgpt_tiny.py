@@ -107,7 +107,8 @@ def get_config(arg=None):
         n_prompts=300, temperature=1.0, few_shot=2, prompted_max_prompt_len=96,
         n_capability=200, capability_max_prompt_len=32,
         models=None,           # None: every model the workdir has; a sweep point names its own
-        reference_sft=""))     # win rates against this SFT model dir instead of the workdir's
+        reference_sft="",      # win rates against this SFT model dir instead of the workdir's
+        reference_base=""))    # and PPO-ptx head to head against this base LM dir too
 
     if micro:   # every stage, tiny sizes: a CI smoke test of the whole pipeline
         c.world.sizes = dict(entities=12, pretrain=300, sft=96, rm=64, ppo=64, eval=32,

@@ -22,7 +22,9 @@ MODELS = ("base", "base_prompted", "sft", "ppo", "ppo_ptx")
 
 def get_config(arg=None):
     base = load_config(PIPELINE + (f":{arg}" if arg else ""))
-    reference = {"eval.reference_sft": "{shared}/sft/model"}
+    # Every size judged against the largest SFT, and its PPO-ptx head to head against the
+    # largest base LM (Fig. 1's "1.3B InstructGPT preferred to 175B GPT-3").
+    reference = {"eval.reference_sft": "{shared}/sft/model", "eval.reference_base": "{shared}/pretrain/model"}
     points = []
     for name, shape in (MICRO_SIZES if arg == "micro" else SIZES).items():
         points.append({"name": name, "shared": ("world", "comparisons", "rm"),

@@ -191,6 +191,15 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
             ref_model, ref_params, tokenizer, prompt_rows, max_prompt_len=max_p,
             max_new_tokens=max_r, temperature=e.temperature, seed=cfg.seed, mesh=mesh)["texts"]
         results["win_rate_reference"] = reference
+    # Fig. 1's headline is a head-to-head: PPO-ptx against the base LM of another size
+    # (``eval.reference_base``, the sizes sweep's largest) as well as its own.
+    reference_base = e.get("reference_base") or ""
+    if reference_base and "ppo_ptx" in models and pool is not None:
+        ref_model, ref_params = load_model(reference_base, mesh)[:2]
+        responses["reference_base"] = ev.generate_texts(
+            ref_model, ref_params, tokenizer, prompt_rows, max_prompt_len=max_p,
+            max_new_tokens=max_r, temperature=e.temperature, seed=cfg.seed, mesh=mesh)["texts"]
+        results["head_to_head_reference_base"] = reference_base
     for name in models:
         model, params = (sft_model, sft_params) if name == "sft" else load(*MODEL_DIRS[name])[:2]
         prompted = name == "base_prompted"
@@ -288,7 +297,8 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
     results["highlights"] = highlights.highlights(
         world, prompt_rows, {m: responses[m] for m in models}, polite_rows, polite_responses,
         win_rates=lambda rows, ours, theirs: _win_rates(rows, ours, theirs, pool, cfg.seed),
-        probes=probes, probe_responses=probe_responses, heldout_labelers=pool.heldout)
+        probes=probes, probe_responses=probe_responses, heldout_labelers=pool.heldout,
+        references={k: responses[k] for k in ("reference_base",) if k in responses})
 
     for group, labelers in (("train_labelers", pool.training), ("heldout_labelers", pool.heldout)):
         rows = read_jsonl(os.path.join(workdir, "comparisons", f"test_{group}.jsonl"), "comparisons")

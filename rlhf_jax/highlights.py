@@ -18,7 +18,8 @@ Computed from the texts and the world's ground truth only (no model is run here)
                      ``hallucination`` (closed domain, as above) and ``appropriate_language``
                      (no rude word in the response).
 * ``head_to_head``   ``ppo_ptx`` against ``base`` and ``base_prompted`` directly, by both labeler
-                     groups: the paper's Fig. 1 headline (175B PPO-ptx preferred to 175B GPT-3
+                     groups, and against ``reference_base`` (in the sizes sweep: the largest base
+                     LM, so the smallest PPO-ptx meets it directly): the paper's Fig. 1 headline (175B PPO-ptx preferred to 175B GPT-3
                      85 +- 3% of the time) is a head-to-head, not two win rates against SFT.
 
 Every share is ``behaviour.proportion``'s ``{"share", "n", "ci95"}``.
@@ -56,7 +57,7 @@ from rlhf_jax.world.labelers import (abstains, asked_values, extract_claims, mea
 from rlhf_jax.world.prompts import REFUSAL_WORDS, content_words
 
 # (ours, theirs) pairs judged head to head when both models were evaluated.
-HEAD_TO_HEAD = (("ppo_ptx", "base"), ("ppo_ptx", "base_prompted"))
+HEAD_TO_HEAD = (("ppo_ptx", "base"), ("ppo_ptx", "base_prompted"), ("ppo_ptx", "reference_base"))
 CLOSED_DOMAIN = "describe"
 
 # win_rates(prompt rows, ours, theirs) -> {group: {"rate", "ci95", "n"}}
@@ -154,7 +155,8 @@ def highlights(world: World, prompt_rows: Sequence[Mapping], responses: Mapping[
                win_rates: WinRates | None = None,
                probes: Mapping[str, Sequence[Mapping]] | None = None,
                probe_responses: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
-               heldout_labelers: Sequence[Any] = ()) -> dict[str, Any]:
+               heldout_labelers: Sequence[Any] = (),
+               references: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """results.json's ``highlights``: the keys of the module docstring, each ``{model: ...}``.
 
     ``win_rates(rows, ours, theirs)`` judges two response lists on ``rows`` and returns
@@ -162,7 +164,8 @@ def highlights(world: World, prompt_rows: Sequence[Mapping], responses: Mapping[
     both models of a pair, ``head_to_head`` leaves that pair out. ``probes`` are
     ``world.probes.highlight_probes``'s sets and ``probe_responses[model][probe]`` each model's
     answers to them; ``ood``'s gold is judged by ``heldout_labelers`` and its win rates against
-    the ``sft`` model's answers.
+    the ``sft`` model's answers. ``references`` are answers judged only as a head-to-head
+    opponent (``reference_base``: the base LM of another size, eval's ``reference_base``).
     """
     per_model = {name: model_highlights(world, prompt_rows, texts, polite_rows,
                                         (polite_responses or {}).get(name))
@@ -171,10 +174,11 @@ def highlights(world: World, prompt_rows: Sequence[Mapping], responses: Mapping[
                            for key in ("toxicity", "hallucination", "hedging", "fig4")}
     out["head_to_head"] = {}
     if win_rates is not None:
+        opponents = {**responses, **(references or {})}
         for ours, theirs in HEAD_TO_HEAD:
-            if ours in responses and theirs in responses:
+            if ours in responses and theirs in opponents:
                 out["head_to_head"][f"{ours}_vs_{theirs}"] = win_rates(prompt_rows, responses[ours],
-                                                                       responses[theirs])
+                                                                       opponents[theirs])
     if probes and probe_responses:
         answers = {m: a for m, a in probe_responses.items() if m in responses}
         out["truthfulness"] = {m: truthfulness(world, probes["truthfulness"], a["truthfulness"])

@@ -99,6 +99,11 @@ def test_highlights_keys_per_model_and_head_to_head(world):
     assert [r["model"] for r in rows] == ["ppo_ptx", "base"]
     assert rows[0]["hedging"] == "100%" and rows[1]["toxic (respectful asked)"] == "n/a"
     assert highlights.highlights(world, ROWS, {"ppo_ptx": MODEL_A})["head_to_head"] == {}
+    # Another size's base LM is only an opponent: judged head to head, no highlights of its own.
+    hl = highlights.highlights(world, ROWS, {"ppo_ptx": MODEL_A}, win_rates=win_rates,
+                               references={"reference_base": MODEL_B})
+    assert list(hl["head_to_head"]) == ["ppo_ptx_vs_reference_base"] and calls[-1] == (MODEL_A, MODEL_B)
+    assert set(hl["fig4"]) == {"ppo_ptx"}
 
 
 def test_model_highlights_rejects_mismatched_lengths(world):

@@ -92,6 +92,10 @@ def test_micro_sweeps_and_every_notebook(tmp_path, monkeypatch, compilation_cach
     for p in sizes:
         assert p["win_rate_reference"] == str(shared / "sft" / "model")
         assert {"base", "base_prompted", "sft", "ppo", "ppo_ptx"} <= set(p["win_rate_vs_sft"])
+        # Fig. 1's head-to-head: each size's PPO-ptx against the largest base LM directly.
+        assert p["head_to_head_reference_base"] == str(shared / "pretrain" / "model")
+        assert {"train_labelers", "heldout_labelers"} <= set(
+            p["highlights"]["head_to_head"]["ppo_ptx_vs_reference_base"])
 
     # Methods from the same SFT / RM: every method evaluated, the new ones trained in the point,
     # PPO / PPO-ptx reused with the wall times of their shared stages.
