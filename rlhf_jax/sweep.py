@@ -47,8 +47,8 @@ CURVES = {"rm": ("train/epoch", "train/loss", "train/pair_accuracy", "valid/loss
           "ppo": ("episodes", "objective/scores", "objective/kl"),
           "ppo_ptx": ("episodes", "objective/scores", "objective/kl", "ptx/loss")}
 # What sweep.json keeps of a point's results.json (samples stay in the point's own report).
-KEPT = ("win_rate_vs_sft", "win_rate_reference", "head_to_head_reference_base", "gold_score", "gold_by_category", "proxy_score",
-        "kl_to_sft", "kl_to_ppo_init", "capability_score", "capability", "rm_accuracy",
+KEPT = ("win_rate_vs_sft", "win_rate_reference", "head_to_head_reference_base", "gold_score",
+        "gold_by_category", "proxy_score", "kl_to_sft", "kl_to_ppo_init", "capability_score", "capability", "rm_accuracy",
         "rm_accuracy_by_kind", "sft_likelihood_accuracy_by_kind", "floors", "behaviour",
         "knowledge_probe", "copy_probe", "highlights",
         "machine", "versions")
