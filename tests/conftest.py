@@ -1,4 +1,15 @@
-"""Test configuration: 8 fake CPU devices, set before jax is imported anywhere."""
+"""Test configuration: 8 fake CPU devices (set before jax is imported anywhere), the tiers, and the
+fixtures several test modules share.
+
+Tiers are directories, and each test is marked with its directory's name:
+
+* ``tests/unit``         pure functions, objectives, models, data, the world: no training;
+* ``tests/integration``  a stage, or a few steps of one, on tiny models;
+* ``tests/e2e``          pipelines, sweeps, notebooks, several processes.
+
+``-m "unit or integration or smoke"`` is the README's ten-minute command (``smoke``: the one
+small end-to-end pipeline); no ``-m`` runs everything.
+"""
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -12,3 +23,35 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# --- fixtures shared by several test modules, built once per test run (per xdist worker) ---------
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def base():
+    """The PPO toys' tiny policy init and its RM twin (ppo_toys.build_base)."""
+    from ppo_toys import build_base
+    return build_base()
+
+
+@pytest.fixture(scope="session")
+def toy_dirs(base, tmp_path_factory):
+    """The PPO toys' checkpoints, prompts and text on disk (ppo_toys.build_toy_dirs)."""
+    from ppo_toys import build_toy_dirs
+    return build_toy_dirs(base, tmp_path_factory.mktemp("ppo_toy"))
+
+
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = item.path.parts
+        tier = next((t for t in TIERS if t in parts[parts.index("tests") + 1:][:1]), None)
+        if tier is None:
+            raise pytest.UsageError(f"{item.nodeid}: a test module belongs in tests/unit, "
+                                    "tests/integration or tests/e2e")
+        item.add_marker(getattr(pytest.mark, tier))

@@ -1,4 +1,4 @@
-"""One process of the multi-host equivalence test (tests/test_multihost.py).
+"""One process of the multi-host equivalence test (tests/e2e/test_multihost.py).
 
     python tests/multihost_worker.py --data DIR --workdir DIR --devices 4 \
         [--coordinator_address 127.0.0.1:PORT --num_processes 2 --process_id I]

@@ -13,7 +13,7 @@ tiny word-level transformer can memorise it from a few thousand short documents:
 
 All text is lower case with punctuation as separate tokens, so whitespace splitting is an exact
 tokenizer. Name and city syllable patterns never form a word of the fixed vocabulary
-(``tests/test_world.py`` checks the whole name space), which keeps the vocabulary collision-free for
+(``tests/unit/test_world.py`` checks the whole name space), which keeps the vocabulary collision-free for
 every seed.
 """
 from __future__ import annotations

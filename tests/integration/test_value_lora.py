@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_ppo import (BETA, P, base, hand_rollout, perturbed,  # noqa: F401 (fixtures)
-                      ppo_config, run_train, toy_dirs, toy_overrides)
+from ppo_toys import BETA, P, hand_rollout, perturbed, ppo_config, run_train, toy_overrides
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax.errors import ConfigError

@@ -33,7 +33,7 @@ from rlhf_jax.sharding import make_mesh, shard_batch
 from rlhf_jax.stages import common, dpo
 from rlhf_jax.train_state import create_train_state, shardings_of
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO
 TINY_DPO = os.path.join(REPO, "experiments", "tiny_dpo.py")
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_ppo import (BETA, B, N, P, base, hand_rollout,  # noqa: F401 (fixtures)
-                      perturbed, ptx_batch, ppo_config, run_train, toy_dirs, toy_overrides)
+from ppo_toys import (BETA, B, N, P, hand_rollout, perturbed, ppo_config, ptx_batch, run_train,
+                      toy_overrides)
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax.models.lora import LoRA, apply_lora, init_lora, lora_param_count

@@ -17,7 +17,7 @@ from rlhf_jax.convert import save_our_checkpoint
 from rlhf_jax.sharding import make_mesh
 from rlhf_jax.stages.common import setup_mesh
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO
 TINY = os.path.join(REPO, "experiments", "instructgpt_tiny.py")
 MICRO = TINY + ":micro"
 

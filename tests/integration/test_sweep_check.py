@@ -10,7 +10,7 @@ from rlhf_jax import cli, pipeline, sweep
 from rlhf_jax.config import group_method_stage, load_config, stage_configs
 from rlhf_jax.errors import ConfigError
 
-EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+from paths import EXPERIMENTS
 METHODS_MICRO = os.path.join(EXPERIMENTS, "sweep_methods.py") + ":micro"
 PIPELINE_MICRO = os.path.join(EXPERIMENTS, "instructgpt_tiny.py") + ":micro"
 # Where a stage's models and data are: the pipeline's workdir once the stages before have run,

@@ -29,7 +29,7 @@ from rlhf_jax.config import sft_config
 from rlhf_jax.metrics import MetricsWriter, read_jsonl_metrics
 from rlhf_jax.stages import common
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO
 TINY_SFT = os.path.join(REPO, "experiments", "tiny_sft.py")
 TINY_PPO = os.path.join(REPO, "experiments", "tiny_ppo.py")
 

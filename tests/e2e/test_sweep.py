@@ -12,7 +12,7 @@ from rlhf_jax import sweep
 from rlhf_jax.config import load_config, sweep_config
 from rlhf_jax.errors import ConfigError
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+from paths import REPO as ROOT
 EXPERIMENTS = os.path.join(ROOT, "experiments")
 # sweep name (what the notebooks load) -> experiment spec
 SHARING = {"sweep_ptx": "sweep_ptx.py:micro", "sweep_kl": "sweep_kl.py:micro",

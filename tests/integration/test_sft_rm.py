@@ -28,7 +28,7 @@ from rlhf_jax.stages import common, reward, sft
 from rlhf_jax.train_state import (create_train_state, make_train_step,
                                   train_state_shardings)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO
 TINY_SFT = os.path.join(REPO, "experiments", "tiny_sft.py")
 TINY_RM = os.path.join(REPO, "experiments", "tiny_rm.py")
 

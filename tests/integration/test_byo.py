@@ -55,7 +55,7 @@ def test_fold_normalization_matches_normalized_scores(tmp_path):
 
 # --- the *_hh experiments end to end on transformers checkpoints, and back out -----------------
 
-EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+from paths import EXPERIMENTS
 
 
 def _tiny_overrides(max_prompt_len: int) -> list[str]:

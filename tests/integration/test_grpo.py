@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_ppo import (EOS, MARKER, PAD, VOCAB, log_softmax_np, make_tokenizer,
+from ppo_toys import (EOS, MARKER, PAD, VOCAB, log_softmax_np, make_tokenizer,
                       marker_reward_params, perturbed, ptx_batch, run_train, tiny_policy)
-from test_ppo import ppo_config as ppo_batch_config
+from ppo_toys import ppo_config as ppo_batch_config
 
 from rlhf_jax import objectives as obj
 from rlhf_jax import validate

@@ -11,7 +11,7 @@ from rlhf_jax.config import load_config
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.pipeline import ALL_STAGES, METHOD_STAGES, STAGES, run
 
-EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+from paths import EXPERIMENTS
 METHODS = ("dpo", "grpo", "rloo")
 
 

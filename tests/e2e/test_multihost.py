@@ -24,7 +24,7 @@ from rlhf_jax import distributed
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import read_jsonl_metrics
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+from paths import TESTS
 REPO = os.path.dirname(TESTS)
 
 DEADLINE_S = 420

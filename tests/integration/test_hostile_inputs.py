@@ -17,7 +17,7 @@ import pytest
 
 from rlhf_jax.cli import main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO
 EXP = lambda name: os.path.join(REPO, "experiments", name)
 WORDS = [f"w{i}" for i in range(20)]
 VOCAB = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>", "instruction", ":", "response"]

@@ -1,14 +1,15 @@
-"""The whole pipeline at micro scale, every stage (real-data configs: tests/test_byo.py)."""
+"""The whole pipeline at micro scale, every stage (real-data configs: tests/integration/test_byo.py)."""
 import json
 import math
 import os
 
 import numpy as np
+import pytest
 
 from rlhf_jax.config import load_config
 from rlhf_jax.pipeline import STAGES, run
 
-EXPERIMENTS = os.path.join(os.path.dirname(__file__), "..", "experiments")
+from paths import EXPERIMENTS
 
 
 def _finite(tree) -> bool:
@@ -21,6 +22,7 @@ def _finite(tree) -> bool:
     return True
 
 
+@pytest.mark.smoke     # the README's quick command runs this one end-to-end test
 def test_micro_pipeline_every_stage_and_artifact(tmp_path):
     cfg = load_config(os.path.join(EXPERIMENTS, "instructgpt_tiny.py") + ":micro")
     results = run(cfg, str(tmp_path))

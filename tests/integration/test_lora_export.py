@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import transformers
 from safetensors.numpy import load_file
-from test_hf import (PARITY_ATOL, hf_model, left_padded_batch, make_tokenizer,
+from parity_models import (PARITY_ATOL, hf_model, left_padded_batch, make_tokenizer,
                      max_diff_at_real_positions, torch_logits)
 
 from rlhf_jax import cli
