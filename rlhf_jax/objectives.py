@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -186,6 +187,10 @@ def kway_ranking_loss(rewards: Array, ranks: Array, valid: Array) -> tuple[Array
       r_w > r_l), "n_pairs", "mean_reward" (over valid completions) and "reward_margin"
       (mean r_w - r_l over strict pairs).
     """
+    # Shapes are checked at trace time (free under jit): a [B*K] reward vector or ranks of another
+    # prompt count would otherwise broadcast into a wrong loss silently.
+    chex.assert_rank(rewards, 2)
+    chex.assert_equal_shape([rewards, ranks, valid])
     rewards32 = rewards.astype(jnp.float32)
     pair_mask = _strict_pair_mask(ranks, valid)
     margins = rewards32[:, :, None] - rewards32[:, None, :]  # [B, K, K]: r_i - r_j
@@ -205,32 +210,6 @@ def kway_ranking_loss(rewards: Array, ranks: Array, valid: Array) -> tuple[Array
         "n_pairs": n_pairs,
         "mean_reward": masked_mean(rewards32, valid),
         "reward_margin": masked_mean(margins, pair_mask),
-    }
-    return loss, metrics
-
-
-def shuffled_pairs_loss(
-    r_chosen: Array, r_rejected: Array, weight: Array
-) -> tuple[Array, dict]:
-    """Per-pair baseline: each comparison is its own example (the footnote-5 ablation).
-
-    Args:
-      r_chosen, r_rejected: [N] rewards of the preferred and the other completion.
-      weight: [N] bool/float, 0 for padding pairs.
-
-    Returns:
-      (weighted mean of -log sigmoid(r_c - r_r), metrics with the same keys as
-      ``kway_ranking_loss``: "pair_accuracy", "n_pairs", "mean_reward", "reward_margin").
-    """
-    chosen32 = r_chosen.astype(jnp.float32)
-    rejected32 = r_rejected.astype(jnp.float32)
-    margins = chosen32 - rejected32
-    loss = masked_mean(-jax.nn.log_sigmoid(margins), weight)
-    metrics = {
-        "pair_accuracy": masked_mean((margins > 0).astype(jnp.float32), weight),
-        "n_pairs": jnp.sum(_as_weights(weight)),
-        "mean_reward": 0.5 * (masked_mean(chosen32, weight) + masked_mean(rejected32, weight)),
-        "reward_margin": masked_mean(margins, weight),
     }
     return loss, metrics
 
@@ -277,6 +256,9 @@ def per_token_rewards(
     Returns:
       (rewards [B, T] f32, kl [B, T] f32), both zero outside the mask.
     """
+    chex.assert_rank([logprobs, scores], [2, 1])
+    chex.assert_equal_shape([logprobs, ref_logprobs, response_mask])
+    chex.assert_equal_shape_prefix([logprobs, scores], 1)
     weights = _as_weights(response_mask)
     log_ratio = logprobs.astype(jnp.float32) - ref_logprobs.astype(jnp.float32)
     kl = jnp.where(weights != 0, log_ratio * weights, 0.0)
@@ -306,6 +288,8 @@ def gae_advantages(
     Returns:
       (advantages [B, T] f32, returns = advantages + values [B, T] f32), 0 outside mask.
     """
+    chex.assert_rank(rewards, 2)
+    chex.assert_equal_shape([rewards, values, mask])
     weights = _as_weights(mask)
     rewards32 = rewards.astype(jnp.float32)
     values32 = values.astype(jnp.float32)
@@ -347,6 +331,7 @@ def ppo_policy_loss(
       (loss f32, {"clipfrac", "approxkl" = 0.5 * mean(log_ratio^2), "ratio_mean",
       "ratio_max"}).
     """
+    chex.assert_equal_shape([logprobs, old_logprobs, advantages, mask])
     weights = _as_weights(mask)
     # Zero the log-ratio off-mask before exp: padded positions may hold garbage that would
     # overflow to inf and poison the gradient through the masked reduction.

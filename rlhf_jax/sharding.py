@@ -166,12 +166,6 @@ def shardings_from_boxed(boxed_tree: Any, mesh: Mesh, rules: LogicalRules = DEFA
     return jax.tree.map(leaf_sharding, boxed_tree, is_leaf=_is_partitioned)
 
 
-def logical_axes_from_boxed(boxed_tree: Any) -> Any:
-    """The logical axis names of each parameter (a tuple per leaf; () for unnamed leaves)."""
-    return jax.tree.map(lambda x: tuple(x.names) if _is_partitioned(x) else (),
-                        boxed_tree, is_leaf=_is_partitioned)
-
-
 def replicated_fraction(tree: Any) -> float:
     """Share of parameter bytes that are fully replicated across a multi-device mesh.
 
@@ -280,11 +274,3 @@ def with_logical_constraint(x: jax.Array, logical_axes: Sequence[str | None], me
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def describe(tree: Any) -> str:
-    """One line per leaf: path, shape, dtype, PartitionSpec (for logs and debugging)."""
-    lines = []
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        sharding = getattr(leaf, "sharding", None)
-        spec = getattr(sharding, "spec", "")
-        lines.append(f"{jax.tree_util.keystr(path)}: {tuple(leaf.shape)} {leaf.dtype} {spec}")
-    return "\n".join(lines)

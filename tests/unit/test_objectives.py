@@ -314,26 +314,6 @@ def test_kway_gradient_equals_scaled_sum_of_pair_gradients():
     assert np.all(np.asarray(grads)[~valid] == 0.0)
 
 
-def test_shuffled_pairs_loss_matches_loop():
-    rng = np.random.default_rng(8)
-    chosen = rng.normal(size=10).astype(np.float32)
-    rejected = rng.normal(size=10).astype(np.float32)
-    weight = (rng.random(10) > 0.3).astype(np.float32)
-
-    total, count, correct, margin_sum = 0.0, 0.0, 0.0, 0.0
-    for c, r, w in zip(chosen, rejected, weight):
-        if w:
-            total += -np_log_sigmoid(float(c) - float(r))
-            correct += float(c > r)
-            margin_sum += float(c) - float(r)
-            count += 1
-    loss, metrics = obj.shuffled_pairs_loss(jnp.asarray(chosen), jnp.asarray(rejected), weight)
-    assert_close(loss, total / count)
-    assert_close(metrics["pair_accuracy"], correct / count)
-    assert_close(metrics["reward_margin"], margin_sum / count)
-    assert_close(metrics["n_pairs"], count)
-
-
 # --------------------------------------------------------------------------------------
 # Per-token rewards and GAE
 # --------------------------------------------------------------------------------------
@@ -557,3 +537,19 @@ def test_value_at_last_token_golden():
     out = value_at_last_token(jnp.asarray(values, jnp.bfloat16).astype(jnp.float32), mask)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-6)
+
+
+def test_objectives_refuse_mismatched_shapes_at_trace_time():
+    """A flat [B*K] reward vector or a [B] mask would broadcast into a wrong number silently;
+    chex stops it when the function is traced (inside jit as well)."""
+    rewards, ranks = jnp.zeros((2, 4)), jnp.zeros((2, 4), jnp.int32)
+    with pytest.raises(AssertionError):
+        obj.kway_ranking_loss(rewards.reshape(8), ranks.reshape(8), jnp.ones((8,), bool))
+    with pytest.raises(AssertionError):
+        jax.jit(obj.kway_ranking_loss)(rewards, ranks, jnp.ones((2, 3), bool))
+    with pytest.raises(AssertionError):
+        obj.per_token_rewards(jnp.zeros((2, 5)), jnp.zeros((2, 5)), jnp.zeros((3,)), jnp.ones((2, 5)), 0.1)
+    with pytest.raises(AssertionError):
+        obj.gae_advantages(jnp.zeros((2, 5)), jnp.zeros((2, 5)), jnp.ones((2,)))
+    with pytest.raises(AssertionError):
+        obj.ppo_policy_loss(jnp.zeros((2, 5)), jnp.zeros((2, 5)), jnp.zeros((2, 4)), jnp.ones((2, 5)))
