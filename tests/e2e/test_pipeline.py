@@ -1,4 +1,4 @@
-"""The whole pipeline at micro scale, every stage (real-data configs: tests/integration/test_byo.py)."""
+"""The whole pipeline at micro scale, every stage (real-data configs: tests/e2e/test_byo.py)."""
 import json
 import math
 import os
@@ -71,11 +71,18 @@ def test_micro_pipeline_every_stage_and_artifact(tmp_path):
     assert {r["model"] for r in rows} == set(saved["behaviour"])
     # The probes: every fact of the 12 animals (7 attributes), 100 copy items.
     assert {"base", "sft", "ppo"} <= set(saved["knowledge_probe"]) == set(saved["copy_probe"])
-    assert saved["knowledge_probe"]["base"]["n"] == 12 * 7
+    assert saved["knowledge_probe"]["base"]["n"] == 12 * 7 - 4     # every fact but the 4 myths
     assert 0 < saved["knowledge_probe"]["base"]["chance"] < 1
     assert saved["copy_probe"]["sft"]["n"] == 100
     assert saved["machine"]["logical_cores"] >= 1 and saved["versions"]["jax"]
-    for heading in ("Floor policies", "Behaviour", "Probes"):
+    # The highlights: per model on the eval prompts, the probe sets for every unprompted model.
+    hl = saved["highlights"]
+    assert set(hl["fig4"]) == set(saved["win_rate_vs_sft"])
+    assert set(hl["truthfulness"]) == set(saved["win_rate_vs_sft"]) - {"base_prompted"}
+    assert hl["truthfulness"]["sft"]["true"]["n"] == 3 * 4         # 4 myths, 3 phrasings each
+    assert {"ppo_ptx_vs_base", "ppo_ptx_vs_base_prompted"} == set(hl["head_to_head"])
+    assert hl["ood"]["sft"]["win_heldout"]["rate"] == 0.5           # SFT against itself
+    for heading in ("Floor policies", "Behaviour", "Probes", "Highlights"):
         assert heading in (tmp_path / "results.md").read_text(), heading
     assert _finite({k: v for k, v in saved.items() if k != "samples"})
     ppo_metrics = [json.loads(line) for line in open(tmp_path / "ppo_ptx" / "metrics.jsonl")]
