@@ -48,7 +48,7 @@ Per step it reports:
   depth.) These are *model* FLOPs: rematerialization (``remat``, the chunked head's recompute in
   the backward pass) is not counted, the usual definition for MFU. ``as_compiled_flops_per_device``
   is XLA's per-device count of the real step, loop bodies once, for reference.
-  ``tests/integration/test_compile.py`` checks the accounting against fully unrolled builds at full depth.
+  ``tests/e2e/test_compile.py`` checks the accounting against fully unrolled builds at full depth.
 * **Time**: ``compile_s`` of the real step; ``step_time_at_peak_s = flops / (devices * peak)``
   (every FLOP at the chip's peak bf16 rate), and a roofline ``roofline_step_s = max(that,
   hbm_traffic_per_device / HBM bandwidth)``. The traffic is a floor: every argument read once
