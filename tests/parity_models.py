@@ -40,11 +40,13 @@ def hf_model(arch: str) -> transformers.PreTrainedModel:
     return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common)).eval()
 
 
-def left_padded_batch() -> tuple[np.ndarray, np.ndarray]:
-    """4 rows of length 10 with 0, 3, 6 and 1 left-padding tokens."""
-    ids = np.random.RandomState(0).randint(3, VOCAB, (4, 10)).astype(np.int32)
+def left_padded_batch(length: int = 10, pads_per_row: tuple[int, ...] = (0, 3, 6, 1),
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random ids, one row per entry of ``pads_per_row`` with that many left-padding tokens
+    (by default 4 rows of length 10 with 0, 3, 6 and 1)."""
+    ids = np.random.RandomState(seed).randint(3, VOCAB, (len(pads_per_row), length)).astype(np.int32)
     mask = np.ones_like(ids)
-    for row, pads in enumerate((0, 3, 6, 1)):
+    for row, pads in enumerate(pads_per_row):
         mask[row, :pads] = 0
         ids[row, :pads] = PAD_ID
     return ids, mask

@@ -389,12 +389,7 @@ def llama3_hf_model() -> transformers.LlamaForCausalLM:
 
 def long_left_padded_batch() -> tuple[np.ndarray, np.ndarray]:
     """4 rows of length 48 (positions up to 47 > 32) with 0, 5, 13 and 2 left-padding tokens."""
-    ids = np.random.RandomState(1).randint(3, VOCAB, (4, 48)).astype(np.int32)
-    mask = np.ones_like(ids)
-    for row, pads in enumerate((0, 5, 13, 2)):
-        mask[row, :pads] = 0
-        ids[row, :pads] = PAD_ID
-    return ids, mask
+    return left_padded_batch(48, (0, 5, 13, 2), seed=1)
 
 
 def legacy_rope_config(path: str) -> None:
