@@ -180,7 +180,6 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
     if world is not None:
         results.update(behaviour={}, floors={}, knowledge_probe={}, copy_probe={})
     responses: dict[str, list[str]] = {}
-    polite_responses: dict[str, list[str]] = {}
     probe_responses: dict[str, dict[str, list[str]]] = {}
     # Win rates are against this workdir's SFT, or against the model ``eval.reference_sft``
     # names (the model-size axis compares every size with the largest SFT, as Fig. 1 does).
@@ -227,7 +226,6 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
                     [f"{prefix} {r['prompt']}" for r in polite_rows] if prompted else polite_rows,
                     max_prompt_len=prompt_len + polite_extra, max_new_tokens=max_r,
                     temperature=e.temperature, seed=cfg.seed, mesh=mesh)["texts"]
-            polite_responses[name] = polite
             if not prompted:
                 texts = ev.generate_texts(model, params, tokenizer, probe_rows,
                                           max_prompt_len=probe_prompt_len, max_new_tokens=max_r,
@@ -295,7 +293,7 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
             world, prompt_rows, texts, floor_responses(floor, polite_rows))
     write_responses(workdir, prompts, responses)
     results["highlights"] = highlights.highlights(
-        world, prompt_rows, {m: responses[m] for m in models}, polite_rows, polite_responses,
+        world, prompt_rows, {m: responses[m] for m in models}, results["behaviour"],
         win_rates=lambda rows, ours, theirs: _win_rates(rows, ours, theirs, pool, cfg.seed),
         probes=probes, probe_responses=probe_responses, heldout_labelers=pool.heldout,
         references={k: responses[k] for k in ("reference_base",) if k in responses})

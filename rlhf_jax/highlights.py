@@ -50,7 +50,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from rlhf_jax.behaviour import proportion, rude_share
+from rlhf_jax.behaviour import proportion
 from rlhf_jax.world.facts import World
 from rlhf_jax.world.labelers import (abstains, asked_values, extract_claims, mean_gold_score,
                                      response_features, response_tokens)
@@ -62,16 +62,15 @@ CLOSED_DOMAIN = "describe"
 
 # win_rates(prompt rows, ours, theirs) -> {group: {"rate", "ci95", "n"}}
 WinRates = Callable[[Sequence[Mapping], Sequence[str], Sequence[str]], dict[str, dict[str, Any]]]
-PROBES = ("truthfulness", "bias", "ood", "false_premise")
 
 
 def model_highlights(world: World, prompt_rows: Sequence[Mapping], responses: Sequence[str],
-                     polite_rows: Sequence[Mapping] = (), polite_responses: Sequence[str] | None = None
-                     ) -> dict[str, Any]:
+                     measured: Mapping[str, Any]) -> dict[str, Any]:
     """``toxicity``, ``hallucination``, ``hedging`` and ``fig4`` for one model's responses.
 
-    ``polite_responses`` answer ``polite_rows`` (``behaviour.polite_probe_rows(prompt_rows)``);
-    without them ``toxicity["with_respectful"]`` is left out.
+    ``measured`` is the same responses' ``behaviour.behaviour_metrics``: the measures the two
+    share (off task, constraints, rude words with and without the polite request) are read from
+    it, so each has one definition and is computed once.
     """
     if len(responses) != len(prompt_rows):
         raise ValueError(f"{len(responses)} responses for {len(prompt_rows)} prompts")
@@ -81,11 +80,9 @@ def model_highlights(world: World, prompt_rows: Sequence[Mapping], responses: Se
     closed_attempted = [f for f in closed if not f.off_task and not f.abstained]
     hallucination = {"any": proportion([f.false_claims > 0 for f in closed]),
                      "attempted": proportion([f.false_claims > 0 for f in closed_attempted])}
-    toxicity = {"without": rude_share(world, prompt_rows, responses)}
-    if polite_responses is not None:
-        if len(polite_responses) != len(polite_rows):
-            raise ValueError(f"{len(polite_responses)} polite responses for {len(polite_rows)} prompts")
-        toxicity["with_respectful"] = rude_share(world, polite_rows, polite_responses)
+    rude = measured["rude_share"]
+    toxicity = {"without": rude["without"],
+                **({"with_respectful": rude["with_polite"]} if "with_polite" in rude else {})}
     hedges = [len(asked_values(world, meta, content_words(" ".join(response_tokens(r))))) >= 2
               for meta, r in zip(metas, responses) if meta["type"] == "fact"]
     return {
@@ -93,9 +90,8 @@ def model_highlights(world: World, prompt_rows: Sequence[Mapping], responses: Se
         "hallucination": hallucination,
         "hedging": proportion(hedges),
         "fig4": {
-            "fails_instruction": proportion([f.off_task for f in feats]),
-            "follows_constraints": proportion([f.constraint_ok for meta, f in zip(metas, feats)
-                                               if meta["constraint"] is not None]),
+            "fails_instruction": measured["off_task_share"],
+            "follows_constraints": measured["constraint_ok_share"],
             "hallucination": hallucination["any"],
             "appropriate_language": proportion([f.rude_words == 0 for f in feats]),
         },
@@ -150,8 +146,7 @@ def ood(world: World, rows: Sequence[Mapping], responses: Sequence[str], labeler
 
 
 def highlights(world: World, prompt_rows: Sequence[Mapping], responses: Mapping[str, Sequence[str]],
-               polite_rows: Sequence[Mapping] = (),
-               polite_responses: Mapping[str, Sequence[str]] | None = None,
+               measured: Mapping[str, Mapping[str, Any]],
                win_rates: WinRates | None = None,
                probes: Mapping[str, Sequence[Mapping]] | None = None,
                probe_responses: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
@@ -159,6 +154,7 @@ def highlights(world: World, prompt_rows: Sequence[Mapping], responses: Mapping[
                references: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """results.json's ``highlights``: the keys of the module docstring, each ``{model: ...}``.
 
+    ``measured[model]`` is that model's ``behaviour.behaviour_metrics`` on ``prompt_rows``.
     ``win_rates(rows, ours, theirs)`` judges two response lists on ``rows`` and returns
     ``{group: {"rate", "ci95", "n"}}`` (eval's labeler-group win rates); without it, or without
     both models of a pair, ``head_to_head`` leaves that pair out. ``probes`` are
@@ -167,8 +163,7 @@ def highlights(world: World, prompt_rows: Sequence[Mapping], responses: Mapping[
     the ``sft`` model's answers. ``references`` are answers judged only as a head-to-head
     opponent (``reference_base``: the base LM of another size, eval's ``reference_base``).
     """
-    per_model = {name: model_highlights(world, prompt_rows, texts, polite_rows,
-                                        (polite_responses or {}).get(name))
+    per_model = {name: model_highlights(world, prompt_rows, texts, measured[name])
                  for name, texts in responses.items()}
     out: dict[str, Any] = {key: {name: h[key] for name, h in per_model.items()}
                            for key in ("toxicity", "hallucination", "hedging", "fig4")}

@@ -51,8 +51,9 @@ def _hits(m):
 def test_model_highlights_hand_computed(world):
     polite_rows = behaviour.polite_probe_rows(ROWS)          # rows 1 (hostile) and 5 (rude request)
     assert len(polite_rows) == 2
-    a = highlights.model_highlights(world, ROWS, MODEL_A, polite_rows,
-                                    ["govo is a huge wolf .", "sorry , i will not be rude about punu ."])
+    polite = ["govo is a huge wolf .", "sorry , i will not be rude about punu ."]
+    a = highlights.model_highlights(world, ROWS, MODEL_A,
+                                    behaviour.behaviour_metrics(world, ROWS, MODEL_A, polite))
     # Closed domain (the three describe rows): a false claim in row 0 only; attempted are rows 0, 1.
     assert _hits(a["hallucination"]["any"]) == (1, 3)
     assert _hits(a["hallucination"]["attempted"]) == (1, 2)
@@ -65,7 +66,7 @@ def test_model_highlights_hand_computed(world):
     assert fig4["hallucination"] == a["hallucination"]["any"]
     assert _hits(fig4["appropriate_language"]) == (5, 6)
 
-    b = highlights.model_highlights(world, ROWS, MODEL_B)
+    b = highlights.model_highlights(world, ROWS, MODEL_B, behaviour.behaviour_metrics(world, ROWS, MODEL_B))
     assert _hits(b["hallucination"]["any"]) == (1, 3)         # "govo is big ."
     assert _hits(b["hallucination"]["attempted"]) == (1, 2)   # row 1 is off task, not attempted
     assert _hits(b["hedging"]) == (0, 2)
@@ -77,7 +78,12 @@ def test_model_highlights_hand_computed(world):
     assert b["fig4"]["fails_instruction"]["ci95"] == behaviour.proportion([True] + [False] * 5)["ci95"]
 
 
+def _measured(world, responses):
+    return behaviour.behaviour_metrics(world, ROWS, responses)
+
+
 def test_highlights_keys_per_model_and_head_to_head(world):
+    measured = {"ppo_ptx": _measured(world, MODEL_A), "base": _measured(world, MODEL_B)}
     calls = []
 
     def win_rates(rows, ours, theirs):
@@ -86,7 +92,7 @@ def test_highlights_keys_per_model_and_head_to_head(world):
         return {"train_labelers": {"rate": 0.75, "ci95": [0.3, 0.95], "n": 6},
                 "heldout_labelers": {"rate": 0.5, "ci95": [0.2, 0.8], "n": 6}}
 
-    hl = highlights.highlights(world, ROWS, {"ppo_ptx": MODEL_A, "base": MODEL_B}, win_rates=win_rates)
+    hl = highlights.highlights(world, ROWS, {"ppo_ptx": MODEL_A, "base": MODEL_B}, measured, win_rates=win_rates)
     assert set(hl) == {"toxicity", "hallucination", "hedging", "fig4", "head_to_head"}
     for key in ("toxicity", "hallucination", "hedging", "fig4"):
         assert set(hl[key]) == {"ppo_ptx", "base"}
@@ -98,9 +104,9 @@ def test_highlights_keys_per_model_and_head_to_head(world):
     rows = highlights.highlights_table(hl)
     assert [r["model"] for r in rows] == ["ppo_ptx", "base"]
     assert rows[0]["hedging"] == "100%" and rows[1]["toxic (respectful asked)"] == "n/a"
-    assert highlights.highlights(world, ROWS, {"ppo_ptx": MODEL_A})["head_to_head"] == {}
+    assert highlights.highlights(world, ROWS, {"ppo_ptx": MODEL_A}, measured)["head_to_head"] == {}
     # Another size's base LM is only an opponent: judged head to head, no highlights of its own.
-    hl = highlights.highlights(world, ROWS, {"ppo_ptx": MODEL_A}, win_rates=win_rates,
+    hl = highlights.highlights(world, ROWS, {"ppo_ptx": MODEL_A}, measured, win_rates=win_rates,
                                references={"reference_base": MODEL_B})
     assert list(hl["head_to_head"]) == ["ppo_ptx_vs_reference_base"] and calls[-1] == (MODEL_A, MODEL_B)
     assert set(hl["fig4"]) == {"ppo_ptx"}
@@ -108,7 +114,7 @@ def test_highlights_keys_per_model_and_head_to_head(world):
 
 def test_model_highlights_rejects_mismatched_lengths(world):
     with pytest.raises(ValueError, match="5 responses for 6 prompts"):
-        highlights.model_highlights(world, ROWS, MODEL_A[:5])
+        highlights.model_highlights(world, ROWS, MODEL_A[:5], {})
 
 
 # --- the probe sets (world.probes) and their measures ------------------------------------------
@@ -193,7 +199,8 @@ def test_highlights_with_probes_judge_ood_against_sft(world, probes):
         wins = sum(o != t for o, t in zip(ours, theirs)) / len(rows)
         return {"train_labelers": {"rate": wins}, "heldout_labelers": {"rate": wins}}
 
-    hl = highlights.highlights(world, ROWS, {"sft": MODEL_B, "ppo_ptx": MODEL_A}, win_rates=win_rates,
+    measured = {"sft": _measured(world, MODEL_B), "ppo_ptx": _measured(world, MODEL_A)}
+    hl = highlights.highlights(world, ROWS, {"sft": MODEL_B, "ppo_ptx": MODEL_A}, measured, win_rates=win_rates,
                                probes=probes, probe_responses=answers,
                                heldout_labelers=make_labeler_pool(world, 0).heldout)
     assert set(hl) >= {"truthfulness", "bias", "ood", "false_premise"}
