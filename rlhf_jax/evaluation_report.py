@@ -13,7 +13,9 @@ responses that do not attempt it; the floor policies (``rlhf_jax.world.floors``:
 as always abstaining) are judged like the models, and a model counts as preferred to SFT only if
 it also beats every floor; each model's and floor's behaviour (``rlhf_jax.behaviour``: correct,
 off task, collapsed to one response, hallucinating, rude with and without a request to be polite)
-and knowledge / copy probes of the world are reported beside.
+and knowledge / copy probes of the world are reported beside, with the seed note's highlights
+(``rlhf_jax.highlights``: truthfulness on the world's myths, toxicity, bias, two-hop questions,
+false premises, Fig. 4's metadata and PPO-ptx against the base LM head to head).
 
 Writes ``results.json`` (with the machine and package versions), ``results.md`` and PNG plots
 into the workdir, and every response to every eval prompt to ``eval/responses.jsonl``.
