@@ -9,10 +9,10 @@ import os
 import random
 
 import jax
-import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_counting import counting_compiles
 from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -25,7 +25,6 @@ from rlhf_jax.stages.reward import reward_model_from_lm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "experiments", "tiny_ppo.py")
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 WORDS = [f"w{i}" for i in range(20)]
 VOCAB = ["<pad>", "<eos>", "<unk>", "good", "say", ":", "please", "ok"] + WORDS   # 28 tokens
@@ -203,18 +202,6 @@ def toy_overrides(toy_dirs, *extra: str) -> list[str]:
             "ppo.sample_every=10", *extra]
 
 
-class CompileCounter:
-    """Counts XLA backend compilations (every jit cache miss, eager-op compiles included)."""
-
-    def __init__(self):
-        self.count = 0
-        self.active = True
-
-    def __call__(self, event, duration, **kwargs):
-        if self.active and event == BACKEND_COMPILE:
-            self.count += 1
-
-
 def run_train(cfg, workdir):
     """`ppo.train` that also records the compile count at each iteration's metrics write.
 
@@ -224,22 +211,17 @@ def run_train(cfg, workdir):
     included, lands in iteration k+1's window, which only makes the check stricter). Counting
     in one run avoids comparing separate runs, which share jax's caches for eager ops.
     """
-    counter = CompileCounter()
     per_iteration = []
+    with counting_compiles() as counter:
 
-    class RecordingWriter(ppo.MetricsWriter):
-        def write(self, step, metrics):
-            per_iteration.append(counter.count)
-            super().write(step, metrics)
+        class RecordingWriter(ppo.MetricsWriter):
+            def write(self, step, metrics):
+                per_iteration.append(counter.count)
+                super().write(step, metrics)
 
-    jax.monitoring.register_event_duration_secs_listener(counter)
-    try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(ppo, "MetricsWriter", RecordingWriter)
             final = ppo.train(cfg, str(workdir))
-    finally:
-        counter.active = False
-        jax.monitoring.unregister_event_duration_listener(counter)
     return final, per_iteration
 
 

@@ -12,10 +12,10 @@ import os
 import random
 
 import jax
-import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_counting import counting_compiles
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import objectives as obj
@@ -35,7 +35,6 @@ from rlhf_jax.train_state import create_train_state, shardings_of
 
 from paths import REPO
 TINY_DPO = os.path.join(REPO, "experiments", "tiny_dpo.py")
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 WORDS = [f"w{i}" for i in range(20)]
 SPECIAL = ["<pad>", "<eos>", "<unk>", "instruction", ":", "repeat", "reverse", "response"]
@@ -343,17 +342,6 @@ def test_steps_compile_once(programs, weights, batches):
 
 # --- 4. train() end to end ------------------------------------------------------------------------
 
-class CompileCounter:
-    """Counts XLA backend compilations (every jit cache miss, eager-op compiles included)."""
-
-    def __init__(self):
-        self.count, self.active = 0, True
-
-    def __call__(self, event, duration, **kwargs):
-        if self.active and event == BACKEND_COMPILE:
-            self.count += 1
-
-
 TRAIN_STEPS = 40
 
 
@@ -363,22 +351,18 @@ def train_run(files):
     cfg = dpo_cfg(files, f"train.steps={TRAIN_STEPS}", "train.log_every=1",
                   "train.checkpoint_every=1000", "optim.lr=3e-3")
     workdir = files["root"] / "dpo"
-    counter, per_step = CompileCounter(), []
+    per_step = []
+    with counting_compiles() as counter:
 
-    class RecordingWriter(dpo.MetricsWriter):
-        def write(self, step, metrics):
-            if "train/loss" in metrics:
-                per_step.append(counter.count)
-            super().write(step, metrics)
+        class RecordingWriter(dpo.MetricsWriter):
+            def write(self, step, metrics):
+                if "train/loss" in metrics:
+                    per_step.append(counter.count)
+                super().write(step, metrics)
 
-    jax.monitoring.register_event_duration_secs_listener(counter)
-    try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(dpo, "MetricsWriter", RecordingWriter)
             final = dpo.train(cfg, str(workdir))
-    finally:
-        counter.active = False
-        jax.monitoring.unregister_event_duration_listener(counter)
     return {"cfg": cfg, "workdir": str(workdir), "final": final, "compiles": per_step}
 
 

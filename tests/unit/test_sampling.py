@@ -9,6 +9,7 @@ import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_counting import counting_compiles
 
 from rlhf_jax.models import Transformer, init_params, place_params, tiny_config
 from rlhf_jax.sampling import (SamplingConfig, _DecodeState, _record_sample, filter_logits,
@@ -283,15 +284,10 @@ def test_repeated_calls_do_not_recompile(gpt2_setup):
     inputs = [(*left_padded_prompts(seed), jax.random.key(seed)) for seed in range(3)]
     jax.block_until_ready(generate(params, *inputs[0]))
 
-    compiles = []
-    listener = lambda event, duration, **kwargs: compiles.append(event)
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with counting_compiles() as counter:
         for ids, mask, rng in inputs[1:]:
             jax.block_until_ready(generate(params, ids, mask, rng))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert "/jax/core/compile/backend_compile_duration" not in compiles
+    assert counter.count == 0
     assert generate._cache_size() == 1
 
 
