@@ -11,6 +11,7 @@ import math
 import os
 import random
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -315,11 +316,9 @@ def test_sharded_steps_equal_single_device(programs, weights, batches, shape):
     ref_logps, metrics, params, evaluated = one_step(*programs((1, 1, 1)), weights, batches[2])
     got = one_step(*programs(shape), weights, batches[2])
     np.testing.assert_allclose(got[0], ref_logps, rtol=1e-5, atol=1e-4)
-    for key in metrics:
-        np.testing.assert_allclose(got[1][key], metrics[key], rtol=1e-5, atol=1e-5, err_msg=key)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got[2], params)
-    for key in evaluated:
-        np.testing.assert_allclose(got[3][key], evaluated[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    chex.assert_trees_all_close(got[1], metrics, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(got[2], params, rtol=1e-7, atol=1e-5)
+    chex.assert_trees_all_close(got[3], evaluated, rtol=1e-5, atol=1e-5)
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params),
                                                            jax.tree.leaves(weights["policy"])))
     assert moved > 1e-3                                # the step did change the policy

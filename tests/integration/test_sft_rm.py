@@ -9,6 +9,7 @@ import os
 import random
 import types
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -371,10 +372,10 @@ def test_reward_model_from_lm_head_init_and_trunk():
     assert jax.tree.structure(params) == jax.tree.structure(
         jax.tree.map(lambda a: 0, abstract_params(rm)))
     for name in lm_params:   # the whole trunk, tied embedding included
-        jax.tree.map(lambda a, b_: np.testing.assert_array_equal(np.asarray(a), np.asarray(b_)),
-                     params[name], lm_params[name])
+        chex.assert_trees_all_equal(params[name], lm_params[name], custom_message=name)
     out = jax.jit(rm.apply)({"params": params}, jnp.ones((2, 5), jnp.int32))
-    assert out.shape == (2, 5) and out.dtype == jnp.float32
+    chex.assert_shape(out, (2, 5))
+    chex.assert_type(out, jnp.float32)
 
 
 def test_reward_model_from_lm_on_a_mesh(lm_params):
@@ -385,8 +386,7 @@ def test_reward_model_from_lm_on_a_mesh(lm_params):
     rm, params = reward.reward_model_from_lm(lm, sharded, jax.random.key(5), mesh)
     assert rm.mesh is mesh and rm.config.head == "scalar"
     for name in lm_params:
-        jax.tree.map(lambda a, b_: np.testing.assert_array_equal(np.asarray(a), b_),
-                     params[name], lm_params[name])
+        chex.assert_trees_all_equal(params[name], lm_params[name], custom_message=name)
     # Every parameter, the fresh head included, sits in the rules-table sharding of the RM.
     jax.tree.map(lambda a, sh: a.sharding.is_equivalent_to(sh, a.ndim) or pytest.fail(str(a.sharding)),
                  params, param_shardings(rm, mesh))
@@ -457,11 +457,10 @@ def test_sharded_step_equals_unsharded(stage, train_steps, lm_params, rm_params)
     assert moved > 1e-3   # the step did change the parameters
     for mesh_shape in [(8, 1, 1), (2, 2, 2)]:
         metrics, params = _one_step(train_steps(stage, mesh_shape), batch)
-        for key in ref_metrics:
-            np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-6,
-                                       err_msg=f"{mesh_shape} {key}")
-        jax.tree.map(lambda a, b_: np.testing.assert_allclose(a, b_, atol=1e-5, err_msg=str(mesh_shape)),
-                     params, ref_params)
+        chex.assert_trees_all_close(metrics, ref_metrics, rtol=1e-5, atol=1e-6,
+                                    custom_message=str(mesh_shape))
+        chex.assert_trees_all_close(params, ref_params, rtol=1e-7, atol=1e-5,
+                                    custom_message=str(mesh_shape))
 
 
 # --- 5. no recompilation ----------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,7 +76,10 @@ def test_kv_cache_decoding_equals_full_forward(arch, scan_layers):
     ids, mask = left_padded_batch(length=prompt_len + new_tokens)
     full = np.asarray(forward(model, params, ids, mask))
 
+    chex.clear_trace_counter()      # parametrized: the same step footprint in every case
+
     @jax.jit
+    @chex.assert_max_traces(n=2)    # the prefill and one decode step: no retrace per position
     def step(params, tokens, slot_mask, cache, cache_index):
         return model.apply({"params": params}, tokens, slot_mask, cache=cache,
                            cache_index=cache_index)
@@ -85,8 +89,8 @@ def test_kv_cache_decoding_equals_full_forward(arch, scan_layers):
     slot_mask = np.zeros((batch, total), np.int32)
     slot_mask[:, :prompt_len] = mask[:, :prompt_len]
     prefill, cache = step(params, ids[:, :prompt_len], slot_mask, cache, 0)
-    assert cache["k"].shape == (model.config.n_layers, batch, total, model.config.kv_heads,
-                                model.config.dims_per_head)
+    chex.assert_shape(cache["k"], (model.config.n_layers, batch, total, model.config.kv_heads,
+                                   model.config.dims_per_head))
     real = mask[:, :prompt_len].astype(bool)
     diffs = [np.abs(np.asarray(prefill) - full[:, :prompt_len])[real].max()]
     for t in range(prompt_len, total):
@@ -123,7 +127,8 @@ def test_scalar_head_outputs_float32_per_position(scalar_model):
     ids, mask = left_padded_batch()
     for compute_dtype in ("float32", "bfloat16"):
         values = forward(Transformer(model.config.replace(dtype=compute_dtype)), params, ids, mask)
-        assert values.shape == ids.shape and values.dtype == jnp.float32
+        chex.assert_shape(values, ids.shape)
+        chex.assert_type(values, jnp.float32)
         assert np.isfinite(np.asarray(values)).all()
 
 
@@ -230,9 +235,7 @@ def test_stack_unstack_round_trip_and_scanned_layout():
     assert jax.tree.map(lambda a: a.shape, scanned_shapes) == jax.tree.map(lambda a: a.shape, stacked)
 
     restored = unstack_layers(stacked)
-    assert jax.tree.structure(restored) == jax.tree.structure(params)
-    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    chex.assert_trees_all_equal(restored, params)    # same structure, same values
     assert unstack_layers(params) is params        # no "layers": returned as is
 
 
@@ -266,9 +269,8 @@ def test_remat_gives_the_same_loss_gradient():
     for name, (config, case_params, expected_grads) in cases.items():
         case_loss, case_grads = loss_and_grads(config, case_params)
         np.testing.assert_allclose(case_loss, loss, rtol=1e-6, err_msg=name)
-        assert jax.tree.structure(case_grads) == jax.tree.structure(expected_grads), name
-        for got, want in zip(jax.tree.leaves(case_grads), jax.tree.leaves(expected_grads)):
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, err_msg=name)
+        chex.assert_trees_all_close(case_grads, expected_grads, rtol=1e-7, atol=1e-6,
+                                    custom_message=name)
 
 
 # --- RoPE scaling config -----------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -351,7 +352,7 @@ def test_per_token_rewards_float32_from_bf16_keeps_fractional_scores():
     scores = jnp.array([0.37, -1.25], jnp.float32)
     mask = jnp.array([[1, 1, 0, 0], [1, 1, 1, 1]], jnp.int32)  # int mask must not leak in
     rewards, kl = obj.per_token_rewards(logprobs, ref_logprobs, scores, mask, 0.02)
-    assert rewards.dtype == jnp.float32 and kl.dtype == jnp.float32
+    chex.assert_type([rewards, kl], jnp.float32)
     assert float(rewards[0, 1]) == pytest.approx(0.37, abs=1e-7)
     assert float(rewards[1, 3]) == pytest.approx(-1.25, abs=1e-7)
     assert float(jnp.abs(rewards).sum()) == pytest.approx(0.37 + 1.25, abs=1e-6)
@@ -384,7 +385,7 @@ def test_gae_matches_loop_under_jit(gamma: float, lam: float):
     )
     gae = jax.jit(obj.gae_advantages, static_argnames=("gamma", "lam"))
     advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
-    assert advantages.dtype == jnp.float32 and returns.dtype == jnp.float32
+    chex.assert_type([advantages, returns], jnp.float32)
     assert_close(advantages, expected_adv)
     assert_close(returns, expected_ret)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -229,11 +230,12 @@ def test_grpo_advantages_match_loop(group_size, scale_by_std, unbiased):
     rewards = group_rewards(rng, 5, group_size)
     expected = np_grpo(rewards, group_size, 1e-6, scale_by_std, unbiased)
     flat = obj.grpo_advantages(jnp.asarray(rewards), group_size, 1e-6, scale_by_std, unbiased)
-    assert flat.shape == rewards.shape and flat.dtype == jnp.float32
+    chex.assert_shape(flat, rewards.shape)
+    chex.assert_type(flat, jnp.float32)
     assert_close(flat, expected)
     grid = obj.grpo_advantages(jnp.asarray(rewards.reshape(5, group_size)), group_size, 1e-6,
                                scale_by_std, unbiased)
-    assert grid.shape == (5, group_size)
+    chex.assert_shape(grid, (5, group_size))
     assert_close(grid, expected.reshape(5, group_size))
     assert np.all(np.asarray(grid)[0] == 0.0)  # a constant group has no signal, and no NaN
 
@@ -401,10 +403,6 @@ def test_jit_gives_the_same_values():
     rewards = group_rewards(rng, 3, 4)
     new, old, ref_tok, advantages, mask = grpo_inputs(rng)
 
-    def close_trees(a, b):
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
-
     calls = [
         (obj.dpo_loss, (policy, ref, ranks, valid, 0.3), {}),
         (obj.grpo_advantages, (rewards,), {"group_size": 4}),
@@ -415,4 +413,4 @@ def test_jit_gives_the_same_values():
     for fn, args, static in calls:
         eager = fn(*args, **static)
         jitted = jax.jit(fn, static_argnames=tuple(static))(*args, **static)
-        close_trees(eager, jitted)
+        chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-7)

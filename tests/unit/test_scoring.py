@@ -2,6 +2,7 @@
 plan shrinks the PPO update's temporaries without changing its numbers, RM scores as before."""
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -47,8 +48,8 @@ def test_chunked_logprobs_equal_full_logits(net, chunk):
     want_lp, want_ent = full_logits_reference(model, params, seqs, attn, 0.7)
     got = jax.jit(lambda p: scoring.response_logprobs(model, p, seqs, attn, P, temperature=0.7,
                                                       chunk=chunk, entropy=True))(params)
-    assert got["logprobs"].dtype == got["entropy"].dtype == jnp.float32
-    assert got["logprobs"].shape == (B, N)
+    chex.assert_type([got["logprobs"], got["entropy"]], jnp.float32)
+    chex.assert_shape(got["logprobs"], (B, N))
     np.testing.assert_allclose(got["logprobs"], want_lp, atol=1e-5)
     np.testing.assert_allclose(got["entropy"], want_ent, atol=1e-5)
 
@@ -67,8 +68,7 @@ def test_chunked_gradient_equals_full_gradient(net):
         return jnp.sum(out["logprobs"] * weights) + 0.1 * jnp.sum(out["entropy"])
 
     g_full, g_chunk = jax.jit(jax.grad(loss_full))(params), jax.jit(jax.grad(loss_chunked))(params)
-    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_chunk)):
-        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+    chex.assert_trees_all_close(g_full, g_chunk, rtol=1e-4, atol=2e-5)
 
 
 def test_sequence_nll_equals_next_token_loss(net):
@@ -142,5 +142,4 @@ def test_memory_plan_shrinks_the_update_and_keeps_its_numbers():
     # Same update (the frozen networks don't enter it): stats and new params agree.
     for key in ("policy_loss", "entropy", "ptx_loss", "policy_grad_norm"):
         np.testing.assert_allclose(after["stats"][key], before["stats"][key], rtol=2e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(after["params"]), jax.tree.leaves(before["params"])):
-        np.testing.assert_allclose(a, b, atol=1e-6)
+    chex.assert_trees_all_close(after["params"], before["params"], rtol=1e-7, atol=1e-6)
