@@ -10,14 +10,15 @@ or for the local devices with ``--topology cpu`` (what CI can run)::
     JAX_PLATFORMS=cpu rlhf-jax compile --config experiments/llama3_8b.py --topology v5p:4x4x4 \\
         --stage all --out bench/compile_reports/llama3_8b_v5p-4x4x4.json
 
-Per step it reports:
+Every step is compiled with the compiler options training uses, and its memory and cost are read
+as ``rlhf-jax profile`` reads them (``rlhf_jax.step_analysis``). Per step it reports:
 
-* **Memory** (per device, from ``Compiled.memory_analysis()``): arguments, outputs, the part of
+* **Memory** (per device, ``step_analysis.memory_summary``): arguments, outputs, the part of
   the outputs aliased onto donated arguments (the train state is donated, so the new state reuses
-  the old one's buffers), temporaries and generated code. The peak is what the program reserves,
-  ``arguments + outputs - aliased + temporaries + code`` (the temporaries being XLA's packed temp
-  allocation; XLA:TPU's own fit check adds up the same terms), or XLA's ``peak_memory_in_bytes``
-  plus code when that is larger. It is compared with the HBM the compiler says it can use
+  the old one's buffers), temporaries and generated code. ``peak_bytes_per_device`` is what the
+  program reserves, ``max(xla_peak_memory_in_bytes, arguments + outputs - aliased +
+  temporaries) + code`` (the temporaries being XLA's packed temp allocation; XLA:TPU's own fit
+  check adds up the same terms). It is compared with the HBM the compiler says it can use
   (probed once per topology: libtpu names its limit when a program is too big, e.g. 15.75 GiB of a
   v5e's 16 GiB), the chip table below being the fallback. A step whose compile itself runs out of
   HBM is reported as not fitting with the compiler's numbers.
@@ -46,21 +47,24 @@ Per step it reports:
   in depth. (After optimization it is not: XLA:CPU fusion
   recomputes the gradient norm inside every parameter's update fusion, a term quadratic in
   depth.) These are *model* FLOPs: rematerialization (``remat``, the chunked head's recompute in
-  the backward pass) is not counted, the usual definition for MFU. ``as_compiled_flops_per_device``
+  the backward pass) is not counted (the FLOPs of ``mfu_model``). ``as_compiled_flops_per_device``
   is XLA's per-device count of the real step, loop bodies once, for reference.
   ``tests/e2e/test_compile.py`` checks the accounting against fully unrolled builds at full depth.
-* **Time**: ``compile_s`` of the real step; ``step_time_at_peak_s = flops / (devices * peak)``
-  (every FLOP at the chip's peak bf16 rate), and a roofline ``roofline_step_s = max(that,
-  hbm_traffic_per_device / HBM bandwidth)``. The traffic is a floor: every argument read once
-  (a weight sharded over ``fsdp`` read whole, since it is all-gathered before use), every output
-  not aliased onto an argument written once; the rollout adds its decode body's once per trip
+* **Time**: ``lower_s`` and ``compile_s`` of the real step; ``step_time_at_peak_s = flops /
+  (devices * peak)`` (every FLOP at the chip's peak bf16 rate), and a roofline
+  ``roofline_step_s = max(that, hbm_traffic_per_device / HBM bandwidth)``. The traffic is a
+  floor: every argument read once (a weight sharded over ``fsdp`` read whole, since it is
+  all-gathered before use), every output not aliased onto an argument written once; the rollout adds its decode body's once per trip
   (per token: all the policy's weights and the whole KV cache). XLA's own "bytes accessed" is
   not used: it counts a layer scan once and an in-place cache update as a copy of the cache.
-  ``mfu = step_time_at_peak_s / roofline_step_s``: the MFU the step could reach if only compute
-  and HBM traffic counted (no collectives, no remat, perfect overlap), an upper bound. Decoding
-  is memory-bound, so the rollout's is the low one. ``stage_info.ppo.iteration`` adds up one PPO
-  iteration (rollout + experience + minibatch updates), ``stage_info.dpo.iteration`` one DPO
-  batch (ref_logps + update).
+  ``mfu_model = step_analysis.mfu_model(flops, roofline_step_s, devices * peak)``, model FLOPs
+  / (time x peak), here ``step_time_at_peak_s / roofline_step_s``: the model FLOPs utilization
+  the step could reach if only compute and HBM traffic counted (no collectives, no remat,
+  perfect overlap), an upper bound (``profile`` reports ``mfu_hardware``: executed FLOPs at a
+  measured time). Decoding is memory-bound, so the rollout's is the low one.
+  ``stage_info.ppo.iteration`` adds up one PPO iteration (rollout + experience + minibatch
+  updates), ``stage_info.dpo.iteration`` one DPO batch (ref_logps + update), with its
+  ``mfu_model``.
 
 When a step does not fit, the command prints one line per such step to stderr (stage, step, bytes
 needed vs available, the largest buffers: arguments by name and the largest HLO values) and exits
@@ -77,7 +81,6 @@ import math
 import os
 import re
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -87,6 +90,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rlhf_jax import step_analysis
 from rlhf_jax.config import GROUP_ADVANTAGES, stage_configs
 from rlhf_jax.sharding import MESH_AXES, resolve_mesh_shape
 
@@ -298,27 +302,19 @@ def _first_line(e: BaseException) -> str:
     return text[0][:400] if text else type(e).__name__
 
 
-def _cost(compiled) -> dict[str, float]:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):    # older jax: one dict per computation
-        cost = cost[0] if cost else {}
-    cost = cost or {}
-    return {"flops": float(cost.get("flops", 0.0)),
-            "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
-            "transcendentals": float(cost.get("transcendentals", 0.0))}
-
-
 def compile_step(step, target: Target, hbm_bytes: int | None = None) -> dict[str, Any]:
-    """Lower and compile one ``Step``: memory, per-device cost (loops counted once), seconds."""
+    """Lower and compile one ``Step`` for ``target`` (``step_analysis.compile_step``: training's
+    compiler options): memory (``step_analysis.memory_summary``), per-device cost as compiled
+    (loops counted once), seconds, and whether it fits ``hbm_bytes``."""
     hbm_bytes = target.hbm_bytes_per_device if hbm_bytes is None else hbm_bytes
     row: dict[str, Any] = {"tokens": int(getattr(step, "tokens", 0) or 0),
                            "loop_trips": int(getattr(step, "loop_trips", 1) or 1)}
-    t0 = time.perf_counter()
-    try:
-        compiled = step.lower().compile()
-    except Exception as e:  # noqa: BLE001 - OOM is a result; anything else is reported as one
-        row["compile_s"] = round(time.perf_counter() - t0, 2)
-        message = _first_line(e)
+    result = step_analysis.compile_step(step, target.platform)
+    row["lower_s"] = round(result.lower_s, 2)
+    row["compile_s"] = round(result.compile_s, 2)
+    compiled = result.executable
+    if compiled is None:   # OOM is a result; anything else is reported as one
+        message = _first_line(result.error)
         row.update(fits=False, error=message, largest_buffers=largest_arguments(step))
         needed = re.search(r"\(" + _SIZE + r"\) exceeds", message) or re.search(
             r"Used " + _SIZE + " of", message)
@@ -326,27 +322,15 @@ def compile_step(step, target: Target, hbm_bytes: int | None = None) -> dict[str
         if "RESOURCE_EXHAUSTED" not in message and "memory" not in message.lower():
             row["compile_failed"] = True
         return row
-    row["compile_s"] = round(time.perf_counter() - t0, 2)
-    mem = compiled.memory_analysis()
-    args_b = int(getattr(mem, "argument_size_in_bytes", 0))
-    out_b = int(getattr(mem, "output_size_in_bytes", 0))
-    alias_b = int(getattr(mem, "alias_size_in_bytes", 0))
-    temp_b = int(getattr(mem, "temp_size_in_bytes", 0))
-    code_b = int(getattr(mem, "generated_code_size_in_bytes", 0))
-    xla_peak = getattr(mem, "peak_memory_in_bytes", None)
-    # What the program reserves: its arguments, the outputs not aliased onto donated arguments,
-    # and the temp allocation (the packed block of every temporary; XLA:TPU's own fit check adds
-    # these up). XLA's peak_memory_in_bytes (a heap simulation) can be lower; the larger is used.
-    summed = args_b + out_b - alias_b + temp_b
-    peak = max(int(xla_peak or 0), summed) + code_b
-    row.update(argument_bytes=args_b, output_bytes=out_b, alias_bytes=alias_b, temp_bytes=temp_b,
-               code_bytes=code_b, peak_bytes_per_device=peak,
-               xla_peak_memory_in_bytes=None if xla_peak is None else int(xla_peak),
-               unaliased_output_bytes=out_b - alias_b)
-    cost = _cost(compiled)
+    memory = step_analysis.memory_summary(compiled)
+    if memory is not None:
+        row.update(memory)
+        row["unaliased_output_bytes"] = memory["output_bytes"] - memory["alias_bytes"]
+    peak = row.get("peak_bytes_per_device")
+    cost = step_analysis.cost_summary(compiled)
     row["as_compiled_flops_per_device"] = cost["flops"]     # loop bodies counted once
     row["as_compiled_bytes_accessed_per_device"] = cost["bytes_accessed"]
-    row["fits"] = hbm_bytes is None or peak <= hbm_bytes
+    row["fits"] = hbm_bytes is None or peak is None or peak <= hbm_bytes
     if not row["fits"]:
         buffers = largest_arguments(step) + largest_hlo_values(compiled.as_text() or "")
         row["largest_buffers"] = sorted(buffers, key=lambda x: -x["bytes"])[:4]
@@ -417,23 +401,16 @@ def lowered_cost(lowered) -> tuple[dict[str, float], str]:
     fusion duplicates cheap producers into several consumers (XLA:CPU recomputes the gradient
     norm inside every parameter's update), which is hardware work but not model FLOPs.
     """
-    cost = None
-    try:
-        cost = lowered.cost_analysis()
-    except Exception:  # noqa: BLE001
-        cost = None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
+    cost = step_analysis.cost_summary(lowered)
     source = "Lowered.cost_analysis"
-    if not cost:
+    if cost["flops"] is None:
         from jax._src.lib import xla_client
         cpu = jax.local_devices(backend="cpu")[0].client
         computation = lowered.compiler_ir("hlo")
         module = computation.as_hlo_module() if hasattr(computation, "as_hlo_module") else computation
-        cost = xla_client._xla.hlo_module_cost_analysis(cpu, module)
+        cost = step_analysis.cost_summary(xla_client._xla.hlo_module_cost_analysis(cpu, module))
         source = "HLO cost analysis (CPU client) of the lowered module"
-    return {"flops": float(cost.get("flops", 0.0)),
-            "transcendentals": float(cost.get("transcendentals", 0.0))}, source
+    return {"flops": cost["flops"] or 0.0, "transcendentals": cost["transcendentals"] or 0.0}, source
 
 
 def count_flops(stage: str, stage_cfg: ml_collections.ConfigDict, mesh: Mesh, build: Callable,
@@ -543,7 +520,7 @@ def _analytic(row: dict[str, Any], target: Target, n_dev: int) -> None:
     roofline = max(compute, memory)
     row["roofline_step_s"] = roofline
     row["roofline_bound"] = "compute" if compute >= memory else "hbm"
-    row["mfu"] = compute / roofline if roofline > 0 else None
+    row["mfu_model"] = step_analysis.mfu_model(flops, roofline, n_dev * peak)
     if row.get("tokens") and roofline > 0:
         row["tokens_per_s_roofline"] = row["tokens"] / roofline
 
@@ -666,7 +643,8 @@ def _iteration(stage: str, stage_cfg: Any, program, rows: dict, target: Target,
         out["flops"] = sum(n * rows[k]["flops"] for k, n in calls.items())
         if all("roofline_step_s" in rows[k] for k in calls):
             out["roofline_s"] = sum(n * rows[k]["roofline_step_s"] for k, n in calls.items())
-            out["mfu"] = out["flops"] / (out["roofline_s"] * n_dev * target.peak_flops_per_device)
+            out["mfu_model"] = step_analysis.mfu_model(out["flops"], out["roofline_s"],
+                                                       n_dev * target.peak_flops_per_device)
             out["share_of_time"] = {k: n * rows[k]["roofline_step_s"] / out["roofline_s"]
                                     for k, n in calls.items()}
     return out
@@ -756,6 +734,10 @@ def _fmt_time(seconds: float | None) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def _pct(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A readable per-step table of a report."""
     cap = report.get("hbm_bytes_per_device")
@@ -765,7 +747,7 @@ def format_table(report: dict[str, Any]) -> str:
                 if report.get("peak_flops_per_device") else "")]
     header = (f"{'stage':<5} {'step':<11} {'fits':<4} {'peak GiB':>9} {'HBM%':>5} {'args':>7} "
               f"{'temp':>7} {'TFLOP/step':>11} {'tokens':>8} {'t@peak':>10} {'roofline':>10} "
-              f"{'bound':>7} {'MFU':>5} {'compile':>8}")
+              f"{'bound':>7} {'mfu_model':>9} {'compile':>8}")
     lines += [header, "-" * len(header)]
     for stage, rows in report["stages"].items():
         mesh = report.get("stage_info", {}).get(stage, {}).get("mesh", {})
@@ -773,7 +755,6 @@ def format_table(report: dict[str, Any]) -> str:
             peak = r.get("peak_bytes_per_device")
             pct = f"{100 * peak / cap:.0f}" if peak and cap else "-"
             flops = r.get("flops")
-            mfu = r.get("mfu")
             label = f"{name}*" if "loop_body_of" in r else (
                 f"{name}+" if "included_in" in r else name)
             lines.append(
@@ -782,7 +763,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{'-' if flops is None else f'{flops / 1e12:.2f}':>11} {r.get('tokens', 0):>8} "
                 f"{_fmt_time(r.get('step_time_at_peak_s')):>10} "
                 f"{_fmt_time(r.get('roofline_step_s')):>10} {r.get('roofline_bound', '-'):>7} "
-                f"{'-' if mfu is None else f'{100 * mfu:.0f}%':>5} {r.get('compile_s', 0):>7.1f}s")
+                f"{_pct(r.get('mfu_model')):>9} {r.get('compile_s', 0):>7.1f}s")
         info = report.get("stage_info", {}).get(stage, {})
         if mesh:
             lines.append(f"{'':<5} mesh {mesh}")
@@ -791,7 +772,7 @@ def format_table(report: dict[str, Any]) -> str:
             shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in it["share_of_time"].items())
             lines.append(f"{'':<5} one iteration ({it['calls'].get('update', 0)} updates): "
                          f"{it['flops'] / 1e12:.1f} TFLOP, roofline {_fmt_time(it['roofline_s'])}, "
-                         f"MFU {100 * it['mfu']:.0f}% ({shares})")
+                         f"mfu_model {_pct(it.get('mfu_model'))} ({shares})")
         if info.get("flops_error"):
             lines.append(f"{'':<5} FLOPs not counted: {info['flops_error']}")
     if any("loop_body_of" in r for rows in report["stages"].values() for r in rows.values()):
@@ -801,7 +782,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("+ part of another step (PPO's ptx gradient is inside update), compiled on "
                      "its own to show its share")
     lines.append("t@peak: FLOPs / (devices x peak); roofline: max(t@peak, HBM bytes / bandwidth); "
-                 "MFU = t@peak / roofline (model FLOPs, no remat, no communication)")
+                 "mfu_model = model FLOPs / (roofline x devices x peak) = t@peak / roofline "
+                 "(no remat, no communication)")
     return "\n".join(lines)
 
 

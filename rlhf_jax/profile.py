@@ -3,8 +3,10 @@
 For each step of a stage's ``Program`` (SFT/RM: train, eval; PPO: rollout, experience, update,
 value_update, ptx, no value_update with ``ppo.advantage`` grpo / rloo; DPO: ref_logps, update,
 eval) this reports compile time, XLA's FLOPs and bytes accessed (``cost_analysis``), per-device
-memory (``memory_analysis``), the median wall time of a call after warm-up, achieved FLOP/s, MFU
-against a matmul peak measured in the same run on the same devices, and tokens/s. Weights are
+memory (``memory_analysis``), the median wall time of a call after warm-up, achieved FLOP/s,
+``mfu_hardware`` against a matmul peak measured in the same run on the same devices, and
+tokens/s. Steps are compiled with the compiler options training uses, and memory, cost and
+utilization are read as ``rlhf-jax compile`` reads them (``rlhf_jax.step_analysis``). Weights are
 random, of the config's shapes (no data, no checkpoint needed), or a pipeline workdir's trained
 models; the batches are always random tokens with all-ones masks. ``--trace DIR`` also writes a
 ``jax.profiler`` trace with every phase named (TensorBoard's profile plugin reads the
@@ -19,16 +21,23 @@ Library use (the CLI only adds argument checks and printing)::
 What the numbers mean:
 
 * ``flops``: XLA's count for the compiled program, per device times the devices it runs on, so
-  what the hardware executes (remat recomputation and replicated work included): the "MFU" here
-  is closer to hardware-FLOPs utilization. A step with a data-dependent ``while`` loop (the
-  rollout's decode) is counted with its loop body ``loop_trips`` times (the most it can run).
+  what the hardware executes (remat recomputation and replicated work included). A step with a
+  data-dependent ``while`` loop (the rollout's decode) is counted with its loop body
+  ``loop_trips`` times (the most it can run).
+* ``mfu_hardware`` (``step_analysis.mfu_hardware``): those executed FLOPs / (median seconds x
+  the measured peak): hardware FLOPs utilization, not the model FLOPs utilization
+  (``mfu_model``) that ``rlhf-jax compile`` estimates.
+* ``memory_per_device`` (``step_analysis.memory_summary``): arguments, outputs, aliased
+  outputs, temporaries, code, XLA's ``xla_peak_memory_in_bytes`` and ``peak_bytes_per_device``,
+  the same per-device peak as ``rlhf-jax compile``'s.
 * ``peak``: the fastest of jitted square matmuls (512, 1024 and 2048 wide on CPU; 2048 to 8192
   on accelerators) in the model's compute dtype, rows sharded over the same devices the steps
   use, measured before and after the steps. On a CPU with simulated devices
   (``--xla_force_host_platform_device_count``) they share the host's cores, and so does the
-  peak: MFU stays "of this machine", whatever the device count. On a shared machine contention
-  slows steps and peak alike but not always at the same moments; the host's load average is
-  recorded, and an MFU over 100% means the peak was measured under more contention.
+  peak: ``mfu_hardware`` stays "of this machine", whatever the device count. On a shared
+  machine contention slows steps and peak alike but not always at the same moments; the host's
+  load average is recorded, and an ``mfu_hardware`` over 100% means the peak was measured under
+  more contention.
 * per-iteration time (PPO): ``calls_per_iteration`` times the median of each phase: one rollout
   and one experience pass per iteration, ``epochs * rollout_batch_size / minibatch_size`` update
   steps. ``ptx`` is the pretraining-gradient pass alone, already inside ``update``; it is timed on
@@ -53,6 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rlhf_jax import step_analysis
+
 log = logging.getLogger(__name__)
 
 STAGE_MODULES = {"sft": "rlhf_jax.stages.sft", "rm": "rlhf_jax.stages.reward",
@@ -76,7 +87,7 @@ def measure_matmul_peak(mesh: Mesh, *, n: int | None = None, dtype: Any = "float
     ``m / devices`` rows: the devices the profiled steps use, working together. Each size runs at
     least ``repeats`` calls and ``min_seconds``; the peak is the fastest call of the best size
     (on CPU a 512-wide matmul often beats a 2048-wide one). ``n`` defaults to 2048 on CPU and
-    8192 on accelerators.
+    8192 on accelerators. The matmuls are compiled with the steps' compiler options.
     """
     devices = int(mesh.devices.size)
     platform_name = mesh.devices.flat[0].platform
@@ -90,7 +101,8 @@ def measure_matmul_peak(mesh: Mesh, *, n: int | None = None, dtype: Any = "float
         k1, k2 = jax.random.split(jax.random.key(m))
         a = jax.jit(lambda k: jax.random.normal(k, (m, m), dtype), out_shardings=rows)(k1)
         b = jax.jit(lambda k: jax.random.normal(k, (m, m), dtype), out_shardings=replicated)(k2)
-        matmul = jax.jit(lambda x, y: x @ y, out_shardings=rows).lower(a, b).compile()
+        matmul = jax.jit(lambda x, y: x @ y, out_shardings=rows).lower(a, b).compile(
+            compiler_options=step_analysis.compiler_options(platform_name))   # as the steps
         jax.block_until_ready(matmul(a, b))        # warm-up
         times[str(m)] = []
         start = time.perf_counter()
@@ -154,6 +166,7 @@ def profile_program(program: Any, *, steps: int = 5, warmup: int = 1,
                              f"{', '.join(names)}")
         names = [n for n in names if n in phases]
     n_devices = int(program.mesh.devices.size)
+    platform_name = program.mesh.devices.flat[0].platform
     if state is None and frozen is None:
         state, frozen = program.init_state(jax.random.key(seed))
     load_before = _load_average()
@@ -165,7 +178,7 @@ def profile_program(program: Any, *, steps: int = 5, warmup: int = 1,
     executables = {}
     for name in names:
         step = program.steps[name]
-        phase, executables[name] = _compile_step(step, n_devices)
+        phase, executables[name] = _compile_step(step, n_devices, platform_name)
         phases[name] = phase
 
     keys = jax.random.split(jax.random.key(seed + 1), len(names))
@@ -182,7 +195,8 @@ def profile_program(program: Any, *, steps: int = 5, warmup: int = 1,
 
     if measure_peak:
         # Once more after the steps: on a shared machine the best of both is the closer to the
-        # machine's real peak (an MFU over 100% means even that was measured under contention).
+        # machine's real peak (mfu_hardware over 100% means even that was measured under
+        # contention).
         sizes = [int(m) for m in peak["times_s"]]
         peak = merge_peaks(peak, measure_matmul_peak(program.mesh, n=max(sizes),
                                                      dtype=peak["dtype"]))
@@ -195,8 +209,7 @@ def profile_program(program: Any, *, steps: int = 5, warmup: int = 1,
         p["median_s"] = median
         p["min_s"] = min(times[name])
         p["flops_per_s"] = p["flops"] / median if p["flops"] is not None else None
-        p["mfu"] = (p["flops_per_s"] / peak_flops
-                    if p["flops_per_s"] is not None and peak_flops else None)
+        p["mfu_hardware"] = step_analysis.mfu_hardware(p["flops"], median, peak_flops)
         p["tokens_per_s"] = p["tokens"] / median if p["tokens"] else None
         p["calls_per_iteration"] = calls.get(name)
         p["included_in"] = INCLUDED_IN.get(name) if INCLUDED_IN.get(name) in phases else None
@@ -434,69 +447,34 @@ def _ordered(steps: dict) -> list[str]:
     return known + [n for n in steps if n not in known]
 
 
-def _compile_step(step: Any, n_devices: int) -> tuple[dict[str, Any], Any]:
-    t0 = time.perf_counter()
-    lowered = step.lower()
-    lower_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - t0
-    cost = _cost(compiled)
-    flops_dev, bytes_dev = cost.get("flops"), cost.get("bytes accessed")
+def _compile_step(step: Any, n_devices: int, platform_name: str) -> tuple[dict[str, Any], Any]:
+    """Compile ``step`` as training does and read its cost and memory (``step_analysis``): the
+    executed FLOPs and bytes, a data-dependent loop's body counted ``loop_trips`` times."""
+    result = step_analysis.compile_step(step, platform_name)
+    cost = step_analysis.cost_summary(result.unwrap())
+    flops_dev, bytes_dev = cost["flops"], cost["bytes_accessed"]
     trips = int(getattr(step, "loop_trips", 1) or 1)
     body = getattr(step, "loop_body", None)
-    phase: dict[str, Any] = {"lower_s": lower_s, "compile_s": compile_s, "loop_trips": trips}
+    phase: dict[str, Any] = {"lower_s": result.lower_s, "compile_s": result.compile_s,
+                             "loop_trips": trips}
     if body is not None and trips > 1:
-        t0 = time.perf_counter()
-        body_cost = _cost(body.lower().compile())
-        phase["loop_body_compile_s"] = time.perf_counter() - t0
-        phase["loop_body_flops_per_device"] = body_cost.get("flops")
-        if flops_dev is not None and body_cost.get("flops") is not None:
+        body_result = step_analysis.compile_step(body, platform_name)
+        body_cost = step_analysis.cost_summary(body_result.unwrap())
+        phase["loop_body_compile_s"] = body_result.lower_s + body_result.compile_s
+        phase["loop_body_flops_per_device"] = body_cost["flops"]
+        if flops_dev is not None and body_cost["flops"] is not None:
             flops_dev += (trips - 1) * body_cost["flops"]
-        if bytes_dev is not None and body_cost.get("bytes accessed") is not None:
-            bytes_dev += (trips - 1) * body_cost["bytes accessed"]
+        if bytes_dev is not None and body_cost["bytes_accessed"] is not None:
+            bytes_dev += (trips - 1) * body_cost["bytes_accessed"]
     phase.update({
         "flops_per_device": flops_dev,
         "flops": None if flops_dev is None else flops_dev * n_devices,
         "bytes_accessed_per_device": bytes_dev,
         "bytes_accessed": None if bytes_dev is None else bytes_dev * n_devices,
-        "memory_per_device": _memory(compiled),
+        "memory_per_device": step_analysis.memory_summary(result.executable),
         "tokens": int(getattr(step, "tokens", 0) or 0),
     })
-    return phase, compiled
-
-
-def _cost(compiled: Any) -> dict[str, float]:
-    try:
-        cost = compiled.cost_analysis()
-    except Exception as e:   # noqa: BLE001 - some backends have none
-        log.warning("cost_analysis unavailable: %s", e)
-        return {}
-    if isinstance(cost, (list, tuple)):     # older jax: one dict per program
-        cost = cost[0] if cost else {}
-    return {k: float(v) for k, v in (cost or {}).items() if k in ("flops", "bytes accessed",
-                                                                   "transcendentals")}
-
-
-def _memory(compiled: Any) -> dict[str, int] | None:
-    try:
-        m = compiled.memory_analysis()
-    except Exception as e:   # noqa: BLE001
-        log.warning("memory_analysis unavailable: %s", e)
-        return None
-    if m is None:
-        return None
-    fields = {"argument_bytes": "argument_size_in_bytes", "output_bytes": "output_size_in_bytes",
-              "alias_bytes": "alias_size_in_bytes", "temp_bytes": "temp_size_in_bytes",
-              "code_bytes": "generated_code_size_in_bytes"}
-    out = {k: int(getattr(m, attr, 0) or 0) for k, attr in fields.items()}
-    # At most live at once: inputs, outputs not aliased to (donated) inputs, and scratch space.
-    # (XLA's own ``peak_memory_in_bytes``, where given, is kept as ``peak_bytes``.)
-    out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
-                          + out["temp_bytes"])
-    if getattr(m, "peak_memory_in_bytes", None):
-        out["peak_bytes"] = int(m.peak_memory_in_bytes)
-    return out
+    return phase, result.executable
 
 
 def _call(executables: dict, step: Any, name: str, args: tuple) -> tuple[Any, float]:
@@ -562,7 +540,7 @@ def _iteration(phases: dict[str, dict], peak_flops: float | None) -> dict[str, A
         "seconds": total,
         "flops": flops,
         "flops_per_s": flops / total if flops is not None and total else None,
-        "mfu": flops / total / peak_flops if flops is not None and total and peak_flops else None,
+        "mfu_hardware": step_analysis.mfu_hardware(flops, total, peak_flops),
         "tokens": tokens,
         "calls": {n: p["calls_per_iteration"] for n, p in parts.items()},
     }
@@ -641,6 +619,10 @@ def _si(x: float | None, unit: str = "", digits: int = 3) -> str:
     return f"{x:.{digits}g}{unit}"
 
 
+def _pct(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.1f}%"
+
+
 def _ms(x: float | None) -> str:
     return "-" if x is None else f"{1e3 * x:.1f}"
 
@@ -664,10 +646,10 @@ def format_table(report: dict[str, Any]) -> str:
         "",
     ]
     header = ("phase", "compile s", "FLOP/call", "bytes/call", "mem/dev", "median ms",
-              "FLOP/s", "MFU", "tokens/s", "calls/it", "ms/it", "share")
+              "FLOP/s", "mfu_hardware", "tokens/s", "calls/it", "ms/it", "share")
     rows = []
     for name, p in report["phases"].items():
-        mem = (p.get("memory_per_device") or {}).get("total_bytes")
+        mem = (p.get("memory_per_device") or {}).get("peak_bytes_per_device")
         calls = p.get("calls_per_iteration")
         share = p.get("share")
         share_text = "-" if share is None else f"{100 * share:.0f}%"
@@ -676,13 +658,13 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append((
             name, f"{p['compile_s']:.1f}", _si(p["flops"]), _si(p["bytes_accessed"], "B"),
             _si(mem, "B"), _ms(p["median_s"]), _si(p["flops_per_s"]),
-            "-" if p["mfu"] is None else f"{100 * p['mfu']:.1f}%",
+            _pct(p["mfu_hardware"]),
             _si(p["tokens_per_s"]), "-" if calls is None else f"{calls:g}",
             _ms(p.get("iteration_s")), share_text))
     it = report.get("iteration")
     if it:
         rows.append(("iteration", "", _si(it["flops"]), "", "", "", _si(it["flops_per_s"]),
-                     "-" if it["mfu"] is None else f"{100 * it['mfu']:.1f}%",
+                     _pct(it["mfu_hardware"]),
                      _si(it["tokens"] / it["seconds"] if it["seconds"] else None), "",
                      _ms(it["seconds"]), "100%"))
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]

@@ -359,8 +359,8 @@ def test_tiny_pipeline_on_v5e_2x2():
     for rows in report["stages"].values():
         for row in rows.values():
             assert row["fits"] and row["flops"] > 0
-            assert 0 < row["mfu"] <= 1 and row["roofline_step_s"] >= row["step_time_at_peak_s"]
+            assert 0 < row["mfu_model"] <= 1 and row["roofline_step_s"] >= row["step_time_at_peak_s"]
     decode, rollout = report["stages"]["ppo"]["decode"], report["stages"]["ppo"]["rollout"]
     assert decode["hbm_traffic_per_device"] > 0   # (TPU pads tiny arrays: argument_bytes is more)
     assert rollout["hbm_traffic_per_device"] >= 4 * decode["hbm_traffic_per_device"]   # 5 tokens
-    assert 0 < report["stage_info"]["ppo"]["iteration"]["mfu"] <= 1
+    assert 0 < report["stage_info"]["ppo"]["iteration"]["mfu_model"] <= 1
