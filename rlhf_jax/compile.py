@@ -628,16 +628,11 @@ def _iteration(stage: str, stage_cfg: Any, program, rows: dict, target: Target,
     (the ``ptx`` step is part of ``update`` and the decode body part of ``rollout``; grpo / rloo
     have no ``value_update``). One DPO iteration (a batch): ``ref_logps`` + ``update`` (the
     stage's ``calls_per_iteration``; ``eval`` runs only every ``eval_every`` steps)."""
-    if stage == "dpo" and "update" in rows:
-        per = dict(program.info.get("calls_per_iteration") or {"ref_logps": 1, "update": 1})
-        calls = {k: int(n) for k, n in per.items() if n and k in rows}
-    elif stage != "ppo" or not {"rollout", "experience", "update"} <= set(rows):
+    needed = {"dpo": {"update"}, "ppo": {"rollout", "experience", "update"}}.get(stage)
+    if needed is None or not needed <= set(rows):
         return None
-    else:
-        n_updates = int(program.info.get("n_minibatches", 1)) * int(stage_cfg.ppo.get("epochs", 1))
-        calls = {"rollout": 1, "experience": 1, "update": n_updates}
-        if "value_update" in rows:
-            calls["value_update"] = n_updates
+    calls = {k: int(n) for k, n in program.calls_per_iteration.items()
+             if n and k in rows and k != "ptx"}     # ptx: a part of each update
     out: dict[str, Any] = {"calls": calls}
     if all(rows[k].get("flops") is not None for k in calls):
         out["flops"] = sum(n * rows[k]["flops"] for k, n in calls.items())

@@ -175,15 +175,6 @@ def kl_to_reference(model: Transformer, params: Any, ref_params: Any, samples: M
                                              temperature=temperature)))
 
 
-def proxy_scores(reward_model: Transformer, params: Any, norm: Mapping[str, float] | None,
-                 samples: Mapping[str, Any], mesh: Mesh | None = None) -> np.ndarray:
-    """Normalized RM scores of the samples, [N] float32."""
-    raw = _map_batches(lambda b: _raw_rewards(reward_model, params, b["sequences"],
-                                              b["attention_mask"]),
-                       {k: samples[k] for k in ("sequences", "attention_mask")}, mesh, 64)
-    return np.asarray(scoring.normalize(jnp.asarray(raw), dict(norm or {})))
-
-
 def score_texts(reward_model: Transformer, params: Any, norm: Mapping[str, float] | None,
                 tokenizer: Any, prompts: Sequence[str | Mapping[str, Any]],
                 responses: Sequence[str], *, max_prompt_len: int, max_response_len: int,

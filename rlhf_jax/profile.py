@@ -229,8 +229,7 @@ def profile_program(program: Any, *, steps: int = 5, warmup: int = 1,
         "phases": phases,
         "iteration": _iteration(phases, peak_flops),
         "measured_memory": _device_memory_stats(program.mesh),
-        "info": {k: v for k, v in dict(getattr(program, "info", {}) or {}).items()
-                 if isinstance(v, (int, float, str, bool))},
+        "calls_per_iteration": dict(program.calls_per_iteration),
     }
     if trace_dir:
         report["trace"] = write_trace(program.stage, executables, program.steps, args, names,
@@ -305,7 +304,7 @@ def build_program(stage: str, stage_cfg: Any, mesh: Mesh) -> Any:
 
 def calls_per_iteration(stage: str, stage_cfg: Any, program: Any) -> dict[str, float]:
     """How often each step runs per training iteration (as the stage's loop runs it)."""
-    return {k: float(v) for k, v in program.info["calls_per_iteration"].items()}
+    return {k: float(v) for k, v in program.calls_per_iteration.items()}
 
 
 def profile_stage(cfg: Any, stage: str, *, steps: int = 5, warmup: int = 1,
@@ -372,11 +371,12 @@ def load_workdir_weights(program: Any, stage_cfg: Any, state: Any, frozen: Any):
     score head is the value's trained head (its trunk is ``frozen.reward`` already).
     """
     from rlhf_jax.stages.common import load_model, runtime_overrides
-    info = getattr(program, "info", {}) or {}
-    value_target = ("state.value.params.score_head" if info.get("value_lora_rank")
+    roles = getattr(program.plan, "roles", None)          # PPO's
+    trains = lambda role: getattr(roles, role).trains if roles is not None else "full"
+    value_target = ("state.value.params.score_head" if trains("value") == "lora+head"
                     else "state.value.params")
     targets = {"init_from": ["state.params", "frozen"],     # frozen: DPO's reference ({} else)
-               "policy_from": (["frozen.reference"] if info.get("lora_rank") else
+               "policy_from": (["frozen.reference"] if trains("policy") == "lora" else
                                ["state.policy.params", "state.ema_params", "frozen.reference"]),
                "reward_from": ["frozen.reward"] + ([] if stage_cfg.get("value_from")
                                                   else [value_target]),

@@ -60,7 +60,12 @@ class Program:
     steps: dict[str, Step]
     init_state: Callable[[jax.Array], tuple[PyTree, PyTree]]
     random_args: Callable[[str, PyTree, PyTree, jax.Array], tuple]
-    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    calls_per_iteration: dict[str, int]   # how often ``train`` runs each step per iteration
+                                          # (0: not every iteration, e.g. eval)
+    optimizer: Any = None                 # optax transformation of the trained state
+    schedule: Any = None                  # its learning-rate schedule
+    plan: Any = None                      # the stage's other build decisions, typed
+                                          # (``ppo.PPOPlan``, ``dpo.DPOPlan``)
 
 
 def abstract_like(tree: PyTree, shardings: PyTree) -> PyTree:

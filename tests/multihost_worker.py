@@ -222,8 +222,6 @@ def main(argv: list[str]) -> None:
                                            tokenizer, prompts, samples["texts"],
                                            max_prompt_len=PROMPT_LEN,
                                            max_response_len=RESPONSE_LEN, mesh=mesh)
-    out["eval/proxy_scores"] = ev.proxy_scores(rm_model, rm_params, rm_extra.get("reward_norm"),
-                                               samples, mesh)
     out["eval/logprobs"] = ev.response_logprobs(policy, policy_params, samples, mesh)
     out["eval/kl_to_sft"] = np.float64(ev.kl_to_reference(policy, policy_params, sft_params,
                                                           samples, mesh))

@@ -21,6 +21,7 @@ from rlhf_jax.config import apply_overrides, load_config
 from rlhf_jax.convert import save_our_checkpoint
 from rlhf_jax.models import Transformer, init_params, tiny_config
 from rlhf_jax.stages import ppo
+from rlhf_jax.stages.ppo import loop as ppo_loop
 from rlhf_jax.stages.reward import reward_model_from_lm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +48,11 @@ def tiny_policy(dtype: str = "float32") -> Transformer:
     return Transformer(tiny_config("gpt2", vocab_size=len(VOCAB), d_model=32, n_layers=2, n_heads=4,
                                    d_ff=64, max_position=64, pad_token_id=PAD, eos_token_id=EOS,
                                    dtype=dtype))
+
+
+def toy_roles(policy, value, reward, *overrides: str):
+    """The roles ``ppo_config(*overrides)`` gives these networks, without a mesh."""
+    return ppo.make_roles(ppo_config(*overrides).ppo, policy, reward, value)[0]
 
 
 def ppo_config(*overrides: str):
@@ -214,13 +220,13 @@ def run_train(cfg, workdir):
     per_iteration = []
     with counting_compiles() as counter:
 
-        class RecordingWriter(ppo.MetricsWriter):
+        class RecordingWriter(ppo_loop.MetricsWriter):
             def write(self, step, metrics):
                 per_iteration.append(counter.count)
                 super().write(step, metrics)
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(ppo, "MetricsWriter", RecordingWriter)
+            mp.setattr(ppo_loop, "MetricsWriter", RecordingWriter)
             final = ppo.train(cfg, str(workdir))
     return final, per_iteration
 

@@ -666,7 +666,7 @@ def supervised_loop(cfg: Any, workdir: str, stack: Any, preemption: "Preemption"
     """
     name = cfg.get("name", "")
     train_step, eval_step = program.steps["train"].fn, program.steps["eval"].fn
-    schedule = program.info["schedule"]
+    schedule = program.schedule
     checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.get("keep_checkpoints", 2)))
     state, start_step, _ = resume(checkpointer, state, iterators, cfg)

@@ -21,6 +21,7 @@ The model is saved to ``<workdir>/model`` as SFT saves its own, so ``eval`` and 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -116,6 +117,11 @@ def eval_step(params: Any, reference: Any, batch: dict[str, jax.Array], *, model
 
 # --- the compiled steps, without weights or data ------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class DPOPlan:
+    prompt_len: int
+    max_k: int                   # completions per prompt in a batch element
+
 def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps: int | None = None,
           model_overrides: dict | None = None, max_k: int | None = None) -> Program:
     """DPO's ``ref_logps``, ``update`` and ``eval`` steps for ``cfg`` on ``mesh``, from shapes.
@@ -181,9 +187,8 @@ def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps
         raise KeyError(f"DPO has no step {name!r}; steps: {sorted(steps)}")
 
     return Program("dpo", mesh, {"policy": model}, state, reference, steps, init_state,
-                   random_args, {"optimizer": optimizer, "schedule": schedule,
-                                 "prompt_len": prompt_len, "max_k": k,
-                                 "calls_per_iteration": {"ref_logps": 1, "update": 1, "eval": 0}})
+                   random_args, {"ref_logps": 1, "update": 1, "eval": 0}, optimizer, schedule,
+                   DPOPlan(prompt_len=prompt_len, max_k=k))
 
 
 def check_language_model(model: Transformer, source: str) -> None:
@@ -260,7 +265,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                                             for k in ("ref_logps", "update", "eval"))
         reference = frozen_copy(program.frozen,
                                 params if reference_params is None else reference_params)
-        state = create_train_state(params, program.info["optimizer"], shardings_of(program.state))
+        state = create_train_state(params, program.optimizer, shardings_of(program.state))
         del params, reference_params
         evaluate = lambda params_, batch: eval_fn(params_, reference, batch)
         valid_batches = (common.fixed_batches(valid_arrays, cfg.train.batch_size)
@@ -275,7 +280,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         writer.discard_after(start_step)
         bar = stack.enter_context(ProgressBar(total_steps, desc=name, initial=start_step))
         log.info("DPO: %d steps of %d prompts x K=%d, beta %g", total_steps,
-                 cfg.train.batch_size, program.info["max_k"], cfg.beta)
+                 cfg.train.batch_size, program.plan.max_k, cfg.beta)
         if preemption.requested():
             raise Preempted(preemption.signum)    # nothing done since the last checkpoint
 
@@ -294,7 +299,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
 
             # 3. Log, validate, checkpoint; SIGTERM / SIGINT stop here with a checkpoint.
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
-                lr = float(current_lr(program.info["schedule"], step))
+                lr = float(current_lr(program.schedule, step))
                 row = common.train_log_row(metrics, lr, step, steps_per_epoch, bar)
                 writer.write(step + 1, row)
                 bar.set_postfix(loss=row["train/loss"], pair_accuracy=row["train/pair_accuracy"])

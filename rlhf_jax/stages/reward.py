@@ -99,8 +99,7 @@ def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps
         return state_.params, random_batch(eval_batch, model.config.vocab_size, seed)
 
     return Program("rm", mesh, {"reward": model}, state, {}, steps, init_state, random_args,
-                   {"optimizer": optimizer, "schedule": schedule,
-                    "calls_per_iteration": {"train": 1, "eval": 0}})
+                   {"train": 1, "eval": 0}, optimizer, schedule)
 
 
 def reward_model_from_lm(model: Transformer, params: Any, rng: jax.Array,
@@ -194,7 +193,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
 
         program = build(cfg, mesh, model=model, total_steps=total_steps,
                         max_k=train_arrays["input_ids"].shape[1])
-        state = create_train_state(params, program.info["optimizer"], shardings_of(program.state))
+        state = create_train_state(params, program.optimizer, shardings_of(program.state))
         del params
 
         valid_batches = common.fixed_batches(valid_arrays, cfg.train.batch_size) if valid_arrays else []

@@ -82,8 +82,7 @@ def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps
         return (state_, data, rng) if name == "train" else (state_.params, data)
 
     return Program("sft", mesh, {"policy": model}, state, {}, steps, init_state, random_args,
-                   {"optimizer": optimizer, "schedule": schedule,
-                    "calls_per_iteration": {"train": 1, "eval": 0}})
+                   {"train": 1, "eval": 0}, optimizer, schedule)
 
 
 def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict, dict | None]:
@@ -154,7 +153,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         total_steps = cfg.train.steps or int(math.ceil(cfg.train.epochs * steps_per_epoch))
 
         program = build(cfg, mesh, model=model, total_steps=total_steps)
-        state = create_train_state(params, program.info["optimizer"], shardings_of(program.state))
+        state = create_train_state(params, program.optimizer, shardings_of(program.state))
         del params
 
         def next_batch() -> dict[str, np.ndarray]:

@@ -170,7 +170,7 @@ def fresh(program, mesh, weights):
     """(state, reference) in the program's shardings."""
     model = program.models["policy"]
     state = create_train_state(place_params(weights["policy"], model, mesh),
-                               program.info["optimizer"], shardings_of(program.state))
+                               program.optimizer, shardings_of(program.state))
     reference = dpo.frozen_copy(program.frozen, place_params(weights["reference"], model, mesh))
     return state, reference
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ppo_toys import (EOS, MARKER, PAD, VOCAB, log_softmax_np, make_tokenizer,
-                      marker_reward_params, perturbed, ptx_batch, run_train, tiny_policy)
+                      marker_reward_params, perturbed, ptx_batch, run_train, tiny_policy, toy_roles)
 from ppo_toys import ppo_config as ppo_batch_config
 
 from rlhf_jax import objectives as obj
@@ -90,14 +90,14 @@ def nets():
     policy_params = host_params(policy, 10, 0.3)
     ref_params = perturbed(policy_params, 11, 0.05)
     reward_params = host_params(reward, 13, 0.3)
-    models = ppo.Models(policy, None, reward)
+    models = toy_roles(policy, None, reward, "ppo.advantage=grpo", "ppo.group_size=4")
     frozen = ppo.Frozen(ref_params, reward_params, norm_array({"mean": 0.3, "std": 2.0}))
     return dict(models=models, policy=policy_params, ref=ref_params, reward=reward_params,
                 frozen=frozen)
 
 
 def experience_of(nets, pcfg, rollout, kl_coef=BETA):
-    fn = jax.jit(functools.partial(ppo.make_experience, nets["models"], prompt_len=P, cfg=pcfg))
+    fn = jax.jit(functools.partial(ppo.make_experience, roles=nets["models"], prompt_len=P, cfg=pcfg))
     return fn(nets["policy"], {}, nets["frozen"], rollout, jnp.float32(kl_coef))
 
 
@@ -108,9 +108,9 @@ def numpy_view(nets):
     models = nets["models"]
     seqs, attn = np.asarray(rollout.sequences), np.asarray(rollout.attention_mask)
     mask = np.asarray(rollout.response_mask, np.float64)
-    forward = jax.jit(lambda pp, rp, wp: (models.policy.apply({"params": pp}, seqs, attn),
-                                          models.policy.apply({"params": rp}, seqs, attn),
-                                          models.reward.apply({"params": wp}, seqs, attn)))
+    forward = jax.jit(lambda pp, rp, wp: (models.policy.model.apply({"params": pp}, seqs, attn),
+                                          models.policy.model.apply({"params": rp}, seqs, attn),
+                                          models.reward.model.apply({"params": wp}, seqs, attn)))
     logits, ref_logits, raw = (np.asarray(x) for x in forward(nets["policy"], nets["ref"],
                                                               nets["reward"]))
     take = lambda lg: np.take_along_axis(log_softmax_np(lg[:, P - 1:-1]), seqs[:, P:, None],
@@ -203,10 +203,10 @@ def test_update_loss_equals_objectives_on_the_same_inputs(nets, experiences, num
     # A policy a little away from the rollout's: ratios != 1, so clipping can engage.
     params = perturbed(nets["policy"], 20, 0.05)
     loss, stats = jax.device_get(jax.jit(functools.partial(
-        ppo.ppo_objective, models=nets["models"], prompt_len=P, cfg=pcfg))(params, mb=mb))
+        ppo.policy_objective, roles=nets["models"], prompt_len=P, cfg=pcfg))(params, mb=mb))
 
     seqs, attn = np.asarray(mb.sequences), np.asarray(mb.attention_mask)
-    logits = np.asarray(jax.jit(nets["models"].policy.apply)({"params": params}, seqs, attn))
+    logits = np.asarray(jax.jit(nets["models"].policy.model.apply)({"params": params}, seqs, attn))
     logp_all = log_softmax_np(logits[:, P - 1:-1])
     mask = numpy_view["mask"]
     logp = np.take_along_axis(logp_all, seqs[:, P:, None], -1)[..., 0] * mask
@@ -240,9 +240,9 @@ def test_first_update_has_ratio_one_and_ptx_folds_into_the_same_gradient(nets, e
 
     @jax.jit
     def grads(params):
-        combined, stats = ppo.policy_gradient(params, models, mb, ptx, prompt_len=P, cfg=pcfg)
-        g_policy = jax.grad(lambda p: ppo.ppo_objective(p, models, mb, prompt_len=P,
-                                                        cfg=pcfg)[0])(params)
+        combined, stats = ppo.policy_gradient(params, {}, models, mb, ptx, prompt_len=P, cfg=pcfg)
+        g_policy = jax.grad(lambda p: ppo.policy_objective(p, models, mb, prompt_len=P,
+                                                           cfg=pcfg)[0])(params)
         g_ptx = jax.grad(ppo.ptx_objective)(params, models, ptx)
         return combined, stats, g_policy, g_ptx
 
@@ -268,10 +268,10 @@ def test_group_advantage_config_errors_name_field_value_and_expectation():
         with pytest.raises(ConfigError, match=message):
             validate.check(cfg)
         with pytest.raises(ConfigError, match=message):
-            ppo.check_advantage_config(cfg.ppo)
+            ppo.estimators.check(cfg.ppo)
     with pytest.raises(ConfigError, match=r"ppo.advantage='vtrace'"):
         validate.check(ppo_batch_config("ppo.advantage=vtrace"))
-    ppo.check_advantage_config(ppo_batch_config().ppo)                        # the GAE default
+    ppo.estimators.check(ppo_batch_config().ppo)                        # the GAE default
     assert ppo_batch_config().ppo.advantage == "gae" and ppo_batch_config().ppo.group_size == 1
 
 
@@ -365,8 +365,8 @@ def test_group_program_has_no_value_network(toy):
     program = ppo.build(toy_cfg(toy, "rloo"), make_mesh((2, 2, 2)))
     assert set(program.steps) == {"rollout", "experience", "update"}
     assert program.state.value == {} and "value" not in program.models
-    assert program.info["prompts_per_rollout"] == 16 // G and program.info["group_size"] == G
-    assert "value_update" not in program.info["calls_per_iteration"]
+    assert program.plan.prompts_per_rollout == 16 // G and program.plan.group_size == G
+    assert "value_update" not in program.calls_per_iteration
     assert program.steps["experience"].args[1] == {}
 
 

@@ -11,7 +11,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import transformers
@@ -25,7 +24,7 @@ from rlhf_jax.convert import (hf_to_orbax, load_our_checkpoint, merge_lora, orba
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.hf import load_tokenizer
 from rlhf_jax.models.lora import LoRA, apply_lora, init_lora
-from rlhf_jax.stages.ppo import save_lora
+from rlhf_jax.stages.ppo.roles import LORA, Role, save_adapters
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ("attn", "mlp")
@@ -67,9 +66,9 @@ def adapted_forward(model):
 
 def write_lora(lora_dir: str, lora: LoRA, base_dir: str) -> str:
     """``lora_dir`` exactly as a PPO run writes ``<workdir>/lora`` (the stage's own writer)."""
-    p = ml_collections.ConfigDict({"lora": {"rank": RANK, "alpha": ALPHA,
-                                            "targets": list(TARGETS)}})
-    save_lora(lora_dir, lora.adapters, p, lora.scale, base_dir)
+    role = Role("policy", None, LORA, "reference", RANK, ALPHA, TARGETS)
+    assert role.lora_scale == lora.scale
+    save_adapters(lora_dir, role, lora.adapters, base_dir)
     return lora_dir
 
 

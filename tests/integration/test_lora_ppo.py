@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from ppo_toys import (BETA, B, N, P, hand_rollout, perturbed, ppo_config, ptx_batch, run_train,
-                      toy_overrides)
+                      toy_overrides, toy_roles)
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax.models.lora import LoRA, apply_lora, init_lora, lora_param_count
@@ -43,16 +43,19 @@ def lora_nets(base):
     value_params = perturbed(reward_params, 12, 0.05)
     lora = init_lora(policy_params, jax.random.key(5), RANK, ALPHA, ("attn",))
     frozen = ppo.Frozen(policy_params, reward_params, norm_array({"mean": 0.3, "std": 2.0}))
-    return dict(models=ppo.Models(policy, reward, reward), policy=policy_params,
+    return dict(plain_roles=toy_roles(policy, reward, reward),
+                roles=toy_roles(policy, reward, reward, f"ppo.lora.rank={RANK}"), policy=policy_params,
                 value=value_params, frozen=frozen, lora=lora,
                 cfg=ppo_config("ppo.ptx_coef=1.0", "ppo.ema_decay=0.9",
                                f"ppo.lora.rank={RANK}").ppo)
 
 
-def test_lora_config_default_is_off():
-    cfg = ppo_config()
-    assert cfg.ppo.lora.rank == 0 and ppo.lora_rank(cfg.ppo) == 0
-    assert ppo.lora_rank(ppo_config(f"ppo.lora.rank={RANK}").ppo) == RANK
+def test_lora_config_default_is_off(lora_nets):
+    assert ppo_config().ppo.lora.rank == 0
+    assert lora_nets["plain_roles"].policy.trains == "full"
+    role = lora_nets["roles"].policy
+    assert (role.trains, role.lora_rank, role.lora_scale, role.base_from) == (
+        "lora", RANK, ALPHA / RANK, "reference")
 
 
 def test_lora_config_errors_name_field_and_value():
@@ -70,9 +73,10 @@ def test_zero_b_experience_equals_plain_policy(lora_nets):
     n = lora_nets
     rollout = ppo.Rollout(**hand_rollout())
     args = (n["value"], n["frozen"], rollout, jnp.float32(BETA))
-    plain = jax.jit(functools.partial(ppo.make_experience, n["models"], prompt_len=P, cfg=n["cfg"]))
-    with_lora = jax.jit(functools.partial(ppo.lora_make_experience, n["models"],
-                                          scale=n["lora"].scale, prompt_len=P, cfg=n["cfg"]))
+    plain = jax.jit(functools.partial(ppo.make_experience, roles=n["plain_roles"], prompt_len=P,
+                                      cfg=n["cfg"]))
+    with_lora = jax.jit(functools.partial(ppo.make_experience, roles=n["roles"], prompt_len=P,
+                                          cfg=n["cfg"]))
     ref = jax.device_get(plain(n["policy"], *args))
     got = jax.device_get(with_lora(n["lora"].adapters, *args))
     for field in ("old_logprobs", "ref_logprobs", "old_values", "rewards", "kl", "scores",
@@ -87,17 +91,17 @@ def test_update_moves_only_adapters_by_the_chain_rule(lora_nets):
     n = lora_nets
     cfg, lora = n["cfg"], n["lora"]
     rollout = ppo.Rollout(**hand_rollout())
-    exp = jax.jit(functools.partial(ppo.lora_make_experience, n["models"], scale=lora.scale,
-                                    prompt_len=P, cfg=cfg))(
+    exp = jax.jit(functools.partial(ppo.make_experience, roles=n["roles"], prompt_len=P, cfg=cfg))(
         lora.adapters, n["value"], n["frozen"], rollout, jnp.float32(BETA))
     ptx = ptx_batch()
     idx = jnp.arange(4, dtype=jnp.int32)
     mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), exp)
 
     # d/dB of the objective at W + s A B is s A^T dW (B = 0: A gets no gradient yet).
-    full, _ = ppo.policy_gradient(n["policy"], n["models"], mb, ptx, prompt_len=P, cfg=cfg)
-    part, _ = ppo.policy_gradient(lora.adapters, n["models"], mb, ptx, prompt_len=P, cfg=cfg,
-                                  merge=ppo.lora_merge(n["policy"], lora.scale))
+    full, _ = ppo.policy_gradient(n["policy"], {}, n["plain_roles"], mb, ptx, prompt_len=P,
+                                  cfg=cfg)
+    part, _ = ppo.policy_gradient(lora.adapters, n["policy"], n["roles"], mb, ptx, prompt_len=P,
+                                  cfg=cfg)
     q_a = lora.adapters["layer_0"]["attn"]["q"]["a"]
     expected_b = lora.scale * jnp.einsum("dr,dhk->rhk", q_a, full["layer_0"]["attn"]["q"]["kernel"])
     np.testing.assert_allclose(part["layer_0"]["attn"]["q"]["b"], expected_b, rtol=1e-4, atol=1e-7)
@@ -109,8 +113,8 @@ def test_update_moves_only_adapters_by_the_chain_rule(lora_nets):
     state = TrainState(jnp.zeros((), jnp.int32), own, opt.init(own))
     ema = jax.tree.map(jnp.copy, lora.adapters)
     base_before = jax.device_get(n["policy"])
-    update = jax.jit(functools.partial(ppo.policy_update_step, models=n["models"], policy_opt=opt,
-                                       prompt_len=P, cfg=cfg, lora_scale=lora.scale),
+    update = jax.jit(functools.partial(ppo.policy_update_step, roles=n["roles"], policy_opt=opt,
+                                       prompt_len=P, cfg=cfg),
                      donate_argnums=(0, 1))
     new_state, new_ema, stats = update(state, ema, exp, idx, ptx, n["policy"])
     assert np.isfinite(float(stats["ptx_loss"])) and float(stats["policy_grad_norm"]) > 0
@@ -219,8 +223,10 @@ def lora_mesh_inputs(lora_nets):
     n = jax.device_get({k: lora_nets[k] for k in ("policy", "value", "frozen")})
     adapters = perturbed(lora_nets["lora"].adapters, 21, 0.05)
     # The value's trainables on the RM, B != 0 too.
-    value = perturbed(ppo.init_value_lora(n["frozen"].reward, n["value"], jax.random.key(8),
-                                          lora_mesh_cfg().ppo), 22, 0.05)
+    value_role = ppo.make_roles(lora_mesh_cfg().ppo, lora_nets["roles"].policy.model,
+                                lora_nets["roles"].reward.model,
+                                lora_nets["roles"].reward.model)[0].value
+    value = perturbed(value_role.trainable_from(n["value"], jax.random.key(8)), 22, 0.05)
     order = np.random.default_rng(0)
     indices = [perm[i:i + 4] for perm in (order.permutation(B) for _ in range(2))
                for i in (0, 4)]
@@ -235,12 +241,12 @@ def run_lora_steps(inputs, base_models, shape):
     through the steps ``ppo.build`` jits for ``shape``, with the state placed as ``train``
     places it."""
     mesh = make_mesh(shape)
-    models = ppo.Models(*(m.clone(mesh=mesh) for m in (base_models.policy, base_models.value,
-                                                        base_models.reward)))
+    models = {name: getattr(base_models, name).model.clone(mesh=mesh)
+              for name in ("policy", "value", "reward")}
     program = ppo.build(lora_mesh_cfg(), mesh, models=models)
-    info, steps = program.info, program.steps
+    plan, steps = program.plan, program.steps
     place = lambda tree, like: jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), tree, like)
-    state = ppo.init_ppo_state(program.state, info["policy_opt"], info["value_opt"],
+    state = ppo.init_ppo_state(program.state, plan.policy_opt, plan.value_opt,
                                inputs["adapters"], inputs["value"])
     frozen = ppo.make_frozen(program.frozen, inputs["policy"], inputs["reward"],
                              {"mean": 0.3, "std": 2.0})
@@ -279,7 +285,7 @@ def lora_mesh_runs(lora_mesh_inputs, lora_nets):
 
     def get(shape):
         if shape not in out:
-            out[shape] = run_lora_steps(lora_mesh_inputs, lora_nets["models"], shape)
+            out[shape] = run_lora_steps(lora_mesh_inputs, lora_nets["roles"], shape)
         return out[shape]
     return get
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from ppo_toys import (B, BETA, MARKER, P, TOY_RESPONSE_LEN, gae_numpy, hand_rollout,
+from ppo_toys import (B, BETA, MARKER, P, TOY_RESPONSE_LEN, gae_numpy, hand_rollout, toy_roles,
                       log_softmax_np, perturbed, ppo_config, ptx_batch, run_train, toy_overrides)
 
 from rlhf_jax import objectives as obj
@@ -38,16 +38,16 @@ def nets(base):
     reward_params = perturbed(reward_init, 13, 0.3)
     value_params = perturbed(reward_params, 12, 0.05)
     norm = {"mean": 0.3, "std": 2.0}
-    models = ppo.Models(policy, reward, reward)
+    models = toy_roles(policy, reward, reward)
     bf16 = lambda m: m.clone(config=m.config.replace(dtype="bfloat16"))
-    models_bf16 = ppo.Models(bf16(policy), bf16(reward), bf16(reward))
+    models_bf16 = toy_roles(bf16(policy), bf16(reward), bf16(reward))
     frozen = ppo.Frozen(ref_params, reward_params, norm_array(norm))
     return dict(models=models, models_bf16=models_bf16, policy=policy_params, ref=ref_params,
                 reward=reward_params, value=value_params, frozen=frozen)
 
 
 def experience_fn(models, pcfg):
-    return jax.jit(functools.partial(ppo.make_experience, models, prompt_len=P, cfg=pcfg))
+    return jax.jit(functools.partial(ppo.make_experience, roles=models, prompt_len=P, cfg=pcfg))
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +88,10 @@ def test_make_experience_rewards_golden(nets, experiences):
     targets = seqs[:, P:]
 
     forward = jax.jit(lambda params, head_params: (
-        models.policy.apply({"params": params["policy"]}, seqs, attn),
-        models.policy.apply({"params": params["ref"]}, seqs, attn),
-        models.reward.apply({"params": head_params["reward"]}, seqs, attn),
-        models.value.apply({"params": head_params["value"]}, seqs, attn)))
+        models.policy.model.apply({"params": params["policy"]}, seqs, attn),
+        models.policy.model.apply({"params": params["ref"]}, seqs, attn),
+        models.reward.model.apply({"params": head_params["reward"]}, seqs, attn),
+        models.value.model.apply({"params": head_params["value"]}, seqs, attn)))
     logits, ref_logits, raw, values = (np.asarray(x) for x in forward(
         {"policy": nets["policy"], "ref": nets["ref"]},
         {"reward": nets["reward"], "value": nets["value"]}))
@@ -176,9 +176,17 @@ def updater(nets):
     """A jitted update_step (high lr, no grad clipping) and a fresh PPOState."""
     pcfg = ppo_config("ppo.ptx_coef=0.0").ppo
     policy_opt, value_opt = make_optimizer(HIGH_LR), make_optimizer(1e-3)
-    update = jax.jit(functools.partial(
-        ppo.update_step, models=nets["models"], policy_opt=policy_opt, value_opt=value_opt,
-        prompt_len=P, cfg=pcfg))
+    policy_step = functools.partial(ppo.policy_update_step, base={}, roles=nets["models"],
+                                    policy_opt=policy_opt, prompt_len=P, cfg=pcfg)
+    value_step = functools.partial(ppo.value_update_step, base={}, roles=nets["models"],
+                                   value_opt=value_opt, prompt_len=P, cfg=pcfg)
+
+    @jax.jit
+    def update(state, experience, indices, ptx):
+        """Both halves of one minibatch update (train runs them as two programs)."""
+        policy, ema, pstats = policy_step(state.policy, state.ema_params, experience, indices, ptx)
+        value, vstats = value_step(state.value, experience, indices)
+        return ppo.PPOState(policy, value, ema), pstats | vstats
 
     def fresh_state():
         return ppo.PPOState(
@@ -221,8 +229,8 @@ def test_policy_gradient_is_ppo_plus_gamma_ptx(nets, experiences):
 
     @jax.jit
     def grads(params):
-        combined, stats = ppo.policy_gradient(params, models, mb, ptx, prompt_len=P, cfg=pcfg)
-        g_ppo = jax.grad(lambda p: ppo.ppo_objective(p, models, mb, prompt_len=P, cfg=pcfg)[0])(params)
+        combined, stats = ppo.policy_gradient(params, {}, models, mb, ptx, prompt_len=P, cfg=pcfg)
+        g_ppo = jax.grad(lambda p: ppo.policy_objective(p, models, mb, prompt_len=P, cfg=pcfg)[0])(params)
         ptx_loss, g_ptx = jax.value_and_grad(ppo.ptx_objective)(params, models, ptx)
         return combined, stats, g_ppo, g_ptx, ptx_loss
 

@@ -42,25 +42,29 @@ def value_nets(base):
     value_params = fold_normalization(reward_params, NORM)
     cfg = ppo_config(f"ppo.value_lora.rank={RANK}", f"ppo.value_lora.alpha={ALPHA}",
                      "ppo.value_lora.targets=('attn', 'mlp')").ppo
-    trainable = ppo.init_value_lora(reward_params, value_params, jax.random.key(7), cfg)
+    roles = ppo.make_roles(cfg, policy, reward, reward)[0]
+    trainable = roles.value.trainable_from(value_params, jax.random.key(7))
     frozen = ppo.Frozen(perturbed(policy_params, 11, 0.05), reward_params, norm_array(NORM))
-    return dict(models=ppo.Models(policy, reward, reward), policy=policy_params, value=value_params,
-                frozen=frozen, trainable=trainable, scale=ALPHA / RANK, cfg=cfg)
+    return dict(roles=roles, plain_roles=ppo.make_roles(ppo_config().ppo, policy, reward, reward)[0],
+                policy=policy_params, value=value_params, frozen=frozen, trainable=trainable,
+                scale=ALPHA / RANK, cfg=cfg)
 
 
-def experience(n, value_params, **kw):
-    fn = jax.jit(functools.partial(ppo.make_experience, n["models"], prompt_len=P, cfg=n["cfg"],
-                                   **kw))
+def experience(n, value_params, roles="plain_roles"):
+    fn = jax.jit(functools.partial(ppo.make_experience, roles=n[roles], prompt_len=P, cfg=n["cfg"]))
     return fn(n["policy"], value_params, n["frozen"], ppo.Rollout(**hand_rollout()),
               jnp.float32(BETA))
 
 
-def test_value_lora_config():
-    assert ppo.value_lora_rank(ppo_config().ppo) == 0
-    assert ppo.value_lora_rank(ppo_config(f"ppo.value_lora.rank={RANK}").ppo) == RANK
+def test_value_lora_config(base):
+    policy, _, reward, _ = base
+    value_role = lambda *o: ppo.make_roles(ppo_config(*o).ppo, policy, reward, reward)[0].value
+    assert value_role().trains == "full"
+    role = value_role(f"ppo.value_lora.rank={RANK}")
+    assert (role.trains, role.lora_rank, role.base_from) == ("lora+head", RANK, "reward")
     # grpo / rloo have no value network: no value LoRA whatever the field says.
-    assert ppo.value_lora_rank(ppo_config(f"ppo.value_lora.rank={RANK}", "ppo.advantage=grpo",
-                                          "ppo.group_size=2", "ppo.kl_controller=fixed").ppo) == 0
+    assert value_role(f"ppo.value_lora.rank={RANK}", "ppo.advantage=grpo", "ppo.group_size=2",
+                      "ppo.kl_controller=fixed").trains == "none"
 
 
 def test_value_lora_config_errors_name_field_and_value():
@@ -88,13 +92,14 @@ def test_value_lora_needs_the_rms_architecture(base):
     cfg = ppo_config(f"ppo.value_lora.rank={RANK}")
     wider = reward.clone(config=reward.config.replace(d_ff=reward.config.d_ff * 2))
     with pytest.raises(ConfigError, match="the RM's architecture"):
-        ppo.build(cfg, make_mesh((1, 1, 1)), models=ppo.Models(policy, wider, reward))
+        ppo.build(cfg, make_mesh((1, 1, 1)),
+                  models={"policy": policy, "value": wider, "reward": reward})
 
 
 def test_zero_b_values_equal_the_plain_value_network(value_nets):
     n = value_nets
     ref = jax.device_get(experience(n, n["value"]))
-    got = jax.device_get(experience(n, n["trainable"], value_lora_scale=n["scale"]))
+    got = jax.device_get(experience(n, n["trainable"], roles="roles"))
     for field in ("old_values", "rewards", "advantages", "returns", "scores", "old_logprobs"):
         np.testing.assert_allclose(getattr(got, field), getattr(ref, field), rtol=1e-6,
                                    atol=1e-6, err_msg=field)
@@ -108,9 +113,9 @@ def test_value_update_moves_b_and_head_by_the_chain_rule(value_nets):
     exp = experience(n, perturbed(n["value"], 21, 0.2))
     idx = jnp.arange(4, dtype=jnp.int32)
     mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), exp)
-    objective = lambda params: ppo.value_objective(params, n["models"], mb, prompt_len=P,
+    objective = lambda params: ppo.value_objective(params, n["roles"], mb, prompt_len=P,
                                                    cfg=cfg)[0]
-    merge = ppo.value_lora_merge(n["frozen"].reward, scale)
+    merge = lambda t: n["roles"].value.merge(t, n["frozen"].reward)
     full = jax.grad(objective)(n["value"])
     part = jax.grad(lambda t: objective(merge(t)))(trainable)
     # d/dB at W + s A B (B = 0) is s A^T dW; A has no gradient yet; the head's is the full one.
@@ -127,8 +132,8 @@ def test_value_update_moves_b_and_head_by_the_chain_rule(value_nets):
     own = jax.tree.map(jnp.copy, trainable)
     state = TrainState(jnp.zeros((), jnp.int32), own, opt.init(own))
     rm_before = jax.device_get(n["frozen"].reward)
-    step = jax.jit(functools.partial(ppo.value_update_step, models=n["models"], value_opt=opt,
-                                     prompt_len=P, cfg=cfg, lora_scale=scale), donate_argnums=0)
+    step = jax.jit(functools.partial(ppo.value_update_step, roles=n["roles"], value_opt=opt,
+                                     prompt_len=P, cfg=cfg), donate_argnums=0)
     new, stats = step(state, exp, idx, n["frozen"].reward)
     assert float(stats["value_grad_norm"]) > 0
     # Same loss as the plain network at the same (unmerged) point.
@@ -146,7 +151,7 @@ def test_value_update_moves_b_and_head_by_the_chain_rule(value_nets):
 def test_merge_is_the_rm_plus_scaled_product(value_nets):
     n = value_nets
     trainable = jax.tree.map(lambda x: x + 0.01, n["trainable"])       # nonzero B
-    merged = ppo.value_lora_merge(n["frozen"].reward, n["scale"])(trainable)
+    merged = n["roles"].value.merge(trainable, n["frozen"].reward)
     expected = apply_lora(n["frozen"].reward, LoRA(trainable["adapters"], n["scale"]))
     q = lambda t: t["layer_0"]["attn"]["q"]["kernel"]
     np.testing.assert_allclose(q(merged), q(expected), rtol=1e-6)

@@ -60,9 +60,6 @@ def test_empty_response_is_scored_on_the_training_layout(tok):
     per_position = np.asarray(rm.apply({"params": params}, ids, mask))
     want = per_position[0, 4]                      # the scalar at the last real token, EOS
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(
-        ev.proxy_scores(rm, params, None, {"sequences": ids, "attention_mask": mask}), [want],
-        rtol=1e-5, atol=1e-6)
 
     # The old layout, prompt + EOS + EOS, reads the RM one position later: a different score.
     doubled = np.array([[PAD, PAD, A, B, EOS, EOS, PAD]], np.int32)
