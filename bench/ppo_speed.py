@@ -179,7 +179,7 @@ def child_rlhf_jax(args) -> dict:
     t_import = time.time()
     import jax
     from rlhf_jax.config import ppo_config
-    from rlhf_jax.convert import save_our_checkpoint
+    from rlhf_jax.model_io import save_our_checkpoint
     from rlhf_jax.metrics import read_jsonl_metrics
     from rlhf_jax.models import Transformer, init_params, tiny_config
     from rlhf_jax.stages import ppo
@@ -221,7 +221,7 @@ def child_rlhf_jax(args) -> dict:
     warm = bool(cache and os.path.isdir(cache) and os.listdir(cache))
     t_start = time.time()
     if cache:   # what `rlhf-jax ... --compilation-cache DIR` does; inside the timed call
-        from rlhf_jax.stages.common import enable_compilation_cache
+        from rlhf_jax.runtime import enable_compilation_cache
         enable_compilation_cache(cache)
     ppo.train(cfg, workdir)
     t_end = time.time()

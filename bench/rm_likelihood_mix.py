@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from rlhf_jax import evaluation as ev
 from rlhf_jax.data import read_jsonl, tokenize_demonstrations
-from rlhf_jax.stages.common import load_model
+from rlhf_jax.model_io import load_model
 from rlhf_jax.scoring import raw_rewards
 
 wd = sys.argv[1]

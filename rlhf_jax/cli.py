@@ -347,7 +347,7 @@ def _main(argv: list[str]) -> int:
     os.makedirs(args.workdir, exist_ok=True)
     cache = args.compilation_cache or default_compilation_cache()
     if cache and cache.lower() != "none":
-        from rlhf_jax.stages.common import enable_compilation_cache
+        from rlhf_jax.runtime import enable_compilation_cache
         enable_compilation_cache(cache)
     import jax
     from rlhf_jax.checkpoint import atomic_write_text
@@ -389,7 +389,7 @@ def _allow_config_change(cfg) -> None:
 
 def _sample(args: argparse.Namespace) -> int:
     from rlhf_jax.evaluation import generate_texts
-    from rlhf_jax.stages.common import load_model
+    from rlhf_jax.model_io import load_model
     model, params, tokenizer, _ = load_model(args.checkpoint, None)
     if tokenizer is None:
         raise SystemExit(f"error: {args.checkpoint} has no tokenizer saved beside the model")

@@ -126,7 +126,8 @@ def write_responses(workdir: str, prompts: list[str], responses: dict[str, list[
 
 
 def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str, Any]:
-    from rlhf_jax.stages.common import load_model, setup_mesh
+    from rlhf_jax.model_io import load_model
+    from rlhf_jax.runtime import setup_mesh
     from rlhf_jax.world import load_world
     from rlhf_jax.world.floors import FLOORS, floor_responses
 

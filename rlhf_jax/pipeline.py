@@ -66,7 +66,7 @@ def run_stage(workdir: str, stage: str, fn: Callable[[], Any], timings: dict,
 
     The ``DONE`` marker is written atomically once ``fn`` returns, so an exception (NaN,
     preemption, a kill) leaves the stage to run again. With ``preemption`` (a
-    ``stages.common.Preemption``), a SIGTERM / SIGINT that arrived during an earlier stage
+    ``reliability.Preemption``), a SIGTERM / SIGINT that arrived during an earlier stage
     stops the pipeline here, before the next stage starts.
     """
     marker = _done_path(workdir, stage)
@@ -119,7 +119,8 @@ def world_files(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
 def make_comparisons_stage(cfg, workdir: str, files: dict[str, str]) -> dict[str, Any]:
     """Sample K completions per RM prompt from the SFT model and have labelers rank them."""
     from rlhf_jax.evaluation import generate_texts
-    from rlhf_jax.stages.common import load_model, setup_mesh
+    from rlhf_jax.model_io import load_model
+    from rlhf_jax.runtime import setup_mesh
     from rlhf_jax.world import load_world, make_comparisons
 
     c = cfg.comparisons
@@ -245,16 +246,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     SIGTERM / SIGINT: a training stage checkpoints and stops (Preempted); during another stage
     the pipeline stops once that stage is done. Rerunning the command continues either way.
     """
-    from rlhf_jax.stages import common
+    from rlhf_jax import reliability
 
     check(cfg, stages)
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     # Up front, so a read-only output of a late stage does not waste the earlier ones.
-    common.check_writable(workdir, recursive=False)
-    common.check_writable(*(os.path.join(workdir, stage, output) for stage in ALL_STAGES
-                            for output in ("model", "checkpoints")))
-    with common.Preemption() as preemption:
+    reliability.check_writable(workdir, recursive=False)
+    reliability.check_writable(*(os.path.join(workdir, stage, output) for stage in ALL_STAGES
+                                 for output in ("model", "checkpoints")))
+    with reliability.Preemption() as preemption:
         return _run(cfg, workdir, preemption, stages)
 
 

@@ -312,7 +312,7 @@ def profile_stage(cfg: Any, stage: str, *, steps: int = 5, warmup: int = 1,
                   peak: dict[str, Any] | None = None,
                   phases: Sequence[str] | None = None) -> dict[str, Any]:
     """Profile one stage of a loaded experiment config (pipeline-style or one stage's)."""
-    from rlhf_jax.stages.common import setup_mesh
+    from rlhf_jax.runtime import setup_mesh
     stage_cfg = stage_config(cfg, stage, workdir)
     mesh = setup_mesh(stage_cfg)
     t0 = time.perf_counter()
@@ -370,7 +370,7 @@ def load_workdir_weights(program: Any, stage_cfg: Any, state: Any, frozen: Any):
     weights go to the frozen base (``frozen.reference``) only, and with value LoRA the RM's
     score head is the value's trained head (its trunk is ``frozen.reward`` already).
     """
-    from rlhf_jax.stages.common import load_model, runtime_overrides
+    from rlhf_jax.model_io import load_model, runtime_overrides
     roles = getattr(program.plan, "roles", None)          # PPO's
     trains = lambda role: getattr(roles, role).trains if roles is not None else "full"
     value_target = ("state.value.params.score_head" if trains("value") == "lora+head"

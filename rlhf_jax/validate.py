@@ -202,7 +202,7 @@ def _divisible(p: _Problems, cfg: Any, par: int | None) -> None:
 
 def _arch(source: str, section: Any, tokenizer_vocab: int | None = None):
     """(TransformerConfig or None, where it came from) without reading weights."""
-    from rlhf_jax.stages.common import model_config_for_build
+    from rlhf_jax.model_io import model_config_for_build
     fields = dict(section or {})
     if not source and "vocab_size" not in fields and tokenizer_vocab:
         fields["vocab_size"] = tokenizer_vocab
@@ -225,7 +225,7 @@ def _dir_problem(p: _Problems, field: str, path: str) -> bool:
 def _tokenizer(path: str):
     if not path or "://" in path or not os.path.isdir(path):
         return None
-    from rlhf_jax.models.hf import load_tokenizer
+    from rlhf_jax.model_io import load_tokenizer
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
     if not any(os.path.exists(os.path.join(path, n)) for n in names):
         return None

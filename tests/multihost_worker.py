@@ -77,7 +77,7 @@ def _write_initial_models(root: str) -> None:
     from transformers import PreTrainedTokenizerFast
 
     from rlhf_jax.config import model_config_from
-    from rlhf_jax.convert import save_our_checkpoint
+    from rlhf_jax.model_io import save_our_checkpoint
     from rlhf_jax.models.params import abstract_params
     from rlhf_jax.models.transformer import Transformer
 
@@ -159,18 +159,19 @@ def main(argv: list[str]) -> None:
 
     from rlhf_jax import evaluation as ev
     from rlhf_jax.metrics import read_jsonl_metrics
-    from rlhf_jax.stages import common, ppo, reward, sft
+    from rlhf_jax import model_io, runtime
+    from rlhf_jax.stages import ppo, reward, sft
 
     assert jax.device_count() == 8, jax.devices()
     assert jax.local_device_count() == args.devices
     workdir = args.workdir
     sft_cfg, rm_cfg, ppo_cfg = _configs(args.data, workdir)
-    mesh = common.setup_mesh(sft_cfg)
+    mesh = runtime.setup_mesh(sft_cfg)
     out: dict[str, np.ndarray] = {}
 
     def params_of(stage: str, name: str):
-        model, params, tokenizer, extra = common.load_model(os.path.join(workdir, stage, "model"),
-                                                            mesh)
+        model, params, tokenizer, extra = model_io.load_model(os.path.join(workdir, stage, "model"),
+                                                              mesh)
         host = distributed.fetch(params)
         for path, leaf in jax.tree_util.tree_leaves_with_path(host):
             out[f"{name}/params{jax.tree_util.keystr(path)}"] = np.asarray(leaf)

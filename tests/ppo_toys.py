@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from rlhf_jax import objectives as obj
 from rlhf_jax.config import apply_overrides, load_config
-from rlhf_jax.convert import save_our_checkpoint
+from rlhf_jax.model_io import save_our_checkpoint
 from rlhf_jax.models import Transformer, init_params, tiny_config
 from rlhf_jax.stages import ppo
 from rlhf_jax.stages.ppo import loop as ppo_loop

@@ -36,8 +36,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import objectives as obj
-from rlhf_jax import scoring
-from rlhf_jax.convert import save_our_checkpoint
+from rlhf_jax import model_io, reliability, runtime, scoring
 from rlhf_jax.data import BatchIterator
 from rlhf_jax.errors import ConfigError, Preempted
 from rlhf_jax.metrics import MetricsWriter, ProgressBar
@@ -47,7 +46,7 @@ from rlhf_jax.optim import current_lr
 from rlhf_jax.program import Program, Step, abstract_batch, abstract_key, random_batch
 from rlhf_jax.sharding import (as_auto_mesh, batch_sharding, check_batch_size, replicated,
                                shard_batch)
-from rlhf_jax.stages import common
+from rlhf_jax.stages import supervised
 from rlhf_jax.train_state import (TrainState, abstract_train_state, apply_gradients,
                                   create_train_state, shardings_of)
 
@@ -132,11 +131,12 @@ def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps
     ``data.max_k``; ``train`` passes the largest K of its data, so TRL pairs compile for K = 2).
     """
     mesh = as_auto_mesh(mesh)
-    overrides = {**common.runtime_overrides(cfg), "dropout": cfg.train.dropout,
+    overrides = {**model_io.runtime_overrides(cfg), "dropout": cfg.train.dropout,
                  **(model_overrides or {})}
-    model = common.stage_model(model, cfg.get("model"), cfg.get("init_from", ""), mesh, overrides)
+    model = model_io.stage_model(model, cfg.get("model"), cfg.get("init_from", ""), mesh, overrides)
     check_language_model(model, cfg.get("init_from", ""))
-    optimizer, schedule = common.optimizer_from(cfg.optim, total_steps or cfg.train.steps or 1000)
+    optimizer, schedule = supervised.optimizer_from(cfg.optim,
+                                                    total_steps or cfg.train.steps or 1000)
     state = abstract_train_state(model, optimizer, mesh)
     reference = abstract_params(model, mesh)
     b, k = cfg.train.batch_size, max_k or cfg.data.max_k
@@ -210,10 +210,12 @@ def frozen_copy(reference: Any, params: Any) -> Any:
 def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict | None]:
     """(train, validation or None) ``[N, K, T]`` comparison arrays, K the largest ranking in
     the data (at most ``data.max_k``): pairs-only data is not padded to 9 completions."""
-    train_rows, valid_rows = common.comparison_rows(cfg.data, cfg.seed)
+    train_rows, valid_rows = supervised.comparison_rows(cfg.data, cfg.seed)
     max_k = max(len(row["completions"]) for row in train_rows + valid_rows)
-    train = common.comparison_arrays(train_rows, tokenizer, cfg.data, max_k, BATCH_KEYS, "train")
-    valid = (common.comparison_arrays(valid_rows, tokenizer, cfg.data, max_k, BATCH_KEYS, "valid")
+    train = supervised.comparison_arrays(train_rows, tokenizer, cfg.data, max_k, BATCH_KEYS,
+                                         "train")
+    valid = (supervised.comparison_arrays(valid_rows, tokenizer, cfg.data, max_k, BATCH_KEYS,
+                                          "valid")
              if valid_rows else None)
     return train, valid
 
@@ -224,7 +226,7 @@ def load_reference(cfg: Any, model: Transformer, mesh: Mesh) -> Any | None:
     source = cfg.get("reference_from") or ""
     if not source or source == cfg.get("init_from"):
         return None
-    ref_model, params, _, _ = common.load_model(source, mesh, **common.runtime_overrides(cfg))
+    ref_model, params, _, _ = model_io.load_model(source, mesh, **model_io.runtime_overrides(cfg))
     shapes = lambda m: jax.tree.map(lambda a: a.shape, abstract_params(m))
     if ref_model.config.head != "lm" or shapes(ref_model) != shapes(model):
         raise ConfigError(f"reference_from={source!r}: a different architecture; expected the "
@@ -238,18 +240,18 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     """Train the policy with DPO; returns the final validation metrics and the last step's.
 
     SIGTERM / SIGINT finish the current step, save a checkpoint and raise Preempted; a NaN / Inf
-    loss, gradient norm or parameter raises NonFiniteError (see ``stages.common``).
+    loss, gradient norm or parameter raises NonFiniteError (see ``rlhf_jax.reliability``).
     """
     workdir = os.path.abspath(workdir)
     name = cfg.get("name", "dpo")
-    with common.stage_run(cfg, workdir) as (stack, preemption, mesh):
+    with supervised.stage_run(cfg, workdir) as (stack, preemption, mesh):
 
         # Networks: the policy starts from the SFT model, which is also the frozen reference.
-        model, params, tokenizer, _ = common.init_or_load_model(
+        model, params, tokenizer, _ = model_io.init_or_load_model(
             cfg, mesh, jax.random.key(cfg.seed), dropout=cfg.train.dropout)
         check_language_model(model, cfg.get("init_from", ""))
         reference_params = load_reference(cfg, model, mesh)
-        common.log_params(params)
+        model_io.log_params(params)
 
         # Data: the RM's comparisons, every ranking with its K completions in one element.
         train_arrays, valid_arrays = load_arrays(cfg, tokenizer)
@@ -268,14 +270,14 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         state = create_train_state(params, program.optimizer, shardings_of(program.state))
         del params, reference_params
         evaluate = lambda params_, batch: eval_fn(params_, reference, batch)
-        valid_batches = (common.fixed_batches(valid_arrays, cfg.train.batch_size)
+        valid_batches = (supervised.fixed_batches(valid_arrays, cfg.train.batch_size)
                          if valid_arrays else [])
 
         checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
             os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.get("keep_checkpoints", 2)))
-        state, start_step, _ = common.resume(checkpointer, state, iterators, cfg)
-        guard = common.FiniteGuard(name, ("loss", "grad_norm"), checkpointer)
-        meta = lambda: common.checkpoint_meta(cfg, iterators)
+        state, start_step, _ = reliability.resume(checkpointer, state, iterators, cfg)
+        guard = reliability.FiniteGuard(name, ("loss", "grad_norm"), checkpointer)
+        meta = lambda: reliability.checkpoint_meta(cfg, iterators)
         writer = stack.enter_context(MetricsWriter(workdir))
         writer.discard_after(start_step)
         bar = stack.enter_context(ProgressBar(total_steps, desc=name, initial=start_step))
@@ -293,36 +295,36 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
             ref_logps = ref_logps_fn(reference, batch)
 
             # 2. The policy's log-probs, DPO over every strict pair, one optimizer step.
-            state, metrics = update_fn(state, batch, ref_logps, common.step_rng(cfg.seed, step))
+            state, metrics = update_fn(state, batch, ref_logps, runtime.step_rng(cfg.seed, step))
             guard.observe(step + 1, metrics)
             bar.update(tokens=real_tokens(host_batch))
 
             # 3. Log, validate, checkpoint; SIGTERM / SIGINT stop here with a checkpoint.
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
                 lr = float(current_lr(program.schedule, step))
-                row = common.train_log_row(metrics, lr, step, steps_per_epoch, bar)
+                row = supervised.train_log_row(metrics, lr, step, steps_per_epoch, bar)
                 writer.write(step + 1, row)
                 bar.set_postfix(loss=row["train/loss"], pair_accuracy=row["train/pair_accuracy"])
                 guard.check()
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 \
                     and step + 1 < total_steps:
-                common.validate(evaluate, state.params, valid_batches, mesh, "n_pairs", writer,
-                                step + 1)
+                supervised.validate(evaluate, state.params, valid_batches, mesh, "n_pairs", writer,
+                                    step + 1)
             if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < total_steps:
-                common.save_checkpoint(checkpointer, step + 1, state, meta(), guard)
-            common.stop_if_preempted(preemption, checkpointer, step + 1, state, meta, guard)
+                reliability.save_checkpoint(checkpointer, step + 1, state, meta(), guard)
+            reliability.stop_if_preempted(preemption, checkpointer, step + 1, state, meta, guard)
         bar.close()
         guard.check()
         guard.check_tree(total_steps, state.params, "params")
-        final = common.validate(evaluate, state.params, valid_batches, mesh, "n_pairs", writer,
-                                total_steps)
+        final = supervised.validate(evaluate, state.params, valid_batches, mesh, "n_pairs", writer,
+                                    total_steps)
         checkpointer.wait()
-        save_our_checkpoint(os.path.join(workdir, "model"), model.clone(
+        model_io.save_our_checkpoint(os.path.join(workdir, "model"), model.clone(
             config=model.config.replace(dropout=0.0)), state.params, tokenizer,
             extra={"stage": name, "beta": float(cfg.beta), "steps": total_steps, **final},
             overwrite=True)
     log.info("finished %d steps; %s", total_steps, final)
-    last = common.as_float_dict(metrics, "train/") if metrics else {}
+    last = supervised.as_float_dict(metrics, "train/") if metrics else {}
     return final | last
 
 

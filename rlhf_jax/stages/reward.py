@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rlhf_jax.convert import save_our_checkpoint
+from rlhf_jax import model_io
 from rlhf_jax.data import BatchIterator, comparisons_to_pairs, tokenize_demonstrations
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.models.params import init_params, param_shardings
@@ -35,7 +35,7 @@ from rlhf_jax.program import Program, Step, abstract_batch, abstract_key, random
 from rlhf_jax.scoring import raw_rewards
 from rlhf_jax.sharding import (as_auto_mesh, batch_sharding, check_batch_size, replicated,
                                shard_batch)
-from rlhf_jax.stages import common
+from rlhf_jax.stages import supervised
 from rlhf_jax.train_state import (abstract_train_state, create_train_state, make_eval_step,
                                   make_train_step, shardings_of)
 
@@ -67,10 +67,11 @@ def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps
     (``data.max_k``; ``max_k=2`` for shuffled pairs).
     """
     mesh = as_auto_mesh(mesh)
-    overrides = {**common.runtime_overrides(cfg), "dropout": cfg.train.dropout, "head": "scalar",
+    overrides = {**model_io.runtime_overrides(cfg), "dropout": cfg.train.dropout, "head": "scalar",
                  **(model_overrides or {})}
-    model = common.stage_model(model, cfg.get("model"), cfg.get("init_from", ""), mesh, overrides)
-    optimizer, schedule = common.optimizer_from(cfg.optim, total_steps or cfg.train.steps or 1000)
+    model = model_io.stage_model(model, cfg.get("model"), cfg.get("init_from", ""), mesh, overrides)
+    optimizer, schedule = supervised.optimizer_from(cfg.optim,
+                                                    total_steps or cfg.train.steps or 1000)
     state = abstract_train_state(model, optimizer, mesh)
     b, k = cfg.train.batch_size, max_k or (2 if cfg.mode == "shuffled_pairs" else cfg.data.max_k)
     t = cfg.data.max_prompt_len + cfg.data.max_response_len
@@ -120,14 +121,15 @@ def reward_model_from_lm(model: Transformer, params: Any, rng: jax.Array,
 
 def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict | None]:
     data = cfg.data
-    train_rows, valid_rows = common.comparison_rows(data, cfg.seed)
+    train_rows, valid_rows = supervised.comparison_rows(data, cfg.seed)
     max_k = data.max_k
     if cfg.mode == "shuffled_pairs":
         train_rows, max_k = comparisons_to_pairs(train_rows), 2
         log.info("shuffled_pairs: %d pair examples", len(train_rows))
-    train = common.comparison_arrays(train_rows, tokenizer, data, max_k, BATCH_KEYS, "train")
+    train = supervised.comparison_arrays(train_rows, tokenizer, data, max_k, BATCH_KEYS, "train")
     # Validation always uses whole rankings: accuracy over every strict pair of a prompt.
-    valid = (common.comparison_arrays(valid_rows, tokenizer, data, data.max_k, BATCH_KEYS, "valid")
+    valid = (supervised.comparison_arrays(valid_rows, tokenizer, data, data.max_k, BATCH_KEYS,
+                                          "valid")
              if valid_rows else None)
     return train, valid
 
@@ -154,7 +156,7 @@ def demonstration_norm(cfg: Any, tokenizer: Any, params: Any, model: Transformer
 
     fn = jax.jit(moments)
     total = np.zeros(2)
-    for batch in common.fixed_batches(padded, batch_size):
+    for batch in supervised.fixed_batches(padded, batch_size):
         total += np.asarray(jax.device_get(fn(params, shard_batch(batch, mesh))))
     mean = total[0] / n
     std = float(np.sqrt(max(total[1] / n - mean * mean, 0.0)))
@@ -170,20 +172,20 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     """Train the reward model; returns final validation metrics and the stored normalization.
 
     SIGTERM / SIGINT finish the current step, save a checkpoint and raise Preempted; a NaN / Inf
-    loss, gradient norm or parameter raises NonFiniteError (see ``stages.common``).
+    loss, gradient norm or parameter raises NonFiniteError (see ``rlhf_jax.reliability``).
     """
     workdir = os.path.abspath(workdir)
     name = cfg.get("name", "rm")
-    with common.stage_run(cfg, workdir) as (stack, preemption, mesh):
+    with supervised.stage_run(cfg, workdir) as (stack, preemption, mesh):
         rng = jax.random.key(cfg.seed)
-        lm, lm_params, tokenizer, extra = common.init_or_load_model(cfg, mesh, rng,
-                                                                    dropout=cfg.train.dropout)
+        lm, lm_params, tokenizer, extra = model_io.init_or_load_model(cfg, mesh, rng,
+                                                                      dropout=cfg.train.dropout)
         if lm.config.head == "scalar":
             model, params = lm, lm_params          # continuing from a reward model
         else:
             model, params = reward_model_from_lm(lm, lm_params, jax.random.fold_in(rng, 1), mesh)
         del lm_params
-        common.log_params(params)
+        model_io.log_params(params)
         train_arrays, valid_arrays = load_arrays(cfg, tokenizer)
 
         check_batch_size("train.batch_size", cfg.train.batch_size, mesh)
@@ -196,8 +198,9 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         state = create_train_state(params, program.optimizer, shardings_of(program.state))
         del params
 
-        valid_batches = common.fixed_batches(valid_arrays, cfg.train.batch_size) if valid_arrays else []
-        state, final, _, guard = common.supervised_loop(
+        valid_batches = (supervised.fixed_batches(valid_arrays, cfg.train.batch_size)
+                         if valid_arrays else [])
+        state, final, _, guard = supervised.supervised_loop(
             cfg, workdir, stack, preemption, mesh, program, state, iterators,
             lambda: next(iterators["train"]), valid_batches, steps_per_epoch, total_steps,
             weight_key="n_pairs", token_key="attention_mask",
@@ -211,7 +214,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                      norm["n_demonstrations"], norm["mean"], norm["std"])
             guard.check_values(total_steps, {"reward_norm.mean": norm["mean"],
                                              "reward_norm.std": norm["std"]})
-        save_our_checkpoint(os.path.join(workdir, "model"), final_model, state.params, tokenizer,
-                            extra={"stage": name, "reward_norm": norm, "mode": cfg.mode, **final},
-                            overwrite=True)
+        model_io.save_our_checkpoint(
+            os.path.join(workdir, "model"), final_model, state.params, tokenizer,
+            extra={"stage": name, "reward_norm": norm, "mode": cfg.mode, **final}, overwrite=True)
     return final | {"reward_norm": norm}

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rlhf_jax.convert import save_our_checkpoint
+from rlhf_jax import model_io
 from rlhf_jax.data import BatchIterator, tokenize_demonstrations, tokenize_pretrain
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.models.params import init_params
@@ -29,7 +29,7 @@ from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.program import Program, Step, abstract_batch, abstract_key, random_batch
 from rlhf_jax.scoring import sequence_nll
 from rlhf_jax.sharding import as_auto_mesh, batch_sharding, check_batch_size, replicated
-from rlhf_jax.stages import common
+from rlhf_jax.stages import supervised
 from rlhf_jax.train_state import (abstract_train_state, create_train_state, make_eval_step,
                                   make_train_step, shardings_of)
 
@@ -57,10 +57,11 @@ def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps
     the network (``rlhf-jax compile`` varies ``n_layers`` to count FLOPs per layer).
     """
     mesh = as_auto_mesh(mesh)
-    overrides = {**common.runtime_overrides(cfg), "dropout": cfg.train.dropout}
-    model = common.stage_model(model, cfg.get("model"), cfg.get("init_from", ""), mesh,
-                               {**overrides, **(model_overrides or {})})
-    optimizer, schedule = common.optimizer_from(cfg.optim, total_steps or cfg.train.steps or 1000)
+    overrides = {**model_io.runtime_overrides(cfg), "dropout": cfg.train.dropout}
+    model = model_io.stage_model(model, cfg.get("model"), cfg.get("init_from", ""), mesh,
+                                 {**overrides, **(model_overrides or {})})
+    optimizer, schedule = supervised.optimizer_from(cfg.optim,
+                                                    total_steps or cfg.train.steps or 1000)
     state = abstract_train_state(model, optimizer, mesh)
     batch_size = cfg.train.batch_size
     seq_len = cfg.data.max_prompt_len + cfg.data.max_response_len
@@ -96,7 +97,7 @@ def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict, dict | None]:
         valid_rows = read_source(data.valid, data.format, data_dir=data.get("tfds_data_dir"),
                                  field_map=data.get("field_map"))
     else:
-        train_rows, valid_rows = common.split_rows(rows, data.valid_fraction, cfg.seed)
+        train_rows, valid_rows = supervised.split_rows(rows, data.valid_fraction, cfg.seed)
 
     pack = bool(data.get("pack", False))
 
@@ -131,14 +132,14 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     """Run the SFT (or LM pretraining) loop; returns the final validation metrics.
 
     SIGTERM / SIGINT finish the current step, save a checkpoint and raise Preempted; a NaN / Inf
-    loss, gradient norm or parameter raises NonFiniteError (see ``stages.common``).
+    loss, gradient norm or parameter raises NonFiniteError (see ``rlhf_jax.reliability``).
     """
     workdir = os.path.abspath(workdir)
     name = cfg.get("name", "sft")
-    with common.stage_run(cfg, workdir) as (stack, preemption, mesh):
-        model, params, tokenizer, _ = common.init_or_load_model(
+    with supervised.stage_run(cfg, workdir) as (stack, preemption, mesh):
+        model, params, tokenizer, _ = model_io.init_or_load_model(
             cfg, mesh, jax.random.key(cfg.seed), dropout=cfg.train.dropout)
-        common.log_params(params)
+        model_io.log_params(params)
         train_arrays, valid_arrays, mix_arrays = load_arrays(cfg, tokenizer)
 
         # Data: demonstrations, plus a pretraining stream for the mix; both deterministic and
@@ -162,12 +163,13 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                 parts.append(next(iterators["pretrain_mix"]))
             return {k: np.concatenate([p[k] for p in parts]) for k in BATCH_KEYS}
 
-        valid_batches = common.fixed_batches(valid_arrays, cfg.train.batch_size) if valid_arrays else []
-        state, final, metrics, _ = common.supervised_loop(
+        valid_batches = (supervised.fixed_batches(valid_arrays, cfg.train.batch_size)
+                         if valid_arrays else [])
+        state, final, metrics, _ = supervised.supervised_loop(
             cfg, workdir, stack, preemption, mesh, program, state, iterators, next_batch,
             valid_batches, steps_per_epoch, total_steps, weight_key="n_tokens",
             token_key="loss_mask", postfix=("train/loss",))
-        save_our_checkpoint(os.path.join(workdir, "model"), model.clone(
+        model_io.save_our_checkpoint(os.path.join(workdir, "model"), model.clone(
             config=model.config.replace(dropout=0.0)), state.params, tokenizer,
             extra={"stage": name, "steps": total_steps, **final}, overwrite=True)
     log.info("finished %d steps; %s", total_steps, final)

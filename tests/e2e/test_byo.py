@@ -93,7 +93,8 @@ def _check_exports(workdir, tmp_path, prompts: list[str], texts: list[str]):
     ours do (ours loaded in float32 from the run's own model directories)."""
     import torch
     import transformers
-    from rlhf_jax.convert import load_our_checkpoint, orbax_to_hf, read_extra
+    from rlhf_jax.convert import orbax_to_hf
+    from rlhf_jax.model_io import load_our_checkpoint, read_extra
     from rlhf_jax.data import tokenize_prompts
 
     policy_dir = orbax_to_hf(str(workdir / "ppo_ptx" / "model"), str(tmp_path / "hf_policy"))

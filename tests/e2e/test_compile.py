@@ -21,7 +21,7 @@ from rlhf_jax.models.params import abstract_params, cache_sharding
 from rlhf_jax.models.transformer import Transformer, init_cache
 from rlhf_jax.program import Program, Step, abstract_batch, abstract_key
 from rlhf_jax.sharding import batch_sharding, replicated
-from rlhf_jax.stages.common import optimizer_from
+from rlhf_jax.stages.supervised import optimizer_from
 from rlhf_jax.train_state import abstract_train_state, make_train_step, shardings_of
 
 MODEL = dict(arch="gpt2", d_model=32, n_layers=3, n_heads=4, d_ff=64, max_position=32)

@@ -24,10 +24,9 @@ import numpy as np
 import pytest
 
 from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import convert, errors, pipeline
+from rlhf_jax import errors, model_io, pipeline, reliability
 from rlhf_jax.config import sft_config
 from rlhf_jax.metrics import MetricsWriter, read_jsonl_metrics
-from rlhf_jax.stages import common
 
 from paths import REPO
 TINY_SFT = os.path.join(REPO, "experiments", "tiny_sft.py")
@@ -85,9 +84,9 @@ def data(tmp_path_factory):
     from rlhf_jax.stages.reward import reward_model_from_lm
     policy, params = _tiny_model()
     rm, rm_params = reward_model_from_lm(policy, params, jax.random.key(1), None)
-    convert.save_our_checkpoint(os.path.join(root, "policy"), policy, params, tokenizer)
-    convert.save_our_checkpoint(os.path.join(root, "rm"), rm, rm_params, tokenizer,
-                                extra={"reward_norm": {"mean": 0.0, "std": 1.0}})
+    model_io.save_our_checkpoint(os.path.join(root, "policy"), policy, params, tokenizer)
+    model_io.save_our_checkpoint(os.path.join(root, "rm"), rm, rm_params, tokenizer,
+                                 extra={"reward_norm": {"mean": 0.0, "std": 1.0}})
     return {"root": root, "tok": os.path.join(root, "tok"),
             "demos": os.path.join(root, "demos.jsonl"),
             "prompts": os.path.join(root, "prompts.jsonl"),
@@ -173,7 +172,7 @@ def committed_steps(directory) -> list[int]:
 
 
 def load_params(model_dir):
-    return jax.device_get(convert.load_our_checkpoint(model_dir, with_tokenizer=False)[1])
+    return jax.device_get(model_io.load_our_checkpoint(model_dir, with_tokenizer=False)[1])
 
 
 def assert_same_tree(a, b):
@@ -262,9 +261,9 @@ def test_sigterm_ppo_checkpoints_then_resumes_exactly(data):
 
 
 def test_preemption_handlers_nest_and_restore():
-    before = {s: signal.getsignal(s) for s in common.Preemption.SIGNALS}
-    with common.Preemption() as outer:
-        with common.Preemption() as inner:
+    before = {s: signal.getsignal(s) for s in reliability.Preemption.SIGNALS}
+    with reliability.Preemption() as outer:
+        with reliability.Preemption() as inner:
             os.kill(os.getpid(), signal.SIGTERM)
             assert inner.requested() and inner.signum == signal.SIGTERM
             # A second signal means "now": raised from the handler.
@@ -274,12 +273,12 @@ def test_preemption_handlers_nest_and_restore():
         # Not consumed by the inner loop (it finished): handed to the enclosing guard, which
         # is how the pipeline stops before its next stage.
         assert outer.signum == signal.SIGTERM
-    assert {s: signal.getsignal(s) for s in common.Preemption.SIGNALS} == before
+    assert {s: signal.getsignal(s) for s in reliability.Preemption.SIGNALS} == before
 
 
 def test_pipeline_stops_between_stages_after_a_signal(tmp_path):
     ran = []
-    with common.Preemption() as preemption:
+    with reliability.Preemption() as preemption:
         pipeline.run_stage(str(tmp_path), "a", lambda: ran.append("a") or {}, {}, preemption)
         os.kill(os.getpid(), signal.SIGTERM)
         with pytest.raises(errors.Preempted):
@@ -327,16 +326,16 @@ class _Killed(BaseException):
 
 def _save(our_dir, seed):
     model, params = _tiny_model(seed)
-    convert.save_our_checkpoint(our_dir, model, params, None, extra={"seed": seed},
-                                overwrite=True)
+    model_io.save_our_checkpoint(our_dir, model, params, None, extra={"seed": seed},
+                                 overwrite=True)
     return jax.device_get(params)
 
 
 def _model_seed(our_dir):
     """Which save the directory holds, after checking it is complete and loads."""
-    assert convert.is_our_checkpoint(our_dir)
+    assert model_io.is_our_checkpoint(our_dir)
     params = load_params(our_dir)
-    seed = convert.read_extra(our_dir)["seed"]
+    seed = model_io.read_extra(our_dir)["seed"]
     assert_same_tree(params, jax.device_get(_tiny_model(seed)[1]))
     return seed
 
@@ -354,11 +353,11 @@ def test_model_dir_survives_a_kill_during_save(tmp_path, monkeypatch, kill_at):
             real_save(path, tree, **kwargs)
             os.remove(os.path.join(path, "manifest.ocdbt"))    # part of it on disk
             raise _Killed()
-        monkeypatch.setattr(convert, "save_pytree", dying_save)
+        monkeypatch.setattr(model_io, "save_pytree", dying_save)
     elif kill_at == "after_exchange":
         def dying_remove(path):
             raise _Killed()
-        monkeypatch.setattr(convert, "_remove_tree", dying_remove)
+        monkeypatch.setattr(model_io, "_remove_tree", dying_remove)
     else:
         def dying_rename(src, dst):
             if os.fspath(src) in (our_dir, our_dir + ".saving"):    # the swap's, not orbax's
@@ -366,8 +365,8 @@ def test_model_dir_survives_a_kill_during_save(tmp_path, monkeypatch, kill_at):
                 if len(renames) == 2:
                     raise _Killed()
             real_rename(src, dst)
-        monkeypatch.setattr(convert, "_exchange", lambda a, b: False)
-        monkeypatch.setattr(convert.os, "rename", dying_rename)
+        monkeypatch.setattr(model_io, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(model_io.os, "rename", dying_rename)
     with pytest.raises(_Killed):
         _save(our_dir, 1)
     monkeypatch.undo()
@@ -377,7 +376,7 @@ def test_model_dir_survives_a_kill_during_save(tmp_path, monkeypatch, kill_at):
         # filesystem without an atomic exchange has. The next save (or recover_model_dir)
         # finishes the swap.
         assert not os.path.exists(our_dir)
-        convert.recover_model_dir(our_dir)
+        model_io.recover_model_dir(our_dir)
         assert _model_seed(our_dir) == 1
     else:
         assert _model_seed(our_dir) == (0 if kill_at == "writing" else 1)
@@ -388,9 +387,9 @@ def test_model_dir_survives_a_kill_during_save(tmp_path, monkeypatch, kill_at):
 
 def test_save_refuses_to_replace_a_model_without_overwrite(tmp_path):
     model, params = _tiny_model()
-    convert.save_our_checkpoint(str(tmp_path / "m"), model, params)
+    model_io.save_our_checkpoint(str(tmp_path / "m"), model, params)
     with pytest.raises(errors.UserError, match="already holds a model"):
-        convert.save_our_checkpoint(str(tmp_path / "m"), model, params)
+        model_io.save_our_checkpoint(str(tmp_path / "m"), model, params)
 
 
 # --- damaged checkpoints ----------------------------------------------------------------------
@@ -426,7 +425,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, 
     else:
         shutil.rmtree(os.path.join(step_dir, "state"))
     with ckpt_lib.Checkpointer(directory) as checkpointer, caplog.at_level("WARNING"):
-        state, step, meta = common.resume(checkpointer, _state(0), {})
+        state, step, meta = reliability.resume(checkpointer, _state(0), {})
         assert step == 2 and float(state["w"][0]) == 2.0
         assert "checkpoint " + directory + " (step 4) cannot be" in caplog.text
         # Set aside (kept for a post-mortem), so step 4 can be saved again.
@@ -434,7 +433,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, caplog, 
         assert glob.glob(os.path.join(directory, "damaged-4-*"))
         assert checkpointer.save(4, _state(5.0), {})
     with ckpt_lib.Checkpointer(directory) as checkpointer:
-        assert float(common.resume(checkpointer, _state(0), {})[0]["w"][0]) == 5.0
+        assert float(reliability.resume(checkpointer, _state(0), {})[0]["w"][0]) == 5.0
 
 
 def test_no_readable_checkpoint_is_a_one_line_error(tmp_path):
@@ -444,7 +443,7 @@ def test_no_readable_checkpoint_is_a_one_line_error(tmp_path):
         _truncate_arrays(os.path.join(directory, str(step)))
     with ckpt_lib.Checkpointer(directory) as checkpointer:
         with pytest.raises(errors.UserError) as error:
-            common.resume(checkpointer, _state(0), {})
+            reliability.resume(checkpointer, _state(0), {})
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"{directory}: no checkpoint can be restored")
     assert "step 4:" in message and "step 2:" in message
@@ -475,23 +474,23 @@ def test_config_is_stored_and_compared_on_resume(tmp_path):
     cfg = sft_config()
     directory = str(tmp_path / "checkpoints")
     with ckpt_lib.Checkpointer(directory) as checkpointer:
-        checkpointer.save(3, _state(1.0), common.checkpoint_meta(cfg, {}))
+        checkpointer.save(3, _state(1.0), reliability.checkpoint_meta(cfg, {}))
     with ckpt_lib.Checkpointer(directory) as checkpointer:
         assert checkpointer.read_meta(3)["config"]["optim"]["lr"] == cfg.optim.lr
         free = sft_config()
         free.train.log_every, free.train.eval_every, free.train.checkpoint_every = 1, 2, 3
         free.mesh.shape = (1, 1, 1)
-        assert common.resume(checkpointer, _state(0), {}, free)[1] == 3
+        assert reliability.resume(checkpointer, _state(0), {}, free)[1] == 3
         changed = sft_config()
         changed.optim.lr, changed.data.max_response_len = 0.5, 7
         with pytest.raises(errors.ConfigError) as error:
-            common.resume(checkpointer, _state(0), {}, changed)
+            reliability.resume(checkpointer, _state(0), {}, changed)
         assert "optim.lr (checkpoint 0.001, now 0.5)" in str(error.value)
         assert "data.max_response_len (checkpoint 24, now 7)" in str(error.value)
         assert "train" not in str(error.value).split("differs")[1]
         with changed.unlocked():
             changed.allow_config_change = True
-        assert common.resume(checkpointer, _state(0), {}, changed)[1] == 3
+        assert reliability.resume(checkpointer, _state(0), {}, changed)[1] == 3
 
 
 # --- 5. finite-value guards ---------------------------------------------------------------------
@@ -571,7 +570,7 @@ def test_nan_in_ppo_stops_the_run(data):
 
 
 def test_finite_guard_names_the_first_bad_step_and_metric():
-    guard = common.FiniteGuard("sft", ("loss", "grad_norm"))
+    guard = reliability.FiniteGuard("sft", ("loss", "grad_norm"))
     guard.observe(1, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(2.0)})
     guard.check()
     guard.observe(2, {"loss": jnp.float32(1.0), "grad_norm": jnp.float32(jnp.inf)})

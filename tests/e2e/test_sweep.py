@@ -30,7 +30,7 @@ def compilation_cache(tmp_path):
     """What `rlhf-jax sweep` does from the command line: points of one shape compile once."""
     import jax
     from jax._src import compilation_cache as cc
-    from rlhf_jax.stages.common import enable_compilation_cache
+    from rlhf_jax.runtime import enable_compilation_cache
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_min_entry_size_bytes")
     saved = {name: getattr(jax.config, name) for name in names}

@@ -20,18 +20,17 @@ from compile_counting import counting_compiles
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import objectives as obj
-from rlhf_jax import scoring
-from rlhf_jax import validate
+from rlhf_jax import model_io, runtime, scoring, validate
 from rlhf_jax.cli import DEFAULT_CONFIGS, TRAIN_COMMANDS
 from rlhf_jax.config import apply_overrides, load_config, stage_configs
-from rlhf_jax.convert import is_our_checkpoint, read_extra, save_our_checkpoint
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import read_jsonl_metrics
+from rlhf_jax.model_io import is_our_checkpoint, read_extra, save_our_checkpoint
 from rlhf_jax.models.config import tiny_config
 from rlhf_jax.models.params import abstract_params, place_params
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.sharding import make_mesh, shard_batch
-from rlhf_jax.stages import common, dpo
+from rlhf_jax.stages import dpo
 from rlhf_jax.train_state import create_train_state, shardings_of
 
 from paths import REPO
@@ -332,7 +331,7 @@ def test_steps_compile_once(programs, weights, batches):
         device_batch = shard_batch(batch, mesh)
         ref_logps = program.steps["ref_logps"].fn(reference, device_batch)
         state, metrics = program.steps["update"].fn(state, device_batch, ref_logps,
-                                                    common.step_rng(0, i))
+                                                    runtime.step_rng(0, i))
         losses.append(float(metrics["loss"]))
     assert len(set(losses)) == 4 and all(np.isfinite(losses)) and int(state.step) == 4
     assert program.steps["ref_logps"].fn._cache_size() == 1
@@ -390,7 +389,7 @@ def test_train_lowers_the_loss_and_writes_model_and_metrics(train_run, files):
     # The model is saved as SFT saves its own: an LM that eval / PPO load the same way.
     model_dir = os.path.join(workdir, "model")
     assert is_our_checkpoint(model_dir)
-    model, params, tok, extra = common.load_model(model_dir, None)
+    model, params, tok, extra = model_io.load_model(model_dir, None)
     assert model.config.head == "lm" and model.config.dropout == 0.0 and tok is not None
     assert extra["stage"] == "dpo" and extra["beta"] == BETA and extra["steps"] == TRAIN_STEPS
     assert read_extra(model_dir)["valid/loss"] == pytest.approx(final["valid/loss"])
@@ -415,7 +414,7 @@ def test_train_resumes_from_latest_checkpoint(files, train_run, monkeypatch):
     cfg = dpo_cfg(files, "train.steps=6", "train.checkpoint_every=2", "train.log_every=1",
                   f"init_from={os.path.join(train_run['workdir'], 'model')}")
     workdir = str(files["root"] / "dpo_resume")
-    real_step_rng, real_save = common.step_rng, ckpt_lib.Checkpointer.save
+    real_step_rng, real_save = runtime.step_rng, ckpt_lib.Checkpointer.save
 
     def dying_step_rng(seed, step):
         if step == 5:                 # steps 1..5 done, checkpoints at 2 and 4
@@ -427,11 +426,11 @@ def test_train_resumes_from_latest_checkpoint(files, train_run, monkeypatch):
         self.wait()
         return out
 
-    monkeypatch.setattr(common, "step_rng", dying_step_rng)
+    monkeypatch.setattr(runtime, "step_rng", dying_step_rng)
     monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save_and_wait)
     with pytest.raises(_Killed):
         dpo.train(cfg, workdir)
-    monkeypatch.setattr(common, "step_rng", real_step_rng)
+    monkeypatch.setattr(runtime, "step_rng", real_step_rng)
     first = {r["step"]: r["train/loss"] for r in read_jsonl_metrics(
         os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r}
     assert sorted(first) == [1, 2, 3, 4, 5]

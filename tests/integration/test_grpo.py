@@ -24,15 +24,15 @@ from ppo_toys import (EOS, MARKER, PAD, VOCAB, log_softmax_np, make_tokenizer,
 from ppo_toys import ppo_config as ppo_batch_config
 
 from rlhf_jax import objectives as obj
-from rlhf_jax import validate
-from rlhf_jax.convert import save_our_checkpoint
+from rlhf_jax import model_io, validate
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import read_jsonl_metrics
+from rlhf_jax.model_io import save_our_checkpoint
 from rlhf_jax.models.params import abstract_params
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.scoring import norm_array
 from rlhf_jax.sharding import make_mesh
-from rlhf_jax.stages import common, ppo
+from rlhf_jax.stages import ppo
 
 B, P, N, G = 8, 5, 6, 4        # episodes, prompt slots, response slots, samples per prompt
 BETA = 0.1                     # the rollout's kl_coef (rloo folds it into the reward)
@@ -349,7 +349,7 @@ def test_micro_train_end_to_end(runs, advantage):
     assert abs(metrics[0]["objective/kl"]) < 1e-6       # iteration 1: policy == reference
     assert metrics[-1]["policy/approxkl_avg"] > 0 and metrics[-1]["objective/kl"] > 0
     assert scores[-3:].mean() > scores[0] + 0.3, scores
-    model, _, tok, extra = common.load_model(os.path.join(run["workdir"], "model"), None)
+    model, _, tok, extra = model_io.load_model(os.path.join(run["workdir"], "model"), None)
     assert model.config.head == "lm" and tok is not None
     assert extra["advantage"] == advantage and extra["group_size"] == G
     assert extra["iterations"] == ITERATIONS
@@ -394,7 +394,7 @@ def _mesh_run(toy, advantage, shape):
                   "ppo.epochs=2", "ppo.ptx_coef=1.0", "ppo.sample_every=1")
     workdir = toy / f"mesh_{advantage}_{name}"
     run_train(cfg, workdir)
-    _, params, _, _ = common.load_model(os.path.join(workdir, "model"), None)
+    _, params, _, _ = model_io.load_model(os.path.join(workdir, "model"), None)
     return dict(metrics=read_jsonl_metrics(os.path.join(workdir, "metrics.jsonl")),
                 params=jax.device_get(params),
                 samples=read_jsonl_metrics(os.path.join(workdir, "samples.jsonl")))

@@ -13,15 +13,15 @@ import pytest
 import torch
 import transformers
 
-from rlhf_jax import cli
-from rlhf_jax.convert import load_our_checkpoint, orbax_to_hf, save_our_checkpoint
+from rlhf_jax import cli, model_io
+from rlhf_jax.convert import orbax_to_hf
+from rlhf_jax.model_io import load_our_checkpoint, save_our_checkpoint
 from rlhf_jax.models import (CheckpointFormatError, Transformer, abstract_params,
                              from_pretrained, gpt2_config, llama_config, qwen2_config,
                              save_pretrained)
 from rlhf_jax.models.hf import SCORE_OFFSET_KEY, config_from_hf, read_hf_config
 from rlhf_jax.scoring import normalize, raw_rewards
 from rlhf_jax.sharding import make_mesh
-from rlhf_jax.stages import common
 
 ATOL = 1e-4
 VOCAB = 97
@@ -167,7 +167,7 @@ def test_stage_load_model_takes_a_sequence_classifier(checkpoints):
     reference = torch_scores(torch_model, ids, mask)
     # As RM init_from (no head override) and as PPO reward_from / value_from (head="scalar").
     for overrides in ({}, {"head": "scalar"}):
-        model, params, tokenizer, extra = common.load_model(path, None, **overrides)
+        model, params, tokenizer, extra = model_io.load_model(path, None, **overrides)
         assert model.config.head == "scalar"
         assert extra == {} and tokenizer is None
         assert max_diff(our_scores(model, params, ids, mask), reference) <= ATOL

@@ -33,7 +33,7 @@ def _jsonl(path, rows) -> str:
 def _save_model(path: str, tokenizer, head: str, vocab_size: int, max_position: int = 32) -> str:
     """A random tiny model directory in our layout (what a stage writes)."""
     import jax
-    from rlhf_jax.convert import save_our_checkpoint
+    from rlhf_jax.model_io import save_our_checkpoint
     from rlhf_jax.models.config import tiny_config
     from rlhf_jax.models.params import init_params
     from rlhf_jax.models.transformer import Transformer

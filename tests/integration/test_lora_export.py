@@ -19,9 +19,9 @@ from parity_models import (PARITY_ATOL, hf_model, left_padded_batch, make_tokeni
                      max_diff_at_real_positions, torch_logits)
 
 from rlhf_jax import cli
-from rlhf_jax.convert import (hf_to_orbax, load_our_checkpoint, merge_lora, orbax_to_hf,
-                              read_extra, read_model_config)
+from rlhf_jax.convert import hf_to_orbax, merge_lora, orbax_to_hf
 from rlhf_jax.errors import UserError
+from rlhf_jax.model_io import load_our_checkpoint, read_extra, read_model_config
 from rlhf_jax.models.hf import load_tokenizer
 from rlhf_jax.models.lora import LoRA, apply_lora, init_lora
 from rlhf_jax.stages.ppo.roles import LORA, Role, save_adapters

@@ -24,11 +24,12 @@ from ppo_toys import (BETA, B, N, P, hand_rollout, perturbed, ppo_config, ptx_ba
                       toy_overrides, toy_roles)
 
 from rlhf_jax import checkpoint as ckpt_lib
+from rlhf_jax import model_io
 from rlhf_jax.models.lora import LoRA, apply_lora, init_lora, lora_param_count
 from rlhf_jax.optim import make_optimizer
 from rlhf_jax.scoring import norm_array
 from rlhf_jax.sharding import make_mesh
-from rlhf_jax.stages import common, ppo
+from rlhf_jax.stages import ppo
 from rlhf_jax.train_state import TrainState
 
 RANK, ALPHA = 4, 16.0
@@ -157,8 +158,8 @@ def test_lora_train_writes_merged_model_and_adapters(lora_run, toy_dirs):  # noq
     lora = LoRA(adapters, info["scale"])
     assert info["n_params"] == lora_param_count(lora)
 
-    _, base_params, _, _ = common.load_model(str(toy_dirs["root"] / "sft"), None)
-    model, merged, tok, extra = common.load_model(os.path.join(workdir, "model"), None)
+    _, base_params, _, _ = model_io.load_model(str(toy_dirs["root"] / "sft"), None)
+    model, merged, tok, extra = model_io.load_model(os.path.join(workdir, "model"), None)
     assert tok is not None and extra["lora_rank"] == RANK and extra["lora_merged"]
     expected = jax.device_get(jax.jit(apply_lora)(jax.device_get(base_params), lora))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),

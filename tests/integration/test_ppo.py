@@ -19,10 +19,11 @@ import pytest
 from ppo_toys import (B, BETA, MARKER, P, TOY_RESPONSE_LEN, gae_numpy, hand_rollout, toy_roles,
                       log_softmax_np, perturbed, ppo_config, ptx_batch, run_train, toy_overrides)
 
+from rlhf_jax import model_io, runtime
 from rlhf_jax import objectives as obj
 from rlhf_jax.metrics import read_jsonl_metrics
 from rlhf_jax.optim import make_optimizer
-from rlhf_jax.stages import common, ppo
+from rlhf_jax.stages import ppo
 from rlhf_jax.scoring import norm_array, normalize
 from rlhf_jax.train_state import TrainState
 
@@ -358,7 +359,7 @@ def test_toy_task_outputs(toy_run, toy_dirs):
     late = [s for s in samples if s["step"] == 20]
     assert np.mean([s["response"].split().count(MARKER) for s in late]) > 1.0
     # The saved policy is the trained one and prefers the marker more than the SFT policy did.
-    model, params, tok, extra = common.load_model(os.path.join(workdir, "model"), None)
+    model, params, tok, extra = model_io.load_model(os.path.join(workdir, "model"), None)
     assert tok is not None and extra["iterations"] == TOY_ITERATIONS and extra["ptx_coef"] == 0.0
     prompt = jnp.asarray([tok("say w3 w5 :")["input_ids"]])
     next_token_probs = jax.jit(lambda prm: jax.nn.softmax(
@@ -402,7 +403,7 @@ def _mesh_run(toy_dirs, shape):
     workdir = toy_dirs["root"] / f"mesh_{name}"
     run_train(cfg, workdir)
     metrics = read_jsonl_metrics(os.path.join(workdir, "metrics.jsonl"))
-    _, params, _, _ = common.load_model(os.path.join(workdir, "model"), None)
+    _, params, _, _ = model_io.load_model(os.path.join(workdir, "model"), None)
     samples = read_jsonl_metrics(os.path.join(workdir, "samples.jsonl"))
     return dict(metrics=metrics[-1], params=jax.device_get(params), samples=samples)
 
@@ -432,7 +433,7 @@ def test_sharded_iteration_equals_single_device(mesh_run, shape):
 
 def test_side_thread_runs_jobs_inline_or_beside_with_the_same_results():
     job = lambda x: float(jnp.sum(jnp.arange(x) ** 2))
-    with common.SideThread(enabled=False) as inline, common.SideThread(enabled=True) as beside:
+    with runtime.SideThread(enabled=False) as inline, runtime.SideThread(enabled=True) as beside:
         assert inline.submit(job, 5).result() == beside.submit(job, 5).result() == 30.0
         failing = beside.submit(lambda: 1 / 0)
         with pytest.raises(ZeroDivisionError):

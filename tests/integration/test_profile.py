@@ -13,9 +13,9 @@ import pytest
 
 from rlhf_jax import profile
 from rlhf_jax.config import apply_overrides, load_config
-from rlhf_jax.convert import save_our_checkpoint
+from rlhf_jax.model_io import save_our_checkpoint
+from rlhf_jax.runtime import setup_mesh
 from rlhf_jax.sharding import make_mesh
-from rlhf_jax.stages.common import setup_mesh
 
 from paths import REPO
 TINY = os.path.join(REPO, "experiments", "instructgpt_tiny.py")

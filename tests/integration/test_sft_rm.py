@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 
 from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import scoring
+from rlhf_jax import model_io, runtime, scoring
 from rlhf_jax.config import apply_overrides, load_config
-from rlhf_jax.convert import is_our_checkpoint, load_our_checkpoint, read_extra
 from rlhf_jax.data import tokenize_demonstrations
 from rlhf_jax.metrics import read_jsonl_metrics
 from rlhf_jax.models.config import tiny_config
 from rlhf_jax.models.params import abstract_params, param_shardings, place_params
+from rlhf_jax.model_io import is_our_checkpoint, load_our_checkpoint, read_extra
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.sharding import make_mesh, shard_batch
-from rlhf_jax.stages import common, reward, sft
+from rlhf_jax.stages import reward, sft, supervised
 from rlhf_jax.train_state import (create_train_state, make_train_step,
                                   train_state_shardings)
 
@@ -417,7 +417,7 @@ def train_steps(lm_params, rm_params):
         cfg, params_host, loss, example = {
             "sft": (small_cfg(), lm_params, sft.lm_loss, sft_batch(0)),
             "rm": (small_cfg(head="scalar"), rm_params, reward.rm_loss, rm_batch(0))}[stage]
-        optimizer, _ = common.optimizer_from(optimizer_cfg(lr=1e-2, eps=1e-4), 10)
+        optimizer, _ = supervised.optimizer_from(optimizer_cfg(lr=1e-2, eps=1e-4), 10)
         mesh = None if mesh_shape is None else make_mesh(mesh_shape)
         model = Transformer(cfg, mesh=mesh)
         loss_fn = functools.partial(loss, model=model)
@@ -471,7 +471,7 @@ def test_train_step_compiles_once(stage, train_steps):
     state, losses = built.new_state(), []
     for i in range(4):
         batch = {"sft": sft_batch, "rm": rm_batch}[stage](100 + i)   # new contents, same shapes
-        state, metrics = built.step(state, built.put(batch), common.step_rng(0, i))
+        state, metrics = built.step(state, built.put(batch), runtime.step_rng(0, i))
         losses.append(float(metrics["loss"]))
     assert len(set(losses)) == 4 and all(np.isfinite(losses))
     assert int(state.step) == 4
@@ -501,7 +501,7 @@ def sft_run(files):
     # Keep the initial parameters and the stage's own eval step (compiling a second random init
     # just for the starting loss would cost more than the whole training run).
     captured = {}
-    real_init, real_eval = common.init_or_load_model, sft.make_eval_step
+    real_init, real_eval = model_io.init_or_load_model, sft.make_eval_step
 
     def init_and_capture(*args, **kwargs):
         out = real_init(*args, **kwargs)
@@ -513,14 +513,16 @@ def sft_run(files):
         return captured["eval_step"]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(common, "init_or_load_model", init_and_capture)
+        mp.setattr(model_io, "init_or_load_model", init_and_capture)
         mp.setattr(sft, "make_eval_step", eval_and_capture)
         final = sft.train(cfg, workdir)
     # The starting validation loss: the initial parameters on the stage's validation batches.
     model, mesh = captured["model"], captured["model"].mesh
     _, valid, _ = sft.load_arrays(cfg, captured["tokenizer"])
-    start = common.evaluate(captured["eval_step"], place_params(captured["params"], model, mesh),
-                            common.fixed_batches(valid, cfg.train.batch_size), mesh, "n_tokens")
+    start = supervised.evaluate(captured["eval_step"],
+                                place_params(captured["params"], model, mesh),
+                                supervised.fixed_batches(valid, cfg.train.batch_size), mesh,
+                                "n_tokens")
     return {"cfg": cfg, "workdir": workdir, "start": start, "final": final}
 
 
@@ -608,7 +610,7 @@ def test_sft_resumes_from_latest_checkpoint(files, sft_run, monkeypatch):
                                "train.batch_size": 16,
                                "init_from": os.path.join(sft_run["workdir"], "model")})
     workdir = str(files["root"] / "sft_resume")
-    real_step_rng, real_save = common.step_rng, ckpt_lib.Checkpointer.save
+    real_step_rng, real_save = runtime.step_rng, ckpt_lib.Checkpointer.save
 
     def dying_step_rng(seed, step):
         if step == 5:                 # steps 1..5 done, checkpoints at 2 and 4
@@ -622,11 +624,11 @@ def test_sft_resumes_from_latest_checkpoint(files, sft_run, monkeypatch):
         self.wait()
         return out
 
-    monkeypatch.setattr(common, "step_rng", dying_step_rng)
+    monkeypatch.setattr(runtime, "step_rng", dying_step_rng)
     monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save_and_wait)
     with pytest.raises(_Killed):
         sft.train(cfg, workdir)
-    monkeypatch.setattr(common, "step_rng", real_step_rng)
+    monkeypatch.setattr(runtime, "step_rng", real_step_rng)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
     latest = checkpointer.latest_step()
     checkpointer.close()

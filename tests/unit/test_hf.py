@@ -19,8 +19,8 @@ from safetensors.numpy import load_file, save_file
 from parity_models import (ARCHS, EOS_ID, PAD_ID, PARITY_ATOL, VOCAB, hf_model, left_padded_batch,
                            make_tokenizer, max_diff_at_real_positions, our_logits, torch_logits)
 from rlhf_jax.models.hf import load_tokenizer
-from rlhf_jax.convert import (hf_to_orbax, load_our_checkpoint,
-                              orbax_to_hf, save_our_checkpoint)
+from rlhf_jax.convert import hf_to_orbax, orbax_to_hf
+from rlhf_jax.model_io import load_our_checkpoint, save_our_checkpoint
 from rlhf_jax.models import (CheckpointFormatError, Transformer, from_pretrained,
                              save_pretrained)
 from rlhf_jax.sharding import make_mesh

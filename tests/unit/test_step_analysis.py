@@ -12,9 +12,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax import compile as aot
-from rlhf_jax import profile, step_analysis
+from rlhf_jax import profile, runtime, step_analysis
 from rlhf_jax.program import Step
-from rlhf_jax.stages import common
 
 F32 = 4
 M, K, N = 64, 32, 16          # x [M, K] rows sharded over 8 devices, w [K, N] replicated
@@ -56,14 +55,14 @@ class _Recorder:
 
 
 def test_steps_compile_with_the_options_training_uses():
-    assert step_analysis.compiler_options("cpu") == common.CPU_COMPILER_OPTIONS
+    assert step_analysis.compiler_options("cpu") == runtime.CPU_COMPILER_OPTIONS
     assert step_analysis.compiler_options("tpu") is None
     assert step_analysis.compiler_options("gpu") is None
     ours, training = _Recorder(), _Recorder()
     assert step_analysis.compile_step(ours, jax.default_backend()).executable == "executable"
     program = types.SimpleNamespace(steps={"update": training})
-    assert common.compile_ahead(program, ["update"])["update"].result() == "executable"
-    assert ours.options == training.options == [common.CPU_COMPILER_OPTIONS]
+    assert runtime.compile_ahead(program, ["update"])["update"].result() == "executable"
+    assert ours.options == training.options == [runtime.CPU_COMPILER_OPTIONS]
 
 
 def test_a_failed_compile_is_returned_not_raised():

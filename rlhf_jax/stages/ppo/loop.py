@@ -1,7 +1,7 @@
 """PPO's training loop: load the roles, then rollout -> experience -> update, every iteration.
 
 SIGTERM / SIGINT finish the current iteration, save a checkpoint and raise Preempted; a NaN /
-Inf loss, gradient norm or parameter raises NonFiniteError (see ``stages.common``).
+Inf loss, gradient norm or parameter raises NonFiniteError (see ``rlhf_jax.reliability``).
 """
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ import numpy as np
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import objectives as obj
-from rlhf_jax.convert import save_our_checkpoint
+from rlhf_jax import reliability, runtime
 from rlhf_jax.data import BatchIterator, tokenize_pretrain, tokenize_prompts
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.errors import ConfigError, Preempted
 from rlhf_jax.metrics import MetricsWriter, ProgressBar, StepTimer
+from rlhf_jax.model_io import save_our_checkpoint
 from rlhf_jax.optim import current_lr
 from rlhf_jax.sharding import shard_batch
-from rlhf_jax.stages import common
 from rlhf_jax.stages.ppo import roles as roles_lib
 from rlhf_jax.stages.ppo.program import PTX_KEYS, build
 from rlhf_jax.stages.ppo.roles import PPOState
@@ -35,18 +35,18 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     """Run PPO / PPO-ptx (or GRPO / RLOO); returns the last iteration's metrics."""
     workdir, p, name = os.path.abspath(workdir), cfg.ppo, cfg.name
     outputs = ["checkpoints", "model", "lora"] + (["model_ema"] if p.ema_decay > 0 else [])
-    common.check_writable(workdir, *(os.path.join(workdir, out) for out in outputs))
+    reliability.check_writable(workdir, *(os.path.join(workdir, out) for out in outputs))
     # Left in reverse order on any exit: the bar is closed, pending checkpoint saves are
     # committed (never left as *-tmp), the previous signal handlers come back.
     with contextlib.ExitStack() as stack:
-        preemption = stack.enter_context(common.Preemption())
-        mesh = common.setup_mesh(cfg)
+        preemption = stack.enter_context(reliability.Preemption())
+        mesh = runtime.setup_mesh(cfg)
         loaded = roles_lib.load_networks(cfg, mesh)
         tokenizer = loaded.tokenizer
         program = build(cfg, mesh, models=loaded.models, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
         plan, roles = program.plan, program.plan.roles
-        executables = common.compile_ahead(   # in the background while the rest is set up
+        executables = runtime.compile_ahead(   # in the background while the rest is set up
             program, [k for k in ("rollout", "experience", "update", "value_update")
                       if k in program.steps])
         frozen = roles_lib.make_frozen(program.frozen, loaded.policy, loaded.reward,
@@ -64,10 +64,10 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
             iterators["ptx"] = BatchIterator(ptx_arrays, plan.ptx_rows, seed=cfg.seed + 1)
         checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
             os.path.join(workdir, "checkpoints"), max_to_keep=2))
-        state, start, meta = common.resume(checkpointer, state, iterators, cfg)
+        state, start, meta = reliability.resume(checkpointer, state, iterators, cfg)
         kl_coef = float(meta.get("kl_coef", p.kl_coef))
-        guard = common.FiniteGuard(name, checkpointer=checkpointer)
-        checkpoint_meta = lambda: common.checkpoint_meta(cfg, iterators, kl_coef=kl_coef)
+        guard = reliability.FiniteGuard(name, checkpointer=checkpointer)
+        checkpoint_meta = lambda: reliability.checkpoint_meta(cfg, iterators, kl_coef=kl_coef)
         writer = stack.enter_context(MetricsWriter(workdir))
         writer.discard_after(start, tables=("samples",))
         timer = StepTimer()
@@ -78,12 +78,12 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                  p.minibatch_size, p.advantage, p.ptx_coef)
         if preemption.requested():
             raise Preempted(preemption.signum)    # nothing done since the last checkpoint
-        side = stack.enter_context(common.SideThread())
+        side = stack.enter_context(runtime.SideThread())
         step = {k: f.result() for k, f in executables.items()}
 
         metrics: dict[str, float] = {}
         for it in range(start, plan.n_iterations):
-            it_rng = common.step_rng(cfg.seed, it)
+            it_rng = runtime.step_rng(cfg.seed, it)
 
             # 1. Rollout: G responses per prompt (G = 1 for GAE) from the current policy.
             prompt_batch = repeat_prompts(next(iterators["prompts"]), plan.group_size)
@@ -143,8 +143,9 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
             bar.update(tokens=int(n_tokens), score=summary["objective/scores"],
                        kl=summary["objective/kl"])
             if p.checkpoint_every and (it + 1) % p.checkpoint_every == 0 and it + 1 < plan.n_iterations:
-                common.save_checkpoint(checkpointer, it + 1, state, checkpoint_meta(), guard)
-            common.stop_if_preempted(preemption, checkpointer, it + 1, state, checkpoint_meta, guard)
+                reliability.save_checkpoint(checkpointer, it + 1, state, checkpoint_meta(), guard)
+            reliability.stop_if_preempted(preemption, checkpointer, it + 1, state, checkpoint_meta,
+                                          guard)
         bar.close()
         save_outputs(workdir, cfg, state, frozen, roles, tokenizer, guard, checkpointer,
                      plan.n_iterations)
@@ -152,7 +153,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
 
 
 def save_outputs(workdir: str, cfg: Any, state: PPOState, frozen: Any, roles: Any, tokenizer: Any,
-                 guard: common.FiniteGuard, checkpointer: Any, n_iterations: int) -> None:
+                 guard: reliability.FiniteGuard, checkpointer: Any, n_iterations: int) -> None:
     """``model/`` (and ``model_ema/``): the policy's whole weights (merged under LoRA, with
     ``lora/`` holding the adapters alone), after a last check that they are finite."""
     p = cfg.ppo

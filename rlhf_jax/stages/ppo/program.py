@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from rlhf_jax import model_io
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.models.params import cache_sharding
 from rlhf_jax.models.transformer import Transformer
@@ -26,7 +27,6 @@ from rlhf_jax.optim import make_lr_schedule, make_optimizer
 from rlhf_jax.program import Program, Step, abstract_batch, abstract_key, abstract_like, random_batch
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.sharding import as_auto_mesh, batch_sharding, check_batch_size, replicated
-from rlhf_jax.stages import common
 from rlhf_jax.stages.ppo import estimators
 from rlhf_jax.stages.ppo.experience import (Rollout, decode_step, make_experience,
                                                 policy_update_step, ptx_gradient, rollout_step,
@@ -65,7 +65,7 @@ def build(cfg: Any, mesh: Mesh, *, models: dict[str, Transformer | None] | None 
     mesh, p = as_auto_mesh(mesh), cfg.ppo
     estimators.check(p)
     nets = network_models(cfg, mesh, models or {},
-                          {**common.runtime_overrides(cfg), **(model_overrides or {})})
+                          {**model_io.runtime_overrides(cfg), **(model_overrides or {})})
     roles, frozen = make_roles(p, nets["policy"], nets["reward"], nets["value"], mesh)
     policy = roles.policy.model
     b, mb_size, g = p.rollout_batch_size, p.minibatch_size, p.group_size

@@ -35,14 +35,13 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import scoring
+from rlhf_jax import model_io, scoring
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.models.lora import LoRA, apply_lora, init_lora, lora_param_count
 from rlhf_jax.models.params import abstract_params, init_params
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.program import abstract_key
 from rlhf_jax.sharding import replicated
-from rlhf_jax.stages import common
 from rlhf_jax.stages.ppo.estimators import estimator
 from rlhf_jax.train_state import TrainState, abstract_train_state, shardings_of
 
@@ -234,14 +233,14 @@ def network_models(cfg: Any, mesh: Mesh, given: dict[str, Transformer | None],
     ``cfg.policy_model`` / ``reward_model`` / ``value_model`` or the configs stored in
     ``policy_from`` / ``reward_from`` / ``value_from``. No value network for grpo / rloo."""
     scalar = dict(overrides, head="scalar")
-    out = {"policy": common.stage_model(given.get("policy"), cfg.policy_model, cfg.policy_from,
-                                        mesh, overrides),
-           "reward": common.stage_model(given.get("reward"), cfg.reward_model, cfg.reward_from,
-                                        mesh, scalar),
+    out = {"policy": model_io.stage_model(given.get("policy"), cfg.policy_model, cfg.policy_from,
+                                          mesh, overrides),
+           "reward": model_io.stage_model(given.get("reward"), cfg.reward_model, cfg.reward_from,
+                                          mesh, scalar),
            "value": None}
     if estimator(cfg.ppo).needs_value:
-        out["value"] = common.stage_model(given.get("value"), cfg.value_model or cfg.reward_model,
-                                          cfg.value_from or cfg.reward_from, mesh, scalar)
+        out["value"] = model_io.stage_model(given.get("value"), cfg.value_model or cfg.reward_model,
+                                            cfg.value_from or cfg.reward_from, mesh, scalar)
         if cfg.ppo.value_lora.rank > 0:
             check_value_lora(out["value"], out["reward"], cfg.value_from, cfg.reward_from)
     return out
@@ -264,16 +263,16 @@ def load_networks(cfg: Any, mesh: Mesh) -> Loaded:
     with the RM's normalization folded in (``value_init_normalized``): returns are built from
     the normalized score, and a raw head would start off by the demonstrations' mean, a bias GAE
     turns into length-dependent advantage errors."""
-    overrides = common.runtime_overrides(cfg)
+    overrides = model_io.runtime_overrides(cfg)
     p = cfg.ppo
-    policy, policy_params, tokenizer, _ = common.load_model(cfg.policy_from, mesh, **overrides)
-    reward, reward_params, _, reward_extra = common.load_model(cfg.reward_from, mesh, **overrides)
+    policy, policy_params, tokenizer, _ = model_io.load_model(cfg.policy_from, mesh, **overrides)
+    reward, reward_params, _, reward_extra = model_io.load_model(cfg.reward_from, mesh, **overrides)
     value, value_params, value_extra = None, None, {}
     if p.value_lora.rank > 0 and estimator(p).needs_value:
         check_value_lora(reward, reward, cfg.value_from, cfg.reward_from)
         value, value_params, value_extra = reward, reward_params, reward_extra
     elif estimator(p).needs_value:
-        value, value_params, _, value_extra = common.load_model(
+        value, value_params, _, value_extra = model_io.load_model(
             cfg.value_from or cfg.reward_from, mesh, **overrides)
     if reward.config.head != "scalar" or (value is not None and value.config.head != "scalar"):
         raise ConfigError(f"reward_from={cfg.reward_from!r}: expected a reward model (scalar head)")
@@ -283,7 +282,7 @@ def load_networks(cfg: Any, mesh: Mesh) -> Loaded:
     log.info("reward normalization: %s", reward_norm or "none")
     if cfg.value_init_normalized and value_extra.get("reward_norm"):
         value_params = scoring.fold_normalization(value_params, value_extra["reward_norm"])
-    common.log_params(policy_params)
+    model_io.log_params(policy_params)
     return Loaded({"policy": policy, "reward": reward, "value": value}, policy_params,
                   reward_params, value_params, reward_norm, tokenizer)
 
@@ -291,7 +290,7 @@ def load_networks(cfg: Any, mesh: Mesh) -> Loaded:
 # --- state -------------------------------------------------------------------------------------
 
 def lora_rng(seed: int) -> jax.Array:
-    """The adapters' init key (apart from every iteration's ``common.step_rng``)."""
+    """The adapters' init key (apart from every iteration's ``runtime.step_rng``)."""
     return jax.random.fold_in(jax.random.key(seed), 0x10_4A)
 
 
