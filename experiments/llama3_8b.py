@@ -30,9 +30,7 @@ quarters each chip's share of the attention maps and logits. bfloat16 compute, f
 parameters, remat + scanned layers; frozen reference and RM in bfloat16; LM-head log-probs in
 blocks of 64 positions.
 """
-import ml_collections
-
-from rlhf_jax.config import ppo_config, rm_config, sft_config
+from rlhf_jax.config import paper_pod_config
 
 LLAMA3_8B = dict(arch="llama", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
                  n_kv_heads=8, d_ff=14336, max_position=8192, rope_theta=500000.0,
@@ -44,57 +42,12 @@ LLAMA32_3B = dict(arch="llama", vocab_size=128256, d_model=3072, n_layers=28, n_
                   rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=1.0,
                   rope_high_freq_factor=4.0, rope_original_max_position=8192,
                   norm_eps=1e-5, tie_embeddings=True)
-PROMPT_LEN, RESPONSE_LEN = 512, 256
 MESH = (1, 16, 4)
 RUNTIME = dict(dtype="bfloat16", remat=True, scan_layers=True)
 CHUNK = 64
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.vocab_size = LLAMA3_8B["vocab_size"]
-    c.base_model = ""                      # a transformers Llama-3-8B directory for real runs
-    c.world = ml_collections.ConfigDict(dict(enabled=False, seed=0, sizes={}))
-    c.rm_model = ml_collections.ConfigDict(LLAMA32_3B)   # the RM (and value) architecture
-
-    c.sft = sft_config()
-    c.sft.model = ml_collections.ConfigDict(LLAMA3_8B)
-    c.sft.model_runtime = ml_collections.ConfigDict(RUNTIME)
-    c.sft.mesh.shape = MESH
-    c.sft.data.max_prompt_len = PROMPT_LEN
-    c.sft.data.max_response_len = RESPONSE_LEN
-    c.sft.train.batch_size = 32            # paper
-    c.sft.train.epochs = 16.0              # paper
-    c.sft.train.dropout = 0.2              # paper
-    c.sft.train.logprob_chunk = CHUNK
-    c.sft.optim.lr = 1e-5
-
-    c.rm = rm_config()
-    c.rm.model_runtime = ml_collections.ConfigDict(RUNTIME)
-    c.rm.mesh.shape = MESH
-    c.rm.data.max_k = 9                    # paper: K = 4..9
-    c.rm.data.max_prompt_len = PROMPT_LEN
-    c.rm.data.max_response_len = RESPONSE_LEN
-    c.rm.train.batch_size = 64             # paper: 64 prompts
-    c.rm.train.epochs = 1.0                # paper
-    c.rm.optim.lr = 9e-6                   # paper
-
-    c.ppo = ppo_config()
-    c.ppo.model_runtime = ml_collections.ConfigDict(RUNTIME)
-    c.ppo.mesh.shape = MESH
-    c.ppo.data.max_prompt_len = PROMPT_LEN
-    c.ppo.data.max_response_len = RESPONSE_LEN
-    c.ppo.data.ptx_seq_len = PROMPT_LEN + RESPONSE_LEN
-    c.ppo.ppo.total_episodes = 256_000     # paper
-    c.ppo.ppo.rollout_batch_size = 512     # paper
-    c.ppo.ppo.minibatch_size = 64          # paper
-    c.ppo.ppo.epochs = 1                   # paper
-    c.ppo.ppo.lr = 5e-6
-    c.ppo.ppo.value_lr = 9e-6              # paper
-    c.ppo.ppo.ema_decay = 0.992            # paper
-    c.ppo.ppo.ptx_coef = 27.8              # paper's PPO-ptx gamma
-    c.ppo.ppo.ptx_per_episode = 8          # paper
-    c.ppo.ppo.frozen_dtype = "bfloat16"
-    c.ppo.ppo.logprob_chunk = CHUNK
+    c = paper_pod_config(LLAMA3_8B, mesh=MESH, runtime=RUNTIME, logprob_chunk=CHUNK,
+                         rm_model=LLAMA32_3B)   # the RM (and value) architecture
     return c

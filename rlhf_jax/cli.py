@@ -138,11 +138,25 @@ def _add_train_parser(sub, name: str, help_text: str, parents: list) -> None:
                         "unless --show-config)")
     p.add_argument("--show-config", action="store_true",
                    help="print the resolved config (after overrides) and exit")
+    p.add_argument("--profile_steps", default="", metavar="A:B",
+                   help="write an XProf trace of steps (PPO: iterations) A .. B-1 to "
+                        "<workdir>/profile (a pipeline or sweep: every stage's, in its own "
+                        "directory), with each phase named; open it with TensorBoard's profile "
+                        "plugin or xprof")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="persist compiled steps in DIR and reuse them in any later run of the "
                         "same shapes (default: $RLHF_JAX_CACHE, else "
                         "$XDG_CACHE_HOME/rlhf_jax/jax_cache or ~/.cache/rlhf_jax/jax_cache; "
                         "'none' disables)")
+
+
+def set_profile_steps(cfg, spec: str) -> None:
+    """``--profile_steps``: on a stage's config, or on every stage section of a pipeline's."""
+    import ml_collections
+    sections = [cfg] if "profile_steps" in cfg else [
+        v for v in cfg.values() if isinstance(v, ml_collections.ConfigDict) and "profile_steps" in v]
+    for section in sections:
+        section.profile_steps = spec
 
 
 def default_compilation_cache() -> str:
@@ -331,6 +345,8 @@ def _main(argv: list[str]) -> int:
         return 0
     cfg = load_config(args.config)
     apply_overrides(cfg, overrides)
+    if args.profile_steps:
+        set_profile_steps(cfg, args.profile_steps)
     if args.show_config:
         print(cfg)
         return 0

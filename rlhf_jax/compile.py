@@ -47,24 +47,27 @@ as ``rlhf-jax profile`` reads them (``rlhf_jax.step_analysis``). Per step it rep
   in depth. (After optimization it is not: XLA:CPU fusion
   recomputes the gradient norm inside every parameter's update fusion, a term quadratic in
   depth.) These are *model* FLOPs: rematerialization (``remat``, the chunked head's recompute in
-  the backward pass) is not counted (the FLOPs of ``mfu_model``). ``as_compiled_flops_per_device``
+  the backward pass) is not counted here (``flops_executed`` adds it). ``as_compiled_flops_per_device``
   is XLA's per-device count of the real step, loop bodies once, for reference.
   ``tests/e2e/test_compile.py`` checks the accounting against fully unrolled builds at full depth.
-* **Time**: ``lower_s`` and ``compile_s`` of the real step; ``step_time_at_peak_s = flops /
-  (devices * peak)`` (every FLOP at the chip's peak bf16 rate), and a roofline
-  ``roofline_step_s = max(that, hbm_traffic_per_device / HBM bandwidth)``. The traffic is a
-  floor: every argument read once (a weight sharded over ``fsdp`` read whole, since it is
-  all-gathered before use), every output not aliased onto an argument written once; the rollout adds its decode body's once per trip
-  (per token: all the policy's weights and the whole KV cache). XLA's own "bytes accessed" is
-  not used: it counts a layer scan once and an in-place cache update as a copy of the cache.
-  ``mfu_model = step_analysis.mfu_model(flops, roofline_step_s, devices * peak)``, model FLOPs
-  / (time x peak), here ``step_time_at_peak_s / roofline_step_s``: the model FLOPs utilization
-  the step could reach if only compute and HBM traffic counted (no collectives, no remat,
-  perfect overlap), an upper bound (``profile`` reports ``mfu_hardware``: executed FLOPs at a
-  measured time). Decoding is memory-bound, so the rollout's is the low one.
-  ``stage_info.ppo.iteration`` adds up one PPO iteration (rollout + experience + minibatch
-  updates), ``stage_info.dpo.iteration`` one DPO batch (ref_logps + update), with its
-  ``mfu_model``.
+* **Collectives** (``collectives.py``): every all-gather, all-reduce, reduce-scatter,
+  all-to-all and collective-permute of the compiled step, with its count per call (loop trips
+  included), the bytes one device sends and the mesh axes it runs over.
+* **Time** (``lower_s`` and ``compile_s`` of the real step, then three floors):
+  ``compute_s`` = executed FLOPs / (devices x peak), the executed FLOPs (``flops_executed``)
+  being the model FLOPs times ``REMAT_FACTOR`` (8/6) in a step that takes a gradient with remat
+  on; ``hbm_s`` = a traffic floor / HBM bandwidth (every argument read once, every output not
+  aliased onto an argument written once, a weight sharded over ``fsdp`` read whole; the rollout
+  adds its decode body's once per trip; XLA's own "bytes accessed" counts a layer scan once and
+  an in-place cache update as a copy of the cache); ``comm_s`` = the collectives' bytes over
+  the chip's ICI (``CHIPS``: Google's per-chip bidirectional figures; a ring along each axis a
+  collective spans, both directions). ``step_s_overlapped`` = max of the three (perfect
+  overlap), ``step_s_serial`` = max(compute, HBM) + ICI (no collective overlapped), and
+  ``mfu_overlapped`` / ``mfu_serial`` the model FLOPs utilization at each
+  (``step_analysis.mfu_model``): the range a real run should land in, not a measurement
+  (``profile`` measures ``mfu_hardware``). ``stage_info.ppo.iteration`` adds up one PPO
+  iteration (sync + rollout + experience + minibatch updates; the collectives per kind and
+  axes), ``stage_info.dpo.iteration`` one DPO batch (ref_logps + update).
 
 When a step does not fit, the command prints one line per such step to stderr (stage, step, bytes
 needed vs available, the largest buffers: arguments by name and the largest HLO values) and exits
@@ -90,21 +93,32 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import step_analysis
+from rlhf_jax import collectives, step_analysis
 from rlhf_jax.config import GROUP_ADVANTAGES, stage_configs
 from rlhf_jax.sharding import MESH_AXES, resolve_mesh_shape
 
 GiB = 1024 ** 3
 
-# Per chip, from Google Cloud's TPU pages (docs/reference/tpu_facts.md): peak dense bf16 FLOP/s,
-# HBM bytes, HBM bytes/s. A topology whose devices are TensorCores rather than chips (v4 lists
-# both cores of a chip) divides these by the devices per chip.
-CHIPS: dict[str, dict[str, float]] = {
-    "v5e": {"peak_flops": 197e12, "hbm_bytes": 16e9, "hbm_bw": 819e9},
-    "v5p": {"peak_flops": 459e12, "hbm_bytes": 95e9, "hbm_bw": 2765e9},
-    "v6e": {"peak_flops": 918e12, "hbm_bytes": 32e9, "hbm_bw": 1638e9},
-    "v4": {"peak_flops": 275e12, "hbm_bytes": 32e9, "hbm_bw": 1200e9},
+# Per chip, from Google Cloud's TPU pages (docs/reference/tpu_facts.md; docs.cloud.google.com/
+# tpu/docs/v5e, /v5p, /v6e, /v4): peak dense bf16 FLOP/s, HBM bytes, HBM bytes/s, bidirectional
+# ICI bytes/s per chip and ICI ports (v5e 400 GB/s over 4 ports, v5p 1,200 GB/s over 6 (3D
+# torus), v6e 800 GB/s over 4; the v4 page gives no per-chip figure, so v4 reports no
+# communication time). A topology whose devices are TensorCores rather than chips (v4 lists both
+# cores of a chip) divides these by the devices per chip.
+CHIPS: dict[str, dict[str, float | None]] = {
+    "v5e": {"peak_flops": 197e12, "hbm_bytes": 16e9, "hbm_bw": 819e9, "ici_bw": 400e9,
+            "ici_ports": 4},
+    "v5p": {"peak_flops": 459e12, "hbm_bytes": 95e9, "hbm_bw": 2765e9, "ici_bw": 1200e9,
+            "ici_ports": 6},
+    "v6e": {"peak_flops": 918e12, "hbm_bytes": 32e9, "hbm_bw": 1638e9, "ici_bw": 800e9,
+            "ici_ports": 4},
+    "v4": {"peak_flops": 275e12, "hbm_bytes": 32e9, "hbm_bw": 1200e9, "ici_bw": None,
+           "ici_ports": 6},
 }
+# Full remat recomputes each layer's forward pass in the backward pass: 2 + 4 + 2 = 8 FLOPs
+# where the model counts 6 (forward 2, backward 4), in every step that takes a gradient.
+REMAT_FACTOR = 8 / 6
+GRADIENT_STEPS = ("train", "update", "value_update", "ptx")
 
 BUILDERS = {"sft": "rlhf_jax.stages.sft:build", "rm": "rlhf_jax.stages.reward:build",
             "ppo": "rlhf_jax.stages.ppo:build", "dpo": "rlhf_jax.stages.dpo:build"}
@@ -135,6 +149,7 @@ class Target:
     hbm_source: str = ""
     peak_flops_per_device: float | None = None
     hbm_bw_per_device: float | None = None
+    ici_link_bw_per_device: float | None = None   # one ICI link, one direction (bytes/s)
 
     @property
     def num_devices(self) -> int:
@@ -174,9 +189,10 @@ def get_target(topology: str) -> Target:
     n_chips = math.prod(int(d) for d in dims.split("x"))
     per_chip = max(1, len(devices) // n_chips)
     facts = CHIPS[chip]
+    link = (facts["ici_bw"] / facts["ici_ports"] / 2 / per_chip) if facts["ici_bw"] else None
     target = Target(topology, "tpu", devices, devices[0].device_kind, per_chip,
                     peak_flops_per_device=facts["peak_flops"] / per_chip,
-                    hbm_bw_per_device=facts["hbm_bw"] / per_chip)
+                    hbm_bw_per_device=facts["hbm_bw"] / per_chip, ici_link_bw_per_device=link)
     probed = _probe_hbm(devices)
     if probed:
         target.hbm_bytes_per_device, target.hbm_source = probed, "compiler"
@@ -302,10 +318,12 @@ def _first_line(e: BaseException) -> str:
     return text[0][:400] if text else type(e).__name__
 
 
-def compile_step(step, target: Target, hbm_bytes: int | None = None) -> dict[str, Any]:
+def compile_step(step, target: Target, hbm_bytes: int | None = None,
+                 mesh_shape: dict[str, int] | None = None) -> dict[str, Any]:
     """Lower and compile one ``Step`` for ``target`` (``step_analysis.compile_step``: training's
     compiler options): memory (``step_analysis.memory_summary``), per-device cost as compiled
-    (loops counted once), seconds, and whether it fits ``hbm_bytes``."""
+    (loops counted once), its collectives (``collectives.py``: loop trips included, the step's
+    ``loop_trips`` for a loop XLA cannot bound), seconds, and whether it fits ``hbm_bytes``."""
     hbm_bytes = target.hbm_bytes_per_device if hbm_bytes is None else hbm_bytes
     row: dict[str, Any] = {"tokens": int(getattr(step, "tokens", 0) or 0),
                            "loop_trips": int(getattr(step, "loop_trips", 1) or 1)}
@@ -331,8 +349,11 @@ def compile_step(step, target: Target, hbm_bytes: int | None = None) -> dict[str
     row["as_compiled_flops_per_device"] = cost["flops"]     # loop bodies counted once
     row["as_compiled_bytes_accessed_per_device"] = cost["bytes_accessed"]
     row["fits"] = hbm_bytes is None or peak is None or peak <= hbm_bytes
+    text = compiled.as_text() or ""
+    row["collectives"] = collectives.collectives(text, mesh_shape or {}, row["loop_trips"])
+    row["comm_s"] = collectives.comm_seconds(row["collectives"], target.ici_link_bw_per_device)
     if not row["fits"]:
-        buffers = largest_arguments(step) + largest_hlo_values(compiled.as_text() or "")
+        buffers = largest_arguments(step) + largest_hlo_values(text)
         row["largest_buffers"] = sorted(buffers, key=lambda x: -x["bytes"])[:4]
     return row
 
@@ -508,21 +529,35 @@ def stage_mesh(stage: str, stage_cfg: ml_collections.ConfigDict, target: Target)
     return Mesh(devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def _analytic(row: dict[str, Any], target: Target, n_dev: int) -> None:
+def _analytic(row: dict[str, Any], target: Target, n_dev: int, remat: bool = False) -> None:
+    """Seconds of a step on ``target``: ``compute_s`` (the FLOPs the hardware executes, remat's
+    recompute included, at peak), ``hbm_s`` (the traffic floor at HBM bandwidth), ``comm_s``
+    (its collectives over ICI); ``step_s_overlapped`` = max of the three (everything overlaps),
+    ``step_s_serial`` = max(compute, HBM) + communication (no collective overlaps anything);
+    ``mfu_overlapped`` / ``mfu_serial``: the model FLOPs utilization at each
+    (``step_analysis.mfu_model``)."""
     flops = row.get("flops")
     peak = target.peak_flops_per_device
     if flops is None or not peak:
         return
-    compute = flops / (n_dev * peak)
-    row["step_time_at_peak_s"] = compute
+    row["flops_executed"] = flops * (REMAT_FACTOR if remat else 1.0)
+    compute = row["flops_executed"] / (n_dev * peak)
+    row["step_time_at_peak_s"] = flops / (n_dev * peak)
+    row["compute_s"] = compute
     memory = (row.get("hbm_traffic_per_device") or 0.0) / target.hbm_bw_per_device \
         if target.hbm_bw_per_device else 0.0
+    row["hbm_s"] = memory
     roofline = max(compute, memory)
     row["roofline_step_s"] = roofline
-    row["roofline_bound"] = "compute" if compute >= memory else "hbm"
-    row["mfu_model"] = step_analysis.mfu_model(flops, roofline, n_dev * peak)
-    if row.get("tokens") and roofline > 0:
-        row["tokens_per_s_roofline"] = row["tokens"] / roofline
+    comm = row.get("comm_s")
+    row["step_s_overlapped"] = max(roofline, comm or 0.0)
+    row["step_s_serial"] = roofline + (comm or 0.0)
+    row["bound"] = max((("compute", compute), ("hbm", memory), ("ici", comm or 0.0)),
+                       key=lambda kv: kv[1])[0]
+    for key in ("overlapped", "serial"):
+        row[f"mfu_{key}"] = step_analysis.mfu_model(flops, row[f"step_s_{key}"], n_dev * peak)
+    if row.get("tokens") and row["step_s_serial"] > 0:
+        row["tokens_per_s"] = row["tokens"] / row["step_s_serial"]
 
 
 def compile_stage(stage: str, stage_cfg: ml_collections.ConfigDict, target: Target, *,
@@ -544,12 +579,22 @@ def compile_stage(stage: str, stage_cfg: ml_collections.ConfigDict, target: Targ
                         "vocab_size": c.vocab_size, "dtype": c.dtype, "param_dtype": c.param_dtype,
                         "remat": c.remat, "scan_layers": c.scan_layers}
     info = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "models": models}
+    if "sync" in program.steps and "rollout" in program.steps:
+        # PPO's sampler: its copy of the policy and the decode loop's KV cache, per device.
+        body = program.steps["rollout"].loop_body
+        info["sampler"] = {
+            "layout": program.plan.roles.sampler.layout,
+            "dtype": str(program.plan.roles.sampler.dtype),
+            "weights_bytes_per_device": sum(_shard_bytes(x) or 0 for x in jax.tree.leaves(
+                program.steps["rollout"].args[0])),
+            "kv_cache_bytes_per_device": sum(_shard_bytes(x) or 0 for x in jax.tree.leaves(
+                body.args[3])) if body is not None else None}
     rows: dict[str, dict] = {}
     steps = _steps_with_bodies(program)
     for name, step in steps.items():
         if progress:
             progress(f"  {stage}/{name}: compiling")
-        rows[name] = compile_step(step, target, hbm_bytes)
+        rows[name] = compile_step(step, target, hbm_bytes, dict(mesh.shape))
         if name not in program.steps:
             parent = next(n for n, s in program.steps.items()
                           if getattr(s, "loop_body", None) is step)
@@ -577,9 +622,10 @@ def compile_stage(stage: str, stage_cfg: ml_collections.ConfigDict, target: Targ
                 "hbm_traffic_per_device" in rows.get(body.name, {}):
             rows[name]["hbm_traffic_per_device"] += (trips - 1) * rows[body.name][
                 "hbm_traffic_per_device"]
-    for row in rows.values():
+    remat = any(m.config.remat for m in program.models.values())
+    for name, row in rows.items():
         row.setdefault("flops", None)
-        _analytic(row, target, mesh.size)
+        _analytic(row, target, mesh.size, remat=remat and name in GRADIENT_STEPS)
     if stage == "ppo" and "ptx" in rows and "update" in rows:
         rows["ptx"]["included_in"] = "update"     # the update's pretraining half, on its own
     iteration = _iteration(stage, stage_cfg, program, rows, target, mesh.size)
@@ -634,13 +680,29 @@ def _iteration(stage: str, stage_cfg: Any, program, rows: dict, target: Target,
     calls = {k: int(n) for k, n in program.calls_per_iteration.items()
              if n and k in rows and k != "ptx"}     # ptx: a part of each update
     out: dict[str, Any] = {"calls": calls}
+    by_kind: dict[tuple, dict[str, Any]] = {}
+    for k, n in calls.items():
+        for c in rows[k].get("collectives", ()):
+            key = (c["kind"], tuple(c["axes"]))
+            agg = by_kind.setdefault(key, {"kind": c["kind"], "axes": c["axes"], "count": 0,
+                                           "bytes_per_device": 0.0})
+            agg["count"] += n * c["count"]
+            agg["bytes_per_device"] += n * c["bytes_per_device"]
+    out["collectives"] = sorted(by_kind.values(), key=lambda c: -c["bytes_per_device"])
+    if all(rows[k].get("comm_s") is not None for k in calls):
+        out["comm_s"] = sum(n * rows[k]["comm_s"] for k, n in calls.items())
     if all(rows[k].get("flops") is not None for k in calls):
         out["flops"] = sum(n * rows[k]["flops"] for k, n in calls.items())
-        if all("roofline_step_s" in rows[k] for k in calls):
-            out["roofline_s"] = sum(n * rows[k]["roofline_step_s"] for k, n in calls.items())
-            out["mfu_model"] = step_analysis.mfu_model(out["flops"], out["roofline_s"],
-                                                       n_dev * target.peak_flops_per_device)
-            out["share_of_time"] = {k: n * rows[k]["roofline_step_s"] / out["roofline_s"]
+        out["flops_executed"] = sum(n * rows[k].get("flops_executed", rows[k]["flops"])
+                                    for k, n in calls.items())
+        if all("step_s_serial" in rows[k] for k in calls):
+            peak = n_dev * target.peak_flops_per_device
+            for key in ("roofline_step_s", "step_s_overlapped", "step_s_serial"):
+                out[key] = sum(n * rows[k][key] for k, n in calls.items())
+            out["roofline_s"] = out.pop("roofline_step_s")
+            for key in ("overlapped", "serial"):
+                out[f"mfu_{key}"] = step_analysis.mfu_model(out["flops"], out[f"step_s_{key}"], peak)
+            out["share_of_time"] = {k: n * rows[k]["step_s_serial"] / out["step_s_serial"]
                                     for k, n in calls.items()}
     return out
 
@@ -741,8 +803,8 @@ def format_table(report: dict[str, Any]) -> str:
              + (f", peak {report['peak_flops_per_device'] / 1e12:.0f} TFLOP/s/device"
                 if report.get("peak_flops_per_device") else "")]
     header = (f"{'stage':<5} {'step':<11} {'fits':<4} {'peak GiB':>9} {'HBM%':>5} {'args':>7} "
-              f"{'temp':>7} {'TFLOP/step':>11} {'tokens':>8} {'t@peak':>10} {'roofline':>10} "
-              f"{'bound':>7} {'mfu_model':>9} {'compile':>8}")
+              f"{'temp':>7} {'TFLOP/step':>11} {'compute':>9} {'HBM':>9} {'ICI':>9} "
+              f"{'overlap':>9} {'serial':>9} {'bound':>7} {'mfu o/s':>9} {'compile':>8}")
     lines += [header, "-" * len(header)]
     for stage, rows in report["stages"].items():
         mesh = report.get("stage_info", {}).get(stage, {}).get("mesh", {})
@@ -755,19 +817,29 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(
                 f"{stage:<5} {label:<11} {'yes' if r.get('fits') else 'NO':<4} {_gib(peak):>9} "
                 f"{pct:>5} {_gib(r.get('argument_bytes')):>7} {_gib(r.get('temp_bytes')):>7} "
-                f"{'-' if flops is None else f'{flops / 1e12:.2f}':>11} {r.get('tokens', 0):>8} "
-                f"{_fmt_time(r.get('step_time_at_peak_s')):>10} "
-                f"{_fmt_time(r.get('roofline_step_s')):>10} {r.get('roofline_bound', '-'):>7} "
-                f"{_pct(r.get('mfu_model')):>9} {r.get('compile_s', 0):>7.1f}s")
+                f"{'-' if flops is None else f'{flops / 1e12:.2f}':>11} "
+                f"{_fmt_time(r.get('compute_s')):>9} {_fmt_time(r.get('hbm_s')):>9} "
+                f"{_fmt_time(r.get('comm_s')):>9} {_fmt_time(r.get('step_s_overlapped')):>9} "
+                f"{_fmt_time(r.get('step_s_serial')):>9} {r.get('bound', '-'):>7} "
+                f"{_pct(r.get('mfu_overlapped')) + '/' + _pct(r.get('mfu_serial')):>9} "
+                f"{r.get('compile_s', 0):>7.1f}s")
         info = report.get("stage_info", {}).get(stage, {})
         if mesh:
             lines.append(f"{'':<5} mesh {mesh}")
+        sampler = info.get("sampler")
+        if sampler:
+            lines.append(f"{'':<5} sampler: {sampler['layout']} layout, {sampler['dtype']}: weights "
+                         f"{_gib(sampler['weights_bytes_per_device'])} GiB + KV cache "
+                         f"{_gib(sampler['kv_cache_bytes_per_device'])} GiB per device")
         it = info.get("iteration", {})
-        if "roofline_s" in it:
+        if "step_s_serial" in it:
             shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in it["share_of_time"].items())
             lines.append(f"{'':<5} one iteration ({it['calls'].get('update', 0)} updates): "
-                         f"{it['flops'] / 1e12:.1f} TFLOP, roofline {_fmt_time(it['roofline_s'])}, "
-                         f"mfu_model {_pct(it.get('mfu_model'))} ({shares})")
+                         f"{it['flops'] / 1e12:.1f} TFLOP, ICI {_fmt_time(it.get('comm_s'))}, "
+                         f"step {_fmt_time(it['step_s_overlapped'])} overlapped .. "
+                         f"{_fmt_time(it['step_s_serial'])} serial, mfu "
+                         f"{_pct(it.get('mfu_overlapped'))} .. {_pct(it.get('mfu_serial'))} "
+                         f"(serial time: {shares})")
         if info.get("flops_error"):
             lines.append(f"{'':<5} FLOPs not counted: {info['flops_error']}")
     if any("loop_body_of" in r for rows in report["stages"].values() for r in rows.values()):
@@ -776,9 +848,10 @@ def format_table(report: dict[str, Any]) -> str:
     if any("included_in" in r for rows in report["stages"].values() for r in rows.values()):
         lines.append("+ part of another step (PPO's ptx gradient is inside update), compiled on "
                      "its own to show its share")
-    lines.append("t@peak: FLOPs / (devices x peak); roofline: max(t@peak, HBM bytes / bandwidth); "
-                 "mfu_model = model FLOPs / (roofline x devices x peak) = t@peak / roofline "
-                 "(no remat, no communication)")
+    lines.append("compute: executed FLOPs (remat included) / (devices x peak); HBM: traffic "
+                 "floor / bandwidth; ICI: the step's collectives / link bandwidth; overlap = "
+                 "max of the three, serial = max(compute, HBM) + ICI; mfu o/s = model FLOPs / "
+                 "(devices x peak x overlap / serial)")
     return "\n".join(lines)
 
 

@@ -108,6 +108,7 @@ def sft_config() -> ml_collections.ConfigDict:
     """Defaults of `rlhf-jax sft` (also LM pretraining with data.format="pretrain")."""
     c = ml_collections.ConfigDict()
     c.name = "sft"
+    c.profile_steps = ""               # "A:B": an XProf trace of steps A..B-1 in <workdir>/profile
     c.seed = 0
     c.init_from = ""                 # a model dir (stage output) or a transformers checkpoint dir
     c.tokenizer = ""                 # used when init_from is empty (random init of c.model)
@@ -151,6 +152,7 @@ def rm_config() -> ml_collections.ConfigDict:
     """Defaults of `rlhf-jax rm`."""
     c = ml_collections.ConfigDict()
     c.name = "rm"
+    c.profile_steps = ""               # "A:B": an XProf trace of steps A..B-1 in <workdir>/profile
     c.seed = 0
     c.mode = "kway"                    # "kway" (InstructGPT Eq. 1) or "shuffled_pairs" (baseline)
     c.init_from = ""                   # the SFT model dir (or a transformers checkpoint dir)
@@ -199,6 +201,7 @@ def dpo_config() -> ml_collections.ConfigDict:
     """
     c = ml_collections.ConfigDict()
     c.name = "dpo"
+    c.profile_steps = ""               # "A:B": an XProf trace of steps A..B-1 in <workdir>/profile
     c.seed = 0
     c.init_from = ""                   # the SFT model dir (or a transformers checkpoint dir)
     c.reference_from = ""              # the frozen reference; empty: init_from (DPO's usual)
@@ -241,6 +244,7 @@ def ppo_config() -> ml_collections.ConfigDict:
     """Defaults of `rlhf-jax ppo`: InstructGPT values in comments, CPU-sized numbers."""
     c = ml_collections.ConfigDict()
     c.name = "ppo"
+    c.profile_steps = ""               # "A:B": an XProf trace of steps A..B-1 in <workdir>/profile
     c.seed = 0
     c.policy_from = ""                 # PPO-init SFT model dir: the policy and the KL reference
     c.reward_from = ""                 # reward model dir (scalar head + demo normalization)
@@ -317,6 +321,63 @@ def ppo_config() -> ml_collections.ConfigDict:
     # itself (the value starts from the RM: value_from empty), so it needs no weights of its
     # own; adapters and the scalar score head train, and the checkpoints hold only those.
     c.ppo.value_lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=("attn",)))
+    # The rollout's copy of the policy. "decode": before each rollout the policy is resharded
+    # once into a decode layout (weights replicated over data and fsdp, sharded over tensor: the
+    # batch's data x fsdp groups each sample with tensor parallelism inside) and the decode
+    # loop reads only that copy, so no weight is all-gathered per token; "train" decodes from
+    # the training (FSDP) layout itself. dtype "compute" = the model's compute dtype
+    # (model_runtime.dtype: bfloat16 on pods; a float32 run samples exactly what it trains).
+    c.ppo.sampler = ml_collections.ConfigDict(dict(layout="decode", dtype="compute"))
+    return c
+
+
+def paper_pod_config(policy: dict, *, mesh: tuple[int, int, int], runtime: dict,
+                     logprob_chunk: int, rm_model: dict | None = None,
+                     sft_lr: float = 1e-5) -> ml_collections.ConfigDict:
+    """A pipeline config at InstructGPT's batch geometry (arXiv:2203.02155 App. C) for a pod:
+    prompt 512 + response 256; SFT batch 32, 16 epochs, dropout 0.2; RM 64 prompts x K = 9,
+    1 epoch, lr 9e-6; PPO-ptx 256k episodes, rollouts of 512, minibatch 64, 1 epoch, value lr
+    9e-6, EMA 0.992, gamma 27.8 with 8 pretraining sequences per episode; frozen networks in
+    bfloat16. ``rm_model``: the RM's (and value's) own architecture (else the policy's). The
+    experiment files (``experiments/llama3_8b.py`` ...) name the networks, mesh and runtime."""
+    prompt_len, response_len = 512, 256
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.vocab_size = policy["vocab_size"]
+    c.base_model = ""                      # a transformers directory of the policy for real runs
+    c.world = ml_collections.ConfigDict(dict(enabled=False, seed=0, sizes={}))
+    if rm_model is not None:
+        c.rm_model = ml_collections.ConfigDict(rm_model)
+    c.sft = sft_config()
+    c.sft.model = ml_collections.ConfigDict(policy)
+    c.rm, c.ppo = rm_config(), ppo_config()
+    for stage in (c.sft, c.rm, c.ppo):
+        stage.model_runtime = ml_collections.ConfigDict(runtime)
+        stage.mesh.shape = mesh
+        stage.data.max_prompt_len = prompt_len
+        stage.data.max_response_len = response_len
+    c.sft.train.batch_size = 32            # paper
+    c.sft.train.epochs = 16.0              # paper
+    c.sft.train.dropout = 0.2              # paper
+    c.sft.train.logprob_chunk = logprob_chunk
+    c.sft.optim.lr = sft_lr
+    c.rm.data.max_k = 9                    # paper: K = 4..9
+    c.rm.train.batch_size = 64             # paper: 64 prompts
+    c.rm.train.epochs = 1.0                # paper
+    c.rm.optim.lr = 9e-6                   # paper
+    c.ppo.data.ptx_seq_len = prompt_len + response_len
+    p = c.ppo.ppo
+    p.total_episodes = 256_000             # paper
+    p.rollout_batch_size = 512             # paper
+    p.minibatch_size = 64                  # paper
+    p.epochs = 1                           # paper
+    p.lr = 5e-6
+    p.value_lr = 9e-6                      # paper
+    p.ema_decay = 0.992                    # paper
+    p.ptx_coef = 27.8                      # paper's PPO-ptx gamma
+    p.ptx_per_episode = 8                  # paper
+    p.frozen_dtype = "bfloat16"
+    p.logprob_chunk = logprob_chunk
     return c
 
 

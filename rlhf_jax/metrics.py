@@ -386,6 +386,58 @@ def _format_postfix_value(value: Any) -> str:
     return str(value)
 
 
+def parse_steps(spec: str, field: str = "profile_steps") -> tuple[int, int] | None:
+    """``"A:B"`` -> ``(A, B)`` with 0 <= A < B; ``""`` -> None; anything else a ConfigError."""
+    from rlhf_jax.errors import ConfigError
+    if not spec:
+        return None
+    start, sep, stop = str(spec).partition(":")
+    if not (sep and start.strip().isdigit() and stop.strip().isdigit()
+            and int(start) < int(stop)):
+        raise ConfigError(f"{field}={spec!r}: expected 'A:B' with 0 <= A < B (steps A .. B-1)")
+    return int(start), int(stop)
+
+
+class TraceWindow:
+    """An XProf trace (``jax.profiler``) of steps ``A .. B-1`` of a training loop, written under
+    ``directory`` for TensorBoard's profile plugin / XProf; ``StepTimer`` names each phase inside
+    it. Call ``step(i)`` at the start of step ``i`` and ``close()`` after the loop (or on any exit):
+    a trace still open when the loop ends (B past the last step) is stopped and written.
+    Only process 0 traces."""
+
+    def __init__(self, spec: str, directory: str) -> None:
+        self.window = parse_steps(spec)
+        self.directory = directory
+        self.active = False
+        self._annotation = None
+
+    def step(self, i: int) -> None:
+        if self.window is None or jax.process_index() != 0:
+            return
+        self._end_annotation()
+        start, stop = self.window
+        if i == start and not self.active:
+            os.makedirs(self.directory, exist_ok=True)
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self.active = True
+        elif i >= stop and self.active:
+            self.close()
+        if self.active:
+            self._annotation = jax.profiler.StepTraceAnnotation("step", step_num=i)
+            self._annotation.__enter__()
+
+    def _end_annotation(self) -> None:
+        if self._annotation is not None:
+            self._annotation.__exit__(None, None, None)
+            self._annotation = None
+
+    def close(self) -> None:
+        self._end_annotation()
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 class StepTimer:
     """Accumulates wall-clock seconds per named phase of a training step.
 
@@ -410,7 +462,8 @@ class StepTimer:
         """Time the enclosed block and add it to phase ``name`` (even if it raises)."""
         start = time.perf_counter()
         try:
-            yield
+            with jax.profiler.TraceAnnotation(name):    # the phase's name in an XProf trace
+                yield
         finally:
             self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - start
 

@@ -70,7 +70,7 @@ STAGE_MODULES = {"sft": "rlhf_jax.stages.sft", "rm": "rlhf_jax.stages.reward",
                  "ppo": "rlhf_jax.stages.ppo", "dpo": "rlhf_jax.stages.dpo"}
 # Steps run each iteration (in this order); anything else a Program has runs after them.
 # (PPO with ppo.advantage grpo / rloo has no value_update; DPO: ref_logps, update, eval.)
-PHASE_ORDER = ("rollout", "experience", "ref_logps", "update", "value_update", "ptx", "train",
+PHASE_ORDER = ("sync", "rollout", "experience", "ref_logps", "update", "value_update", "ptx", "train",
                "eval")
 # Steps whose time is already inside another step's (not added to the iteration).
 INCLUDED_IN = {"ptx": "update"}
@@ -146,7 +146,8 @@ def profile_program(program: Any, *, steps: int = 5, warmup: int = 1,
                     peak: dict[str, Any] | None = None, peak_dtype: Any = "float32",
                     calls_per_iteration: dict[str, float] | None = None,
                     trace_iterations: int = 2, seed: int = 0,
-                    phases: Sequence[str] | None = None) -> dict[str, Any]:
+                    phases: Sequence[str] | None = None,
+                    model_flops: dict[str, float] | None = None) -> dict[str, Any]:
     """Compile, measure and time every step of ``program``; returns the report dict.
 
     ``state``/``frozen`` default to ``program.init_state`` (random weights). Every iteration
@@ -155,7 +156,14 @@ def profile_program(program: Any, *, steps: int = 5, warmup: int = 1,
     back to every step that was given that state (or part of it, like its params). ``phases``
     limits the report to those steps (a compute-bound update without the rollout's decode loop);
     the iteration total then covers only them.
+
+    ``model_flops`` (``{step: FLOPs per call}``, from ``compile.count_flops``: every loop's
+    trips counted) replaces XLA's count of the compiled step, which counts a ``scan`` body once
+    (an L-layer scanned model reads ~L times too few FLOPs); the executed FLOPs behind
+    ``mfu_hardware`` are then those with remat's recompute (``compile.REMAT_FACTOR``) in the
+    steps that take a gradient, and ``mfu_model`` is reported beside it.
     """
+    from rlhf_jax.compile import GRADIENT_STEPS, REMAT_FACTOR
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps={steps} must be >= 1 and warmup={warmup} >= 0")
     names = _ordered(program.steps)
@@ -208,6 +216,13 @@ def profile_program(program: Any, *, steps: int = 5, warmup: int = 1,
         p["times_s"] = times[name]
         p["median_s"] = median
         p["min_s"] = min(times[name])
+        if model_flops and model_flops.get(name) is not None:
+            p["as_compiled_flops"] = p["flops"]
+            p["model_flops"] = model_flops[name]
+            remat = any(m.config.remat for m in program.models.values())
+            p["flops"] = p["model_flops"] * (REMAT_FACTOR if remat and name in GRADIENT_STEPS
+                                             else 1.0)
+            p["mfu_model"] = step_analysis.mfu_model(p["model_flops"], median, peak_flops)
         p["flops_per_s"] = p["flops"] / median if p["flops"] is not None else None
         p["mfu_hardware"] = step_analysis.mfu_hardware(p["flops"], median, peak_flops)
         p["tokens_per_s"] = p["tokens"] / median if p["tokens"] else None
@@ -294,12 +309,12 @@ def stage_config(cfg: Any, stage: str, workdir: str | None = None) -> Any:
     return c
 
 
-def build_program(stage: str, stage_cfg: Any, mesh: Mesh) -> Any:
-    """``rlhf_jax.stages.<stage>.build(stage_cfg, mesh)``."""
+def build_program(stage: str, stage_cfg: Any, mesh: Mesh, **kwargs: Any) -> Any:
+    """``rlhf_jax.stages.<stage>.build(stage_cfg, mesh, **kwargs)``."""
     if stage not in STAGE_MODULES:
         raise ValueError(f"stage {stage!r}; expected one of {', '.join(STAGE_MODULES)}")
     module = importlib.import_module(STAGE_MODULES[stage])
-    return module.build(stage_cfg, mesh)
+    return module.build(stage_cfg, mesh, **kwargs)
 
 
 def calls_per_iteration(stage: str, stage_cfg: Any, program: Any) -> dict[str, float]:
@@ -321,11 +336,15 @@ def profile_stage(cfg: Any, stage: str, *, steps: int = 5, warmup: int = 1,
     state, frozen = program.init_state(jax.random.key(seed))
     if workdir:
         state, frozen = load_workdir_weights(program, stage_cfg, state, frozen)
+    from rlhf_jax import compile as aot
+    counted = aot.count_flops(stage, stage_cfg, mesh,
+                              lambda c, m, **kw: build_program(stage, c, m, **kw), program)
     report = profile_program(program, steps=steps, warmup=warmup, trace_dir=trace_dir,
                              state=state, frozen=frozen, peak=peak,
                              peak_dtype=_compute_dtype(stage_cfg),
                              calls_per_iteration=calls_per_iteration(stage, stage_cfg, program),
-                             seed=seed, phases=phases)
+                             seed=seed, phases=phases,
+                             model_flops={k: v["flops"] for k, v in counted.items()})
     report["build_s"] = build_s
     report["stage_config"] = stage_cfg.get("name", stage)
     if stage == "ppo":

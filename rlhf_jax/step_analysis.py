@@ -23,8 +23,8 @@ from typing import Any
 
 def compiler_options(platform: str) -> dict[str, Any] | None:
     """The XLA options training compiles its steps with on ``platform`` (the platform of the
-    devices the step runs on, not the host's): ``stages.common.CPU_COMPILER_OPTIONS`` on CPU
-    (as ``stages.common.compile_ahead``), the compiler's defaults elsewhere."""
+    devices the step runs on, not the host's): ``runtime.CPU_COMPILER_OPTIONS`` on CPU
+    (as ``runtime.compile_ahead``), the compiler's defaults elsewhere."""
     from rlhf_jax.runtime import CPU_COMPILER_OPTIONS
     return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
 

@@ -38,6 +38,8 @@ ENUMS = {
     "model_runtime.dtype": ("float32", "bfloat16"),
     "ppo.frozen_dtype": ("float32", "bfloat16"),
     "ppo.advantage": ("gae", "grpo", "rloo"),
+    "ppo.sampler.layout": ("decode", "train"),
+    "ppo.sampler.dtype": ("compute", "float32", "bfloat16"),
     "data.format": ("demonstrations", "pretrain"),
     "model.arch": ("gpt2", "llama", "qwen2"),
 }
@@ -90,6 +92,13 @@ UNIT_CLOSED = (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
 
 
 def _common(p: _Problems, cfg: Any) -> None:
+    spec = _get(cfg, "profile_steps", "")
+    if spec:
+        from rlhf_jax.metrics import parse_steps
+        try:
+            parse_steps(spec)
+        except ConfigError:
+            p.add("profile_steps", spec, "'A:B' with 0 <= A < B (steps A .. B-1)")
     for field, choices in ENUMS.items():
         value = _get(cfg, field, _MISSING)
         if value is _MISSING:

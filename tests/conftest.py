@@ -20,9 +20,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_configure(config):
+    """One persistent compilation cache per test run, shared by the xdist workers (they inherit
+    the controller's environment): a step another test compiled is loaded, not compiled again.
+    ``compile_counting`` counts a load as a compilation, so the no-recompile checks see the
+    same numbers with or without it."""
+    directory = os.environ.setdefault("RLHF_JAX_TEST_XLA_CACHE",
+                                      tempfile.mkdtemp(prefix="rlhf_jax_xla_cache_"))
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 # --- fixtures shared by several test modules, built once per test run (per xdist worker) ---------

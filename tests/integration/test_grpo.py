@@ -363,7 +363,7 @@ def test_no_recompilation_across_iterations(runs):
 
 def test_group_program_has_no_value_network(toy):
     program = ppo.build(toy_cfg(toy, "rloo"), make_mesh((2, 2, 2)))
-    assert set(program.steps) == {"rollout", "experience", "update"}
+    assert set(program.steps) == {"sync", "rollout", "experience", "update"}
     assert program.state.value == {} and "value" not in program.models
     assert program.plan.prompts_per_rollout == 16 // G and program.plan.group_size == G
     assert "value_update" not in program.calls_per_iteration

@@ -60,7 +60,8 @@ def test_every_stage_builds_and_lowers_without_data(make_mesh):
     programs = {"sft": sft.build(stages["sft"], mesh), "rm": reward.build(stages["rm"], mesh),
                 "ppo": ppo.build(stages["ppo"], mesh)}
     assert set(programs["sft"].steps) == set(programs["rm"].steps) == {"train", "eval"}
-    assert set(programs["ppo"].steps) == {"rollout", "experience", "update", "value_update", "ptx"}
+    assert set(programs["ppo"].steps) == {"sync", "rollout", "experience", "update", "value_update",
+                                                        "ptx"}
     for name, program in programs.items():
         leaves = jax.tree.leaves(program.state)
         assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None

@@ -32,6 +32,8 @@ class Rollout:
     attention_mask: jax.Array
     response_mask: jax.Array
     has_eos: jax.Array        # [B] bool: the response ended with EOS (not cut at N tokens)
+    logprobs: jax.Array | None = None   # [B, N] f32: the sampler's log-prob of each sampled
+                                        # token under the distribution it sampled from
 
 
 @flax.struct.dataclass
@@ -49,22 +51,34 @@ class Experience:
     advantages: jax.Array      # [B, N] GAE (whitened if configured); [B] per sequence for
                                #   grpo / rloo (group-major: prompt b owns rows b*G .. b*G+G-1)
     returns: jax.Array         # [B, N] advantages + values (before whitening); 0 for grpo/rloo
+    sampler_gap: jax.Array     # [B, N] |log p_sampler - log p_trainer| of the sampled tokens
+                               #   (the training-inference mismatch; 0 off the mask)
 
 
 # --- 1. rollout --------------------------------------------------------------------------------
 
-def rollout_step(policy_params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array,
-                 rng: jax.Array, base: Any, *, roles: Roles, sampling: SamplingConfig,
+def sync_step(policy_params: Any, base: Any, *, roles: Roles, shardings: Any = None) -> Any:
+    """The sampler's copy of the current policy: merged, cast to the sampler's dtype where the
+    weights are (``shardings``: the training layout, so what moves is already bfloat16), then
+    resharded into the sampler's layout by the step's output shardings, once per rollout."""
+    weights = roles.sampler.weights(roles.policy.merge(policy_params, base))
+    return weights if shardings is None else jax.lax.with_sharding_constraint(weights, shardings)
+
+
+def rollout_step(sampler_params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                 rng: jax.Array, *, roles: Roles, sampling: SamplingConfig,
                  mesh: Mesh) -> Rollout:
-    """Sample one response per prompt row and flag the responses that ended with EOS."""
-    params = roles.policy.merge(policy_params, base)
-    out = generate(roles.policy.model, params, prompt_ids, prompt_mask, rng, sampling, mesh=mesh)
+    """Sample one response per prompt row from the sampler's copy, flag the responses that
+    ended with EOS, keep the sampler's log-probs of the sampled tokens."""
+    out = generate(roles.sampler.model, sampler_params, prompt_ids, prompt_mask, rng, sampling,
+                   mesh=mesh)
     mask = out["response_mask"]
     if sampling.eos_token_id is None:
         has_eos = jnp.ones(mask.shape[:1], bool)
     else:
         has_eos = jnp.any((out["response_ids"] == sampling.eos_token_id) & (mask > 0), axis=-1)
-    return Rollout(out["sequences"], out["attention_mask"], mask, has_eos)
+    return Rollout(out["sequences"], out["attention_mask"], mask, has_eos,
+                   out["sampling_logprobs"].astype(jnp.float32))
 
 
 def decode_step(params: Any, tokens: jax.Array, slot_mask: jax.Array, cache: dict,
@@ -92,10 +106,12 @@ def make_experience(policy_params: Any, value_params: Any, frozen: Frozen, rollo
     scores = final_scores(roles, frozen, rollout, cfg)
     adv = ESTIMATORS[cfg.advantage].advantages(scores, logprobs, ref_logprobs, values, mask,
                                                kl_coef, cfg)
+    gap = (jnp.zeros_like(mask) if rollout.logprobs is None
+           else jnp.abs(rollout.logprobs - logprobs) * mask)
     return Experience(sequences=seqs, attention_mask=attn, response_mask=mask,
                       old_logprobs=logprobs * mask, ref_logprobs=ref_logprobs * mask,
                       old_values=values, rewards=adv.rewards, kl=adv.kl, scores=scores,
-                      advantages=adv.advantages, returns=adv.returns)
+                      advantages=adv.advantages, returns=adv.returns, sampler_gap=gap)
 
 
 def final_scores(roles: Roles, frozen: Frozen, rollout: Rollout, cfg: Any) -> jax.Array:

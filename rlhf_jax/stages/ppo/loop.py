@@ -20,7 +20,7 @@ from rlhf_jax import reliability, runtime
 from rlhf_jax.data import BatchIterator, tokenize_pretrain, tokenize_prompts
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.errors import ConfigError, Preempted
-from rlhf_jax.metrics import MetricsWriter, ProgressBar, StepTimer
+from rlhf_jax.metrics import MetricsWriter, ProgressBar, StepTimer, TraceWindow
 from rlhf_jax.model_io import save_our_checkpoint
 from rlhf_jax.optim import current_lr
 from rlhf_jax.sharding import shard_batch
@@ -47,7 +47,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                         pad_token_id=tokenizer.pad_token_id)
         plan, roles = program.plan, program.plan.roles
         executables = runtime.compile_ahead(   # in the background while the rest is set up
-            program, [k for k in ("rollout", "experience", "update", "value_update")
+            program, [k for k in ("sync", "rollout", "experience", "update", "value_update")
                       if k in program.steps])
         frozen = roles_lib.make_frozen(program.frozen, loaded.policy, loaded.reward,
                                        loaded.reward_norm)
@@ -71,6 +71,8 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         writer = stack.enter_context(MetricsWriter(workdir))
         writer.discard_after(start, tables=("samples",))
         timer = StepTimer()
+        trace = TraceWindow(cfg.profile_steps, os.path.join(workdir, "profile"))
+        stack.callback(trace.close)
         bar = stack.enter_context(ProgressBar(plan.n_iterations, desc=name, initial=start))
         log.info("PPO: %d iterations x %d episodes (%d prompts x %d), %d epochs x %d minibatches "
                  "of %d, advantage %s, ptx_coef %g", plan.n_iterations, p.rollout_batch_size,
@@ -83,16 +85,20 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
 
         metrics: dict[str, float] = {}
         for it in range(start, plan.n_iterations):
+            trace.step(it)
             it_rng = runtime.step_rng(cfg.seed, it)
 
-            # 1. Rollout: G responses per prompt (G = 1 for GAE) from the current policy.
+            # 1. Rollout: G responses per prompt (G = 1 for GAE) from the current policy, copied
+            #    once into the sampler's layout and dtype (ppo.sampler).
             prompt_batch = repeat_prompts(next(iterators["prompts"]), plan.group_size)
             with timer("rollout"):
+                sampler_weights = step["sync"](state.policy.params, policy_base)
                 batch = shard_batch({k: prompt_batch[k] for k in ("input_ids", "attention_mask")},
                                     mesh)
-                rollout = step["rollout"](state.policy.params, batch["input_ids"],
-                                          batch["attention_mask"], it_rng, policy_base)
+                rollout = step["rollout"](sampler_weights, batch["input_ids"],
+                                          batch["attention_mask"], it_rng)
                 jax.block_until_ready(rollout)
+                del sampler_weights
 
             # 2. Experience, once: log-probs, reference log-probs, values, scores, rewards and
             #    advantages (GAE, or against the group).
@@ -236,7 +242,7 @@ def summarize(experience: Any, update_stats: list[dict], kl_coef: float) -> dict
 
     Every process calls this (the KL controller needs the summary everywhere) and gets the
     same numbers."""
-    exp = _host_values(experience, ("kl", "scores", "response_mask"))
+    exp = _host_values(experience, ("kl", "scores", "response_mask", "sampler_gap"))
     kl_per_seq = exp["kl"].sum(-1)
     scores = exp["scores"]
     mean = lambda key: float(np.mean([float(s[key]) for s in update_stats]))
@@ -258,6 +264,10 @@ def summarize(experience: Any, update_stats: list[dict], kl_coef: float) -> dict
         out |= {"loss/value_avg": mean("value_loss"),
                 "val/var_explained": mean("explained_variance"),
                 "val/clipfrac_avg": mean("vf_clipfrac")}
+    mask = exp["response_mask"] > 0
+    gap = exp["sampler_gap"][mask]
+    out |= {"sampler/logprob_gap_mean": float(gap.mean()) if gap.size else 0.0,
+            "sampler/logprob_gap_max": float(gap.max()) if gap.size else 0.0}
     out |= {"response/length_mean": float(exp["response_mask"].sum(-1).mean()),
             "_n_tokens": float(exp["response_mask"].sum())}
     if "k3_kl" in update_stats[0]:

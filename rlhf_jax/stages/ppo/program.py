@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import model_io
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.models.params import cache_sharding
+from rlhf_jax.models.params import cache_sharding, param_shardings
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.optim import make_lr_schedule, make_optimizer
 from rlhf_jax.program import Program, Step, abstract_batch, abstract_key, abstract_like, random_batch
@@ -30,7 +30,7 @@ from rlhf_jax.sharding import as_auto_mesh, batch_sharding, check_batch_size, re
 from rlhf_jax.stages.ppo import estimators
 from rlhf_jax.stages.ppo.experience import (Rollout, decode_step, make_experience,
                                                 policy_update_step, ptx_gradient, rollout_step,
-                                                value_update_step)
+                                                sync_step, value_update_step)
 from rlhf_jax.stages.ppo.roles import PPOState, Roles, make_roles, network_models, random_state
 from rlhf_jax.train_state import batch_shardings, shardings_of
 
@@ -86,7 +86,8 @@ def build(cfg: Any, mesh: Mesh, *, models: dict[str, Transformer | None] | None 
                               "attention_mask": ((b, prompt_len), jnp.int32)}, shard)
     rollout = Rollout(*(jax.ShapeDtypeStruct(shape, dtype, sharding=shard(len(shape)))
                         for shape, dtype in (((b, t), jnp.int32), ((b, t), jnp.int32),
-                                             ((b, n_new), jnp.int32), ((b,), jnp.bool_))))
+                                             ((b, n_new), jnp.int32), ((b,), jnp.bool_),
+                                             ((b, n_new), jnp.float32))))
     experience_step = functools.partial(make_experience, roles=roles, prompt_len=prompt_len, cfg=p)
     experience = jax.eval_shape(experience_step, state.policy.params, value_params, frozen,
                                 rollout, jnp.float32(0))
@@ -104,15 +105,22 @@ def build(cfg: Any, mesh: Mesh, *, models: dict[str, Transformer | None] | None 
     state_sh, frozen_sh = shardings_of(state), shardings_of(frozen)
     p_sh, pb_sh, vb_sh = state_sh.policy.params, shardings_of(policy_base), shardings_of(value_base)
     exp_sh = shardings_of(experience)
+    sampler = roles.sampler.model
+    s_sh = param_shardings(sampler, mesh)
+    sampler_params = abstract_like(jax.eval_shape(roles.sampler.weights, roles.policy.whole_like(
+        state.policy.params, policy_base)), s_sh)
     jit = lambda fn, i, o, **kw: jax.jit(fn, in_shardings=i, out_shardings=o, **kw)
     steps = {
+        "sync": Step("sync", jit(functools.partial(
+            sync_step, roles=roles, shardings=shardings_of(roles.policy.whole_like(
+                state.policy.params, policy_base))), (p_sh, pb_sh), s_sh),
+            (state.policy.params, policy_base)),
         "rollout": Step("rollout", jit(
             functools.partial(rollout_step, roles=roles, sampling=sampling, mesh=mesh),
-            (p_sh, shard(2), shard(2), rep, pb_sh), shardings_of(rollout)),
-            (state.policy.params, prompts["input_ids"], prompts["attention_mask"], key, policy_base),
+            (s_sh, shard(2), shard(2), rep), shardings_of(rollout)),
+            (sampler_params, prompts["input_ids"], prompts["attention_mask"], key),
             tokens=b * n_new, loop_trips=n_new,
-            loop_body=decode_body(policy, roles.policy.whole_like(state.policy.params, policy_base),
-                                  b, t, mesh)),
+            loop_body=decode_body(sampler, sampler_params, b, t, mesh)),
         "experience": Step("experience", jit(
             experience_step, (p_sh, shardings_of(value_params), frozen_sh, shardings_of(rollout), rep),
             exp_sh), (state.policy.params, value_params, frozen, rollout,
@@ -138,7 +146,7 @@ def build(cfg: Any, mesh: Mesh, *, models: dict[str, Transformer | None] | None 
             (p_sh, shardings_of(ptx), pb_sh), (rep, p_sh)),
             (state.policy.params, ptx, policy_base), tokens=ptx_rows * cfg.data.ptx_seq_len)
 
-    calls = {"rollout": 1, "experience": 1, "update": updates, "value_update": updates,
+    calls = {"sync": 1, "rollout": 1, "experience": 1, "update": updates, "value_update": updates,
              "ptx": updates}
     plan = PPOPlan(roles, policy_opt, value_opt, policy_schedule, sampling, prompt_len,
                    n_iterations, b // mb_size, ptx_rows, g, b // g)
@@ -164,9 +172,12 @@ def random_args(roles: Roles, p: Any, steps: dict, abstract: dict, name: str, st
     if name in ("update", "value_update"):
         idx = jax.device_put(np.arange(p.minibatch_size, dtype=np.int32),
                              steps[name].args[3 if name == "update" else 2].sharding)
+    if name == "sync":
+        return state.policy.params, pbase
     if name == "rollout":
         data = batch("prompts")
-        return state.policy.params, data["input_ids"], data["attention_mask"], rng, pbase
+        weights = steps["sync"].fn(state.policy.params, pbase)
+        return weights, data["input_ids"], data["attention_mask"], rng
     if name == "experience":
         return (state.policy.params, roles.value_trainable(state), frozen, batch("rollout"),
                 jnp.float32(p.kl_coef))

@@ -144,11 +144,48 @@ class Role:
 
 
 @dataclasses.dataclass(frozen=True)
+class Sampler:
+    """The rollout's view of the policy: its whole weights, cast to ``dtype`` and laid out by
+    ``model.rules`` (``ppo.sampler``). In the decode layout every parameter rule keeps only the
+    ``tensor`` axis, so each data x fsdp group of devices holds the whole policy, sharded over
+    ``tensor``, and decodes its share of the batch without gathering a weight; the KV cache
+    follows the activations' rules (batch over data x fsdp, heads over tensor)."""
+    model: Transformer
+    layout: str
+    dtype: Any
+
+    def weights(self, whole: PyTree) -> PyTree:
+        """The policy's whole weights as the sampler holds them (floating leaves cast)."""
+        return jax.tree.map(lambda x: x.astype(self.dtype)
+                            if jnp.issubdtype(x.dtype, jnp.floating) else x, whole)
+
+
+def decode_rules(rules: Any) -> Any:
+    """``rules`` with the parameters' logical axes mapped onto ``tensor`` only (activation and
+    cache rules unchanged: the batch stays split over data x fsdp)."""
+    def keep_tensor(axes):
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = tuple(a for a in axes if a == "tensor")
+        return kept[0] if len(kept) == 1 else (kept or None)
+    return tuple((name, axes if name.startswith(("activation_", "cache_")) else keep_tensor(axes))
+                 for name, axes in rules)
+
+
+def make_sampler(p: Any, policy: Transformer) -> Sampler:
+    dtype = jnp.dtype(policy.config.dtype if p.sampler.dtype == "compute" else p.sampler.dtype)
+    model = policy.clone(config=policy.config.replace(dtype=dtype.name),
+                         rules=decode_rules(policy.rules) if p.sampler.layout == "decode"
+                         else policy.rules)
+    return Sampler(model, p.sampler.layout, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
 class Roles:
     policy: Role
     reference: Role
     reward: Role
     value: Role
+    sampler: Sampler
 
     @property
     def with_value(self) -> bool:
@@ -210,7 +247,8 @@ def make_roles(p: Any, policy: Transformer, reward: Transformer, value: Transfor
     else:
         value_role = Role("value", value, FULL if estimator(p).needs_value else NONE)
     return Roles(policy_role, Role("reference", policy, FROZEN, "reference"),
-                 Role("reward", reward, FROZEN, "reward"), value_role), frozen
+                 Role("reward", reward, FROZEN, "reward"), value_role,
+                 make_sampler(p, policy)), frozen
 
 
 def check_value_lora(value: Transformer | None, reward: Transformer,

@@ -1,0 +1,38 @@
+"""``--profile_steps A:B``: an XProf trace of a training run's steps, its phases named."""
+from __future__ import annotations
+
+import glob
+import gzip
+import os
+
+import pytest
+from ppo_toys import ppo_config, run_train, toy_overrides
+
+from rlhf_jax import cli, validate
+from rlhf_jax.errors import ConfigError
+from rlhf_jax.metrics import parse_steps
+
+
+def test_ppo_traces_the_asked_iterations_with_named_phases(toy_dirs, tmp_path):
+    cfg = ppo_config(*toy_overrides(toy_dirs, "ppo.iterations=3", "ppo.rollout_batch_size=8",
+                                    "ppo.minibatch_size=4"))
+    cli.set_profile_steps(cfg, "1:2")
+    assert cfg.profile_steps == "1:2"
+    run_train(cfg, tmp_path / "run")
+    xplanes = glob.glob(str(tmp_path / "run" / "profile" / "**" / "*.xplane.pb"), recursive=True)
+    perfetto = glob.glob(str(tmp_path / "run" / "profile" / "**" / "*.trace.json.gz"),
+                         recursive=True)
+    assert len(xplanes) == 1 and len(perfetto) == 1 and os.path.getsize(xplanes[0]) > 0
+    text = gzip.open(perfetto[0], "rt").read()
+    for phase in ("rollout", "experience", "update"):
+        assert f'"{phase}"' in text, phase
+
+
+def test_profile_steps_errors_name_the_field():
+    assert parse_steps("") is None and parse_steps("2:5") == (2, 5)
+    for bad in ("5", "3:3", "a:b", "-1:2"):
+        with pytest.raises(ConfigError, match=r"profile_steps="):
+            parse_steps(bad)
+    cfg = ppo_config("profile_steps=4:2")
+    with pytest.raises(ConfigError, match=r"profile_steps='4:2': expected 'A:B'"):
+        validate.check(cfg)
