@@ -22,18 +22,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from rlhf_jax import registry
+
 TRAIN_COMMANDS: dict[str, tuple[str, str]] = {
-    # command: (module:function, one-line help)
-    "sft": ("rlhf_jax.stages.sft:train",
-            "supervised fine-tuning on demonstrations (loss on response tokens only); with "
-            "--config.data.format=pretrain it trains a base LM on plain text"),
-    "rm": ("rlhf_jax.stages.reward:train",
-           "reward model on K-way rankings (InstructGPT Eq. 1), then the demo-mean-0 bias"),
-    "dpo": ("rlhf_jax.stages.dpo:train",
-            "DPO: the SFT policy trained directly on the RM's comparisons (every pair of a "
-            "K-way ranking), against the frozen SFT reference; no RM, no PPO"),
-    "ppo": ("rlhf_jax.stages.ppo:train",
-            "PPO / PPO-ptx from an SFT policy, value from the RM, frozen SFT reference and RM"),
+    # command: (module:function, one-line help); a stage's from rlhf_jax.registry.ENGINES
+    **{name: (registry.ENGINES[name].train, registry.ENGINES[name].help)
+       for name in registry.COMMANDS},
     "pipeline": ("rlhf_jax.pipeline:run",
                  "the whole method: world, pretrain, SFT, comparisons, RM, PPO, PPO-ptx, eval "
                  "(finished stages are skipped, so a killed run continues)"),
@@ -53,9 +47,7 @@ examples:
 
 
 def _call(target: str) -> Callable:
-    module_name, _, fn_name = target.partition(":")
-    module = __import__(module_name, fromlist=[fn_name])
-    return getattr(module, fn_name)
+    return registry.load(target)
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -79,8 +71,9 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
-DEFAULT_CONFIGS = {"sft": "sft_config", "rm": "rm_config", "dpo": "dpo_config",
-                   "ppo": "ppo_config"}
+# command -> its default config's function in rlhf_jax/config.py
+DEFAULT_CONFIGS = {name: registry.ENGINES[name].config.partition(":")[2]
+                   for name in registry.COMMANDS}
 
 
 def _config_fields(command: str) -> str:
@@ -223,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--topology", required=True,
                       help="TPU topology name, e.g. v5e:2x2, v5e:4x4, v5p:4x4x4, v6e:8x8; "
                            "'cpu' compiles for this machine's devices instead")
-    comp.add_argument("--stage", default="all", choices=["sft", "rm", "ppo", "dpo", "all"],
+    comp.add_argument("--stage", default="all", choices=[*registry.ENGINE_ORDER, "all"],
                       help="which stage's steps to compile (default all: sft, rm, ppo, and dpo "
                            "when the config's methods name it or it is a DPO config); GRPO / "
                            "RLOO are ppo with --config.ppo.ppo.advantage=grpo|rloo")
@@ -243,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  rlhf-jax profile --config experiments/instructgpt_tiny.py --stage ppo "
                "--out p.json --trace runs/trace")
     prof.add_argument("--config", required=True, help="experiment config (pipeline-style or one stage's)")
-    prof.add_argument("--stage", default="ppo", choices=["sft", "rm", "ppo", "dpo"],
+    prof.add_argument("--stage", default="ppo", choices=list(registry.ENGINE_ORDER),
                       help="which stage to profile (default ppo)")
     prof.add_argument("--steps", type=int, default=5, help="timed calls per step after warm-up (5)")
     prof.add_argument("--warmup", type=int, default=1, help="untimed calls per step first (1)")
@@ -396,7 +389,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _allow_config_change(cfg) -> None:
     """Set ``allow_config_change`` on the config and, for a pipeline, on every stage section."""
-    sections = [cfg] + [cfg[k] for k in ("pretrain", "sft", "sft_ptx", "rm", "ppo")
+    sections = [cfg] + [cfg[k] for k in registry.DEFAULT_SECTIONS
                         if k in cfg and "policy_from" not in cfg]
     for section in sections:
         with section.unlocked():

@@ -93,8 +93,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import collectives, step_analysis
-from rlhf_jax.config import GROUP_ADVANTAGES, stage_configs
+from rlhf_jax import collectives, registry, step_analysis
+from rlhf_jax.config import stage_configs
+from rlhf_jax.registry import GROUP_ADVANTAGES
 from rlhf_jax.sharding import MESH_AXES, resolve_mesh_shape
 
 GiB = 1024 ** 3
@@ -120,13 +121,8 @@ CHIPS: dict[str, dict[str, float | None]] = {
 REMAT_FACTOR = 8 / 6
 GRADIENT_STEPS = ("train", "update", "value_update", "ptx")
 
-BUILDERS = {"sft": "rlhf_jax.stages.sft:build", "rm": "rlhf_jax.stages.reward:build",
-            "ppo": "rlhf_jax.stages.ppo:build", "dpo": "rlhf_jax.stages.dpo:build"}
-STAGE_ORDER = ("sft", "rm", "ppo", "dpo")
-# Config sections holding a network architecture, per stage (others are found by shape: any
-# sub-section with n_layers and d_model).
-MODEL_SECTIONS = {"sft": ("model",), "rm": ("model",), "dpo": ("model",),
-                  "ppo": ("policy_model", "reward_model", "value_model")}
+# The stages (their builders, the config sections holding their networks) are
+# rlhf_jax.registry.ENGINES, compiled in the pipeline's order (registry.ENGINE_ORDER).
 # What the FLOP-counting variants change in every network.
 FLOP_VARIANT_OVERRIDES = {"scan_layers": False, "remat": False}
 
@@ -362,7 +358,8 @@ def compile_step(step, target: Target, hbm_bytes: int | None = None,
 
 def layer_sections(stage: str, stage_cfg: ml_collections.ConfigDict) -> dict[str, int]:
     """``{config section: n_layers}`` of the networks a stage builds from config sections."""
-    names = list(MODEL_SECTIONS.get(stage, ()))
+    # The engine's network sections, then any other sub-section with n_layers and d_model.
+    names = list(registry.ENGINES[stage].model_sections if stage in registry.ENGINES else ())
     names += [k for k, v in stage_cfg.items() if k not in names and isinstance(v, ml_collections.ConfigDict)
               and "n_layers" in v and "d_model" in v]
     if stage == "ppo" and ppo_advantage(stage_cfg) in GROUP_ADVANTAGES:
@@ -498,7 +495,7 @@ def count_flops(stage: str, stage_cfg: ml_collections.ConfigDict, mesh: Mesh, bu
 # --- a stage, a report --------------------------------------------------------------------------
 
 def _builder(stage: str) -> Callable:
-    module_name, _, fn = BUILDERS[stage].partition(":")
+    module_name, _, fn = registry.ENGINES[stage].build.partition(":")
     module = __import__(module_name, fromlist=[fn])
     if not hasattr(module, fn):
         raise CompileError(f"{module_name} has no {fn}(): stage {stage!r} cannot be compiled yet")
@@ -507,7 +504,7 @@ def _builder(stage: str) -> Callable:
 
 def stage_mesh(stage: str, stage_cfg: ml_collections.ConfigDict, target: Target) -> Mesh:
     """The stage's ``mesh.shape`` over the target's devices (topology-aware order on TPU)."""
-    shape = tuple(stage_cfg.get("mesh", {}).get("shape", (-1, 1, 1)))
+    shape = tuple(stage_cfg.mesh.shape)
     try:
         shape = resolve_mesh_shape(shape, target.num_devices)
     except ValueError as e:
@@ -663,9 +660,9 @@ def hbm_traffic(step, weight_ids: set[int], mesh: Mesh, unaliased_output_bytes: 
 
 
 def ppo_advantage(stage_cfg: Any) -> str:
-    """A PPO stage config's ``ppo.advantage`` ("gae" when absent or not a PPO config)."""
+    """A PPO stage config's ``ppo.advantage`` ("gae" for a config with no ``ppo`` section)."""
     ppo = stage_cfg.get("ppo") if hasattr(stage_cfg, "get") else None
-    return str(ppo.get("advantage", "gae")) if ppo is not None and hasattr(ppo, "get") else "gae"
+    return str(ppo.advantage) if ppo is not None and hasattr(ppo, "get") else "gae"
 
 
 def _iteration(stage: str, stage_cfg: Any, program, rows: dict, target: Target,
@@ -715,9 +712,9 @@ def _abstract_params(model) -> Any:
 def _in_all(cfg: ml_collections.ConfigDict, stage: str) -> bool:
     """``--stage all``: every stage the pipeline runs by default; a pipeline config's dpo only
     when its ``methods`` name it (a single DPO config's is its one stage)."""
-    if stage != "dpo" or "sft" not in cfg:
+    if stage not in registry.METHOD_STAGES or "sft" not in cfg:
         return True
-    return "dpo" in tuple(cfg.get("methods") or ())
+    return stage in tuple(cfg.get("methods") or ())
 
 
 def select_stages(cfg: ml_collections.ConfigDict, stage: str) -> dict[str, ml_collections.ConfigDict]:
@@ -727,7 +724,7 @@ def select_stages(cfg: ml_collections.ConfigDict, stage: str) -> dict[str, ml_co
     except (ValueError, KeyError, FileNotFoundError, AttributeError) as e:
         raise CompileError(f"config: {_first_line(e)}") from None
     if stage in (None, "", "all"):
-        return {s: configs[s] for s in STAGE_ORDER if s in configs and _in_all(cfg, s)}
+        return {s: configs[s] for s in registry.ENGINE_ORDER if s in configs and _in_all(cfg, s)}
     if stage not in configs:
         raise CompileError(f"stage {stage!r} is not in the config (it has: "
                            f"{', '.join(configs) or 'none'})")

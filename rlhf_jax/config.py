@@ -17,6 +17,7 @@ import ml_collections
 
 from rlhf_jax.errors import ConfigError, UnknownFieldError
 from rlhf_jax.models.config import TransformerConfig, gpt2_config, llama_config, qwen2_config
+from rlhf_jax.registry import DEFAULT_ENGINES, GROUP_ADVANTAGES
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -400,12 +401,6 @@ def sweep_config(base: ml_collections.ConfigDict, *, name: str, shared: Sequence
     return c
 
 
-STAGES = ("sft", "rm", "ppo")
-# PPO's advantage estimators with group baselines instead of a value network; the pipeline's
-# grpo and rloo stages are its ppo stage with one of them.
-GROUP_ADVANTAGES = ("grpo", "rloo")
-
-
 def stage_configs(cfg: ml_collections.ConfigDict, *,
                   methods: bool = False) -> dict[str, ml_collections.ConfigDict]:
     """Each stage's config with its networks' architectures filled in, from a loaded config.
@@ -426,7 +421,7 @@ def stage_configs(cfg: ml_collections.ConfigDict, *,
     the default pipeline's stages: ``validate.check`` checks those, and the pipeline checks a
     method stage only when it will run.
     """
-    if "policy_from" in cfg or not any(s in cfg for s in STAGES):   # one stage's config
+    if "policy_from" in cfg or not any(s in cfg for s in DEFAULT_ENGINES):   # one stage's config
         # (a PPO stage config has a `ppo` section of its own: policy_from tells it apart)
         name = cfg.get("name", "")
         kind = "ppo" if "ppo" in name or "policy_from" in cfg else (
@@ -460,7 +455,7 @@ def stage_configs(cfg: ml_collections.ConfigDict, *,
         out["dpo"] = dpo_stage(cfg, base_dir, model=arch)
     knobs = out["ppo"].get("ppo") if "ppo" in out else None
     if knobs is not None and knobs.get("advantage") in GROUP_ADVANTAGES \
-            and int(knobs.get("group_size", 1)) < 2:
+            and int(knobs.group_size) < 2:
         knobs.group_size = pipeline_group_size(cfg)
     return out
 

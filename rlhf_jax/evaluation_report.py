@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_jax import behaviour, highlights
+from rlhf_jax import behaviour, highlights, registry
 from rlhf_jax import evaluation as ev
 from rlhf_jax.checkpoint import atomic_write_text
 from rlhf_jax.data import read_jsonl
@@ -42,25 +42,25 @@ from rlhf_jax.metrics import format_table, plot_curves, plot_win_rates
 
 log = logging.getLogger(__name__)
 
-METHODS = ("dpo", "grpo", "rloo")               # other methods from the same SFT / RM
-EMA_METHODS = ("grpo_ema", "rloo_ema")         # the PPO engine keeps an EMA for these too
-MODELS = (("base", "base_prompted", "sft", "ppo", "ppo_ptx", "ppo_ema", "ppo_ptx_ema") + METHODS
-          + EMA_METHODS)
+# The models and where they live come from rlhf_jax.registry's stages: base / base_prompted
+# (pretrain's model), sft, ppo, ppo_ptx and their EMAs, then the methods and their EMAs.
+METHODS = registry.METHOD_STAGES                # other methods from the same SFT / RM
+MODELS = tuple(registry.EVAL_MODELS)
 # name -> (stage directory, model subdirectory)
-MODEL_DIRS = {"base": ("pretrain", "model"), "base_prompted": ("pretrain", "model"),
-              "sft": ("sft", "model"), "ppo": ("ppo", "model"), "ppo_ptx": ("ppo_ptx", "model"),
-              "ppo_ema": ("ppo", "model_ema"), "ppo_ptx_ema": ("ppo_ptx", "model_ema"),
-              **{name: (name, "model") for name in METHODS},
-              **{name: (name.removesuffix("_ema"), "model_ema") for name in EMA_METHODS}}
+MODEL_DIRS = dict(registry.EVAL_MODELS)
 # Only when their directory exists: the stage kept an EMA, or the pipeline trained the method.
-OPTIONAL_MODELS = ("ppo_ema", "ppo_ptx_ema") + METHODS + EMA_METHODS
-PPO_INIT = "sft_ptx"                             # the pipeline's PPO policy init and KL reference
+OPTIONAL_MODELS = tuple(name for name, (stage, sub) in MODEL_DIRS.items()
+                        if sub == registry.EMA_DIR or registry.STAGES[stage].method)
+PPO_INIT = registry.STAGES["ppo"].models_from["policy_from"]   # PPO's policy init, KL reference
 # Models trained from PPO_INIT and penalized against it (DPO's reference is SFT itself).
-FROM_PPO_INIT = ("ppo", "ppo_ptx", "ppo_ema", "ppo_ptx_ema", "grpo", "rloo") + EMA_METHODS
+FROM_PPO_INIT = tuple(name for name, (stage, _) in MODEL_DIRS.items()
+                      if registry.STAGES[stage].models_from.get("policy_from") == PPO_INIT)
 COPY_PROBE_ITEMS = 100
 VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
-# The stage whose wall time trained each model (results' stage_seconds).
-TRAINED_BY = {"ppo": "ppo", "ppo_ptx": "ppo_ptx", **{name: name for name in METHODS}}
+# The stage whose wall time trained each model (results' stage_seconds): the RL and preference
+# stages (ppo, ppo_ptx and the methods).
+TRAINED_BY = {name: name for name in registry.ALL_STAGES
+              if registry.STAGES[name].kind in ("ppo", "dpo")}
 
 
 def few_shot_prefix(demonstrations: list[dict], n_shots: int) -> str:
@@ -463,7 +463,7 @@ def finding_checks(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if "base" in win:
         add("sft_beats_base", "SFT preferred to the base LM (base's held-out win rate < 0.5)",
             win["base"]["heldout_labelers"], win["base"]["heldout_labelers"] < 0.5)
-    for name in ("ppo", "ppo_ptx") + METHODS:
+    for name in TRAINED_BY:
         if name in win:
             # A win that a fixed rule also gets (always abstaining, always "no .") is the labelers'
             # blind spot, not the model's skill: the model must beat the best floor as well.

@@ -26,18 +26,20 @@ from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+from rlhf_jax import registry
 from rlhf_jax.checkpoint import atomic_write_text
-from rlhf_jax.config import GROUP_ADVANTAGES, dpo_stage, group_method_stage, stage_configs
+from rlhf_jax.config import dpo_stage, group_method_stage, stage_configs
 from rlhf_jax.data import read_jsonl, write_jsonl
 from rlhf_jax.errors import ConfigError, Preempted, UserError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("world", "pretrain", "sft", "sft_ptx", "comparisons", "rm", "ppo", "ppo_ptx", "eval")
-# Other methods from the same SFT / RM: run only when ``cfg.methods`` names them or a sweep
-# selects them (``stages=``); ``STAGES`` stays the default pipeline.
-METHOD_STAGES = ("dpo", "grpo", "rloo")
-ALL_STAGES = STAGES[:-1] + METHOD_STAGES + STAGES[-1:]
+# The stage graph is rlhf_jax.registry's: the default pipeline, the other methods from the same
+# SFT / RM (run only when ``cfg.methods`` names them or a sweep selects them, ``stages=``), and
+# every stage in the order they run.
+STAGES = registry.DEFAULT_STAGES
+METHOD_STAGES = registry.METHOD_STAGES
+ALL_STAGES = registry.ALL_STAGES
 
 
 def _done_path(workdir: str, stage: str) -> str:
@@ -157,18 +159,21 @@ def ppo_stage_config(cfg: ml_collections.ConfigDict, workdir: str,
     pretraining text. grpo / rloo are ``ppo`` (no ptx, the same episodes) with that advantage
     estimator over ``group_size`` samples per prompt."""
     files = world_files(cfg, workdir)
-    model_dir = lambda stage: os.path.join(os.path.abspath(workdir), stage, "model")
-    out = _with(cfg.ppo, name=name, policy_from=model_dir("sft_ptx"), reward_from=model_dir("rm"),
+    stage = registry.STAGES[name]
+    models = {field: registry.model_path(os.path.abspath(workdir), source)
+              for field, source in stage.models_from.items()}
+    out = _with(cfg.ppo, name=name, **models,
                 data__prompts=files["ppo_prompts"], data__pretrain=files["pretrain"],
-                ppo__ptx_coef=cfg.ppo_ptx_coef if name == "ppo_ptx" else 0.0)
-    return group_method_stage(out, cfg, name) if name in GROUP_ADVANTAGES else out
+                ppo__ptx_coef=cfg.ppo_ptx_coef if stage.ptx else 0.0)
+    return group_method_stage(out, cfg, stage.advantage) if stage.advantage else out
 
 
 def dpo_stage_config(cfg: ml_collections.ConfigDict, workdir: str,
                      comparisons: str) -> ml_collections.ConfigDict:
     """The config the pipeline's ``dpo`` stage runs with: the policy and its frozen reference
     are the SFT model, the data the comparisons the RM trains on."""
-    sft_model = os.path.join(os.path.abspath(workdir), "sft", "model")
+    sft_model = registry.model_path(os.path.abspath(workdir),
+                                    registry.STAGES["dpo"].models_from["init_from"])
     return _with(dpo_stage(cfg, sft_model), data__train=comparisons)
 
 
@@ -206,7 +211,9 @@ def check(cfg: ml_collections.ConfigDict, stages: tuple[str, ...] | None = None)
                           "(a rlhf_jax.config.dpo_config())")
     configs = stage_configs(cfg, methods=True)
     for name in methods:
-        section = configs["dpo"] if name == "dpo" else group_method_stage(configs["ppo"], cfg, name)
+        stage = registry.STAGES[name]
+        section = (configs[stage.engine] if stage.advantage is None
+                   else group_method_stage(configs[stage.engine], cfg, stage.advantage))
         try:
             validate.check(section)
         except ConfigError as error:
@@ -293,7 +300,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any,
     # The flag is the pipeline's; each training stage compares its own section's config.
     allow = {"allow_config_change": True} if cfg.get("allow_config_change", False) else {}
     section = lambda stage_cfg, **paths: _with(stage_cfg, **allow, **paths)
-    model_dir = lambda stage: os.path.join(workdir, stage, "model")
+    model_dir = lambda stage: registry.model_path(workdir, stage)
     stage_dir = lambda stage: os.path.join(workdir, stage)
 
     def stage(name: str, fn: Callable[[], Any]) -> None:
@@ -338,7 +345,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any,
         return reward.train(section(cfg.rm, init_from=rm_base, data__train=rm_comparisons,
                                     normalize__demonstrations=files["sft"]), stage_dir("rm"))
     stage("rm", train_rm)
-    for name in ("ppo", "ppo_ptx"):
+    for name in registry.stages(engine="ppo", method=False):
         stage(name, lambda name=name: ppo.train(section(ppo_stage_config(cfg, workdir, name)),
                                                 stage_dir(name)))
     # Other methods from the same SFT / RM (only those cfg.methods names or a sweep selects).
@@ -355,7 +362,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any,
                          stage_dir("dpo"))
     if "dpo" in methods:
         stage("dpo", train_dpo)
-    for name in ("grpo", "rloo"):
+    for name in registry.stages(engine="ppo", method=True):
         if name in methods:
             stage(name, lambda name=name: ppo.train(section(ppo_stage_config(cfg, workdir, name)),
                                                     stage_dir(name)))

@@ -46,7 +46,6 @@ What the numbers mean:
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -62,12 +61,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import step_analysis
+from rlhf_jax import registry, step_analysis
 
 log = logging.getLogger(__name__)
 
-STAGE_MODULES = {"sft": "rlhf_jax.stages.sft", "rm": "rlhf_jax.stages.reward",
-                 "ppo": "rlhf_jax.stages.ppo", "dpo": "rlhf_jax.stages.dpo"}
 # Steps run each iteration (in this order); anything else a Program has runs after them.
 # (PPO with ppo.advantage grpo / rloo has no value_update; DPO: ref_logps, update, eval.)
 PHASE_ORDER = ("sync", "rollout", "experience", "ref_logps", "update", "value_update", "ptx", "train",
@@ -216,7 +213,7 @@ def profile_program(program: Any, *, steps: int = 5, warmup: int = 1,
         p["times_s"] = times[name]
         p["median_s"] = median
         p["min_s"] = min(times[name])
-        if model_flops and model_flops.get(name) is not None:
+        if model_flops and (model_flops.get(name) or 0) > 0:    # (a weight copy has none)
             p["as_compiled_flops"] = p["flops"]
             p["model_flops"] = model_flops[name]
             remat = any(m.config.remat for m in program.models.values())
@@ -287,7 +284,8 @@ def stage_config(cfg: Any, stage: str, workdir: str | None = None) -> Any:
     import ml_collections
 
     from rlhf_jax.compile import ppo_advantage
-    from rlhf_jax.config import GROUP_ADVANTAGES, stage_configs
+    from rlhf_jax.config import stage_configs
+    from rlhf_jax.registry import GROUP_ADVANTAGES
     configs = stage_configs(cfg, methods=True)
     if stage not in configs:
         raise ValueError(f"the config has no {stage!r} stage (it has: {', '.join(configs) or 'none'})")
@@ -310,11 +308,10 @@ def stage_config(cfg: Any, stage: str, workdir: str | None = None) -> Any:
 
 
 def build_program(stage: str, stage_cfg: Any, mesh: Mesh, **kwargs: Any) -> Any:
-    """``rlhf_jax.stages.<stage>.build(stage_cfg, mesh, **kwargs)``."""
-    if stage not in STAGE_MODULES:
-        raise ValueError(f"stage {stage!r}; expected one of {', '.join(STAGE_MODULES)}")
-    module = importlib.import_module(STAGE_MODULES[stage])
-    return module.build(stage_cfg, mesh, **kwargs)
+    """The stage's ``build(stage_cfg, mesh, **kwargs)`` (``registry.ENGINES[stage].build``)."""
+    if stage not in registry.ENGINES:
+        raise ValueError(f"stage {stage!r}; expected one of {', '.join(registry.ENGINE_ORDER)}")
+    return registry.load(registry.ENGINES[stage].build)(stage_cfg, mesh, **kwargs)
 
 
 def calls_per_iteration(stage: str, stage_cfg: Any, program: Any) -> dict[str, float]:
@@ -346,7 +343,7 @@ def profile_stage(cfg: Any, stage: str, *, steps: int = 5, warmup: int = 1,
                              seed=seed, phases=phases,
                              model_flops={k: v["flops"] for k, v in counted.items()})
     report["build_s"] = build_s
-    report["stage_config"] = stage_cfg.get("name", stage)
+    report["stage_config"] = stage_cfg.name
     if stage == "ppo":
         report["ptx_coef"] = float(stage_cfg.ppo.ptx_coef)
     report["weights"] = workdir or "random"
@@ -361,13 +358,11 @@ def _with_workdir_models(c: Any, stage: str, workdir: str, cfg: Any) -> Any:
     (the layout of ``rlhf_jax.pipeline``)."""
     import ml_collections
     c = ml_collections.ConfigDict(c.to_dict())
-    model_dir = lambda s: os.path.join(workdir, s, "model")
-    if stage == "sft":
-        paths = {"init_from": cfg.get("base_model") or model_dir("pretrain")}
-    elif stage in ("rm", "dpo"):      # DPO: policy and frozen reference both the SFT model
-        paths = {"init_from": model_dir("sft")}
-    else:
-        paths = {"policy_from": model_dir("sft_ptx"), "reward_from": model_dir("rm")}
+    # The pipeline stage of this name starts from these stages' models (DPO: its policy and
+    # frozen reference both the SFT model); a base_model checkpoint stands in for pretrain.
+    source = lambda s: ((s == registry.BASE_STAGE and cfg.get("base_model"))
+                        or registry.model_path(workdir, s))
+    paths = {field: source(s) for field, s in registry.STAGES[stage].models_from.items()}
     for key, path in paths.items():
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--workdir {workdir}: {path} not found (has the pipeline "

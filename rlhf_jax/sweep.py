@@ -32,7 +32,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from rlhf_jax import pipeline
+from rlhf_jax import pipeline, registry
 from rlhf_jax.checkpoint import atomic_write_text
 from rlhf_jax.config import apply_overrides
 from rlhf_jax.errors import ConfigError
@@ -85,17 +85,17 @@ def point_config(sweep: ml_collections.ConfigDict, point: dict,
 
 def _stages(sweep, point: dict, key: str) -> tuple[str, ...]:
     stages = tuple(point.get(key, sweep[key]))
-    unknown = sorted(set(stages) - set(pipeline.ALL_STAGES))
+    unknown = sorted(set(stages) - set(registry.ALL_STAGES))
     if unknown:
         raise ConfigError(f"sweep point {point_name(point)!r}: {key} {unknown} are not pipeline "
-                          f"stages; expected some of {list(pipeline.ALL_STAGES)}")
+                          f"stages; expected some of {list(registry.ALL_STAGES)}")
     return stages
 
 
 def _shared_stages(sweep: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The stages the shared workdir runs: every point's ``shared``, in pipeline order."""
     return tuple(sorted({s for p in sweep.points for s in _stages(sweep, p, "shared")},
-                        key=pipeline.ALL_STAGES.index))
+                        key=registry.ALL_STAGES.index))
 
 
 def check(sweep: ml_collections.ConfigDict) -> None:

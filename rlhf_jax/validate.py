@@ -29,6 +29,7 @@ import ml_collections
 
 from rlhf_jax.config import stage_configs
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.registry import ADVANTAGES, DEFAULT_ENGINES, DEFAULT_SECTIONS, GROUP_ADVANTAGES
 
 ENUMS = {
     "ppo.kl_controller": ("fixed", "adaptive"),
@@ -37,7 +38,7 @@ ENUMS = {
     "optim.decay": ("cosine", "constant"),
     "model_runtime.dtype": ("float32", "bfloat16"),
     "ppo.frozen_dtype": ("float32", "bfloat16"),
-    "ppo.advantage": ("gae", "grpo", "rloo"),
+    "ppo.advantage": ADVANTAGES,
     "ppo.sampler.layout": ("decode", "train"),
     "ppo.sampler.dtype": ("compute", "float32", "bfloat16"),
     "data.format": ("demonstrations", "pretrain"),
@@ -190,7 +191,7 @@ def _divisible(p: _Problems, cfg: Any, par: int | None) -> None:
     if isinstance(rollout, int) and isinstance(group, int) and group > 0 and rollout % group:
         p.add("ppo.group_size", group, f"a divisor of ppo.rollout_batch_size={rollout} (whole "
                                        "groups of samples per prompt in a rollout)")
-    if advantage in ("grpo", "rloo") and isinstance(group, int) and group == 1:
+    if advantage in GROUP_ADVANTAGES and isinstance(group, int) and group == 1:
         p.add("ppo.group_size", group, f">= 2 with ppo.advantage={advantage!r} (the other "
                                        "samples of a prompt are each sample's baseline)")
     if advantage == "grpo" and _get(cfg, "ppo.kl_controller") == "adaptive":
@@ -332,7 +333,7 @@ def _stage(p: _Problems, cfg: Any, kind: str) -> None:
 def check(cfg: ml_collections.ConfigDict) -> None:
     """Raise ConfigError naming every bad field of a stage or pipeline config."""
     problems: list[str] = []
-    pipeline = "policy_from" not in cfg and any(s in cfg for s in ("sft", "rm", "ppo"))
+    pipeline = "policy_from" not in cfg and any(s in cfg for s in DEFAULT_ENGINES)
     try:
         stages = stage_configs(cfg)
     except (ValueError, KeyError, FileNotFoundError) as e:
@@ -347,7 +348,8 @@ def check(cfg: ml_collections.ConfigDict) -> None:
     if pipeline:
         p = _Problems("")
         _check(p, cfg, "ppo_ptx_coef", *NON_NEGATIVE)
-        for stage in ("pretrain", "sft_ptx"):
+        # the default stages' sections no stage_configs entry covers (pretrain, sft_ptx)
+        for stage in (s for s in DEFAULT_SECTIONS if s not in DEFAULT_ENGINES):
             if stage in cfg:
                 sub = _Problems(f"{stage}.")
                 _common(sub, cfg[stage])

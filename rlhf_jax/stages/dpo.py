@@ -133,8 +133,8 @@ def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps
     mesh = as_auto_mesh(mesh)
     overrides = {**model_io.runtime_overrides(cfg), "dropout": cfg.train.dropout,
                  **(model_overrides or {})}
-    model = model_io.stage_model(model, cfg.get("model"), cfg.get("init_from", ""), mesh, overrides)
-    check_language_model(model, cfg.get("init_from", ""))
+    model = model_io.stage_model(model, cfg.get("model"), cfg.init_from, mesh, overrides)
+    check_language_model(model, cfg.init_from)
     optimizer, schedule = supervised.optimizer_from(cfg.optim,
                                                     total_steps or cfg.train.steps or 1000)
     state = abstract_train_state(model, optimizer, mesh)
@@ -243,13 +243,13 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     loss, gradient norm or parameter raises NonFiniteError (see ``rlhf_jax.reliability``).
     """
     workdir = os.path.abspath(workdir)
-    name = cfg.get("name", "dpo")
+    name = cfg.name
     with supervised.stage_run(cfg, workdir) as (stack, preemption, mesh):
 
         # Networks: the policy starts from the SFT model, which is also the frozen reference.
         model, params, tokenizer, _ = model_io.init_or_load_model(
             cfg, mesh, jax.random.key(cfg.seed), dropout=cfg.train.dropout)
-        check_language_model(model, cfg.get("init_from", ""))
+        check_language_model(model, cfg.init_from)
         reference_params = load_reference(cfg, model, mesh)
         model_io.log_params(params)
 
@@ -274,7 +274,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                          if valid_arrays else [])
 
         checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
-            os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.get("keep_checkpoints", 2)))
+            os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints))
         state, start_step, _ = reliability.resume(checkpointer, state, iterators, cfg)
         guard = reliability.FiniteGuard(name, ("loss", "grad_norm"), checkpointer)
         meta = lambda: reliability.checkpoint_meta(cfg, iterators)

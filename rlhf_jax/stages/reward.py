@@ -69,7 +69,7 @@ def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps
     mesh = as_auto_mesh(mesh)
     overrides = {**model_io.runtime_overrides(cfg), "dropout": cfg.train.dropout, "head": "scalar",
                  **(model_overrides or {})}
-    model = model_io.stage_model(model, cfg.get("model"), cfg.get("init_from", ""), mesh, overrides)
+    model = model_io.stage_model(model, cfg.get("model"), cfg.init_from, mesh, overrides)
     optimizer, schedule = supervised.optimizer_from(cfg.optim,
                                                     total_steps or cfg.train.steps or 1000)
     state = abstract_train_state(model, optimizer, mesh)
@@ -175,7 +175,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     loss, gradient norm or parameter raises NonFiniteError (see ``rlhf_jax.reliability``).
     """
     workdir = os.path.abspath(workdir)
-    name = cfg.get("name", "rm")
+    name = cfg.name
     with supervised.stage_run(cfg, workdir) as (stack, preemption, mesh):
         rng = jax.random.key(cfg.seed)
         lm, lm_params, tokenizer, extra = model_io.init_or_load_model(cfg, mesh, rng,

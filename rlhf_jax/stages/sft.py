@@ -58,7 +58,7 @@ def build(cfg: Any, mesh: Mesh, *, model: Transformer | None = None, total_steps
     """
     mesh = as_auto_mesh(mesh)
     overrides = {**model_io.runtime_overrides(cfg), "dropout": cfg.train.dropout}
-    model = model_io.stage_model(model, cfg.get("model"), cfg.get("init_from", ""), mesh,
+    model = model_io.stage_model(model, cfg.get("model"), cfg.init_from, mesh,
                                  {**overrides, **(model_overrides or {})})
     optimizer, schedule = supervised.optimizer_from(cfg.optim,
                                                     total_steps or cfg.train.steps or 1000)
@@ -99,7 +99,7 @@ def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict, dict | None]:
     else:
         train_rows, valid_rows = supervised.split_rows(rows, data.valid_fraction, cfg.seed)
 
-    pack = bool(data.get("pack", False))
+    pack = bool(data.pack)
 
     def tokenize(rows_, kind):
         if data.format == "pretrain":
@@ -114,7 +114,7 @@ def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict, dict | None]:
     train = tokenize(train_rows, "train")
     valid = tokenize(valid_rows, "valid") if valid_rows else None
     mix = None
-    if data.get("pretrain_mix", 0.0) > 0:
+    if data.pretrain_mix > 0:
         mix_rows = read_source(data.pretrain_path, "pretrain", data_dir=data.get("tfds_data_dir"))
         mix_arrays, stats = tokenize_pretrain(mix_rows, tokenizer, seq_len, "chunk", pack=pack)
         log.info("pretrain mix %s", stats)
@@ -135,7 +135,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     loss, gradient norm or parameter raises NonFiniteError (see ``rlhf_jax.reliability``).
     """
     workdir = os.path.abspath(workdir)
-    name = cfg.get("name", "sft")
+    name = cfg.name
     with supervised.stage_run(cfg, workdir) as (stack, preemption, mesh):
         model, params, tokenizer, _ = model_io.init_or_load_model(
             cfg, mesh, jax.random.key(cfg.seed), dropout=cfg.train.dropout)
@@ -146,7 +146,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         # resumable.
         check_batch_size("train.batch_size", cfg.train.batch_size, mesh)
         n_demo, n_mix = mix_sizes(cfg.train.batch_size,
-                                  cfg.data.get("pretrain_mix", 0.0) if mix_arrays else 0.0)
+                                  cfg.data.pretrain_mix if mix_arrays else 0.0)
         iterators = {"train": BatchIterator(train_arrays, n_demo, seed=cfg.seed)}
         if n_mix:
             iterators["pretrain_mix"] = BatchIterator(mix_arrays, n_mix, seed=cfg.seed + 1)

@@ -29,13 +29,11 @@ log = logging.getLogger(__name__)
 
 def optimizer_from(opt_cfg: Any, total_steps: int):
     """(optimizer, schedule) from a config section with lr, warmup, decay, b1, b2, ..."""
-    schedule = make_lr_schedule(opt_cfg.lr, total_steps, warmup_steps=opt_cfg.get("warmup_steps", 0),
-                                decay=opt_cfg.get("decay", "cosine"),
-                                final_fraction=opt_cfg.get("final_fraction", 0.1),
-                                warmup_start_fraction=opt_cfg.get("warmup_start_fraction", 0.0))
-    optimizer = make_optimizer(schedule, b1=opt_cfg.get("b1", 0.9), b2=opt_cfg.get("b2", 0.95),
-                               eps=opt_cfg.get("eps", 1e-8),
-                               weight_decay=opt_cfg.get("weight_decay", 0.0),
+    schedule = make_lr_schedule(opt_cfg.lr, total_steps, warmup_steps=opt_cfg.warmup_steps,
+                                decay=opt_cfg.decay, final_fraction=opt_cfg.final_fraction,
+                                warmup_start_fraction=opt_cfg.warmup_start_fraction)
+    optimizer = make_optimizer(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                               weight_decay=opt_cfg.weight_decay,
                                grad_clip_norm=opt_cfg.get("grad_clip_norm", None) or None)
     return optimizer, schedule
 
@@ -154,7 +152,7 @@ def supervised_loop(cfg: Any, workdir: str, stack: Any, preemption: reliability.
     train_step, eval_step = program.steps["train"].fn, program.steps["eval"].fn
     schedule = program.schedule
     checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.get("keep_checkpoints", 2)))
+        os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints))
     state, start_step, _ = reliability.resume(checkpointer, state, iterators, cfg)
     guard = reliability.FiniteGuard(name, ("loss", "grad_norm"), checkpointer)
     meta = lambda: reliability.checkpoint_meta(cfg, iterators)
