@@ -39,7 +39,7 @@ from rlhf_jax import objectives as obj
 from rlhf_jax import model_io, reliability, runtime, scoring
 from rlhf_jax.data import BatchIterator
 from rlhf_jax.errors import ConfigError, Preempted
-from rlhf_jax.metrics import MetricsWriter, ProgressBar
+from rlhf_jax.metrics import MetricsWriter, ProgressBar, TraceWindow
 from rlhf_jax.models.params import abstract_params, init_params
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.optim import current_lr
@@ -283,19 +283,25 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         bar = stack.enter_context(ProgressBar(total_steps, desc=name, initial=start_step))
         log.info("DPO: %d steps of %d prompts x K=%d, beta %g", total_steps,
                  cfg.train.batch_size, program.plan.max_k, cfg.beta)
+        trace = TraceWindow(cfg.profile_steps, os.path.join(workdir, "profile"))
+        stack.callback(trace.close)
         if preemption.requested():
             raise Preempted(preemption.signum)    # nothing done since the last checkpoint
 
         metrics: dict = {}
         for step in range(start_step, total_steps):
+            trace.step(step)
             host_batch = next(iterators["train"])
             batch = shard_batch(host_batch, mesh)
 
             # 1. The reference's log-probs of every completion of the batch, once, no gradient.
-            ref_logps = ref_logps_fn(reference, batch)
+            with jax.profiler.TraceAnnotation("ref_logps"):
+                ref_logps = ref_logps_fn(reference, batch)
 
             # 2. The policy's log-probs, DPO over every strict pair, one optimizer step.
-            state, metrics = update_fn(state, batch, ref_logps, runtime.step_rng(cfg.seed, step))
+            with jax.profiler.TraceAnnotation("update"):
+                state, metrics = update_fn(state, batch, ref_logps,
+                                           runtime.step_rng(cfg.seed, step))
             guard.observe(step + 1, metrics)
             bar.update(tokens=real_tokens(host_batch))
 

@@ -20,7 +20,7 @@ from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import errors, reliability, runtime
 from rlhf_jax.data import tokenize_comparisons
 from rlhf_jax.data.sources import read_source
-from rlhf_jax.metrics import MetricsWriter, ProgressBar
+from rlhf_jax.metrics import MetricsWriter, ProgressBar, TraceWindow
 from rlhf_jax.optim import current_lr, make_lr_schedule, make_optimizer
 from rlhf_jax.sharding import shard_batch
 
@@ -160,13 +160,17 @@ def supervised_loop(cfg: Any, workdir: str, stack: Any, preemption: reliability.
     writer.discard_after(start_step)
 
     bar = stack.enter_context(ProgressBar(total_steps, desc=name, initial=start_step))
+    trace = TraceWindow(cfg.profile_steps, os.path.join(workdir, "profile"))
+    stack.callback(trace.close)
     if preemption.requested():
         raise errors.Preempted(preemption.signum)    # nothing done since the last checkpoint
     metrics: dict = {}
     for step in range(start_step, total_steps):
+        trace.step(step)
         host_batch = next_batch()
-        state, metrics = train_step(state, shard_batch(host_batch, mesh),
-                                    runtime.step_rng(cfg.seed, step))
+        with jax.profiler.TraceAnnotation("train"):
+            state, metrics = train_step(state, shard_batch(host_batch, mesh),
+                                        runtime.step_rng(cfg.seed, step))
         guard.observe(step + 1, metrics)
         bar.update(tokens=tokens_in(host_batch, token_key))
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:

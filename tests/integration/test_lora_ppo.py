@@ -256,9 +256,12 @@ def run_lora_steps(inputs, base_models, shape):
 
     r = inputs["rollout"]
     prompts = place((r["sequences"][:, :P], r["attention_mask"][:, :P]), steps["rollout"].args[1:3])
-    sampled = steps["rollout"].fn(state.policy.params, *prompts,
-                                  place(jax.random.key(7), steps["rollout"].args[3]), *base_arg)
-    rollout = place(ppo.Rollout(**r), steps["experience"].args[3])
+    sampler_weights = steps["sync"].fn(state.policy.params, *base_arg)   # merged, resharded
+    sampled = steps["rollout"].fn(sampler_weights, *prompts,
+                                  place(jax.random.key(7), steps["rollout"].args[3]))
+    # The hand rollout's sampler log-probs: zeros (only the experience's gap field reads them).
+    rollout = place(ppo.Rollout(**r, logprobs=np.zeros(r["response_mask"].shape, np.float32)),
+                    steps["experience"].args[3])
     experience = steps["experience"].fn(state.policy.params, state.value.params, frozen, rollout,
                                         place(jnp.float32(BETA), steps["experience"].args[4]))
     out = dict(sampled=jax.device_get(sampled), experience=jax.device_get(experience), stats=[])

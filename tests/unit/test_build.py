@@ -68,7 +68,8 @@ def test_every_stage_builds_and_lowers_without_data(make_mesh):
                               for x in leaves), name
         for step in program.steps.values():
             text = step.lower().as_text()
-            assert "func" in text and step.tokens > 0, (name, step.name)
+            # every step but PPO's sync (a weight copy) processes tokens
+            assert "func" in text and (step.tokens > 0) == (step.name != "sync"), (name, step.name)
     # Parameters follow the rules table: the embedding is split over (vocab -> tensor, embed -> fsdp).
     embed = programs["sft"].state.params["embed"]["embedding"]
     assert tuple(embed.sharding.spec) == ("tensor", "fsdp")

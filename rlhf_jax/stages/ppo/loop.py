@@ -49,19 +49,11 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         executables = runtime.compile_ahead(   # in the background while the rest is set up
             program, [k for k in ("sync", "rollout", "experience", "update", "value_update")
                       if k in program.steps])
-        frozen = roles_lib.make_frozen(program.frozen, loaded.policy, loaded.reward,
-                                       loaded.reward_norm)
-        policy_trainable, value_trainable = roles_lib.trainables(
-            roles, loaded.policy, loaded.value, roles_lib.lora_rng(cfg.seed))
-        state = roles_lib.init_ppo_state(program.state, plan.policy_opt, plan.value_opt,
-                                         policy_trainable, value_trainable)
+        state, frozen = roles_lib.initial_state(program, loaded, cfg.seed)
         policy_base, value_base = roles.policy.base(frozen), roles.value.base(frozen)
-        del loaded, policy_trainable, value_trainable
+        del loaded
 
-        prompts, ptx_arrays = load_data(cfg, tokenizer, plan.prompt_len)
-        iterators = {"prompts": BatchIterator(prompts, plan.prompts_per_rollout, seed=cfg.seed)}
-        if ptx_arrays is not None:
-            iterators["ptx"] = BatchIterator(ptx_arrays, plan.ptx_rows, seed=cfg.seed + 1)
+        iterators = make_iterators(cfg, tokenizer, plan)
         checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
             os.path.join(workdir, "checkpoints"), max_to_keep=2))
         state, start, meta = reliability.resume(checkpointer, state, iterators, cfg)
@@ -121,7 +113,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                 policy_state, ema_params, policy_stats = state.policy, state.ema_params, []
                 for indices in minibatches:
                     ptx_batch = (shard_batch(next(iterators["ptx"]), mesh)
-                                 if ptx_arrays is not None else None)
+                                 if "ptx" in iterators else None)
                     policy_state, ema_params, stats = step["update"](
                         policy_state, ema_params, experience, indices, ptx_batch, policy_base)
                     policy_stats.append(stats)
@@ -182,6 +174,16 @@ def save_outputs(workdir: str, cfg: Any, state: PPOState, frozen: Any, roles: An
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+def make_iterators(cfg: Any, tokenizer: Any, plan: Any) -> dict[str, BatchIterator]:
+    """Resumable batch iterators: prompts (one rollout's worth of groups) and, for PPO-ptx,
+    pretraining rows (one update's worth)."""
+    prompts, ptx_arrays = load_data(cfg, tokenizer, plan.prompt_len)
+    iterators = {"prompts": BatchIterator(prompts, plan.prompts_per_rollout, seed=cfg.seed)}
+    if ptx_arrays is not None:
+        iterators["ptx"] = BatchIterator(ptx_arrays, plan.ptx_rows, seed=cfg.seed + 1)
+    return iterators
+
 
 def load_data(cfg: Any, tokenizer: Any, prompt_len: int) -> tuple[dict, dict | None]:
     """(prompt arrays, ptx arrays or None)."""

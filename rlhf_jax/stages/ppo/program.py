@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import model_io
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.models.params import cache_sharding, param_shardings
+from rlhf_jax.models.params import cache_sharding
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.optim import make_lr_schedule, make_optimizer
 from rlhf_jax.program import Program, Step, abstract_batch, abstract_key, abstract_like, random_batch
@@ -84,10 +84,7 @@ def build(cfg: Any, mesh: Mesh, *, models: dict[str, Transformer | None] | None 
     t, rep, shard = prompt_len + n_new, replicated(mesh), functools.partial(batch_sharding, mesh)
     prompts = abstract_batch({"input_ids": ((b, prompt_len), jnp.int32),
                               "attention_mask": ((b, prompt_len), jnp.int32)}, shard)
-    rollout = Rollout(*(jax.ShapeDtypeStruct(shape, dtype, sharding=shard(len(shape)))
-                        for shape, dtype in (((b, t), jnp.int32), ((b, t), jnp.int32),
-                                             ((b, n_new), jnp.int32), ((b,), jnp.bool_),
-                                             ((b, n_new), jnp.float32))))
+    rollout = abstract_rollout(b, prompt_len, n_new, shard)
     experience_step = functools.partial(make_experience, roles=roles, prompt_len=prompt_len, cfg=p)
     experience = jax.eval_shape(experience_step, state.policy.params, value_params, frozen,
                                 rollout, jnp.float32(0))
@@ -98,17 +95,14 @@ def build(cfg: Any, mesh: Mesh, *, models: dict[str, Transformer | None] | None 
     indices, key = jax.ShapeDtypeStruct((mb_size,), jnp.int32, sharding=rep), abstract_key(rep)
 
     # The jitted steps, every input and output sharding named.
-    sampling = SamplingConfig(
-        max_new_tokens=n_new, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
-        greedy=False, eos_token_id=policy.config.eos_token_id if eos_token_id is None else eos_token_id,
-        pad_token_id=policy.config.pad_token_id if pad_token_id is None else pad_token_id)
+    sampling = sampling_config(p, policy, n_new, eos_token_id, pad_token_id)
     state_sh, frozen_sh = shardings_of(state), shardings_of(frozen)
     p_sh, pb_sh, vb_sh = state_sh.policy.params, shardings_of(policy_base), shardings_of(value_base)
     exp_sh = shardings_of(experience)
     sampler = roles.sampler.model
-    s_sh = param_shardings(sampler, mesh)
-    sampler_params = abstract_like(jax.eval_shape(roles.sampler.weights, roles.policy.whole_like(
-        state.policy.params, policy_base)), s_sh)
+    sampler_params = roles.sampler.abstract(roles.policy.whole_like(state.policy.params,
+                                                                    policy_base), mesh)
+    s_sh = shardings_of(sampler_params)
     jit = lambda fn, i, o, **kw: jax.jit(fn, in_shardings=i, out_shardings=o, **kw)
     steps = {
         "sync": Step("sync", jit(functools.partial(
@@ -187,6 +181,25 @@ def random_args(roles: Roles, p: Any, steps: dict, abstract: dict, name: str, st
     if name == "value_update":
         return state.value, batch("experience"), idx, vbase
     return state.policy.params, batch("ptx"), pbase
+
+
+def abstract_rollout(b: int, prompt_len: int, n_new: int, shard: Any) -> Rollout:
+    """A rollout's ShapeDtypeStructs, batch-sharded: [B, P+N] tokens and mask, [B, N] response
+    mask, [B] EOS flags, [B, N] sampler log-probs."""
+    t = prompt_len + n_new
+    return Rollout(*(jax.ShapeDtypeStruct(shape, dtype, sharding=shard(len(shape)))
+                     for shape, dtype in (((b, t), jnp.int32), ((b, t), jnp.int32),
+                                          ((b, n_new), jnp.int32), ((b,), jnp.bool_),
+                                          ((b, n_new), jnp.float32))))
+
+
+def sampling_config(p: Any, policy: Transformer, n_new: int, eos_token_id: int | None,
+                    pad_token_id: int | None) -> SamplingConfig:
+    """The rollout's sampler settings; token ids default to the policy config's."""
+    return SamplingConfig(
+        max_new_tokens=n_new, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+        greedy=False, eos_token_id=policy.config.eos_token_id if eos_token_id is None else eos_token_id,
+        pad_token_id=policy.config.pad_token_id if pad_token_id is None else pad_token_id)
 
 
 def check_batches(p: Any, mesh: Mesh) -> int:

@@ -38,7 +38,7 @@ from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import model_io, scoring
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.models.lora import LoRA, apply_lora, init_lora, lora_param_count
-from rlhf_jax.models.params import abstract_params, init_params
+from rlhf_jax.models.params import abstract_params, init_params, param_shardings
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.program import abstract_key
 from rlhf_jax.sharding import replicated
@@ -158,6 +158,12 @@ class Sampler:
         """The policy's whole weights as the sampler holds them (floating leaves cast)."""
         return jax.tree.map(lambda x: x.astype(self.dtype)
                             if jnp.issubdtype(x.dtype, jnp.floating) else x, whole)
+
+    def abstract(self, whole: PyTree, mesh: Mesh) -> PyTree:
+        """ShapeDtypeStructs of the sampler's weights (from the policy's whole tree's), in the
+        sampler's layout."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            jax.eval_shape(self.weights, whole), param_shardings(self.model, mesh))
 
 
 def decode_rules(rules: Any) -> Any:
@@ -344,6 +350,15 @@ def trainables(roles: Roles, policy_params: PyTree, value_params: PyTree | None,
             log.info("%s LoRA rank %d on %s: %d trainable parameters", role.name, role.lora_rank,
                      role.lora_targets, sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
     return policy, value
+
+
+def initial_state(program: Any, loaded: Loaded, seed: int) -> tuple[PPOState, Frozen]:
+    """PPO's first state from loaded weights: the frozen reference and RM cast and placed, the
+    trainable trees (adapters from ``lora_rng(seed)`` under LoRA) with fresh optimizer states."""
+    plan = program.plan
+    frozen = make_frozen(program.frozen, loaded.policy, loaded.reward, loaded.reward_norm)
+    policy, value = trainables(plan.roles, loaded.policy, loaded.value, lora_rng(seed))
+    return init_ppo_state(program.state, plan.policy_opt, plan.value_opt, policy, value), frozen
 
 
 def init_ppo_state(state: PPOState, policy_opt, value_opt, policy_params, value_params) -> PPOState:
