@@ -641,6 +641,11 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{1e3 * x:.1f}"
 
 
+def _hardware_mfu(row: dict[str, Any]) -> float | None:
+    """``mfu_hardware`` (``mfu`` in reports written before the key was named)."""
+    return row.get("mfu_hardware", row.get("mfu"))
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The per-phase table ``rlhf-jax profile`` prints."""
     peak = report["peak"]
@@ -672,13 +677,13 @@ def format_table(report: dict[str, Any]) -> str:
         rows.append((
             name, f"{p['compile_s']:.1f}", _si(p["flops"]), _si(p["bytes_accessed"], "B"),
             _si(mem, "B"), _ms(p["median_s"]), _si(p["flops_per_s"]),
-            _pct(p["mfu_hardware"]),
+            _pct(_hardware_mfu(p)),
             _si(p["tokens_per_s"]), "-" if calls is None else f"{calls:g}",
             _ms(p.get("iteration_s")), share_text))
     it = report.get("iteration")
     if it:
         rows.append(("iteration", "", _si(it["flops"]), "", "", "", _si(it["flops_per_s"]),
-                     _pct(it["mfu_hardware"]),
+                     _pct(_hardware_mfu(it)),
                      _si(it["tokens"] / it["seconds"] if it["seconds"] else None), "",
                      _ms(it["seconds"]), "100%"))
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
