@@ -26,10 +26,8 @@ on the torus decides how many links an axis really has.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -237,11 +235,3 @@ def comm_seconds(rows: list[dict[str, Any]], link_bytes_per_s: float | None) -> 
         total += row["bytes_per_device"] / (2 * link_bytes_per_s * axes)
     return total
 
-
-def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Totals per kind, for a one-line report."""
-    out: dict[str, Any] = defaultdict(lambda: {"count": 0, "bytes_per_device": 0.0})
-    for row in rows:
-        out[row["kind"]]["count"] += row["count"]
-        out[row["kind"]]["bytes_per_device"] += row["bytes_per_device"]
-    return json.loads(json.dumps(out))
