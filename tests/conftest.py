@@ -69,3 +69,60 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{item.nodeid}: a test module belongs in tests/unit, "
                                     "tests/integration or tests/e2e")
         item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A GCS emulator on loopback (``gcp-storage-emulator``, in memory) for the whole test run,
+    with ``STORAGE_EMULATOR_HOST`` pointing at it as Google's client libraries expect; yields the
+    environment a subprocess needs to reach it. Tests use ``gcs_path`` for a fresh prefix."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+         f"--port={port}", "--in-memory", f"--default-bucket={GCS_BUCKET}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    host = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{host}/storage/v1/b/{GCS_BUCKET}", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"the GCS emulator did not start on {host}")
+            time.sleep(0.1)
+    env = {"STORAGE_EMULATOR_HOST": host, "TENSORSTORE_GCS_HTTP_URL": host,
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+GCS_BUCKET = "rlhf-jax-test"
+
+
+@pytest.fixture
+def gcs_path(gcs_emulator, request):
+    """A fresh ``gs://`` prefix in the emulated bucket, named after the test."""
+    import re
+    import uuid
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", request.node.name)[:60]
+    return f"gs://{GCS_BUCKET}/{name}-{uuid.uuid4().hex[:8]}"
