@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
+    # gs:// workdirs and data: etils.epath (orbax's path library) reaches GCS through gcsfs.
+    "gcsfs>=2024.2",
 ]
 
 setup(
@@ -31,7 +33,8 @@ setup(
     packages=find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
+                 "gcp-storage-emulator>=2024.8"],
         "torch": ["torch==2.13.0"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         # bench/ppo_speed.py. Tunix 0.1.7 (the third system) pins transformers/safetensors older
