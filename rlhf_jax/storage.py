@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
@@ -220,12 +221,13 @@ def upload(local: PathLike, target: PathLike) -> None:
         write_bytes(target, f.read())
 
 
-def _download(source: str, local: str) -> None:
+def _download(source: str, local: str, skip: tuple[str, ...] = ()) -> None:
     src = _epath(source)
     if src.is_dir():
         os.makedirs(local, exist_ok=True)
         for child in src.iterdir():
-            _download(os.fspath(child), os.path.join(local, child.name))
+            if not any(fnmatch.fnmatchcase(child.name, pattern) for pattern in skip):
+                _download(os.fspath(child), os.path.join(local, child.name), skip)
     else:
         with builtins.open(local, "wb") as f:
             f.write(src.read_bytes())
@@ -237,25 +239,27 @@ def cache_dir() -> str:
         os.path.expanduser("~"), ".cache", "rlhf_jax")
 
 
-def local_copy(path: PathLike) -> str:
+def local_copy(path: PathLike, *, skip: tuple[str, ...] = ()) -> str:
     """A local path holding ``path``'s content: the path itself when it is local; for a URL, a
     fresh download (file or directory tree) into :func:`cache_dir`, replacing an older copy.
 
     For readers that only take local files (transformers' tokenizers, ``np.load``). Downloads
     go through a staging directory, so a kill never leaves a half copy that looks complete.
+    ``skip``: ``fnmatch`` patterns; entries under a directory whose names match one (files or
+    whole subtrees, at any depth) are not downloaded, e.g. the weights beside a tokenizer.
     """
     text = os.fspath(path)
     if not is_url(text):
         return absolute(text)
     if not exists(text):
         raise FileNotFoundError(f"{text}: no such file or directory")
-    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join((text, *skip)).encode()).hexdigest()[:16]
     root = os.path.join(cache_dir(), "downloads")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"{key}-{basename(text)}")
     staging = tempfile.mkdtemp(dir=root, prefix=f".{key}.")
     try:
-        _download(text, os.path.join(staging, "x"))
+        _download(text, os.path.join(staging, "x"), skip)
         if os.path.isdir(final):
             shutil.rmtree(final, ignore_errors=True)
         elif os.path.lexists(final):
@@ -290,13 +294,16 @@ class Mirror:
     it are downloaded first (a resumed run appends to its old metrics), writers use
     :attr:`local`, and :meth:`sync` uploads every file whose size or mtime changed since the
     last sync. A crash loses what was written since the last sync: callers sync after each
-    record that matters (a metrics line) and on close.
+    record that matters (a metrics line) and on close. With ``download=False`` nothing is
+    downloaded up front; :meth:`pull` fetches the files a writer is about to append to (a
+    workdir's metrics, not its checkpoints).
     """
 
     def __init__(self, target: PathLike, *, download: bool = True) -> None:
         self.target = absolute(target)
         self.remote = is_url(self.target)
         self._seen: dict[str, tuple[int, int]] = {}
+        self._pulled: set[str] = set()
         if not self.remote:
             self.local = self.target
             os.makedirs(self.local, exist_ok=True)
@@ -309,6 +316,21 @@ class Mirror:
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.local, *parts)
+
+    def pull(self, name: str) -> str:
+        """The local path of file ``name`` (``/``-separated, relative to the target), downloaded
+        from the target first if it is there; call it before writing the file. Asks the store
+        once per name."""
+        local = self.path(name)
+        if self.remote and name not in self._pulled:
+            self._pulled.add(name)
+            remote = join(self.target, name)
+            if isfile(remote):
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                _download(remote, local)
+                st = os.stat(local)
+                self._seen[os.path.relpath(local, self.local)] = (st.st_size, st.st_mtime_ns)
+        return local
 
     def _stats(self) -> dict[str, tuple[int, int]]:
         stats = {}
