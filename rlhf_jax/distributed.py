@@ -29,12 +29,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
+import threading
 from typing import Any
 
 import jax
 import numpy as np
 
-from rlhf_jax.errors import ConfigError
+from rlhf_jax.errors import EXIT_USER_ERROR, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,11 @@ _TPU_HOST_LISTS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
 _MEGASCALE_VARS = ("MEGASCALE_COORDINATOR_ADDRESS", "MEGASCALE_NUM_SLICES")
 
 
+DEFAULT_TIMEOUT_S = 300
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Join this process to a multi-host job; call before anything touches a JAX device.
 
     * all three given: the explicit form for any cluster (``HOST:PORT`` of process 0, the
@@ -55,6 +60,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
     Giving only some of the three is a :class:`~rlhf_jax.errors.ConfigError`. Calling again once
     the job is initialized does nothing.
+
+    ``timeout_s`` bounds the failures of a job that cannot form or loses a member: joining
+    (an unreachable coordinator, a peer that never starts) ends this process after ``timeout_s``
+    with one line on stderr and exit code 2; a peer that dies later is noticed by the runtime's
+    heartbeat within ``timeout_s`` (the runtime then aborts the process: that message is JAX's).
     """
     given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
              "process_id": process_id}
@@ -65,7 +75,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         if jax.distributed.is_initialized():
             return
         log.info("Cloud TPU pod slice detected: initializing jax.distributed from the environment")
-        jax.distributed.initialize()
+        with _deadline(timeout_s, "the TPU pod's processes did not all join"):
+            jax.distributed.initialize(**_timeouts(timeout_s))
         return
     if missing:
         have = [name for name in given if name not in missing]
@@ -80,7 +91,42 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         # releases default to none, and it only takes effect if set before initialize.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     log.info("joining a %d-process job as process %d (coordinator %s)", n, index, address)
-    jax.distributed.initialize(address, n, index)
+    with _deadline(timeout_s, f"process {index} of {n} could not form the job with coordinator "
+                              f"{address} (is process 0 running there, and every other process "
+                              "started with the same flags?)"):
+        jax.distributed.initialize(address, n, index, **_timeouts(timeout_s))
+
+
+def _timeouts(timeout_s: float) -> dict[str, int]:
+    # JAX's own join deadline is set past ours: when it fires, its C++ client aborts the process
+    # with a stack trace, where ours exits with one line.
+    seconds = max(1, int(timeout_s))
+    return {"initialization_timeout": seconds + 30, "heartbeat_timeout_seconds": seconds,
+            "shutdown_timeout_seconds": seconds}
+
+
+class _deadline:
+    """Exit the process (code 2, one line on stderr) unless the block finishes in ``seconds``.
+
+    A watchdog thread, not an exception: the blocked call is inside JAX's C++ runtime, which a
+    Python exception cannot interrupt."""
+
+    def __init__(self, seconds: float, what: str) -> None:
+        self.seconds, self.what = float(seconds), what
+        self._done = threading.Event()
+
+    def _watch(self) -> None:
+        if not self._done.wait(self.seconds):
+            sys.stderr.write(f"rlhf-jax: error: {self.what}: no answer within "
+                             f"--distributed_timeout={self.seconds:g} s\n")
+            sys.stderr.flush()
+            os._exit(EXIT_USER_ERROR)
+
+    def __enter__(self) -> None:
+        threading.Thread(target=self._watch, name="distributed-deadline", daemon=True).start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._done.set()
 
 
 def _checked(address: Any, num_processes: Any, process_id: Any) -> tuple[str, int, int]:
@@ -132,12 +178,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="number of processes in the job")
     group.add_argument("--process_id", type=int, default=None, metavar="I",
                        help="this process's index, 0 .. N-1")
+    group.add_argument("--distributed_timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                       metavar="S", help="seconds to wait for every process to join, and for "
+                       "the runtime to notice a process that died (default %(default)g); past "
+                       "it a process exits with one line and code 2")
 
 
 def initialize_from_args(args: argparse.Namespace) -> None:
     """``initialize`` with the flags ``add_arguments`` defined (absent ones count as not given)."""
     initialize(getattr(args, "coordinator_address", None), getattr(args, "num_processes", None),
-               getattr(args, "process_id", None))
+               getattr(args, "process_id", None),
+               getattr(args, "distributed_timeout", DEFAULT_TIMEOUT_S))
 
 
 def is_main() -> bool:

@@ -51,6 +51,8 @@ GRADIENT_FREE_ATOL = {
 
 # --- distributed.initialize ----------------------------------------------------------------------
 
+TIMEOUTS = {"initialization_timeout": 330, "heartbeat_timeout_seconds": 300,
+            "shutdown_timeout_seconds": 300}
 TPU_ENV = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
            "MEGASCALE_NUM_SLICES")
 
@@ -78,7 +80,7 @@ def test_initialize_explicit_uses_gloo_on_cpu(recorded, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     distributed.initialize("10.0.0.1:1234", 4, 3)
     assert recorded == [("config", ("jax_cpu_collectives_implementation", "gloo"), {}),
-                        ("initialize", ("10.0.0.1:1234", 4, 3), {})]
+                        ("initialize", ("10.0.0.1:1234", 4, 3), TIMEOUTS)]
 
 
 @pytest.mark.parametrize("env", [{"TPU_WORKER_HOSTNAMES": "t1v-a-w-0,t1v-a-w-1"},
@@ -88,7 +90,7 @@ def test_initialize_auto_detects_a_tpu_pod(recorded, monkeypatch, env):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     distributed.initialize()
-    assert recorded == [("initialize", (), {})]
+    assert recorded == [("initialize", (), TIMEOUTS)]
 
 
 def test_single_host_tpu_vm_is_not_a_pod(recorded, monkeypatch):
@@ -120,8 +122,11 @@ def test_cli_flags_round_trip(recorded, monkeypatch):
     distributed.initialize_from_args(parser.parse_args([]))
     assert recorded == []
     distributed.initialize_from_args(parser.parse_args(
-        ["--coordinator_address", "h:5", "--num_processes", "2", "--process_id", "1"]))
-    assert recorded[-1] == ("initialize", ("h:5", 2, 1), {})
+        ["--coordinator_address", "h:5", "--num_processes", "2", "--process_id", "1",
+         "--distributed_timeout", "20"]))
+    assert recorded[-1] == ("initialize", ("h:5", 2, 1), {
+        "initialization_timeout": 50, "heartbeat_timeout_seconds": 20,
+        "shutdown_timeout_seconds": 20})
 
 
 def test_fetch_single_process():
