@@ -71,6 +71,21 @@ def test_local_copy_and_writable_local(root, tmp_path, monkeypatch):
     assert storage.is_url(root) == copy.startswith(str(tmp_path / "cache"))
 
 
+@pytest.mark.parametrize("to", ["local", "gcs"])
+def test_copy_trees_and_files(root, to, tmp_path, request):
+    destination = storage.join(str(tmp_path) if to == "local"
+                               else request.getfixturevalue("gcs_path"), "copy")
+    storage.write_text(storage.join(root, "m", "config.json"), "{}")
+    storage.write_bytes(storage.join(root, "m", "params", "a", "0"), b"\x01")
+    storage.write_text(storage.join(destination, "m", "config.json"), "old")
+    storage.copy(storage.join(root, "m"), storage.join(destination, "m"))
+    storage.copy(storage.join(root, "m", "config.json"), storage.join(destination, "c.json"))
+    assert storage.read_text(storage.join(destination, "m", "config.json")) == "{}"
+    assert storage.read_bytes(storage.join(destination, "m", "params", "a", "0")) == b"\x01"
+    assert storage.read_text(storage.join(destination, "c.json")) == "{}"
+    assert storage.listdir(storage.join(destination, "m")) == ["config.json", "params"]
+
+
 def test_mirror_uploads_changes_and_resumes(root):
     mirror = storage.Mirror(storage.join(root, "logs"))
     with open(mirror.path("m.jsonl"), "a") as f:
