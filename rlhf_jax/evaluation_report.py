@@ -18,7 +18,9 @@ and knowledge / copy probes of the world are reported beside, with the seed note
 false premises, Fig. 4's metadata and PPO-ptx against the base LM head to head).
 
 Writes ``results.json`` (with the machine and package versions), ``results.md`` and PNG plots
-into the workdir, and every response to every eval prompt to ``eval/responses.jsonl``.
+into the workdir, and every response to every eval prompt to ``eval/responses.jsonl``; the workdir
+may be a URL (``rlhf_jax.storage``). Every process of a multi-host job evaluates (the generation
+and scoring are collective); only process 0 writes.
 """
 from __future__ import annotations
 
@@ -32,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from rlhf_jax import behaviour, highlights, registry
+from rlhf_jax import behaviour, highlights, registry, storage
 from rlhf_jax import evaluation as ev
-from rlhf_jax.checkpoint import atomic_write_text
 from rlhf_jax.data import read_jsonl
+from rlhf_jax.distributed import is_main
 from rlhf_jax.errors import UserError
 from rlhf_jax.world.export import read_jsonl as read_plain_jsonl
 from rlhf_jax.metrics import format_table, plot_curves, plot_win_rates
@@ -117,11 +119,13 @@ def _gold(prompt_rows, texts, labelers) -> tuple[dict, float]:
 
 
 def write_responses(workdir: str, prompts: list[str], responses: dict[str, list[str]]) -> str:
-    """``eval/responses.jsonl``: one row per model (or floor) and eval prompt."""
-    path = os.path.join(workdir, "eval", "responses.jsonl")
-    lines = [json.dumps({"model": name, "prompt": p, "response": r})
-             for name, texts in responses.items() for p, r in zip(prompts, texts)]
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    """``eval/responses.jsonl``: one row per model (or floor) and eval prompt (process 0 writes
+    it; every process gets its path)."""
+    path = storage.join(workdir, "eval", "responses.jsonl")
+    if is_main():
+        lines = [json.dumps({"model": name, "prompt": p, "response": r})
+                 for name, texts in responses.items() for p, r in zip(prompts, texts)]
+        storage.write_text(path, "".join(line + "\n" for line in lines))
     return path
 
 
@@ -154,12 +158,12 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
     def load(stage: str, sub: str = "model"):
         if stage == "pretrain" and cfg.get("base_model"):
             return load_model(cfg.base_model, mesh)
-        return load_model(os.path.join(workdir, stage, sub), mesh)
+        return load_model(storage.join(workdir, stage, sub), mesh)
     sft_model, sft_params, tokenizer, _ = load("sft")
-    has_init = os.path.isdir(os.path.join(workdir, PPO_INIT, "model"))
+    has_init = storage.isdir(storage.join(workdir, PPO_INIT, "model"))
     init_params = load(PPO_INIT)[1] if has_init else sft_params
     models = [m for m in MODELS if m not in OPTIONAL_MODELS
-              or os.path.isdir(os.path.join(workdir, *MODEL_DIRS[m]))]
+              or storage.isdir(storage.join(workdir, *MODEL_DIRS[m]))]
     if e.get("models") is not None:      # a sweep point evaluates only what it trained
         unknown = sorted(set(e.models) - set(MODELS))
         if unknown:
@@ -302,7 +306,8 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
         references={k: responses[k] for k in ("reference_base",) if k in responses})
 
     for group, labelers in (("train_labelers", pool.training), ("heldout_labelers", pool.heldout)):
-        rows = read_jsonl(os.path.join(workdir, "comparisons", f"test_{group}.jsonl"), "comparisons")
+        rows = read_jsonl(storage.join(workdir, "comparisons", f"test_{group}.jsonl"),
+                          "comparisons")
         acc = ev.rm_pair_accuracy(rm, rm_params, tokenizer, rows, max_prompt_len=max_p,
                                   max_response_len=max_r, mesh=mesh)
         results["rm_accuracy"][group] = acc["accuracy"]
@@ -316,8 +321,8 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
         results["rm_accuracy"][f"{group}_sft_likelihood"] = sft_lik["accuracy"]
         results.setdefault("sft_likelihood_accuracy_by_kind", {})[group] = sft_lik["by_kind"]
     # Leave-one-group-out: the RM never saw this labeler group's rankings.
-    held_group = os.path.join(workdir, "rm", "comparisons_holdout_group.jsonl")
-    if os.path.exists(held_group):
+    held_group = storage.join(workdir, "rm", "comparisons_holdout_group.jsonl")
+    if storage.exists(held_group):
         rows = read_jsonl(held_group, "comparisons")
         acc = ev.rm_pair_accuracy(rm, rm_params, tokenizer, rows, max_prompt_len=max_p,
                                   max_response_len=max_r, mesh=mesh)
@@ -514,9 +519,11 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 def write_report(results: dict[str, Any], workdir: str) -> None:
     """results.json, results.md and the plots, each replaced atomically (a kill leaves the
-    previous report, never a truncated one)."""
-    atomic_write_text(os.path.join(workdir, "results.json"),
-                      json.dumps(results, indent=2, sort_keys=True, default=float) + "\n")
+    previous report, never a truncated one); only process 0 writes."""
+    if not is_main():
+        return
+    storage.write_text(storage.join(workdir, "results.json"),
+                       json.dumps(results, indent=2, sort_keys=True, default=float) + "\n")
     lines = ["# Results", "", results_table(results), ""]
     if results.get("gold_by_category"):
         lines += ["## Gold score by kind of instruction (held-out labelers; share off task)", "",
@@ -541,7 +548,7 @@ def write_report(results: dict[str, Any], workdir: str) -> None:
         lines.append(f"### {name}")
         lines.append(format_table(rows[:3]))
         lines.append("")
-    atomic_write_text(os.path.join(workdir, "results.md"), "\n".join(lines) + "\n")
+    storage.write_text(storage.join(workdir, "results.md"), "\n".join(lines) + "\n")
     _plots(results, workdir)
 
 
@@ -550,7 +557,7 @@ def _plots(results: dict[str, Any], workdir: str) -> None:
     for group in ("heldout_labelers", "train_labelers"):
         bars = {name: (w[group], *w["ci95"][group]) for name, w in win.items()}
         if bars:
-            plot_win_rates(bars, os.path.join(workdir, f"win_rates_{group}.png"),
+            plot_win_rates(bars, storage.join(workdir, f"win_rates_{group}.png"),
                            f"Win rate against SFT ({group.replace('_', ' ')}, 95% CI)")
     curves = {"pretrain": ["train/loss", "valid/loss"], "sft": ["train/loss", "valid/loss"],
               "rm": ["train/loss", "valid/pair_accuracy"],
@@ -560,6 +567,6 @@ def _plots(results: dict[str, Any], workdir: str) -> None:
               "grpo": ["objective/scores", "objective/kl"],
               "rloo": ["objective/scores", "objective/kl"]}
     for stage, keys in curves.items():
-        path = os.path.join(workdir, stage, "metrics.jsonl")
-        if os.path.exists(path):
-            plot_curves(path, keys, os.path.join(workdir, f"curves_{stage}.png"), title=stage)
+        path = storage.join(workdir, stage, "metrics.jsonl")
+        if storage.exists(path):
+            plot_curves(path, keys, storage.join(workdir, f"curves_{stage}.png"), title=stage)

@@ -3,7 +3,8 @@
 A notebook reads ``notebooks/data/<sweep>.json``, a copy of the ``sweep.json`` that
 ``rlhf-jax sweep`` wrote for a full-size run (the notebook names the command). With
 ``RLHF_JAX_SWEEPS=DIR`` it reads ``DIR/<sweep>/sweep.json`` instead (CI points it at micro-sized
-sweeps so that every notebook runs against fresh output of the current code).
+sweeps so that every notebook runs against fresh output of the current code); ``DIR`` may be a URL
+(``gs://bucket/sweeps``, ``rlhf_jax.storage``).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import os
 from typing import Any
 
 import numpy as np
+
+from rlhf_jax import storage
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks", "data")
 
@@ -31,22 +34,21 @@ PAPER = {
 }
 
 
+def _sweep_path(name: str) -> str:
+    root = os.environ.get("RLHF_JAX_SWEEPS")
+    return storage.join(root, name, "sweep.json") if root else os.path.join(DATA, f"{name}.json")
+
+
 def load_sweep(name: str) -> dict[str, Any]:
     """The summary of sweep ``name`` (see the module docstring for where it is read from)."""
-    root = os.environ.get("RLHF_JAX_SWEEPS")
-    path = (os.path.join(root, name, "sweep.json") if root
-            else os.path.join(DATA, f"{name}.json"))
-    with open(path, encoding="utf-8") as f:
+    with storage.open(_sweep_path(name)) as f:
         return json.load(f)
 
 
 def load_sweeps(*names: str) -> list[dict[str, Any]]:
     """The summaries of those of ``names`` that exist, in order (the same table at more seeds
     where they were run; CI's micro sweeps have only the first)."""
-    root = os.environ.get("RLHF_JAX_SWEEPS")
-    found = lambda name: os.path.exists(os.path.join(root, name, "sweep.json") if root
-                                        else os.path.join(DATA, f"{name}.json"))
-    return [load_sweep(name) for name in names if found(name)]
+    return [load_sweep(name) for name in names if storage.exists(_sweep_path(name))]
 
 
 def get(tree: Any, path: str, default: float = float("nan")) -> Any:

@@ -3,7 +3,8 @@
 Every stage (SFT, reward model, PPO) logs through the same small set of tools:
 
 * :class:`MetricsWriter` appends one JSON line per logging step to ``workdir/metrics.jsonl``
-  and mirrors scalars to TensorBoard under ``workdir/tb/``.
+  and mirrors scalars to TensorBoard under ``workdir/tb/``; a ``gs://`` workdir gets the same
+  files (``rlhf_jax.storage``).
 * :class:`ProgressBar` is a tqdm bar with a tokens/s readout.
 * :class:`StepTimer` accumulates wall-clock seconds per named phase of a step.
 * :func:`plot_curves`, :func:`plot_win_rates` and :func:`format_table` turn results into
@@ -21,7 +22,9 @@ never ``null``), which keeps the file valid JSON while still telling NaN from +/
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import os
 import time
@@ -34,6 +37,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from rlhf_jax import storage
+
+log = logging.getLogger(__name__)
+
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "tb"
 
@@ -41,6 +48,9 @@ TENSORBOARD_SUBDIR = "tb"
 _NON_FINITE_TO_STRING = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _STRING_TO_NON_FINITE = {text: float(key) for key, text in _NON_FINITE_TO_STRING.items()}
 _RESERVED_KEYS = ("step", "time")
+# Seconds between uploads of TensorBoard events to a URL workdir: each upload rewrites whole
+# event files, and TensorBoard polls on about this scale anyway.
+TENSORBOARD_UPLOAD_SECONDS = 30.0
 
 
 def _is_main_process() -> bool:
@@ -117,16 +127,27 @@ class MetricsWriter:
     The JSONL file is opened in append mode, so a run resumed after a kill keeps its earlier
     lines. A resuming loop calls :meth:`discard_after` with the step it resumed from, which drops
     the lines of the steps it is about to replay, so every step appears once.
+
+    A URL workdir (``gs://...``) is written through local mirrors (``storage.Mirror``) of only
+    the files the writer owns, never the rest of the workdir (checkpoints): a JSONL file is
+    downloaded before the writer first appends to it (a resumed run keeps its lines) and
+    uploaded whole after every record, so a crash loses at most the last one, as locally;
+    TensorBoard's events are uploaded at most every ``TENSORBOARD_UPLOAD_SECONDS`` and on close.
     """
 
     def __init__(self, workdir: str, *, enabled: bool | None = None) -> None:
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = storage.absolute(workdir)
         self.enabled = _is_main_process() if enabled is None else enabled
-        self.metrics_path = os.path.join(self.workdir, METRICS_FILENAME)
+        self.metrics_path = storage.join(self.workdir, METRICS_FILENAME)
         self._tensorboard = None
+        self._files = self._events = None
         if self.enabled:
-            os.makedirs(self.workdir, exist_ok=True)
-            self._tensorboard = _TensorBoardThread(os.path.join(self.workdir, TENSORBOARD_SUBDIR))
+            self._files = storage.Mirror(self.workdir, download=False)
+            # Never downloaded: a resumed run's TensorBoard writes a new event file beside the old.
+            self._events = storage.Mirror(storage.join(self.workdir, TENSORBOARD_SUBDIR),
+                                          download=False)
+            self._files.pull(METRICS_FILENAME)
+            self._tensorboard = _TensorBoardThread(self._events)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Log scalar ``metrics`` for ``step``.
@@ -143,7 +164,9 @@ class MetricsWriter:
                 raise ValueError(f"metric name {reserved!r} is reserved by MetricsWriter")
         host_metrics = jax.device_get(dict(metrics))
         scalars = {name: _to_python_scalar(name, value) for name, value in host_metrics.items()}
-        _append_json_line(self.metrics_path, {"step": int(step), "time": time.time(), **scalars})
+        _append_json_line(self._files.path(METRICS_FILENAME),
+                          {"step": int(step), "time": time.time(), **scalars})
+        self._files.sync()
         self._tensorboard.put("scalars", int(step), scalars)
 
     def write_table(self, step: int, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -156,10 +179,11 @@ class MetricsWriter:
         if not self.enabled:
             return
         host_rows = [jax.device_get(dict(row)) for row in rows]
-        table_path = os.path.join(self.workdir, f"{name}.jsonl")
+        table_path = self._files.pull(f"{name}.jsonl")
         os.makedirs(os.path.dirname(table_path), exist_ok=True)
         for row in host_rows:
             _append_json_line(table_path, {"step": int(step), **row})
+        self._files.sync()
         if host_rows:
             self._tensorboard.put("text", int(step), (name, format_table(host_rows)))
 
@@ -172,16 +196,24 @@ class MetricsWriter:
         """
         if not self.enabled:
             return
-        for path in [self.metrics_path] + [os.path.join(self.workdir, f"{name}.jsonl")
-                                           for name in tables]:
+        for name in [METRICS_FILENAME] + [f"{table}.jsonl" for table in tables]:
+            path = self._files.pull(name)
             if os.path.exists(path):
                 _truncate_jsonl_after(path, int(step))
+        self._files.sync()
 
     def close(self) -> None:
-        """Write out and close TensorBoard; safe to call more than once."""
-        if self._tensorboard is not None:
-            tensorboard, self._tensorboard = self._tensorboard, None
-            tensorboard.close()
+        """Write out and close TensorBoard and upload what a URL workdir lacks; safe to call
+        more than once."""
+        tensorboard, files, events = self._tensorboard, self._files, self._events
+        self._tensorboard = self._files = self._events = None
+        try:
+            if tensorboard is not None:
+                tensorboard.close()
+        finally:
+            for mirror in (events, files):
+                if mirror is not None:
+                    mirror.close()
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -196,27 +228,30 @@ class _TensorBoardThread:
     Importing tensorboardX costs 1-3 s and each flush a file write: on the loop's thread both
     sit on the critical path (the import before the first compile, the flush every step). The
     JSONL file stays synchronous, since it is what a crash must not lose; ``close`` drains the
-    queue and re-raises anything the thread hit.
+    queue and re-raises anything the thread hit. The thread also uploads the events of a URL
+    workdir (``mirror``), at most every ``TENSORBOARD_UPLOAD_SECONDS``; the caller closes the
+    mirror (the last upload).
     """
 
-    def __init__(self, logdir: str) -> None:
+    def __init__(self, mirror: storage.Mirror) -> None:
         import queue
         import threading
 
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(logdir,), name="tensorboard",
-                                        daemon=True)
+        self._mirror = mirror
+        self._thread = threading.Thread(target=self._run, name="tensorboard", daemon=True)
         self._thread.start()
 
     def put(self, kind: str, step: int, payload: Any) -> None:
         self._queue.put((kind, step, payload))
 
-    def _run(self, logdir: str) -> None:
+    def _run(self) -> None:
         writer = None
+        uploaded = time.monotonic()
         try:
             from tensorboardX import SummaryWriter
-            writer = SummaryWriter(logdir=logdir)
+            writer = SummaryWriter(logdir=self._mirror.local)
             while (item := self._queue.get()) is not None:
                 kind, step, payload = item
                 if kind == "scalars":
@@ -226,11 +261,20 @@ class _TensorBoardThread:
                     writer.add_text(payload[0], payload[1], global_step=step)
                 if self._queue.empty():
                     writer.flush()
+                    if time.monotonic() - uploaded >= TENSORBOARD_UPLOAD_SECONDS:
+                        uploaded = time.monotonic()
+                        self._upload()
         except BaseException as e:     # surfaced by close()
             self._error = e
         finally:
             if writer is not None:
                 writer.close()
+
+    def _upload(self) -> None:
+        try:
+            self._mirror.sync()
+        except Exception as e:    # noqa: BLE001  # the next upload (or close's) tries again
+            log.warning("uploading TensorBoard events to %s failed: %s", self._mirror.target, e)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -242,7 +286,7 @@ class _TensorBoardThread:
 def _truncate_jsonl_after(path: str, step: int) -> None:
     """Keep the parsable lines of ``path`` whose step is at most ``step``."""
     kept, changed = [], False
-    with open(path, encoding="utf-8") as handle:
+    with storage.open(path) as handle:
         for line in handle:
             if not line.endswith("\n"):
                 changed = True      # even if it parses: the next append would run into it
@@ -257,8 +301,7 @@ def _truncate_jsonl_after(path: str, step: int) -> None:
                 continue
             kept.append(line.rstrip("\n") + "\n")
     if changed:
-        from rlhf_jax.checkpoint import atomic_write_text
-        atomic_write_text(path, "".join(kept))
+        storage.write_text(path, "".join(kept))
 
 
 def read_jsonl_metrics(path: str) -> list[dict]:
@@ -270,7 +313,7 @@ def read_jsonl_metrics(path: str) -> list[dict]:
     """
     records = []
     skipped = 0
-    with open(path, encoding="utf-8") as handle:
+    with storage.open(path) as handle:
         for line in handle:
             if not line.strip():
                 continue
@@ -403,13 +446,15 @@ class TraceWindow:
     ``directory`` for TensorBoard's profile plugin / XProf; ``StepTimer`` names each phase inside
     it. Call ``step(i)`` at the start of step ``i`` and ``close()`` after the loop (or on any exit):
     a trace still open when the loop ends (B past the last step) is stopped and written.
-    Only process 0 traces."""
+    Only process 0 traces. The profiler writes local files only: a URL ``directory`` gets the
+    trace from a local one on ``close``."""
 
     def __init__(self, spec: str, directory: str) -> None:
         self.window = parse_steps(spec)
         self.directory = directory
         self.active = False
         self._annotation = None
+        self._mirror: storage.Mirror | None = None
 
     def step(self, i: int) -> None:
         if self.window is None or jax.process_index() != 0:
@@ -417,8 +462,8 @@ class TraceWindow:
         self._end_annotation()
         start, stop = self.window
         if i == start and not self.active:
-            os.makedirs(self.directory, exist_ok=True)
-            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self._mirror = storage.Mirror(self.directory, download=False)
+            jax.profiler.start_trace(self._mirror.local, create_perfetto_trace=True)
             self.active = True
         elif i >= stop and self.active:
             self.close()
@@ -436,6 +481,7 @@ class TraceWindow:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+            self._mirror.close()
 
 
 class StepTimer:
@@ -565,17 +611,11 @@ def plot_win_rates(
 
 
 def _save_figure(figure, out_png: str) -> None:
-    """Write ``figure`` as PNG, creating the parent directory."""
-    directory = os.path.dirname(os.path.abspath(out_png))
-    os.makedirs(directory, exist_ok=True)
-    # Through a temporary sibling, so a kill never leaves a truncated PNG behind.
-    partial = os.path.join(directory, f".{os.path.basename(out_png)}.{os.getpid()}.tmp")
-    try:
-        figure.savefig(partial, dpi=110, format="png")
-        os.replace(partial, out_png)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    """Write ``figure`` as PNG (a local path or a URL), replacing any old one whole
+    (``storage.write_bytes``: a kill never leaves a truncated PNG behind)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=110, format="png")
+    storage.write_bytes(out_png, buffer.getvalue())
 
 
 def _scalar_item(value: Any) -> Any:

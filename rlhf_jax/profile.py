@@ -10,7 +10,8 @@ utilization are read as ``rlhf-jax compile`` reads them (``rlhf_jax.step_analysi
 random, of the config's shapes (no data, no checkpoint needed), or a pipeline workdir's trained
 models; the batches are always random tokens with all-ones masks. ``--trace DIR`` also writes a
 ``jax.profiler`` trace with every phase named (TensorBoard's profile plugin reads the
-``.xplane.pb``, https://ui.perfetto.dev the ``perfetto_trace.json.gz``).
+``.xplane.pb``, https://ui.perfetto.dev the ``perfetto_trace.json.gz``). ``--workdir``,
+``--trace`` and ``--out`` may be URLs (``gs://...``, ``rlhf_jax.storage``).
 
 Library use (the CLI only adds argument checks and printing)::
 
@@ -61,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import registry, step_analysis
+from rlhf_jax import registry, step_analysis, storage
 
 log = logging.getLogger(__name__)
 
@@ -252,21 +253,22 @@ def profile_program(program: Any, *, steps: int = 5, warmup: int = 1,
 def write_trace(stage: str, executables: dict, steps: dict, args: dict, names: Sequence[str],
                 trace_dir: str, iterations: int = 2) -> dict[str, Any]:
     """A ``jax.profiler`` trace of ``iterations`` iterations, each a ``StepTraceAnnotation``
-    (``<stage>``, step_num) holding one ``TraceAnnotation`` per phase (its step's name)."""
-    os.makedirs(trace_dir, exist_ok=True)
-    before = set(_files_under(trace_dir))
-    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-    try:
-        for i in range(max(1, iterations)):
-            with jax.profiler.StepTraceAnnotation(stage, step_num=i):
-                for name in names:
-                    with jax.profiler.TraceAnnotation(name):
-                        out, _ = _call(executables, steps[name], name, args[name])
-                    args = _feed_back(args, name, out)
-                    del out
-    finally:
-        jax.profiler.stop_trace()
-    files = sorted(set(_files_under(trace_dir)) - before)
+    (``<stage>``, step_num) holding one ``TraceAnnotation`` per phase (its step's name). The
+    profiler writes local files only: a URL ``trace_dir`` gets them when the trace is done."""
+    with storage.writable_local(trace_dir) as local:
+        before = set(_files_under(local))
+        jax.profiler.start_trace(local, create_perfetto_trace=True)
+        try:
+            for i in range(max(1, iterations)):
+                with jax.profiler.StepTraceAnnotation(stage, step_num=i):
+                    for name in names:
+                        with jax.profiler.TraceAnnotation(name):
+                            out, _ = _call(executables, steps[name], name, args[name])
+                        args = _feed_back(args, name, out)
+                        del out
+        finally:
+            jax.profiler.stop_trace()
+        files = sorted(set(_files_under(local)) - before)
     return {
         "dir": trace_dir,
         "files": files,
@@ -364,7 +366,7 @@ def _with_workdir_models(c: Any, stage: str, workdir: str, cfg: Any) -> Any:
                         or registry.model_path(workdir, s))
     paths = {field: source(s) for field, s in registry.STAGES[stage].models_from.items()}
     for key, path in paths.items():
-        if not os.path.isdir(path):
+        if not storage.isdir(path):
             raise FileNotFoundError(f"--workdir {workdir}: {path} not found (has the pipeline "
                                     f"finished the stage {stage} starts from?)")
         with c.unlocked():
@@ -708,11 +710,11 @@ def run(args: Any, overrides: Sequence[str]) -> int:
         raise SystemExit(f"error: --steps={args.steps}: need at least 1 timed call")
     if args.warmup < 0:
         raise SystemExit(f"error: --warmup={args.warmup}: must be >= 0")
-    if args.workdir and not os.path.isdir(args.workdir):
+    if args.workdir and not storage.isdir(args.workdir):
         raise SystemExit(f"error: --workdir {args.workdir}: no such directory")
-    if args.trace and os.path.exists(args.trace) and not os.path.isdir(args.trace):
+    if args.trace and storage.exists(args.trace) and not storage.isdir(args.trace):
         raise SystemExit(f"error: --trace {args.trace}: exists and is not a directory")
-    if args.out and os.path.isdir(args.out):
+    if args.out and storage.isdir(args.out):
         raise SystemExit(f"error: --out {args.out}: is a directory (give a .json file path)")
     try:
         cfg = apply_overrides(load_config(args.config), overrides)
@@ -731,10 +733,7 @@ def run(args: Any, overrides: Sequence[str]) -> int:
     report["overrides"] = list(overrides)
     print(format_table(report))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
+        storage.write_text(args.out, json.dumps(report, indent=1) + "\n")
         print(f"report: {args.out}")
     return 0
 

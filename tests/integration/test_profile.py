@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import profile
+from rlhf_jax import profile, storage
 from rlhf_jax.config import apply_overrides, load_config
 from rlhf_jax.model_io import save_our_checkpoint
 from rlhf_jax.runtime import setup_mesh
@@ -240,3 +240,26 @@ def test_scanned_layers_are_counted_every_layer(peak):
     assert unrolled["as_compiled_flops"] == pytest.approx(unrolled["model_flops"], rel=0.25)
     assert scanned["flops"] == scanned["model_flops"]          # no remat: executed = model
     assert scanned["mfu_model"] == pytest.approx(scanned["mfu_hardware"])
+
+
+def test_trace_and_report_to_gcs(gcs_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path / "cache"))
+    step = jax.jit(lambda x: x @ x)
+    trace_dir = storage.join(gcs_path, "trace")
+    t = profile.write_trace("sft", {"train": step}, {"train": SimpleNamespace(fn=step)},
+                            {"train": (np.ones((8, 8), np.float32),)}, ["train"], trace_dir)
+    assert t["dir"] == trace_dir and t["xplane"] and t["perfetto"]
+    local = storage.local_copy(trace_dir)
+    assert all(os.path.getsize(os.path.join(local, f)) > 0 for f in t["files"])
+
+    # The CLI's checks and the report file on a URL (the profiling itself is the tests' above).
+    monkeypatch.setattr(profile, "profile_stage", lambda *a, **kw: {"stage": "sft"})
+    monkeypatch.setattr(profile, "format_table", lambda report: "table")
+    with pytest.raises(SystemExit, match="--workdir .*: no such directory"):
+        profile.run(_args(workdir=storage.join(gcs_path, "none")), [])
+    with pytest.raises(SystemExit, match="--out .*: is a directory"):
+        profile.run(_args(out=gcs_path), [])
+    out = storage.join(gcs_path, "reports", "sft.json")
+    assert profile.run(_args(out=out, trace=trace_dir), []) == 0
+    assert json.loads(storage.read_text(out))["stage"] == "sft"
+    assert f"report: {out}" in capsys.readouterr().out

@@ -5,12 +5,13 @@ import glob
 import gzip
 import os
 
+import jax.numpy as jnp
 import pytest
 from ppo_toys import ppo_config, run_train, toy_overrides
 
-from rlhf_jax import cli, validate
+from rlhf_jax import cli, storage, validate
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.metrics import parse_steps
+from rlhf_jax.metrics import TraceWindow, parse_steps
 
 
 def test_ppo_traces_the_asked_iterations_with_named_phases(toy_dirs, tmp_path):
@@ -36,3 +37,16 @@ def test_profile_steps_errors_name_the_field():
     cfg = ppo_config("profile_steps=4:2")
     with pytest.raises(ConfigError, match=r"profile_steps='4:2': expected 'A:B'"):
         validate.check(cfg)
+
+
+def test_trace_window_to_gcs_uploads_on_close(gcs_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path / "cache"))
+    directory = storage.join(gcs_path, "profile")
+    window = TraceWindow("1:2", directory)
+    for i in range(3):
+        window.step(i)
+        jnp.arange(8.0).sum().block_until_ready()
+    window.close()
+    local = storage.local_copy(directory)
+    xplanes = glob.glob(os.path.join(local, "**", "*.xplane.pb"), recursive=True)
+    assert len(xplanes) == 1 and os.path.getsize(xplanes[0]) > 0

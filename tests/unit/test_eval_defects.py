@@ -210,6 +210,14 @@ def test_average_ranks():
     np.testing.assert_array_equal(figures.average_ranks(np.array([0.5, 0.5])), [1.5, 1.5])
 
 
+def test_sweeps_are_read_from_a_gcs_root(gcs_path, monkeypatch):
+    from rlhf_jax import storage
+    storage.write_json(storage.join(gcs_path, "seeds", "sweep.json"), {"points": [{"x": 1}]})
+    monkeypatch.setenv("RLHF_JAX_SWEEPS", gcs_path)
+    assert figures.load_sweep("seeds") == {"points": [{"x": 1}]}
+    assert figures.load_sweeps("sizes", "seeds") == [{"points": [{"x": 1}]}]
+
+
 # --- the SFT-likelihood baseline for the RM -------------------------------------------------
 
 def test_pair_accuracy_counts_strict_preferences_by_kind():

@@ -131,3 +131,27 @@ def test_behaviour_and_ceiling_findings():
     assert f["ppo_ptx_diverse"]["holds"]
     results["rm_accuracy"]["train_labelers"] = 0.67
     assert not finding_checks(results)["rm_near_ceiling"]["holds"]
+
+
+def test_report_responses_and_plots_to_gcs(gcs_path):
+    from rlhf_jax import storage
+    from rlhf_jax.metrics import MetricsWriter
+    with MetricsWriter(storage.join(gcs_path, "sft"), enabled=True) as writer:
+        writer.write(1, {"train/loss": 2.0})
+        writer.write(2, {"train/loss": 1.0})
+    results = {"win_rate_vs_sft": {"ppo": _win(0.6, 0.55, 0.55)}, "floors": {"abstain": _floor(0.5)}}
+    evaluation_report.write_report(results, gcs_path)
+    assert json.loads(storage.read_text(storage.join(gcs_path, "results.json"))) == results
+    assert "| abstain " in storage.read_text(storage.join(gcs_path, "results.md"))
+    for png in ("win_rates_heldout_labelers.png", "curves_sft.png"):
+        assert storage.read_bytes(storage.join(gcs_path, png)).startswith(b"\x89PNG")
+    path = evaluation_report.write_responses(gcs_path, ["p"], {"sft": ["a"]})
+    assert path == storage.join(gcs_path, "eval", "responses.jsonl")
+    assert json.loads(storage.read_text(path)) == {"model": "sft", "prompt": "p", "response": "a"}
+
+
+def test_only_process_0_writes_the_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation_report, "is_main", lambda: False)
+    evaluation_report.write_report({"win_rate_vs_sft": {"ppo": _win(0.6, 0.55, 0.55)}}, str(tmp_path))
+    path = evaluation_report.write_responses(str(tmp_path), ["p"], {"sft": ["a"]})
+    assert path == str(tmp_path / "eval" / "responses.jsonl") and not list(tmp_path.iterdir())

@@ -3,11 +3,13 @@
 import json
 import math
 import os
+import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from rlhf_jax import metrics, storage
 from rlhf_jax.metrics import (
     MetricsWriter,
     ProgressBar,
@@ -178,3 +180,54 @@ def test_progress_bar_postfix_stays_until_replaced():
     bar.update(loss=0.25)
     assert "loss=0.25" in bar._bar.postfix and bar.step == 2
     bar.close()
+
+
+def _gcs_files(root) -> list[str]:
+    """Every object under ``root``, as paths relative to it."""
+    out = []
+    for name in storage.listdir(root):
+        path = storage.join(root, name)
+        out += [f"{name}/{f}" for f in _gcs_files(path)] if storage.isdir(path) else [name]
+    return out
+
+
+def test_writer_on_gcs_mirrors_only_its_files_and_resumes(gcs_path, monkeypatch):
+    monkeypatch.setattr(metrics, "TENSORBOARD_UPLOAD_SECONDS", 0.0)   # upload on every flush
+    checkpoint = storage.join(gcs_path, "checkpoints", "7", "state")
+    storage.write_text(checkpoint, "not the writer's")
+    with MetricsWriter(gcs_path, enabled=True) as writer:
+        for step in (1, 2, 3):
+            writer.write(step, {"loss": float(step)})
+        writer.write_table(2, "eval/samples", [{"prompt": "p"}])
+        # Uploaded after every record, before close; the checkpoint was never downloaded.
+        assert [r["step"] for r in read_jsonl_metrics(writer.metrics_path)] == [1, 2, 3]
+        assert sorted(os.listdir(writer._files.local)) == ["eval", "metrics.jsonl"]
+        deadline = time.monotonic() + 10     # the TensorBoard thread uploads on its own
+        while not storage.exists(storage.join(gcs_path, "tb")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert storage.exists(storage.join(gcs_path, "tb"))
+    events = [f for f in _gcs_files(storage.join(gcs_path, "tb")) if "tfevents" in f]
+    assert len(events) == 1 and storage.read_bytes(storage.join(gcs_path, "tb", events[0]))
+
+    with MetricsWriter(gcs_path, enabled=True) as writer:    # resumed from the step-2 checkpoint
+        writer.discard_after(2, tables=["eval/samples", "absent"])
+        writer.write(3, {"loss": 0.5})
+        writer.write_table(3, "eval/samples", [{"prompt": "q"}])
+    records = read_jsonl_metrics(storage.join(gcs_path, "metrics.jsonl"))
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 0.5)]
+    table = read_jsonl_metrics(storage.join(gcs_path, "eval", "samples.jsonl"))
+    assert [(r["step"], r["prompt"]) for r in table] == [(2, "p"), (3, "q")]
+    assert storage.read_text(checkpoint) == "not the writer's"
+    assert not storage.exists(storage.join(gcs_path, "absent.jsonl"))
+
+
+def test_figures_are_written_to_gcs(gcs_path):
+    with MetricsWriter(gcs_path, enabled=True) as writer:
+        writer.write(0, {"loss": 1.0})
+        writer.write(1, {"loss": 0.5})
+    curves = storage.join(gcs_path, "plots", "curves.png")
+    assert plot_curves(storage.join(gcs_path, "metrics.jsonl"), ["loss"], curves) == ["loss"]
+    wins = storage.join(gcs_path, "wins.png")
+    plot_win_rates({"SFT": (0.5, 0.45, 0.55)}, wins, "vs SFT")
+    for png in (curves, wins):
+        assert storage.read_bytes(png).startswith(b"\x89PNG\r\n")
