@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
-from rlhf_jax import registry
+from rlhf_jax import registry, storage
 
 TRAIN_COMMANDS: dict[str, tuple[str, str]] = {
     # command: (module:function, one-line help); a stage's from rlhf_jax.registry.ENGINES
@@ -272,13 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return text or type(error).__name__
@@ -309,10 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
-    _setup_logging(args.log_level)
+    from rlhf_jax import distributed, runtime
+    runtime.configure_logging(args.log_level)      # so that joining the job is logged
     # Before anything touches a device: every host joins the same runtime.
-    from rlhf_jax import distributed
     distributed.initialize_from_args(args)
+    runtime.configure_logging(args.log_level)      # now with the process index known
 
     if args.command == "convert":
         return _convert(args)
@@ -325,13 +318,13 @@ def _main(argv: list[str]) -> int:
     from rlhf_jax.config import apply_overrides, load_config
     if args.command == "eval":
         from rlhf_jax.pipeline import evaluate_workdir
-        saved = os.path.join(args.workdir, "config_pipeline.json")
+        saved = storage.join(args.workdir, "config_pipeline.json")
         if args.config:
             cfg = apply_overrides(load_config(args.config), overrides)
-        elif os.path.exists(saved):
+        elif storage.exists(saved):
             import ml_collections
-            with open(saved, encoding="utf-8") as f:
-                cfg = apply_overrides(ml_collections.ConfigDict(json.load(f)), overrides)
+            cfg = apply_overrides(ml_collections.ConfigDict(json.loads(storage.read_text(saved))),
+                                  overrides)
         else:
             raise SystemExit(f"error: {saved} not found; pass --config")
         evaluate_workdir(cfg, args.workdir)
@@ -353,16 +346,15 @@ def _main(argv: list[str]) -> int:
         validate.check(cfg)
     if args.allow_config_change:
         _allow_config_change(cfg.base if args.command == "sweep" else cfg)
-    os.makedirs(args.workdir, exist_ok=True)
+    storage.makedirs(args.workdir)
     cache = args.compilation_cache or default_compilation_cache()
     if cache and cache.lower() != "none":
         from rlhf_jax.runtime import enable_compilation_cache
         enable_compilation_cache(cache)
     import jax
-    from rlhf_jax.checkpoint import atomic_write_text
     if jax.process_index() == 0:
-        atomic_write_text(os.path.join(args.workdir, f"config_{args.command}.json"),
-                          json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
+        storage.write_text(storage.join(args.workdir, f"config_{args.command}.json"),
+                           json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
     result = _call(TRAIN_COMMANDS[args.command][0])(cfg, args.workdir)
     if args.command not in ("pipeline", "sweep"):   # those print their own tables
         print(json.dumps(result, indent=2, sort_keys=True, default=str))

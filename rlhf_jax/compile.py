@@ -93,7 +93,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import collectives, registry, step_analysis
+from rlhf_jax import collectives, registry, step_analysis, storage
 from rlhf_jax.config import stage_configs
 from rlhf_jax.registry import GROUP_ADVANTAGES
 from rlhf_jax.sharding import MESH_AXES, resolve_mesh_shape
@@ -891,9 +891,8 @@ def run(args: Any, overrides: list[str]) -> int:
     report["overrides"] = list(overrides)
     print(format_table(report))
     if getattr(args, "out", None):
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, sort_keys=False, default=str)
+        if jax.process_index() == 0:
+            storage.write_text(args.out, json.dumps(report, indent=2, sort_keys=False, default=str))
         print(f"report written to {args.out}")
     problems = not_fitting(report)
     for line in problems:

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
-from rlhf_jax import registry
-from rlhf_jax.checkpoint import atomic_write_text
+from rlhf_jax import registry, storage
 from rlhf_jax.config import dpo_stage, group_method_stage, stage_configs
 from rlhf_jax.data import read_jsonl, write_jsonl
 from rlhf_jax.errors import ConfigError, Preempted, UserError
@@ -43,13 +42,23 @@ ALL_STAGES = registry.ALL_STAGES
 
 
 def _done_path(workdir: str, stage: str) -> str:
-    return os.path.join(workdir, stage, "DONE")
+    return storage.join(workdir, stage, "DONE")
+
+
+def on_main(write: Callable[[], Any], name: str) -> None:
+    """Call ``write`` on process 0 alone: one writer per file of the shared workdir. Every
+    process then waits for it, so the file is there wherever it is read next."""
+    if jax.process_index() == 0:
+        write()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def _read_json(path: str, what: str) -> Any:
     """A JSON file the pipeline wrote; a damaged one is a one-line UserError naming it."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with storage.open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as error:
         raise UserError(f"{path}:{error.lineno}: damaged {what} ({error.msg}); {_REDO[what]}") \
@@ -72,7 +81,7 @@ def run_stage(workdir: str, stage: str, fn: Callable[[], Any], timings: dict,
     stops the pipeline here, before the next stage starts.
     """
     marker = _done_path(workdir, stage)
-    if os.path.exists(marker):
+    if storage.exists(marker):
         done = _read_json(marker, "stage marker")
         timings[stage] = done.get("seconds", 0.0) if isinstance(done, dict) else 0.0
         log.info("stage %-11s already done, skipping", stage)
@@ -80,13 +89,13 @@ def run_stage(workdir: str, stage: str, fn: Callable[[], Any], timings: dict,
     if preemption is not None and preemption.requested():
         raise Preempted(preemption.signum)
     log.info("stage %-11s starting", stage)
-    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    storage.makedirs(storage.dirname(marker))
     start = time.time()
     result = fn()
     seconds = time.time() - start
     timings[stage] = seconds
-    atomic_write_text(marker, json.dumps({"seconds": seconds, "result": result}, indent=2,
-                                         default=str) + "\n")
+    text = json.dumps({"seconds": seconds, "result": result}, indent=2, default=str) + "\n"
+    on_main(lambda: storage.write_text(marker, text), f"rlhf_jax stage {stage} done")
     log.info("stage %-11s done in %.1fs", stage, seconds)
 
 
@@ -105,10 +114,10 @@ def _with(cfg: ml_collections.ConfigDict, **paths: Any) -> ml_collections.Config
 def world_files(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """Where the data comes from: the generated world, or the paths the config names."""
     if cfg.world.enabled:
-        base = os.path.join(workdir, "world")
-        return {name: os.path.join(base, f"{name}.jsonl") for name in
+        base = storage.join(workdir, "world")
+        return {name: storage.join(base, f"{name}.jsonl") for name in
                 ("pretrain", "sft", "rm_prompts", "ppo_prompts", "eval_prompts", "capability_mc",
-                 "capability_qa")} | {"tokenizer": os.path.join(base, "tokenizer"), "world": base}
+                 "capability_qa")} | {"tokenizer": storage.join(base, "tokenizer"), "world": base}
     files = {k: v for k, v in dict(cfg.data).items() if v}
     missing = [k for k in ("pretrain", "sft", "comparisons", "ppo_prompts", "eval_prompts")
                if k not in files]
@@ -127,9 +136,9 @@ def make_comparisons_stage(cfg, workdir: str, files: dict[str, str]) -> dict[str
 
     c = cfg.comparisons
     mesh = setup_mesh(cfg.sft)
-    model, params, tokenizer, _ = load_model(os.path.join(workdir, "sft", "model"), mesh)
+    model, params, tokenizer, _ = load_model(storage.join(workdir, "sft", "model"), mesh)
     _, pool = load_world(files["world"])
-    out_dir = os.path.join(workdir, "comparisons")
+    out_dir = storage.join(workdir, "comparisons")
 
     def sample_k(rows: list[dict], seed: int) -> list[list[str]]:
         prompts = [row["prompt"] for row in rows for _ in range(c.k)]
@@ -141,14 +150,19 @@ def make_comparisons_stage(cfg, workdir: str, files: dict[str, str]) -> dict[str
     rm_rows = read_jsonl(files["rm_prompts"], "prompts")[: c.n_prompts]
     train = make_comparisons(rm_rows, sample_k(rm_rows, cfg.seed), pool.training, cfg.seed)
     train = [row for row in train if len(set(row["ranking"])) > 1]   # all-tied rows carry no pairs
-    write_jsonl(os.path.join(out_dir, "train.jsonl"), train)
+    outputs = {"train": train}
     # Held-out test comparisons on eval prompts, ranked by both labeler groups.
     test_rows = read_jsonl(files["eval_prompts"], "prompts")[: c.n_test_prompts]
     test_samples = sample_k(test_rows, cfg.seed + 1)
     for group, labelers in (("train_labelers", pool.training), ("heldout_labelers", pool.heldout)):
-        rows = [r for r in make_comparisons(test_rows, test_samples, labelers, cfg.seed + 2)
-                if len(set(r["ranking"])) > 1]
-        write_jsonl(os.path.join(out_dir, f"test_{group}.jsonl"), rows)
+        outputs[f"test_{group}"] = [
+            r for r in make_comparisons(test_rows, test_samples, labelers, cfg.seed + 2)
+            if len(set(r["ranking"])) > 1]
+
+    def write() -> None:
+        for name, rows in outputs.items():
+            write_jsonl(storage.join(out_dir, f"{name}.jsonl"), rows)
+    on_main(write, "rlhf_jax comparisons written")
     return {"n_train": len(train)}
 
 
@@ -160,7 +174,7 @@ def ppo_stage_config(cfg: ml_collections.ConfigDict, workdir: str,
     estimator over ``group_size`` samples per prompt."""
     files = world_files(cfg, workdir)
     stage = registry.STAGES[name]
-    models = {field: registry.model_path(os.path.abspath(workdir), source)
+    models = {field: registry.model_path(storage.absolute(workdir), source)
               for field, source in stage.models_from.items()}
     out = _with(cfg.ppo, name=name, **models,
                 data__prompts=files["ppo_prompts"], data__pretrain=files["pretrain"],
@@ -172,7 +186,7 @@ def dpo_stage_config(cfg: ml_collections.ConfigDict, workdir: str,
                      comparisons: str) -> ml_collections.ConfigDict:
     """The config the pipeline's ``dpo`` stage runs with: the policy and its frozen reference
     are the SFT model, the data the comparisons the RM trains on."""
-    sft_model = registry.model_path(os.path.abspath(workdir),
+    sft_model = registry.model_path(storage.absolute(workdir),
                                     registry.STAGES["dpo"].models_from["init_from"])
     return _with(dpo_stage(cfg, sft_model), data__train=comparisons)
 
@@ -224,10 +238,10 @@ def check(cfg: ml_collections.ConfigDict, stages: tuple[str, ...] | None = None)
 def evaluate_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """`rlhf-jax eval`: (re-)evaluate the models of a pipeline workdir and rewrite the report."""
     from rlhf_jax import evaluation_report
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     results = evaluation_report.evaluate_pipeline(cfg, workdir, world_files(cfg, workdir))
-    timings_path = os.path.join(workdir, "results.json")
-    if os.path.exists(timings_path):
+    timings_path = storage.join(workdir, "results.json")
+    if storage.exists(timings_path):
         try:
             previous = _read_json(timings_path, "results file")
         except UserError as error:
@@ -256,11 +270,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     from rlhf_jax import reliability
 
     check(cfg, stages)
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.absolute(workdir)
+    storage.makedirs(workdir)
     # Up front, so a read-only output of a late stage does not waste the earlier ones.
     reliability.check_writable(workdir, recursive=False)
-    reliability.check_writable(*(os.path.join(workdir, stage, output) for stage in ALL_STAGES
+    reliability.check_writable(*(storage.join(workdir, stage, output) for stage in ALL_STAGES
                                  for output in ("model", "checkpoints")))
     with reliability.Preemption() as preemption:
         return _run(cfg, workdir, preemption, stages)
@@ -280,10 +294,10 @@ def labeler_group_split(rows: list[dict], group: str) -> tuple[list[dict], list[
 def _warn_if_evaluated_before(workdir: str, methods: tuple[str, ...]) -> None:
     """A method added to a finished workdir trains, but eval/DONE keeps the old report: say so."""
     marker = _done_path(workdir, "eval")
-    if not os.path.exists(marker):
+    if not storage.exists(marker):
         return
-    later = [m for m in methods if os.path.exists(_done_path(workdir, m))
-             and os.path.getmtime(_done_path(workdir, m)) > os.path.getmtime(marker)]
+    later = [m for m in methods if storage.exists(_done_path(workdir, m))
+             and storage.mtime(_done_path(workdir, m)) > storage.mtime(marker)]
     if later:
         log.warning("%s finished after eval: the report leaves them out; run `rlhf-jax eval` "
                     "on this workdir (or delete %s) to evaluate them", ", ".join(later), marker)
@@ -301,7 +315,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any,
     allow = {"allow_config_change": True} if cfg.get("allow_config_change", False) else {}
     section = lambda stage_cfg, **paths: _with(stage_cfg, **allow, **paths)
     model_dir = lambda stage: registry.model_path(workdir, stage)
-    stage_dir = lambda stage: os.path.join(workdir, stage)
+    stage_dir = lambda stage: storage.join(workdir, stage)
 
     def stage(name: str, fn: Callable[[], Any]) -> None:
         if selected is None or name in selected:
@@ -324,7 +338,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any,
         cfg.sft_ptx, init_from=base, data__train=files["sft"],
         data__pretrain_path=files["pretrain"]), stage_dir("sft_ptx")))
     # Comparisons: SFT samples ranked by the world's labelers, or a comparisons file.
-    comparisons = files.get("comparisons") or os.path.join(workdir, "comparisons", "train.jsonl")
+    comparisons = files.get("comparisons") or storage.join(workdir, "comparisons", "train.jsonl")
     if not files.get("comparisons"):
         stage("comparisons", lambda: make_comparisons_stage(cfg, workdir, files))
     # The RM starts from SFT, or from its own base when it is a different network (rm_model).
@@ -339,9 +353,13 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any,
         rm_comparisons = comparisons
         if holdout_group:
             rows, inside = labeler_group_split(read_rows(comparisons), holdout_group)
-            rm_comparisons = os.path.join(stage_dir("rm"), "comparisons_train.jsonl")
-            write_jsonl(rm_comparisons, rows)
-            write_jsonl(os.path.join(stage_dir("rm"), "comparisons_holdout_group.jsonl"), inside)
+            rm_comparisons = storage.join(stage_dir("rm"), "comparisons_train.jsonl")
+
+            def write() -> None:
+                write_jsonl(rm_comparisons, rows)
+                write_jsonl(storage.join(stage_dir("rm"), "comparisons_holdout_group.jsonl"),
+                            inside)
+            on_main(write, "rlhf_jax rm comparisons split")
         return reward.train(section(cfg.rm, init_from=rm_base, data__train=rm_comparisons,
                                     normalize__demonstrations=files["sft"]), stage_dir("rm"))
     stage("rm", train_rm)
@@ -355,9 +373,9 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any,
         dpo_comparisons = comparisons
         if holdout_group:      # DPO sees the comparisons the RM trained on, no more
             from rlhf_jax.world.export import read_jsonl as read_rows
-            dpo_comparisons = os.path.join(stage_dir("dpo"), "comparisons_train.jsonl")
-            write_jsonl(dpo_comparisons, labeler_group_split(read_rows(comparisons),
-                                                             holdout_group)[0])
+            dpo_comparisons = storage.join(stage_dir("dpo"), "comparisons_train.jsonl")
+            rows = labeler_group_split(read_rows(comparisons), holdout_group)[0]
+            on_main(lambda: write_jsonl(dpo_comparisons, rows), "rlhf_jax dpo comparisons")
         return dpo.train(section(dpo_stage_config(cfg, workdir, dpo_comparisons)),
                          stage_dir("dpo"))
     if "dpo" in methods:
@@ -377,9 +395,9 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any,
         results["stage_seconds"] = timings
         return results
     if not results:
-        path = os.path.join(workdir, "results.json")
+        path = storage.join(workdir, "results.json")
         try:
-            results = _read_json(path, "results file") if os.path.exists(path) else {}
+            results = _read_json(path, "results file") if storage.exists(path) else {}
         except UserError as error:
             log.warning("%s", error)
         if not results:

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
+
+from rlhf_jax import storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +173,7 @@ def stages(*, engine: str | None = None, method: bool | None = None) -> tuple[st
 
 def model_path(workdir: str, stage: str) -> str:
     """The model directory ``stage`` writes in a pipeline ``workdir``."""
-    return os.path.join(workdir, stage, STAGES[stage].model_dir)
+    return storage.join(workdir, stage, STAGES[stage].model_dir)
 
 
 def load(target: str) -> Callable[..., Any]:

@@ -18,6 +18,7 @@ import os
 import signal
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import errors
+from rlhf_jax import errors, storage
 
 log = logging.getLogger(__name__)
 
@@ -348,12 +349,20 @@ class FiniteGuard:
 def check_writable(*paths: str, recursive: bool = True) -> None:
     """Fail at once, naming the path, if a stage could not write its outputs there.
 
-    Each path that exists is probed with a real file (``os.access`` is wrong for root and
+    Each local path that exists is probed with a real file (``os.access`` is wrong for root and
     read-only mounts), and with ``recursive`` so is every directory below it (a save replaces
     or rotates them); a path that does not exist yet is probed at its nearest existing parent.
+    A URL is probed by writing and deleting an object under it, once per bucket: an object
+    store grants writes (and the deletes checkpoint rotation needs) per bucket, and has no
+    directories to walk.
     """
+    probed_buckets: set[str] = set()
     for path in paths:
-        if "://" in str(path):
+        if storage.is_url(path):
+            bucket = "/".join(str(path).split("/", 3)[:3])          # gs://bucket
+            if bucket not in probed_buckets:
+                _probe_url(str(path))
+                probed_buckets.add(bucket)
             continue
         path = os.path.abspath(path)
         probe = path
@@ -374,3 +383,15 @@ def check_writable(*paths: str, recursive: bool = True) -> None:
                 raise errors.UserError(
                     f"{directory}: not writable ({error.strerror or error}); fix its "
                     "permissions or use another --workdir") from error
+
+
+def _probe_url(url: str) -> None:
+    probe = storage.join(url, f".rlhf_jax-write-test-{uuid.uuid4().hex[:12]}")
+    try:
+        storage.write_bytes(probe, b"")
+        storage.remove(probe)
+    except Exception as error:   # gcsfs / the store's client raise many types
+        raise errors.UserError(
+            f"{url}: not writable ({type(error).__name__}: {_one_line(error)}); check that the "
+            "bucket exists and that these credentials may create and delete objects in it, or "
+            "use another --workdir") from error

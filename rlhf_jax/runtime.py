@@ -1,21 +1,36 @@
-"""How a stage runs on the machine: mesh, compilation cache, compile-ahead, side thread, step keys.
+"""How a stage runs on the machine: logging, mesh, compilation cache, compile-ahead, side thread,
+step keys.
 
-It knows nothing of models, data or checkpoints, only ``sharding`` below it, so the stages, the
-CLI, ``profile`` and ``step_analysis`` share it without importing a stage.
+It knows nothing of models, data or checkpoints, only ``sharding`` and ``storage`` below it, so
+the stages, the CLI, ``profile`` and ``step_analysis`` share it without importing a stage.
 """
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 from jax.sharding import Mesh
 
+from rlhf_jax import storage
 from rlhf_jax.sharding import make_mesh
 
 log = logging.getLogger(__name__)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Log to stderr at ``level`` (a logging level name). In a multi-process job only process 0
+    logs below WARNING: the others would repeat its every line. Call it again once
+    ``jax.distributed`` is initialized; before that the process index is unknown, and asking
+    for it would start the backend too early."""
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if jax.distributed.is_initialized() and jax.process_index() != 0:
+        root = logging.getLogger()
+        root.setLevel(max(root.level, logging.WARNING))
 
 
 def enable_compilation_cache(directory: str) -> None:
@@ -24,7 +39,7 @@ def enable_compilation_cache(directory: str) -> None:
     Stages that compile the same step (SFT and SFT-ptx, PPO and PPO-ptx, every sampler) and a
     re-run of a pipeline then load executables instead of compiling them again.
     """
-    os.makedirs(directory, exist_ok=True)
+    storage.makedirs(directory)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

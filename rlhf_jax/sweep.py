@@ -12,8 +12,10 @@ A sweep config (``experiments/sweep_*.py``) holds the pipeline config it varies 
     x        the dotted field the points vary (the x axis of the tables and plots), or ""
 
 A value ``"{shared}/..."`` in a point's ``set`` is a path into the shared workdir (the model-size
-sweep compares every size with the shared, largest SFT). Each point is a pipeline workdir ``<workdir>/points/<name>`` whose shared stages are symlinks,
-so every finished stage is skipped on a rerun and a killed sweep continues where it stopped.
+sweep compares every size with the shared, largest SFT). Each point is a pipeline workdir
+``<workdir>/points/<name>`` whose shared stages are symlinks (where either side is a URL,
+copies without the training checkpoints: object stores have no links), so every finished stage
+is skipped on a rerun and a killed sweep continues where it stopped.
 ``<workdir>/sweep.json`` gathers every point's results, stage times and the sweep's wall time;
 ``sweep.md`` is the same as tables (with mean and spread over the points when they are seeds).
 
@@ -32,8 +34,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from rlhf_jax import pipeline, registry
-from rlhf_jax.checkpoint import atomic_write_text
+from rlhf_jax import pipeline, registry, storage
 from rlhf_jax.config import apply_overrides
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.evaluation_report import finding_checks
@@ -63,7 +64,7 @@ def point_name(point: dict) -> str:
 
 
 def shared_dir(sweep: ml_collections.ConfigDict, workdir: str) -> str:
-    return os.path.abspath(sweep.get("shared_from") or os.path.join(workdir, "shared"))
+    return storage.absolute(sweep.get("shared_from") or storage.join(workdir, "shared"))
 
 
 def point_config(sweep: ml_collections.ConfigDict, point: dict,
@@ -127,6 +128,9 @@ def check(sweep: ml_collections.ConfigDict) -> None:
 
 
 def _link_shared(shared: str, point_dir: str, stages: tuple[str, ...]) -> None:
+    if storage.is_url(shared) or storage.is_url(point_dir):
+        _copy_shared(shared, point_dir, stages)
+        return
     os.makedirs(point_dir, exist_ok=True)
     for stage in stages:
         link = os.path.join(point_dir, stage)
@@ -140,10 +144,31 @@ def _link_shared(shared: str, point_dir: str, stages: tuple[str, ...]) -> None:
         os.symlink(target, link)
 
 
+# What a point never reads of a shared stage: its training checkpoints (only resuming that
+# stage's own training does), by far the largest part.
+_NOT_COPIED = "checkpoints"
+
+
+def _copy_shared(shared: str, point_dir: str, stages: tuple[str, ...]) -> None:
+    """The shared stages in a point where links are impossible: each stage's outputs copied
+    into the point (object by object by the store itself within one bucket). The DONE marker
+    goes last, so a copy cut short is redone by the next run; a stage the point has finished
+    is kept, as a directory is where a link would go."""
+    for stage in stages:
+        source, target = storage.join(shared, stage), storage.join(point_dir, stage)
+        if storage.exists(storage.join(target, "DONE")) or not storage.isdir(source):
+            continue
+        for name in storage.listdir(source):
+            if name not in (_NOT_COPIED, "DONE"):
+                storage.copy(storage.join(source, name), storage.join(target, name))
+        if storage.exists(storage.join(source, "DONE")):
+            storage.copy(storage.join(source, "DONE"), storage.join(target, "DONE"))
+
+
 def run(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Run the shared stages once, then every point; returns (and writes) the summary."""
     check(sweep)
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     start = time.time()
     shared = shared_dir(sweep, workdir)
     shared_all = _shared_stages(sweep)
@@ -155,12 +180,15 @@ def run(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     points = []
     for i, point in enumerate(sweep.points):
         name = point_name(point)
-        point_dir = os.path.join(workdir, "points", name)
+        point_dir = storage.join(workdir, "points", name)
         log.info("sweep: point %d/%d %s", i + 1, len(sweep.points), name)
-        _link_shared(shared, point_dir, _stages(sweep, point, "shared"))
         cfg = point_config(sweep, point, shared)
-        atomic_write_text(os.path.join(point_dir, "config_pipeline.json"),
-                          json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
+
+        def prepare() -> None:
+            _link_shared(shared, point_dir, _stages(sweep, point, "shared"))
+            storage.write_text(storage.join(point_dir, "config_pipeline.json"),
+                               json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
+        pipeline.on_main(prepare, f"rlhf_jax sweep point {name}")
         stages = _stages(sweep, point, "stages") + ("eval",)
         results = pipeline.run(cfg, point_dir, stages=stages)
         own = {k: v for k, v in results.get("stage_seconds", {}).items() if k in stages}
@@ -178,9 +206,12 @@ def run(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                "points": points, "aggregate": aggregate(points),
                "wall_seconds": shared_seconds + sum(p["seconds"] for p in points),
                "this_invocation_seconds": time.time() - start}
-    atomic_write_text(os.path.join(workdir, "sweep.json"),
-                      json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
-    atomic_write_text(os.path.join(workdir, "sweep.md"), report(summary))
+
+    def write() -> None:
+        storage.write_text(storage.join(workdir, "sweep.json"),
+                           json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
+        storage.write_text(storage.join(workdir, "sweep.md"), report(summary))
+    pipeline.on_main(write, "rlhf_jax sweep summary")
     print(report(summary))
     return summary
 
@@ -190,10 +221,9 @@ def shared_stage_seconds(point_dir: str, stages: tuple[str, ...]) -> dict[str, f
     link into the shared workdir): what the stages the point reuses cost when they ran."""
     out = {}
     for stage in stages:
-        path = os.path.join(point_dir, stage, "DONE")
+        path = storage.join(point_dir, stage, "DONE")
         try:
-            with open(path, encoding="utf-8") as f:
-                done = json.load(f)
+            done = json.loads(storage.read_text(path))
         except (OSError, ValueError):
             continue       # not finished (or damaged): the pipeline reported it already
         if isinstance(done, dict) and isinstance(done.get("seconds"), (int, float)):
@@ -205,11 +235,11 @@ def curves(point_dir: str, stages: tuple[str, ...]) -> dict[str, list[dict]]:
     """The metrics rows of each stage the point ran, cut to ``CURVES``' keys."""
     out = {}
     for stage in stages:
-        path = os.path.join(point_dir, stage, "metrics.jsonl")
-        if stage not in CURVES or not os.path.exists(path):
+        path = storage.join(point_dir, stage, "metrics.jsonl")
+        if stage not in CURVES or not storage.exists(path):
             continue
         rows = []
-        with open(path, encoding="utf-8") as f:
+        with storage.open(path) as f:
             for line in f:
                 row = json.loads(line)
                 kept = {k: row[k] for k in CURVES[stage] if k in row}

@@ -21,12 +21,12 @@ Architectures are read from the config's model sections or from ``config.json`` 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Callable
 
 import jax
 import ml_collections
 
+from rlhf_jax import storage
 from rlhf_jax.config import stage_configs
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.registry import ADVANTAGES, DEFAULT_ENGINES, DEFAULT_SECTIONS, GROUP_ADVANTAGES
@@ -224,20 +224,18 @@ def _arch(source: str, section: Any, tokenizer_vocab: int | None = None):
 def _dir_problem(p: _Problems, field: str, path: str) -> bool:
     if not path:
         return False
-    if "://" in path:
-        return False
-    if not os.path.isdir(path):
+    if not storage.isdir(path):
         p.add(field, path, "a model directory (ours, or a transformers checkpoint with config.json)")
         return True
     return False
 
 
 def _tokenizer(path: str):
-    if not path or "://" in path or not os.path.isdir(path):
+    if not path or not storage.isdir(path):
         return None
     from rlhf_jax.model_io import load_tokenizer
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    if not any(os.path.exists(os.path.join(path, n)) for n in names):
+    if not any(storage.exists(storage.join(path, n)) for n in names):
         return None
     return load_tokenizer(path)
 
@@ -255,8 +253,8 @@ def _lengths(p: _Problems, cfg: Any, name: str, max_position: int) -> None:
 def _data_paths(p: _Problems, cfg: Any, fields: tuple[str, ...]) -> None:
     for field in fields:
         path = _get(cfg, field)
-        if isinstance(path, str) and path and not path.startswith("tfds:") and "://" not in path \
-                and not os.path.isfile(path):
+        if isinstance(path, str) and path and not path.startswith("tfds:") \
+                and not storage.isfile(path):
             p.add(field, path, "an existing JSONL file (or tfds:<name>:<split>)")
 
 
