@@ -18,8 +18,8 @@ own shards), and the directory must be on storage all hosts share (e.g. ``gs://`
 :func:`save_pytree` / :func:`load_pytree` store a single pytree outside any manager, for a
 stage's final output (e.g. the SFT params handed to the reward model and PPO stages).
 
-:func:`atomic_write_text` / :func:`atomic_write_json` write small files (stage markers, reports)
-so that a kill leaves either the old or the new file, never a truncated one.
+:func:`atomic_write_text` / :func:`atomic_write_json` are :func:`rlhf_jax.storage.write_text` /
+:func:`~rlhf_jax.storage.write_json` under their older names.
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from rlhf_jax import storage
 
 PyTree = Any
 
@@ -40,18 +41,6 @@ _STATE_ITEM = "state"
 _META_ITEM = "meta"
 
 logger = logging.getLogger(__name__)
-
-
-def _absolute_path(path: str | os.PathLike) -> str:
-    """Absolute form of a local path (orbax requires it); URLs such as ``gs://`` pass through."""
-    text = os.fspath(path)
-    if "://" in text:
-        return text
-    return os.path.abspath(text)
-
-
-def _is_local(path: str) -> bool:
-    return "://" not in path
 
 
 def abstract_like(tree: PyTree) -> PyTree:
@@ -65,41 +54,9 @@ def abstract_like(tree: PyTree) -> PyTree:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename.
-
-    Readers (a rerun, the next stage) then see the previous file or the complete new one; the
-    data is fsynced before the rename so a power cut cannot leave the new name pointing at an
-    empty file. Object stores (``gs://``) write objects whole, so they are written directly.
-    """
-    target = os.fspath(path)
-    if not _is_local(target):
-        from etils import epath
-        epath.Path(target).write_text(text)
-        return
-    directory = os.path.dirname(os.path.abspath(target))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(target)}.",
-                                    suffix=".tmp")
-    try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        mask = os.umask(0)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, target)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> None:
-    """:func:`atomic_write_text` of ``json.dumps(obj, **dump_kwargs)`` plus a final newline."""
-    atomic_write_text(path, json.dumps(obj, **dump_kwargs) + "\n")
+# Older names of storage.write_text / write_json, still imported by other modules.
+atomic_write_text = storage.write_text
+atomic_write_json = storage.write_json
 
 
 def _check_json_serialisable(meta: dict) -> None:
@@ -131,9 +88,9 @@ class Checkpointer:
         save_interval_steps: int = 1,
         async_save: bool = True,
     ) -> None:
-        self.directory = _absolute_path(directory)
-        if _is_local(self.directory):
-            os.makedirs(self.directory, exist_ok=True)
+        # orbax requires absolute local paths.
+        self.directory = storage.absolute(directory)
+        storage.makedirs(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=save_interval_steps,
@@ -241,7 +198,7 @@ class Checkpointer:
         self.wait()
         step = int(step)
         moved = ""
-        if _is_local(self.directory):
+        if not storage.is_url(self.directory):
             source = os.path.join(self.directory, str(step))
             moved = os.path.join(self.directory, f"damaged-{step}-{int(time.time())}")
             if jax.process_index() == 0 and os.path.exists(source):
@@ -281,9 +238,8 @@ def save_pytree(path: str | os.PathLike, tree: PyTree, *, overwrite: bool = Fals
     orbax's ValueError if ``path`` already exists, unless ``overwrite`` is True.
     Multi-host: call on every process.
     """
-    absolute = _absolute_path(path)
-    if _is_local(absolute):
-        os.makedirs(os.path.dirname(absolute), exist_ok=True)
+    absolute = storage.absolute(path)
+    storage.makedirs(storage.dirname(absolute))
     checkpointer = ocp.StandardCheckpointer()
     try:
         checkpointer.save(absolute, tree, force=overwrite)
@@ -299,8 +255,8 @@ def load_pytree(path: str | os.PathLike, target: PyTree | None = None) -> PyTree
     ``target`` (arrays or ``ShapeDtypeStruct`` with shardings) fixes shapes, dtypes and
     shardings of the result, as in :meth:`Checkpointer.restore`; None restores as saved.
     """
-    absolute = _absolute_path(path)
-    if _is_local(absolute) and not os.path.isdir(absolute):
+    absolute = storage.absolute(path)
+    if not storage.isdir(absolute):
         raise FileNotFoundError(f"no saved pytree at {absolute}")
     abstract_tree = None if target is None else abstract_like(target)
     checkpointer = ocp.StandardCheckpointer()

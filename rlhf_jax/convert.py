@@ -1,5 +1,7 @@
 """The ``rlhf-jax convert`` command: transformers <-> our layout, and LoRA merges, on ``model_io``.
 
+Every input and output directory may be local or a URL (``gs://``), as in ``model_io``.
+
 ``hf_to_orbax`` and ``orbax_to_hf`` back ``convert hf-to-jax`` / ``jax-to-hf``; reading and
 writing the model directories themselves is :mod:`rlhf_jax.model_io`'s. ``merge_lora`` (and
 ``orbax_to_hf``'s ``lora_dir``) fold a LoRA run's adapters into its base model::
@@ -12,19 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from rlhf_jax import storage
 from rlhf_jax.checkpoint import load_pytree
 from rlhf_jax.errors import UserError
 from rlhf_jax.model_io import (MODEL_CONFIG_FILE, PARAMS_DIR, is_our_checkpoint, load_model,
-                               load_our_checkpoint, local_path, path_exists, read_extra, read_text,
-                               save_our_checkpoint)
-from rlhf_jax.models.hf import from_pretrained, load_tokenizer, save_pretrained
+                               load_our_checkpoint, read_extra, save_our_checkpoint)
+from rlhf_jax.models.hf import from_pretrained, save_pretrained
 from rlhf_jax.models.lora import ALL_TARGETS, LoRA, apply_lora, init_lora
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.sharding import as_auto_mesh
@@ -34,15 +35,13 @@ log = logging.getLogger(__name__)
 
 def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", mesh: Mesh | None = None,
                 overwrite: bool = False) -> str:
-    """Convert a local transformers checkpoint (config.json + safetensors) to our layout.
+    """Convert a transformers checkpoint (config.json + safetensors) to our layout.
 
     ``dtype`` ("float32" or "bfloat16") is the stored parameter dtype and the compute dtype
     recorded in ``model_config.json``. Returns the absolute ``out_dir``.
     """
     mesh = as_auto_mesh(mesh)
-    model, params, _ = from_pretrained(hf_dir, mesh=mesh, dtype=jnp.dtype(dtype),
-                                       with_tokenizer=False)
-    tokenizer = load_tokenizer(local_path(hf_dir))
+    model, params, tokenizer = from_pretrained(hf_dir, mesh=mesh, dtype=jnp.dtype(dtype))
     return save_our_checkpoint(out_dir, model, params, tokenizer, overwrite=overwrite)
 
 
@@ -98,20 +97,20 @@ def merged_lora_model(base_dir: str, lora_dir: str) -> tuple[Transformer, Any, A
     The base is loaded in the adapters' layout (stacked ``layers`` under scan_layers or not),
     whatever layout it was saved in; merged kernels keep the base's dtype, as in training.
     """
-    base_dir, lora_dir = local_path(base_dir), local_path(lora_dir)
-    if not is_our_checkpoint(base_dir) and not path_exists(os.path.join(base_dir, "config.json")):
+    base_dir, lora_dir = storage.absolute(base_dir), storage.absolute(lora_dir)
+    if not is_our_checkpoint(base_dir) and not storage.exists(storage.join(base_dir, "config.json")):
         raise UserError(f"{base_dir}: not a model directory; the LoRA base must be an rlhf_jax "
                         f"model ({MODEL_CONFIG_FILE} + {PARAMS_DIR}/) or a transformers "
                         "checkpoint (config.json + *.safetensors)")
     meta = read_lora_meta(lora_dir)
-    adapters_dir = os.path.join(lora_dir, LORA_ADAPTERS_DIR)
+    adapters_dir = storage.join(lora_dir, LORA_ADAPTERS_DIR)
     saved = _saved_adapter_shapes(adapters_dir)
     stacked = "layers" in saved
     model, params, tokenizer, extra = load_model(base_dir, None, scan_layers=stacked)
     recorded = meta.get("base")
-    if isinstance(recorded, str) and recorded and local_path(recorded) != base_dir:
+    if isinstance(recorded, str) and recorded and storage.absolute(recorded) != base_dir:
         log.warning("%s: the adapters were trained on %s; merging them into %s",
-                    os.path.join(lora_dir, LORA_META_FILE), recorded, base_dir)
+                    storage.join(lora_dir, LORA_META_FILE), recorded, base_dir)
 
     _check_adapter_shapes(saved, params, adapters_dir, base_dir)
     single = SingleDeviceSharding(jax.local_devices()[0])
@@ -128,14 +127,14 @@ def merged_lora_model(base_dir: str, lora_dir: str) -> tuple[Transformer, Any, A
 def read_lora_meta(lora_dir: str) -> dict:
     """``lora_dir/lora.json``, checked to hold a numeric ``scale`` and to sit beside
     ``adapters/``."""
-    lora_dir = local_path(lora_dir)
-    meta_path = os.path.join(lora_dir, LORA_META_FILE)
+    lora_dir = storage.absolute(lora_dir)
+    meta_path = storage.join(lora_dir, LORA_META_FILE)
     layout = (f"a LoRA directory holds {LORA_META_FILE} and {LORA_ADAPTERS_DIR}/ (PPO writes it "
               "as <workdir>/lora when ppo.lora.rank > 0)")
-    if not path_exists(meta_path):
+    if not storage.exists(meta_path):
         raise UserError(f"{meta_path}: missing; {layout}")
     try:
-        meta = json.loads(read_text(meta_path))
+        meta = json.loads(storage.read_text(meta_path))
     except json.JSONDecodeError as e:
         raise UserError(f"{meta_path}:{e.lineno}: invalid JSON ({e.msg})") from e
     if not isinstance(meta, dict):
@@ -145,8 +144,9 @@ def read_lora_meta(lora_dir: str) -> dict:
     # bool is an int to Python but never a meaningful scale.
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise UserError(f"{meta_path}: 'scale' must be a number (alpha / rank); got {scale!r}")
-    if not path_exists(os.path.join(lora_dir, LORA_ADAPTERS_DIR)):
-        raise UserError(f"{os.path.join(lora_dir, LORA_ADAPTERS_DIR)}: missing; {layout}")
+    adapters_dir = storage.join(lora_dir, LORA_ADAPTERS_DIR)
+    if not storage.exists(adapters_dir):
+        raise UserError(f"{adapters_dir}: missing; {layout}")
     return dict(meta, scale=float(scale))
 
 

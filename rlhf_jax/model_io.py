@@ -11,7 +11,9 @@ puts together. Our layout (what every stage writes as its output and reads as it
         tokenizer files     (optional) tokenizer.json, tokenizer_config.json, ...
 
 A transformers directory (config.json + safetensors) is read through ``rlhf_jax.models.hf``.
-:func:`load_model` takes either; :func:`save_our_checkpoint` writes ours.
+:func:`load_model` takes either; :func:`save_our_checkpoint` writes ours. Either may be a URL
+(``gs://``): orbax reads and writes params there itself, the small files go through
+:mod:`rlhf_jax.storage`, and tokenizers and transformers weights are read from local copies.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from rlhf_jax import storage
 from rlhf_jax.checkpoint import load_pytree, save_pytree
 from rlhf_jax.config import model_config_from
 from rlhf_jax.errors import UserError
@@ -42,36 +45,6 @@ log = logging.getLogger(__name__)
 
 MODEL_CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
-
-
-def local_path(path: str) -> str:
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
-def _write_text(path: str, text: str) -> None:
-    if "://" in path:
-        from etils import epath  # orbax's path library, handles gs:// and friends
-        epath.Path(path).write_text(text)
-        return
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def read_text(path: str) -> str:
-    if "://" in path:
-        from etils import epath
-        return epath.Path(path).read_text()
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
-def path_exists(path: str) -> bool:
-    if "://" in path:
-        from etils import epath
-        return epath.Path(path).exists()
-    return os.path.exists(path)
-
-
 EXTRA_FILE = "extra.json"
 
 
@@ -86,22 +59,22 @@ def save_our_checkpoint(our_dir: str, model: Transformer, params: Any, tokenizer
     (an atomic exchange where the filesystem has one), so a kill at any moment leaves either the
     previous complete model or the new one, never a directory without params. ``overwrite``
     replaces an existing model; without it an existing model is an error. On object stores
-    (``gs://``), which have no directory rename, the files are written in place.
+    (``gs://``), which have no directory rename, the files are written in place (see
+    :func:`_write_in_place`).
 
     Multi-host: call on every process (the orbax save is collective); process 0 writes the
     config and tokenizer and does the swap.
     """
-    our_dir = local_path(our_dir)
-    if "://" in our_dir:
-        _write_model_files(our_dir, model, params, tokenizer, extra, overwrite)
+    our_dir = storage.absolute(our_dir)
+    if storage.is_url(our_dir):
+        _write_in_place(our_dir, model, params, tokenizer, extra, overwrite)
         return our_dir
     main = jax.process_index() == 0
     staging = our_dir + _STAGING_SUFFIX
     if main:
         recover_model_dir(our_dir)
     if not overwrite and os.path.exists(os.path.join(our_dir, PARAMS_DIR)):
-        raise UserError(f"{our_dir}: already holds a model ({PARAMS_DIR}/); choose another "
-                        "directory or delete it")
+        _refuse_existing(our_dir)
     if main:
         os.makedirs(os.path.dirname(our_dir), exist_ok=True)
     _sync_processes("rlhf_jax save_our_checkpoint: staging ready")
@@ -117,16 +90,45 @@ _STAGING_SUFFIX = ".saving"      # the new model while it is written; the old on
 _REPLACED_SUFFIX = ".replaced"   # the previous model during a two-rename swap
 
 
+def _refuse_existing(our_dir: str) -> None:
+    raise UserError(f"{our_dir}: already holds a model ({PARAMS_DIR}/); choose another "
+                    "directory or delete it")
+
+
 def _write_model_files(our_dir: str, model: Transformer, params: Any, tokenizer: Any,
                        extra: dict | None, overwrite: bool) -> None:
-    if "://" not in our_dir:
-        os.makedirs(our_dir, exist_ok=True)
-    save_pytree(os.path.join(our_dir, PARAMS_DIR), params, overwrite=overwrite)
+    """Params first and ``model_config.json`` last: written in place (an object store), the
+    directory only looks like a model once everything else is there."""
+    storage.makedirs(our_dir)
+    save_pytree(storage.join(our_dir, PARAMS_DIR), params, overwrite=overwrite)
     if jax.process_index() == 0:
-        _write_text(os.path.join(our_dir, MODEL_CONFIG_FILE), model.config.to_json())
-        _write_text(os.path.join(our_dir, EXTRA_FILE), json.dumps(extra or {}, indent=2, sort_keys=True))
+        storage.write_text(storage.join(our_dir, EXTRA_FILE),
+                           json.dumps(extra or {}, indent=2, sort_keys=True))
         if tokenizer is not None:
-            tokenizer.save_pretrained(our_dir)
+            with storage.writable_local(our_dir) as local:
+                tokenizer.save_pretrained(local)
+        storage.write_text(storage.join(our_dir, MODEL_CONFIG_FILE), model.config.to_json())
+
+
+def _write_in_place(our_dir: str, model: Transformer, params: Any, tokenizer: Any,
+                    extra: dict | None, overwrite: bool) -> None:
+    """Save into a URL, where nothing can be renamed into place.
+
+    ``model_config.json`` + ``params/`` make a directory a model, so a previous model (or a
+    partial write that a kill left: params without the config) loses its config first and is
+    then deleted, and the new config is written last: a kill leaves no model, which the rerun
+    writes again, never params that do not match their config.
+    """
+    if not overwrite and is_our_checkpoint(our_dir):
+        _refuse_existing(our_dir)
+    if jax.process_index() == 0 and storage.exists(storage.join(our_dir, PARAMS_DIR)):
+        storage.remove(storage.join(our_dir, MODEL_CONFIG_FILE))
+        storage.rmtree(our_dir)
+    _sync_processes("rlhf_jax save_our_checkpoint: previous model removed")
+    # The directory is empty now; overwrite=True only keeps a host whose listing of the store is
+    # stale from refusing to save.
+    _write_model_files(our_dir, model, params, tokenizer, extra, overwrite=True)
+    _sync_processes("rlhf_jax save_our_checkpoint: written")
 
 
 def _sync_processes(name: str) -> None:
@@ -168,7 +170,7 @@ def recover_model_dir(our_dir: str) -> None:
     previous model has already been moved aside (``.replaced``), because that move only starts
     once the staged copy is written; otherwise a staging directory is a partial write.
     """
-    our_dir = local_path(our_dir)
+    our_dir = storage.absolute(our_dir)
     staging, replaced = our_dir + _STAGING_SUFFIX, our_dir + _REPLACED_SUFFIX
     if not os.path.exists(our_dir) and os.path.exists(replaced):
         source = staging if os.path.exists(staging) else replaced
@@ -211,27 +213,27 @@ def _exchange(a: str, b: str) -> bool:
 
 def is_our_checkpoint(path: str) -> bool:
     """A directory written by ``save_our_checkpoint`` (as opposed to a transformers one)."""
-    path = local_path(path)
-    return (path_exists(os.path.join(path, MODEL_CONFIG_FILE))
-            and path_exists(os.path.join(path, PARAMS_DIR)))
+    path = storage.absolute(path)
+    return (storage.exists(storage.join(path, MODEL_CONFIG_FILE))
+            and storage.exists(storage.join(path, PARAMS_DIR)))
 
 
 def read_extra(our_dir: str) -> dict:
     """The stage facts stored with a model ({} when there are none)."""
-    path = os.path.join(local_path(our_dir), EXTRA_FILE)
-    return json.loads(read_text(path)) if path_exists(path) else {}
+    path = storage.join(storage.absolute(our_dir), EXTRA_FILE)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else {}
 
 
 def read_model_config(our_dir: str) -> TransformerConfig:
     """The TransformerConfig stored in ``our_dir/model_config.json``."""
-    config_path = os.path.join(local_path(our_dir), MODEL_CONFIG_FILE)
-    if not path_exists(config_path):
+    config_path = storage.join(storage.absolute(our_dir), MODEL_CONFIG_FILE)
+    if not storage.exists(config_path):
         raise FileNotFoundError(
             f"{config_path}: missing; an rlhf_jax checkpoint directory holds {MODEL_CONFIG_FILE} "
             f"and {PARAMS_DIR}/ (for a transformers checkpoint use rlhf_jax.models.from_pretrained "
             "or `rlhf-jax convert`)")
     try:
-        return TransformerConfig.from_dict(json.loads(read_text(config_path)))
+        return TransformerConfig.from_dict(json.loads(storage.read_text(config_path)))
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path}:{e.lineno}: invalid JSON ({e.msg})") from e
     except (TypeError, ValueError) as e:
@@ -260,7 +262,7 @@ def load_our_checkpoint(our_dir: str, mesh: Mesh | None = None, *,
     axes (``jax.make_mesh``'s default); it is used as its Auto twin.
     """
     mesh = as_auto_mesh(mesh)
-    our_dir = local_path(our_dir)
+    our_dir = storage.absolute(our_dir)
     saved_cfg = read_model_config(our_dir)
     cfg = saved_cfg.replace(**config_overrides)
     structural = [name for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
@@ -273,7 +275,7 @@ def load_our_checkpoint(our_dir: str, mesh: Mesh | None = None, *,
                          "saved model; load it as saved and convert the params explicitly")
 
     saved_model = Transformer(saved_cfg, mesh=mesh, rules=rules)
-    params = load_pytree(os.path.join(our_dir, PARAMS_DIR), _restore_target(saved_model, mesh))
+    params = load_pytree(storage.join(our_dir, PARAMS_DIR), _restore_target(saved_model, mesh))
 
     model = Transformer(cfg, mesh=mesh, rules=rules)
     if cfg.scan_layers != saved_cfg.scan_layers:

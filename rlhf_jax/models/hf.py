@@ -1,6 +1,8 @@
-"""Hugging Face interop: local ``config.json`` + safetensors <-> our parameter trees.
+"""Hugging Face interop: ``config.json`` + safetensors <-> our parameter trees.
 
-Local files only: nothing is downloaded, and nothing is unpickled (no ``torch.load``). Supported
+Nothing is downloaded from the Hub, and nothing is unpickled (no ``torch.load``). A checkpoint
+directory may be local or a URL (``gs://``, read from a local copy; see
+:func:`rlhf_jax.storage.local_copy`). Supported
 architectures: GPT-2 (``GPT2LMHeadModel``), Llama (``LlamaForCausalLM``), Qwen2
 (``Qwen2ForCausalLM``), with plain RoPE or Llama 3.1 / 3.2's ``"llama3"`` RoPE scaling (read
 from ``rope_parameters`` or the older ``rope_scaling``, written back as ``rope_parameters``).
@@ -41,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from rlhf_jax import storage
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.config import TransformerConfig, gpt2_config, llama_config, qwen2_config
 from rlhf_jax.models.params import (param_shardings, stack_layers, unstack_layers)
@@ -370,7 +373,8 @@ def _get_path(tree: dict, path: str) -> Any:
 def load_params(path: str, cfg: TransformerConfig, shardings: Any = None,
                 dtype: Any = jnp.float32, *, score_head: bool = False,
                 score_offset: float = 0.0) -> dict:
-    """Read safetensors into our (unstacked) tree, one tensor at a time, checking shapes.
+    """Read the safetensors of local directory ``path`` into our (unstacked) tree, one tensor at
+    a time, checking shapes.
 
     With ``shardings`` (a tree of NamedSharding for the unstacked layout) each tensor goes straight
     to its sharding, so the full model is never gathered on one device. ``score_head``: read a
@@ -404,21 +408,24 @@ def load_params(path: str, cfg: TransformerConfig, shardings: Any = None,
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
+    config_path = storage.join(path, "config.json")
+    if not storage.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory (expected a checkpoint directory "
                                 "with config.json and *.safetensors)")
-    if not os.path.exists(config_path):
+    if not storage.exists(config_path):
         raise FileNotFoundError(f"{config_path}: missing; a checkpoint directory needs config.json "
                                 "(transformers format) beside its *.safetensors files")
-    with open(config_path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointFormatError(f"{config_path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    try:
+        return json.loads(storage.read_text(config_path))
+    except json.JSONDecodeError as e:
+        raise CheckpointFormatError(f"{config_path}:{e.lineno}: invalid JSON ({e.msg})") from e
 
 
 _GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+# What a model directory holds besides its tokenizer: weights (ours are the orbax ``params/``),
+# never fetched to read a tokenizer from a URL.
+_WEIGHTS = ("params", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack",
+            "*.gguf", "*.onnx")
 
 
 def load_tokenizer(path: str):
@@ -432,9 +439,10 @@ def load_tokenizer(path: str):
     # transformers.AutoTokenizer imports every model family's config (seconds): only when needed.
     from transformers import PreTrainedTokenizerFast
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    if not any(os.path.exists(os.path.join(path, n)) for n in names):
+    if not any(storage.exists(storage.join(path, n)) for n in names):
         log.warning("%s: no tokenizer files; returning tokenizer=None", path)
         return None
+    path = storage.local_copy(path, skip=_WEIGHTS)
     config_path = os.path.join(path, "tokenizer_config.json")
     declared = None
     if os.path.exists(config_path):
@@ -449,7 +457,8 @@ def load_tokenizer(path: str):
 def from_pretrained(path: str, mesh: Mesh | None = None, dtype: Any = jnp.float32, *,
                     rules: LogicalRules = DEFAULT_RULES, with_tokenizer: bool = True,
                     **config_overrides: Any) -> tuple[Transformer, dict, Any]:
-    """``model, params, tokenizer`` from a local transformers checkpoint directory.
+    """``model, params, tokenizer`` from a transformers checkpoint directory (local, or a URL
+    read from a local copy of the whole directory).
 
     ``dtype`` is the parameter and compute dtype (override ``dtype=``/``param_dtype=`` names
     through ``config_overrides``, e.g. ``scan_layers=True, remat=True, dropout=0.1``).
@@ -457,12 +466,13 @@ def from_pretrained(path: str, mesh: Mesh | None = None, dtype: Any = jnp.float3
     ``mesh`` may have Explicit axes (``jax.make_mesh``'s default); it is used as its Auto twin.
     """
     mesh = as_auto_mesh(mesh)
-    path = os.path.abspath(os.path.expanduser(path))
-    hf = read_hf_config(path)
+    source = storage.absolute(path)
+    hf = read_hf_config(source)
+    path = storage.local_copy(source)
     dtype_name = jnp.dtype(dtype).name
     overrides = dict(dtype=dtype_name, param_dtype=dtype_name)
     overrides.update(config_overrides)
-    cfg = config_from_hf(hf, os.path.join(path, "config.json"), **overrides)
+    cfg = config_from_hf(hf, storage.join(source, "config.json"), **overrides)
     model = Transformer(cfg, mesh=mesh, rules=rules)
     shardings = None
     if mesh is not None:
@@ -524,13 +534,13 @@ def save_pretrained(path: str, model: Transformer, params: dict, tokenizer: Any 
         offset = _fold_normalization(cfg, tensors, prefix, bias, reward_norm)
         if offset is not None:
             setattr(hf_config, SCORE_OFFSET_KEY, offset)
-    path = os.path.abspath(os.path.expanduser(path))
+    path = storage.absolute(path)
     if jax.process_index() == 0:
-        os.makedirs(path, exist_ok=True)
-        hf_config.save_pretrained(path)
-        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
+        with storage.writable_local(path) as local:
+            hf_config.save_pretrained(local)
+            save_file(tensors, os.path.join(local, "model.safetensors"), metadata={"format": "pt"})
+            if tokenizer is not None:
+                tokenizer.save_pretrained(local)
     return path
 
 

@@ -18,10 +18,11 @@ from safetensors.numpy import load_file
 from parity_models import (PARITY_ATOL, hf_model, left_padded_batch, make_tokenizer,
                      max_diff_at_real_positions, torch_logits)
 
-from rlhf_jax import cli
-from rlhf_jax.convert import hf_to_orbax, merge_lora, orbax_to_hf
+from rlhf_jax import cli, storage
+from rlhf_jax.convert import hf_to_orbax, merge_lora, orbax_to_hf, read_lora_meta
 from rlhf_jax.errors import UserError
-from rlhf_jax.model_io import load_our_checkpoint, read_extra, read_model_config
+from rlhf_jax.model_io import (load_our_checkpoint, read_extra, read_model_config,
+                               save_our_checkpoint)
 from rlhf_jax.models.hf import load_tokenizer
 from rlhf_jax.models.lora import LoRA, apply_lora, init_lora
 from rlhf_jax.stages.ppo.roles import LORA, Role, save_adapters
@@ -143,6 +144,25 @@ def test_convert_cli_merges_lora_before_export(bases, tmp_path, capsys):
                      "--lora", lora_dir]) == 0
     assert max_diff_at_real_positions(hf_logits(str(tmp_path / "hf3"), ids, mask), adapted,
                                       mask) <= PARITY_ATOL
+
+
+def test_lora_run_on_gcs_merges_and_exports(bases, gcs_path, tmp_path, monkeypatch):
+    # Base, adapters, merged model and export all under gs:// (a GCS emulator).
+    monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path / "cache"))
+    model, params, tokenizer = load_our_checkpoint(bases["gpt2"][1])
+    base_dir = save_our_checkpoint(storage.join(gcs_path, "sft", "model"), model, params,
+                                   tokenizer)
+    lora = trained_lora(params)
+    ids, mask = left_padded_batch()
+    adapted = np.asarray(adapted_forward(model)(params, lora, ids, mask), np.float32)
+    lora_dir = write_lora(storage.join(gcs_path, "ppo", "lora"), lora, base_dir)
+    assert read_lora_meta(lora_dir)["base"] == base_dir
+
+    merged_dir = merge_lora(base_dir, lora_dir, storage.join(gcs_path, "merged"))
+    assert read_extra(merged_dir)["lora_dir"] == lora_dir
+    hf_dir = orbax_to_hf(merged_dir, storage.join(gcs_path, "hf"))
+    exported = hf_logits(storage.local_copy(hf_dir), ids, mask)
+    assert max_diff_at_real_positions(exported, adapted, mask) <= PARITY_ATOL
 
 
 # --- bad input -------------------------------------------------------------------------------

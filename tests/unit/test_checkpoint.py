@@ -143,3 +143,9 @@ def test_save_and_load_pytree(tmp_path, mesh, monkeypatch):
     assert_same_leaves(load_pytree(path, params), jax.tree.map(lambda leaf: leaf + 1, params))
     with pytest.raises(FileNotFoundError, match="missing"):
         load_pytree(tmp_path / "missing")
+
+
+def test_load_pytree_of_a_missing_url_is_file_not_found(gcs_path):
+    # Locally and on gs:// alike, rather than whatever error orbax raises for a missing object.
+    with pytest.raises(FileNotFoundError, match="no saved pytree"):
+        load_pytree(gcs_path + "/missing")

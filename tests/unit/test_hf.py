@@ -18,8 +18,10 @@ from safetensors.numpy import load_file, save_file
 
 from parity_models import (ARCHS, EOS_ID, PAD_ID, PARITY_ATOL, VOCAB, hf_model, left_padded_batch,
                            make_tokenizer, max_diff_at_real_positions, our_logits, torch_logits)
+from rlhf_jax import model_io, storage
 from rlhf_jax.models.hf import load_tokenizer
 from rlhf_jax.convert import hf_to_orbax, orbax_to_hf
+from rlhf_jax.errors import UserError
 from rlhf_jax.model_io import load_our_checkpoint, save_our_checkpoint
 from rlhf_jax.models import (CheckpointFormatError, Transformer, from_pretrained,
                              save_pretrained)
@@ -347,6 +349,87 @@ def test_convert_cli_both_directions(tmp_path, capsys):
         cli.main(["convert", "--help"])
     assert exit_info.value.code == 0
     assert "safetensors" in capsys.readouterr().out
+
+
+# --- model directories on gs:// (a GCS emulator) ---------------------------------------------
+
+def test_our_checkpoint_round_trips_through_gcs(checkpoints, gcs_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path / "cache"))
+    model, params, tokenizer = from_pretrained(checkpoints["gpt2"][0])
+    our_dir = storage.join(gcs_path, "sft", "model")
+    assert save_our_checkpoint(our_dir, model, params, tokenizer, extra={"stage": "sft"}) == our_dir
+    assert model_io.is_our_checkpoint(our_dir)
+    loaded, loaded_params, loaded_tokenizer, extra = model_io.load_model(our_dir, None)
+    assert loaded.config == model.config and extra == {"stage": "sft"}
+    jax.tree.map(np.testing.assert_array_equal, loaded_params, params)
+    assert loaded_tokenizer("the cat")["input_ids"] == [3, 4]
+    # The tokenizer came from a local copy of the small files only, not of the params.
+    copies = os.listdir(tmp_path / "cache" / "downloads")
+    assert len(copies) == 1 and "params" not in os.listdir(tmp_path / "cache" / "downloads" /
+                                                           copies[0])
+
+    with pytest.raises(UserError, match="already holds a model"):
+        save_our_checkpoint(our_dir, model, params, tokenizer)
+    # Overwriting replaces the previous model whole (its tokenizer files too).
+    save_our_checkpoint(our_dir, model, params, None, overwrite=True)
+    assert "tokenizer.json" not in storage.listdir(our_dir)
+    assert model_io.read_extra(our_dir) == {}
+
+
+def test_gcs_save_killed_before_the_end_leaves_no_model(checkpoints, gcs_path, monkeypatch):
+    # In place on an object store: model_config.json, which makes the directory a model, is
+    # removed first and written last.
+    model, params, _ = from_pretrained(checkpoints["gpt2"][0], with_tokenizer=False)
+    our_dir = storage.join(gcs_path, "model")
+    save_our_checkpoint(our_dir, model, params)
+
+    class Killed(Exception):
+        pass
+
+    class DyingTokenizer:
+        def save_pretrained(self, path):
+            raise Killed
+
+    with pytest.raises(Killed):
+        save_our_checkpoint(our_dir, model, params, DyingTokenizer(), overwrite=True)
+    assert storage.exists(storage.join(our_dir, "params"))
+    assert not model_io.is_our_checkpoint(our_dir)
+    save_our_checkpoint(our_dir, model, params)          # a rerun writes it again
+    assert model_io.is_our_checkpoint(our_dir)
+
+
+def test_transformers_checkpoint_on_gcs_loads(checkpoints, gcs_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path / "cache"))
+    path, _, reference = checkpoints["llama"]
+    ids, mask = left_padded_batch()
+    hf_dir = storage.join(gcs_path, "llama")
+    storage.upload(path, hf_dir)
+    model, params, tokenizer, extra = model_io.load_model(hf_dir, None)
+    assert model.config.arch == "llama" and extra == {}
+    assert tokenizer("dog ran")["input_ids"] == [9, 10]
+    assert max_diff_at_real_positions(our_logits(model, params, ids, mask), reference,
+                                      mask) <= PARITY_ATOL
+    assert model_io.model_config_for_build(None, hf_dir) == model.config
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        from_pretrained(storage.join(gcs_path, "missing"))
+
+
+def test_convert_between_local_and_gcs(checkpoints, gcs_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path / "cache"))
+    path, torch_model, reference = checkpoints["gpt2"]
+    ids, mask = left_padded_batch()
+    ours_dir = hf_to_orbax(path, storage.join(gcs_path, "ours"))
+    assert ours_dir.startswith("gs://") and model_io.is_our_checkpoint(ours_dir)
+    hf_dir = orbax_to_hf(ours_dir, storage.join(gcs_path, "hf"))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(storage.listdir(hf_dir))
+    back = transformers.AutoModelForCausalLM.from_pretrained(storage.local_copy(hf_dir)).eval()
+    np.testing.assert_array_equal(torch_logits(back, ids, mask), reference)
+    # and back to a local directory
+    local = hf_to_orbax(hf_dir, str(tmp_path / "ours"))
+    model, params, tokenizer = load_our_checkpoint(local)
+    assert tokenizer("the park")["input_ids"] == [3, 12]
+    assert max_diff_at_real_positions(our_logits(model, params, ids, mask), reference,
+                                      mask) <= PARITY_ATOL
 
 
 # --- meshes as users make them ---------------------------------------------------------------

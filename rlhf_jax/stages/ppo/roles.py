@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 from typing import Any
 
 import flax.struct
@@ -35,7 +34,7 @@ import optax
 from jax.sharding import Mesh
 
 from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import model_io, scoring
+from rlhf_jax import model_io, scoring, storage
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.models.lora import LoRA, apply_lora, init_lora, lora_param_count
 from rlhf_jax.models.params import abstract_params, init_params, param_shardings
@@ -409,9 +408,9 @@ def save_adapters(lora_dir: str, role: Role, adapters: PyTree, policy_from: str)
     """``lora_dir``: ``adapters/`` (orbax pytree of A and B) and ``lora.json`` (LoRA only)."""
     if role.trains != LORA:
         return
-    ckpt_lib.save_pytree(os.path.join(lora_dir, "adapters"), adapters, overwrite=True)
+    ckpt_lib.save_pytree(storage.join(lora_dir, "adapters"), adapters, overwrite=True)
     if jax.process_index() == 0:
-        ckpt_lib.atomic_write_json(os.path.join(lora_dir, "lora.json"), {
+        storage.write_json(storage.join(lora_dir, "lora.json"), {
             "rank": role.lora_rank, "alpha": float(role.lora_alpha),
             "scale": float(role.lora_scale), "targets": list(role.lora_targets),
             "base": policy_from, "n_params": lora_param_count(LoRA(adapters, role.lora_scale))},
