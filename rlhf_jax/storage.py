@@ -40,7 +40,8 @@ PathLike = str | os.PathLike
 
 
 def honor_emulator() -> None:
-    """Route gs:// to ``STORAGE_EMULATOR_HOST`` for TensorStore and gcsfs when it is set."""
+    """Route gs:// to ``STORAGE_EMULATOR_HOST`` for TensorStore, gcsfs and google-cloud-cpp
+    (ArrayRecord's reader of TFDS datasets) when it is set."""
     host = os.environ.get("STORAGE_EMULATOR_HOST")
     if not host:
         return
@@ -52,6 +53,7 @@ def honor_emulator() -> None:
     # gcsfs would otherwise probe the bucket's type over gRPC at the real endpoint, retrying for
     # a minute per bucket; an emulator has only flat buckets.
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    os.environ.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", host)
 
 
 honor_emulator()
