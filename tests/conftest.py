@@ -86,7 +86,8 @@ def gcs_emulator():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1",
+        [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py"), "start",
+         "--host=127.0.0.1",
          f"--port={port}", "--in-memory", f"--default-bucket={GCS_BUCKET}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     host = f"http://127.0.0.1:{port}"
