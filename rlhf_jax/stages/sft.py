@@ -4,7 +4,9 @@ Loss: next-token cross-entropy on **response tokens only** (prompt and padding a
 ``cfg.data.format = "pretrain"`` trains on every token of plain text instead, which is how the
 small runs make their base LM. An optional pretraining mix puts ``pretrain_mix`` of every batch's
 rows from the text corpus (InstructGPT's PPO-init SFT uses 10%). ``cfg.data.pack`` packs plain
-text (the pretrain format and the mix) into full rows instead of one padded document per row.
+text (the pretrain format and the mix) into full rows instead of one padded document per row;
+unpacked, ``cfg.data.overlong`` decides what becomes of a longer one (pretrain format: ``truncate``,
+``chunk`` into consecutive rows, or ``drop``; the mix always chunks).
 
     rlhf-jax sft --config experiments/tiny_sft.py --workdir runs/sft
 """
@@ -103,8 +105,7 @@ def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict, dict | None]:
 
     def tokenize(rows_, kind):
         if data.format == "pretrain":
-            arrays, stats = tokenize_pretrain(rows_, tokenizer, seq_len, data.get("pretrain_overlong", "chunk"),
-                                              pack=pack)
+            arrays, stats = tokenize_pretrain(rows_, tokenizer, seq_len, data.overlong, pack=pack)
         else:
             arrays, stats = tokenize_demonstrations(rows_, tokenizer, data.max_prompt_len,
                                                     data.max_response_len, data.overlong)

@@ -97,6 +97,26 @@ def test_sft_stage_packs_pretrain_text_when_configured(tokenizer, tmp_path):
     assert packed["attention_mask"].all()
 
 
+def test_sft_stage_pretrain_text_follows_data_overlong(tokenizer, tmp_path):
+    # data.overlong is the field validate accepts "chunk" in for the pretrain format; the stage
+    # once read an undefined data.pretrain_overlong and always chunked.
+    path = str(tmp_path / "text.jsonl")
+    write_jsonl(path, [{"text": "a b c d hello"}, {"text": "a"}] * 5)  # 6 and 2 tokens with <eos>
+    cfg = sft_config()
+    cfg.data.format, cfg.data.train, cfg.data.valid_fraction = "pretrain", path, 0.0
+    cfg.data.max_prompt_len, cfg.data.max_response_len = 2, 2          # rows of 4 tokens
+    rows = {}
+    for overlong in ("truncate", "chunk", "drop"):
+        cfg.data.overlong = overlong
+        check(cfg)
+        rows[overlong] = load_arrays(cfg, tokenizer)[0]["input_ids"]
+    np.testing.assert_array_equal(rows["truncate"][:2], [[A, B, C, D], [A, EOS, PAD, PAD]])
+    np.testing.assert_array_equal(rows["chunk"][:3], [[A, B, C, D], [HELLO, EOS, PAD, PAD],
+                                                      [A, EOS, PAD, PAD]])
+    np.testing.assert_array_equal(rows["drop"], [[A, EOS, PAD, PAD]] * 5)
+    assert [len(r) for r in rows.values()] == [10, 15, 5]
+
+
 def test_data_pack_must_be_a_bool():
     cfg = sft_config()
     cfg.data.train = ""
