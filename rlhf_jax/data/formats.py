@@ -63,9 +63,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Iterable, Mapping
 
+from rlhf_jax import storage
 from rlhf_jax.errors import UserError
 
 FORMATS: tuple[str, ...] = ("pretrain", "demonstrations", "comparisons", "prompts")
@@ -532,7 +532,7 @@ def read_jsonl(
     assistant_marker: str = DEFAULT_ASSISTANT_MARKER,
     human_marker: str = DEFAULT_HUMAN_MARKER,
 ) -> list[dict[str, Any]]:
-    """Read and validate every row of a JSONL file of format ``fmt``.
+    """Read and validate every row of a JSONL file of format ``fmt`` (a local path or a URL).
 
     ``assistant_marker``/``human_marker``: turn markers of implicit-prompt
     transcript comparisons (see :func:`validate_row`).
@@ -553,8 +553,7 @@ def read_jsonl(
     check_format(fmt)
     opts = _Options(max_k, assistant_marker, human_marker)
     source = os.fspath(path)
-    with open(source, "rb") as f:
-        raw = f.read()
+    raw = storage.read_bytes(source)
     if raw.startswith(_UTF8_BOM):
         raw = raw[len(_UTF8_BOM):]
     rows = []
@@ -583,22 +582,9 @@ def read_jsonl(
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> None:
-    """Write rows as UTF-8 JSONL (one object per line), atomically.
+    """Write rows as UTF-8 JSONL (one object per line), atomically (``storage.write_text``).
 
-    The file is written to a temporary sibling and renamed into place so a
-    crash never leaves a half-written file for the next stage to read.
+    A crash never leaves a half-written file for the next stage to read; ``path`` may be a
+    URL (``gs://...``).
     """
-    target = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(target))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False))
-                f.write("\n")
-        os.replace(tmp_path, target)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    storage.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -1,4 +1,4 @@
-"""TFDS datasets built from local JSONL into ArrayRecord -- no TensorFlow needed.
+"""TFDS datasets built from JSONL into ArrayRecord -- no TensorFlow needed.
 
 One ``GeneratorBasedBuilder`` per format. The JSONL splits to read are passed in
 a :class:`JsonlBuilderConfig`, whose name becomes the dataset's config, so data
@@ -15,6 +15,10 @@ on load. Extra keys inside individual chat messages are not kept.
 
 Build on one process only (e.g. process 0) and let the others wait; TFDS writes
 to a temporary directory and renames it, so readers never see partial data.
+
+JSONL files and ``data_dir`` may be URLs (``gs://...``). TFDS and ArrayRecord read a
+prepared dataset from an object store directly, but ArrayRecord writes only local files:
+a dataset for a URL ``data_dir`` is prepared locally and uploaded.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from rlhf_jax import storage
 from rlhf_jax.data.formats import DEFAULT_MAX_K, check_format, read_jsonl, validate_rows
 
 _EXTRA_FIELD = "extra_json"
@@ -88,7 +93,7 @@ class _JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         config = self.builder_config
         return tfds.core.DatasetInfo(
             builder=self,
-            description=f"rlhf_jax '{self.FORMAT}' rows built from local JSONL.",
+            description=f"rlhf_jax '{self.FORMAT}' rows built from JSONL.",
             features=tfds.features.FeaturesDict(self._features()),
             # Keep file order: shuffling is the BatchIterator's job, seeded and resumable.
             disable_shuffling=True,
@@ -184,18 +189,17 @@ def _fingerprint(fmt: str, max_k: int, jsonl_paths: Mapping[str, str]) -> str:
     digest = hashlib.sha256(f"{fmt}|{max_k}".encode())
     for split in sorted(jsonl_paths):
         digest.update(f"|{split}|".encode())
-        with open(jsonl_paths[split], "rb") as f:
+        with storage.open(jsonl_paths[split], "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
 
 
 def _stored_fingerprint(builder: tfds.core.DatasetBuilder) -> str | None:
-    path = os.path.join(os.fspath(builder.data_dir), "metadata.json")
-    if not os.path.exists(path):
+    path = storage.join(os.fspath(builder.data_dir), "metadata.json")
+    if not storage.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f).get(_FINGERPRINT_KEY)
+    return json.loads(storage.read_text(path)).get(_FINGERPRINT_KEY)
 
 
 def build_tfds_from_jsonl(
@@ -212,7 +216,7 @@ def build_tfds_from_jsonl(
     Args:
         fmt: one of ``pretrain``, ``demonstrations``, ``comparisons``, ``prompts``.
         jsonl_paths: split name (e.g. ``"train"``) -> JSONL path.
-        data_dir: TFDS data directory to write into.
+        data_dir: TFDS data directory to write into (a URL: prepared locally, then uploaded).
         name: config name (letters, digits, ``_``); defaults to ``"default"``.
             The dataset then loads as ``"<builder name>/<name>"``.
         max_k: largest K accepted for comparisons.
@@ -231,8 +235,8 @@ def build_tfds_from_jsonl(
     for split, path in jsonl_paths.items():
         if not _SPLIT_NAME_PATTERN.match(split):
             raise ValueError(f"split name {split!r} must use only letters, digits and '_'")
-        path = os.path.abspath(os.fspath(path))
-        if not os.path.isfile(path):
+        path = storage.absolute(path)
+        if not storage.isfile(path):
             raise FileNotFoundError(f"JSONL file for split '{split}' does not exist: {path}")
         paths[split] = path
     config = JsonlBuilderConfig(
@@ -242,7 +246,8 @@ def build_tfds_from_jsonl(
         max_k=max_k,
         fingerprint=_fingerprint(fmt, max_k, paths),
     )
-    builder = BUILDERS[fmt](data_dir=os.fspath(data_dir), config=config, file_format="array_record")
+    make = lambda root: BUILDERS[fmt](data_dir=root, config=config, file_format="array_record")
+    builder = make(os.fspath(data_dir))
     download_config = None
     if builder.is_prepared():
         stored = _stored_fingerprint(builder)
@@ -257,8 +262,10 @@ def build_tfds_from_jsonl(
     # Validate every file before TFDS writes anything, so errors name the JSONL line.
     for path in paths.values():
         read_jsonl(path, fmt, max_k=max_k)
-    builder.download_and_prepare(download_config=download_config)
-    return builder
+    with storage.writable_local(os.fspath(data_dir)) as local_dir:
+        make(local_dir).download_and_prepare(download_config=download_config)
+    # A builder made before the data existed has no splits to read.
+    return make(os.fspath(data_dir))
 
 
 # ---------------------------------------------------------------------------
@@ -317,8 +324,8 @@ def _resolve_builder(
     """A builder object, a prepared version directory, or a (registered or prepared) dataset name."""
     if isinstance(name_or_builder, tfds.core.DatasetBuilder):
         return name_or_builder
-    if os.path.isdir(os.fspath(name_or_builder)) and os.path.exists(
-        os.path.join(os.fspath(name_or_builder), "dataset_info.json")
+    if storage.isdir(name_or_builder) and storage.exists(
+        storage.join(name_or_builder, "dataset_info.json")
     ):
         return tfds.builder_from_directory(os.fspath(name_or_builder))
     return tfds.builder(name_or_builder, data_dir=None if data_dir is None else os.fspath(data_dir))

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 from typing import Any
 
 import jax
@@ -36,7 +35,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import objectives as obj
-from rlhf_jax import model_io, reliability, runtime, scoring
+from rlhf_jax import model_io, reliability, runtime, scoring, storage
 from rlhf_jax.data import BatchIterator
 from rlhf_jax.errors import ConfigError, Preempted
 from rlhf_jax.metrics import MetricsWriter, ProgressBar, TraceWindow
@@ -242,7 +241,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     SIGTERM / SIGINT finish the current step, save a checkpoint and raise Preempted; a NaN / Inf
     loss, gradient norm or parameter raises NonFiniteError (see ``rlhf_jax.reliability``).
     """
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     name = cfg.name
     with supervised.stage_run(cfg, workdir) as (stack, preemption, mesh):
 
@@ -274,7 +273,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
                          if valid_arrays else [])
 
         checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
-            os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints))
+            storage.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints))
         state, start_step, _ = reliability.resume(checkpointer, state, iterators, cfg)
         guard = reliability.FiniteGuard(name, ("loss", "grad_norm"), checkpointer)
         meta = lambda: reliability.checkpoint_meta(cfg, iterators)
@@ -283,7 +282,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         bar = stack.enter_context(ProgressBar(total_steps, desc=name, initial=start_step))
         log.info("DPO: %d steps of %d prompts x K=%d, beta %g", total_steps,
                  cfg.train.batch_size, program.plan.max_k, cfg.beta)
-        trace = TraceWindow(cfg.profile_steps, os.path.join(workdir, "profile"))
+        trace = TraceWindow(cfg.profile_steps, storage.join(workdir, "profile"))
         stack.callback(trace.close)
         if preemption.requested():
             raise Preempted(preemption.signum)    # nothing done since the last checkpoint
@@ -325,7 +324,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         final = supervised.validate(evaluate, state.params, valid_batches, mesh, "n_pairs", writer,
                                     total_steps)
         checkpointer.wait()
-        model_io.save_our_checkpoint(os.path.join(workdir, "model"), model.clone(
+        model_io.save_our_checkpoint(storage.join(workdir, "model"), model.clone(
             config=model.config.replace(dropout=0.0)), state.params, tokenizer,
             extra={"stage": name, "beta": float(cfg.beta), "steps": total_steps, **final},
             overwrite=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rlhf_jax import model_io
+from rlhf_jax import model_io, storage
 from rlhf_jax.data import BatchIterator, comparisons_to_pairs, tokenize_demonstrations
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.models.params import init_params, param_shardings
@@ -174,7 +173,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     SIGTERM / SIGINT finish the current step, save a checkpoint and raise Preempted; a NaN / Inf
     loss, gradient norm or parameter raises NonFiniteError (see ``rlhf_jax.reliability``).
     """
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     name = cfg.name
     with supervised.stage_run(cfg, workdir) as (stack, preemption, mesh):
         rng = jax.random.key(cfg.seed)
@@ -215,6 +214,6 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
             guard.check_values(total_steps, {"reward_norm.mean": norm["mean"],
                                              "reward_norm.std": norm["std"]})
         model_io.save_our_checkpoint(
-            os.path.join(workdir, "model"), final_model, state.params, tokenizer,
+            storage.join(workdir, "model"), final_model, state.params, tokenizer,
             extra={"stage": name, "reward_norm": norm, "mode": cfg.mode, **final}, overwrite=True)
     return final | {"reward_norm": norm}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from typing import Any
 
 import jax
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rlhf_jax import model_io
+from rlhf_jax import model_io, storage
 from rlhf_jax.data import BatchIterator, tokenize_demonstrations, tokenize_pretrain
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.models.params import init_params
@@ -135,7 +134,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     SIGTERM / SIGINT finish the current step, save a checkpoint and raise Preempted; a NaN / Inf
     loss, gradient norm or parameter raises NonFiniteError (see ``rlhf_jax.reliability``).
     """
-    workdir = os.path.abspath(workdir)
+    workdir = storage.absolute(workdir)
     name = cfg.name
     with supervised.stage_run(cfg, workdir) as (stack, preemption, mesh):
         model, params, tokenizer, _ = model_io.init_or_load_model(
@@ -170,7 +169,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
             cfg, workdir, stack, preemption, mesh, program, state, iterators, next_batch,
             valid_batches, steps_per_epoch, total_steps, weight_key="n_tokens",
             token_key="loss_mask", postfix=("train/loss",))
-        model_io.save_our_checkpoint(os.path.join(workdir, "model"), model.clone(
+        model_io.save_our_checkpoint(storage.join(workdir, "model"), model.clone(
             config=model.config.replace(dropout=0.0)), state.params, tokenizer,
             extra={"stage": name, "steps": total_steps, **final}, overwrite=True)
     log.info("finished %d steps; %s", total_steps, final)

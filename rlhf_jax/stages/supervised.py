@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import errors, reliability, runtime
+from rlhf_jax import errors, reliability, runtime, storage
 from rlhf_jax.data import tokenize_comparisons
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.metrics import MetricsWriter, ProgressBar, TraceWindow
@@ -129,8 +128,8 @@ def stage_run(cfg: Any, workdir: str):
     then ``(stack, preemption, mesh)``. The stack unwinds in reverse order on any exit: the bar
     is closed, pending checkpoint saves are committed (never left as *-tmp), the previous
     signal handlers come back."""
-    reliability.check_writable(workdir, os.path.join(workdir, "checkpoints"),
-                               os.path.join(workdir, "model"))
+    reliability.check_writable(workdir, storage.join(workdir, "checkpoints"),
+                               storage.join(workdir, "model"))
     with contextlib.ExitStack() as stack:
         preemption = stack.enter_context(reliability.Preemption())
         yield stack, preemption, runtime.setup_mesh(cfg)
@@ -152,7 +151,7 @@ def supervised_loop(cfg: Any, workdir: str, stack: Any, preemption: reliability.
     train_step, eval_step = program.steps["train"].fn, program.steps["eval"].fn
     schedule = program.schedule
     checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints))
+        storage.join(workdir, "checkpoints"), max_to_keep=cfg.train.keep_checkpoints))
     state, start_step, _ = reliability.resume(checkpointer, state, iterators, cfg)
     guard = reliability.FiniteGuard(name, ("loss", "grad_norm"), checkpointer)
     meta = lambda: reliability.checkpoint_meta(cfg, iterators)
@@ -160,7 +159,7 @@ def supervised_loop(cfg: Any, workdir: str, stack: Any, preemption: reliability.
     writer.discard_after(start_step)
 
     bar = stack.enter_context(ProgressBar(total_steps, desc=name, initial=start_step))
-    trace = TraceWindow(cfg.profile_steps, os.path.join(workdir, "profile"))
+    trace = TraceWindow(cfg.profile_steps, storage.join(workdir, "profile"))
     stack.callback(trace.close)
     if preemption.requested():
         raise errors.Preempted(preemption.signum)    # nothing done since the last checkpoint

@@ -18,6 +18,9 @@
 ``tokenizer/``        a word-level ``PreTrainedTokenizerFast`` (``save_pretrained``)
 ====================  ==========================================================================
 
+``out_dir`` may be a URL (``gs://...``). In a multi-process run only process 0 writes; the others
+wait until the files are there.
+
 The tokenizer's vocabulary is the *complete* word list of the world (every template word, value,
 name, number and rude word), not the words that happen to occur in a sample, so any text the world
 can produce - including a policy's recombinations of it - encodes without ``<unk>``.
@@ -25,13 +28,14 @@ can produce - including a policy's recombinations of it - encodes without ``<unk
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from rlhf_jax import storage
 from rlhf_jax.data.formats import write_jsonl
 from rlhf_jax.world.capability import make_capability_evals
 from rlhf_jax.world.corpus import corpus_words, pretraining_documents
@@ -69,7 +73,7 @@ def world_vocab_size(seed: int, n_entities: int | None = None) -> int:
     return len(SPECIAL_TOKENS) + len(world_vocabulary(world))
 
 
-def build_word_tokenizer(texts: Iterable[str], out_dir: str | Path) -> PreTrainedTokenizerFast:
+def build_word_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike) -> PreTrainedTokenizerFast:
     """A word-level tokenizer whose vocabulary is every whitespace token of ``texts``.
 
     Pass the complete word list (``world_vocabulary``) rather than samples. Ids: ``<pad>`` 0,
@@ -83,8 +87,8 @@ def build_word_tokenizer(texts: Iterable[str], out_dir: str | Path) -> PreTraine
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS,
                                         unk_token=UNK, bos_token=BOS)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(out_dir))
+    with storage.writable_local(out_dir) as local_dir:
+        tokenizer.save_pretrained(local_dir)
     return tokenizer
 
 
@@ -120,66 +124,74 @@ def make_comparisons(prompt_rows: Sequence[Mapping], completions_per_prompt: Seq
     return rows
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSON-lines file."""
-    with open(path, encoding="utf-8") as f:
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read a JSON-lines file (a local path or a URL)."""
+    with storage.open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def load_world(out_dir: str | Path) -> tuple[World, LabelerPool]:
+def load_world(out_dir: str | os.PathLike) -> tuple[World, LabelerPool]:
     """The world and labeler pool written by ``write_world`` (to judge model samples later)."""
-    out = Path(out_dir)
-    world = World.from_dict(json.loads((out / "world.json").read_text(encoding="utf-8")))
-    pool = LabelerPool.from_dict(json.loads((out / "labelers.json").read_text(encoding="utf-8")), world)
+    world = World.from_dict(json.loads(storage.read_text(storage.join(out_dir, "world.json"))))
+    pool = LabelerPool.from_dict(json.loads(storage.read_text(storage.join(out_dir, "labelers.json"))),
+                                 world)
     return world, pool
 
 
-def write_world(out_dir: str | Path, seed: int, sizes: Mapping[str, int] | None = None,
+def write_world(out_dir: str | os.PathLike, seed: int, sizes: Mapping[str, int] | None = None,
                 labeler_noise_scale: float = 1.0) -> dict[str, str]:
-    """Generate the whole world from ``seed`` and write it under ``out_dir``.
+    """Generate the whole world from ``seed`` and write it under ``out_dir`` (a path or a URL).
 
     ``sizes`` overrides entries of ``DEFAULT_SIZES`` (numbers of animals, documents, prompts per
     split and capability items). ``labeler_noise_scale`` multiplies every labeler's ranking noise
     (see ``make_labeler_pool``). Returns the written paths by name (``"pretrain"``, ``"sft"``,
     ``"rm_prompts"``, ``"ppo_prompts"``, ``"eval_prompts"``, ``"capability_mc"``,
     ``"capability_qa"``, ``"labelers"``, ``"world"``, ``"tokenizer"``).
+
+    Multi-process: call on every process; process 0 writes, and the call returns once it has.
     """
+    import jax       # here, not at the top: nothing else in the world package needs JAX
+
     unknown = set(sizes or {}) - set(DEFAULT_SIZES)
     if unknown:
         raise KeyError(f"unknown sizes {sorted(unknown)}")
     n = {**DEFAULT_SIZES, **(sizes or {})}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = os.fspath(out_dir)
+    paths = {name: storage.join(out, f"{name}.jsonl")
+             for name in ("pretrain", "sft", "capability_mc", "capability_qa")}
+    paths.update({f"{split}_prompts": storage.join(out, filename) for split, filename in PROMPT_FILES.items()})
+    paths.update({name: storage.join(out, f"{name}.json") for name in ("labelers", "world")})
+    paths["tokenizer"] = storage.join(out, "tokenizer")
 
+    # Every process generates (cheap, and the same everywhere), so a generation error is raised
+    # on all of them rather than leaving the others waiting for process 0.
     world = make_world(seed, n_entities=n["entities"])
     pool = make_labeler_pool(world, seed, noise_scale=labeler_noise_scale)
     docs = pretraining_documents(world, n["pretrain"], seed)
     splits = make_prompt_splits(world, {s: n[s] for s in SPLITS}, seed)
     demonstrations = make_demonstrations(splits["sft"], pool.training, seed)
     capability = make_capability_evals(world, n["capability_mc"], n["capability_qa"], seed)
-
-    paths = {name: out / f"{name}.jsonl" for name in ("pretrain", "sft", "capability_mc", "capability_qa")}
-    paths.update({f"{split}_prompts": out / filename for split, filename in PROMPT_FILES.items()})
-    write_jsonl(paths["pretrain"], docs)
-    write_jsonl(paths["sft"], demonstrations)
-    for split in PROMPT_FILES:
-        write_jsonl(paths[f"{split}_prompts"], splits[split])
-    write_jsonl(paths["capability_mc"], capability["mc"])
-    write_jsonl(paths["capability_qa"], capability["qa"])
-    paths["labelers"] = out / "labelers.json"
-    paths["labelers"].write_text(json.dumps(pool.to_dict(), indent=1) + "\n", encoding="utf-8")
-    paths["world"] = out / "world.json"
-    paths["world"].write_text(json.dumps(world.to_dict(), indent=1) + "\n", encoding="utf-8")
-
     vocabulary = world_vocabulary(world)
     _check_covered(vocabulary, [d["text"] for d in docs],
                    [r["prompt"] for rows in splits.values() for r in rows],
                    [r["completion"] for r in demonstrations],
                    [" ".join([m["context"], *m["choices"]]) for m in capability["mc"]],
                    [f'{q["question"]} {q["answer"]}' for q in capability["qa"]])
-    paths["tokenizer"] = out / "tokenizer"
-    build_word_tokenizer(vocabulary, paths["tokenizer"])
-    return {name: str(path) for name, path in paths.items()}
+
+    if jax.process_index() == 0:
+        write_jsonl(paths["pretrain"], docs)
+        write_jsonl(paths["sft"], demonstrations)
+        for split in PROMPT_FILES:
+            write_jsonl(paths[f"{split}_prompts"], splits[split])
+        write_jsonl(paths["capability_mc"], capability["mc"])
+        write_jsonl(paths["capability_qa"], capability["qa"])
+        storage.write_json(paths["labelers"], pool.to_dict(), indent=1)
+        storage.write_json(paths["world"], world.to_dict(), indent=1)
+        build_word_tokenizer(vocabulary, paths["tokenizer"])
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("rlhf_jax write_world")
+    return paths
 
 
 def _check_covered(vocabulary: Sequence[str], *text_lists: Sequence[str]) -> None:

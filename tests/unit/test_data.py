@@ -374,6 +374,65 @@ def test_load_registered_tfds_dataset_with_field_map(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# Data on gs:// (a GCS emulator on loopback)
+# ---------------------------------------------------------------------------
+
+
+def test_jsonl_on_gcs_round_trips_and_feeds_every_stage_reader(gcs_path, tokenizer, tmp_path):
+    from rlhf_jax import storage
+    from rlhf_jax.config import ppo_config, rm_config
+    from rlhf_jax.data.sources import read_source
+    from rlhf_jax.stages.ppo.loop import load_data
+    from rlhf_jax.stages.supervised import comparison_rows
+
+    prompts, comparisons = ROUND_TRIP_ROWS["prompts"], ROUND_TRIP_ROWS["comparisons"]
+    for name, rows in (("prompts", prompts), ("cmp", comparisons)):
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        write_jsonl(storage.join(gcs_path, "data", f"{name}.jsonl"), rows)
+        # The same bytes as a local file, and no temporary left beside the object.
+        assert storage.read_bytes(storage.join(gcs_path, "data", f"{name}.jsonl")) == \
+            (tmp_path / f"{name}.jsonl").read_bytes()
+    assert storage.listdir(storage.join(gcs_path, "data")) == ["cmp.jsonl", "prompts.jsonl"]
+    remote = {name: storage.join(gcs_path, "data", f"{name}.jsonl") for name in ("prompts", "cmp")}
+
+    assert read_jsonl(remote["prompts"], "prompts") == read_jsonl(tmp_path / "prompts.jsonl", "prompts")
+    assert read_source(remote["cmp"], "comparisons") == read_jsonl(tmp_path / "cmp.jsonl", "comparisons")
+    rm = rm_config().data          # the RM's and DPO's reader
+    rm.train, rm.valid = remote["cmp"], remote["cmp"]
+    train, valid = comparison_rows(rm, seed=0)
+    assert train == valid == read_jsonl(tmp_path / "cmp.jsonl", "comparisons")
+    ppo = ppo_config()             # PPO's reader
+    ppo.data.prompts, ppo.ppo.ptx_coef = remote["prompts"], 0.0
+    arrays, ptx = load_data(ppo, tokenizer, ppo.data.max_prompt_len)
+    assert ptx is None and arrays["input_ids"].shape == (2, ppo.data.max_prompt_len)
+    with pytest.raises(FileNotFoundError):
+        read_jsonl(storage.join(gcs_path, "data", "missing.jsonl"), "prompts")
+
+
+def test_tfds_dataset_built_into_and_read_from_gcs(gcs_path, monkeypatch):
+    import os
+
+    from rlhf_jax import storage
+    from rlhf_jax.data.sources import read_source
+
+    # ArrayRecord reads gs:// with google-cloud-cpp, which finds an emulator through this variable
+    # (storage sets it on import when STORAGE_EMULATOR_HOST is already set; here it was set later).
+    monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", os.environ["STORAGE_EMULATOR_HOST"])
+    jsonl, data_dir = storage.join(gcs_path, "p.jsonl"), storage.join(gcs_path, "tfds")
+    write_jsonl(jsonl, ROUND_TRIP_ROWS["prompts"])
+    builder = build_tfds_from_jsonl("prompts", {"train": jsonl}, data_dir, name="mine")
+    expected = read_jsonl(jsonl, "prompts")
+    assert load_tfds(builder, "train") == expected
+    assert read_source(f"tfds:{builder.name}/mine:train", "prompts", data_dir=data_dir) == expected
+    assert build_tfds_from_jsonl("prompts", {"train": jsonl}, data_dir, name="mine").is_prepared()
+    write_jsonl(jsonl, ROUND_TRIP_ROWS["prompts"][:1])
+    with pytest.raises(ValueError, match="overwrite=True"):       # the stored fingerprint, read back
+        build_tfds_from_jsonl("prompts", {"train": jsonl}, data_dir, name="mine")
+    builder = build_tfds_from_jsonl("prompts", {"train": jsonl}, data_dir, name="mine", overwrite=True)
+    assert load_tfds(builder, "train") == expected[:1]
+
+
+# ---------------------------------------------------------------------------
 # Iterator
 # ---------------------------------------------------------------------------
 

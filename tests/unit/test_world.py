@@ -156,6 +156,21 @@ def test_world_and_labelers_round_trip_through_disk(written):
     assert pool.to_dict() == make_labeler_pool(world, 3).to_dict()
 
 
+def test_world_written_to_gcs_matches_the_local_one(written, gcs_path):
+    from rlhf_jax import storage
+    remote = write_world(gcs_path, seed=3, sizes=SMALL_SIZES)
+    assert remote == {name: storage.join(gcs_path, storage.basename(p)) for name, p in written.items()}
+    for name, path in remote.items():
+        if name != "tokenizer":
+            assert storage.read_bytes(path) == Path(written[name]).read_bytes(), name
+    assert storage.read_bytes(storage.join(remote["tokenizer"], "tokenizer.json")) == \
+        (Path(written["tokenizer"]) / "tokenizer.json").read_bytes()
+    assert read_jsonl(remote["sft"]) == read_jsonl(written["sft"])
+    world, pool = load_world(gcs_path)
+    assert world == make_world(3, n_entities=len(world.entities))
+    assert pool.to_dict() == make_labeler_pool(world, 3).to_dict()
+
+
 def test_corpus_states_each_fact_mostly_truly_and_has_some_web_noise(world):
     docs = pretraining_corpus(world, 3000, seed=1)
     text = " \n ".join(docs)

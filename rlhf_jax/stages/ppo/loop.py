@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Any
 
 import jax
@@ -16,7 +15,7 @@ import numpy as np
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import objectives as obj
-from rlhf_jax import reliability, runtime
+from rlhf_jax import reliability, runtime, storage
 from rlhf_jax.data import BatchIterator, tokenize_pretrain, tokenize_prompts
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.errors import ConfigError, Preempted
@@ -33,9 +32,9 @@ log = logging.getLogger(__name__)
 
 def train(cfg: Any, workdir: str) -> dict[str, float]:
     """Run PPO / PPO-ptx (or GRPO / RLOO); returns the last iteration's metrics."""
-    workdir, p, name = os.path.abspath(workdir), cfg.ppo, cfg.name
+    workdir, p, name = storage.absolute(workdir), cfg.ppo, cfg.name
     outputs = ["checkpoints", "model", "lora"] + (["model_ema"] if p.ema_decay > 0 else [])
-    reliability.check_writable(workdir, *(os.path.join(workdir, out) for out in outputs))
+    reliability.check_writable(workdir, *(storage.join(workdir, out) for out in outputs))
     # Left in reverse order on any exit: the bar is closed, pending checkpoint saves are
     # committed (never left as *-tmp), the previous signal handlers come back.
     with contextlib.ExitStack() as stack:
@@ -55,7 +54,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
 
         iterators = make_iterators(cfg, tokenizer, plan)
         checkpointer = stack.enter_context(ckpt_lib.Checkpointer(
-            os.path.join(workdir, "checkpoints"), max_to_keep=2))
+            storage.join(workdir, "checkpoints"), max_to_keep=2))
         state, start, meta = reliability.resume(checkpointer, state, iterators, cfg)
         kl_coef = float(meta.get("kl_coef", p.kl_coef))
         guard = reliability.FiniteGuard(name, checkpointer=checkpointer)
@@ -63,7 +62,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         writer = stack.enter_context(MetricsWriter(workdir))
         writer.discard_after(start, tables=("samples",))
         timer = StepTimer()
-        trace = TraceWindow(cfg.profile_steps, os.path.join(workdir, "profile"))
+        trace = TraceWindow(cfg.profile_steps, storage.join(workdir, "profile"))
         stack.callback(trace.close)
         bar = stack.enter_context(ProgressBar(plan.n_iterations, desc=name, initial=start))
         log.info("PPO: %d iterations x %d episodes (%d prompts x %d), %d epochs x %d minibatches "
@@ -161,14 +160,14 @@ def save_outputs(workdir: str, cfg: Any, state: PPOState, frozen: Any, roles: An
     checkpointer.wait()
     policy = roles.policy.model
     final_policy = policy.clone(config=policy.config.replace(dropout=0.0))
-    roles_lib.save_adapters(os.path.join(workdir, "lora"), roles.policy, state.policy.params,
+    roles_lib.save_adapters(storage.join(workdir, "lora"), roles.policy, state.policy.params,
                             cfg.policy_from)
-    save_our_checkpoint(os.path.join(workdir, "model"), final_policy,
+    save_our_checkpoint(storage.join(workdir, "model"), final_policy,
                         roles_lib.exported_policy(roles, state.policy.params, frozen), tokenizer,
                         extra={"stage": cfg.name, "ptx_coef": p.ptx_coef,
                                "iterations": n_iterations, **roles.facts(p)}, overwrite=True)
     if p.ema_decay > 0:
-        save_our_checkpoint(os.path.join(workdir, "model_ema"), final_policy,
+        save_our_checkpoint(storage.join(workdir, "model_ema"), final_policy,
                             roles_lib.exported_policy(roles, state.ema_params, frozen), tokenizer,
                             extra={"stage": cfg.name, "ema_decay": p.ema_decay}, overwrite=True)
 
