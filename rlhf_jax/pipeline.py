@@ -26,7 +26,7 @@ from typing import Any
 
 import jax
 import ml_collections
-from rlhf_jax import registry, storage
+from rlhf_jax import locking, registry, storage
 from rlhf_jax.config import dpo_stage, group_method_stage, stage_configs
 from rlhf_jax.data import read_jsonl, write_jsonl
 from rlhf_jax.errors import ConfigError, Preempted, UserError
@@ -276,7 +276,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str,
     reliability.check_writable(workdir, recursive=False)
     reliability.check_writable(*(storage.join(workdir, stage, output) for stage in ALL_STAGES
                                  for output in ("model", "checkpoints")))
-    with reliability.Preemption() as preemption:
+    with locking.RunLock(workdir), reliability.Preemption() as preemption:
         return _run(cfg, workdir, preemption, stages)
 
 

@@ -24,9 +24,11 @@ def configure_logging(level: str = "INFO") -> None:
     logs below WARNING: the others would repeat its every line. Call it again once
     ``jax.distributed`` is initialized; before that the process index is unknown, and asking
     for it would start the backend too early."""
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+    # force: a library imported earlier (absl, orbax) may have installed a root handler already,
+    # which would turn basicConfig into a no-op and hide every INFO line.
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets"):
+    for noisy in ("absl", "jax._src", "orbax", "tensorflow_datasets", "fsspec", "gcsfs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if jax.distributed.is_initialized() and jax.process_index() != 0:
         root = logging.getLogger()

@@ -268,12 +268,37 @@ def cache_dir() -> str:
         os.path.expanduser("~"), ".cache", "rlhf_jax")
 
 
+def _skipped(relative: str, skip: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(part, pattern) for part in relative.split("/") if part
+               for pattern in skip)
+
+
+def _version(url: str, skip: tuple[str, ...]) -> str:
+    """A digest of the names, sizes and object versions under ``url`` (what a copy must match)."""
+    import fsspec
+    fs, _, (root,) = fsspec.get_fs_token_paths(url)
+    fs.invalidate_cache()
+    if fs.isfile(root):
+        entries = {"": fs.info(root)}
+    else:
+        entries = {name[len(root.rstrip("/")):]: info
+                   for name, info in fs.find(root, detail=True).items()}
+    listing = sorted(
+        (name, info.get("size"), str(info.get("generation") or info.get("mtime")
+                                     or info.get("updated") or info.get("ETag") or ""))
+        for name, info in entries.items() if not _skipped(name, skip))
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:12]
+
+
 def local_copy(path: PathLike, *, skip: tuple[str, ...] = ()) -> str:
     """A local path holding ``path``'s content: the path itself when it is local; for a URL, a
-    fresh download (file or directory tree) into :func:`cache_dir`, replacing an older copy.
+    copy (file or directory tree) in :func:`cache_dir`, downloaded unless one of the same
+    version (names, sizes, object generations) is already there.
 
-    For readers that only take local files (transformers' tokenizers, ``np.load``). Downloads
-    go through a staging directory, so a kill never leaves a half copy that looks complete.
+    For readers that only take local files (transformers' tokenizers, ``np.load``). A copy is
+    downloaded into a staging directory and renamed into place, so a kill never leaves a half
+    copy that looks complete, and processes of one host that download the same version at once
+    end up sharing one (the first rename wins). Older versions of the same URL are removed.
     ``skip``: ``fnmatch`` patterns; entries under a directory whose names match one (files or
     whole subtrees, at any depth) are not downloaded, e.g. the weights beside a tokenizer.
     """
@@ -285,17 +310,21 @@ def local_copy(path: PathLike, *, skip: tuple[str, ...] = ()) -> str:
     key = hashlib.sha256("\0".join((text, *skip)).encode()).hexdigest()[:16]
     root = os.path.join(cache_dir(), "downloads")
     os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"{key}-{basename(text)}")
-    staging = tempfile.mkdtemp(dir=root, prefix=f".{key}.")
-    try:
-        _download(text, os.path.join(staging, "x"), skip)
-        if os.path.isdir(final):
-            shutil.rmtree(final, ignore_errors=True)
-        elif os.path.lexists(final):
-            os.remove(final)
-        os.replace(os.path.join(staging, "x"), final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    final = os.path.join(root, f"{key}-{_version(text, skip)}-{basename(text)}")
+    if not os.path.exists(final):
+        staging = tempfile.mkdtemp(dir=root, prefix=f".{key}.")
+        try:
+            _download(text, os.path.join(staging, "x"), skip)
+            try:
+                os.rename(os.path.join(staging, "x"), final)
+            except OSError:
+                if not os.path.exists(final):     # not another process's identical copy
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    for name in os.listdir(root):
+        if name.startswith(f"{key}-") and os.path.join(root, name) != final:
+            rmtree(os.path.join(root, name))      # an older version of this URL
     return final
 
 

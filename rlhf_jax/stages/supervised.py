@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rlhf_jax import checkpoint as ckpt_lib
-from rlhf_jax import errors, reliability, runtime, storage
+from rlhf_jax import errors, locking, reliability, runtime, storage
 from rlhf_jax.data import tokenize_comparisons
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.metrics import MetricsWriter, ProgressBar, TraceWindow
@@ -125,12 +125,13 @@ def comparison_arrays(rows: list, tokenizer: Any, data: Any, max_k: int, keys: S
 @contextlib.contextmanager
 def stage_run(cfg: Any, workdir: str):
     """What every supervised stage's loop runs inside: its outputs checked writable up front,
-    then ``(stack, preemption, mesh)``. The stack unwinds in reverse order on any exit: the bar
-    is closed, pending checkpoint saves are committed (never left as *-tmp), the previous
-    signal handlers come back."""
+    the workdir locked against a second run, then ``(stack, preemption, mesh)``. The stack
+    unwinds in reverse order on any exit: the bar is closed, pending checkpoint saves are
+    committed (never left as *-tmp), the previous signal handlers come back, the lock goes."""
     reliability.check_writable(workdir, storage.join(workdir, "checkpoints"),
                                storage.join(workdir, "model"))
     with contextlib.ExitStack() as stack:
+        stack.enter_context(locking.RunLock(workdir))
         preemption = stack.enter_context(reliability.Preemption())
         yield stack, preemption, runtime.setup_mesh(cfg)
 

@@ -146,6 +146,21 @@ def _finished_sft(e, workdir) -> None:
                     "--workdir", workdir)) == 0
 
 
+def _live_lock(e, workdir) -> None:
+    """Another run (this test process: alive, on this host) holds the workdir."""
+    import socket
+    import time
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, ".lock"), "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "token": "other",
+                   "started": time.time(), "heartbeat": time.time(), "lease_s": 120.0}, f)
+
+
+def _lock_kept(e, workdir) -> bool:
+    return json.load(open(os.path.join(workdir, ".lock")))["token"] == "other" and \
+        not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
 def _truncated_marker(e, workdir) -> None:
     os.makedirs(os.path.join(workdir, "world"), exist_ok=True)
     open(os.path.join(workdir, "world", "DONE"), "w").write('{"seconds": 1.0, "res')
@@ -257,6 +272,11 @@ CASES = [
                                                          "--config.optim.lr=0.01",
                                                          "--allow_config_change"), 0,
          "", prepare=_finished_sft, intact=_model_written),
+    Case("workdir-locked-by-a-live-run", lambda e: sft(e), 2,
+         f"another run is using this workdir (host {__import__('socket').gethostname()} pid "
+         f"{os.getpid()}", prepare=_live_lock, intact=_lock_kept),
+    Case("pipeline-workdir-locked", lambda e: pipeline(e), 2, "another run is using this workdir",
+         prepare=_live_lock, intact=_lock_kept),
     Case("workdir-is-a-file", lambda e: sft(e, "--workdir", os.path.join(e["root"], "demos.jsonl")),
          2, "demos.jsonl", workdir=False),
 ]

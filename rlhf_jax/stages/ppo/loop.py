@@ -15,7 +15,7 @@ import numpy as np
 
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import objectives as obj
-from rlhf_jax import reliability, runtime, storage
+from rlhf_jax import locking, reliability, runtime, storage
 from rlhf_jax.data import BatchIterator, tokenize_pretrain, tokenize_prompts
 from rlhf_jax.data.sources import read_source
 from rlhf_jax.errors import ConfigError, Preempted
@@ -36,8 +36,9 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
     outputs = ["checkpoints", "model", "lora"] + (["model_ema"] if p.ema_decay > 0 else [])
     reliability.check_writable(workdir, *(storage.join(workdir, out) for out in outputs))
     # Left in reverse order on any exit: the bar is closed, pending checkpoint saves are
-    # committed (never left as *-tmp), the previous signal handlers come back.
+    # committed (never left as *-tmp), the previous signal handlers come back, the lock goes.
     with contextlib.ExitStack() as stack:
+        stack.enter_context(locking.RunLock(workdir))
         preemption = stack.enter_context(reliability.Preemption())
         mesh = runtime.setup_mesh(cfg)
         loaded = roles_lib.load_networks(cfg, mesh)
