@@ -76,15 +76,13 @@ def gcs_emulator():
     """A GCS emulator on loopback (``gcp-storage-emulator``, in memory) for the whole test run,
     with ``STORAGE_EMULATOR_HOST`` pointing at it as Google's client libraries expect; yields the
     environment a subprocess needs to reach it. Tests use ``gcs_path`` for a fresh prefix."""
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from paths import free_port
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py"), "start",
          "--host=127.0.0.1",
@@ -102,7 +100,8 @@ def gcs_emulator():
                 pytest.fail(f"the GCS emulator did not start on {host}")
             time.sleep(0.1)
     env = {"STORAGE_EMULATOR_HOST": host, "TENSORSTORE_GCS_HTTP_URL": host,
-           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+           "CLOUD_STORAGE_EMULATOR_ENDPOINT": host}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from rlhf_jax import distributed
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import read_jsonl_metrics
 
-from paths import TESTS
+from paths import TESTS, free_port
 REPO = os.path.dirname(TESTS)
 
 DEADLINE_S = 420
@@ -139,11 +138,6 @@ def test_fetch_single_process():
 
 # --- 2 processes x 4 devices vs 1 process x 8 devices ----------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _launch(root, name: str, devices: int, *multi: str) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=WORKER_XLA_FLAGS,
@@ -166,7 +160,7 @@ def _tail(path: str, n: int = 40) -> str:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     worker.write_data(str(root / "data"))
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     launched = {"single_0": _launch(root, "single_0", 8)}
     for i in range(2):
         launched[f"multi_{i}"] = _launch(root, f"multi_{i}", 4, "--coordinator_address", address,

@@ -3,23 +3,17 @@ on every live process (instead of JAX's C++ abort after five minutes)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from paths import TESTS
+from paths import TESTS, free_port
 
 REPO = os.path.dirname(TESTS)
 TIMEOUT_S = 3
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("process_id, alone", [
@@ -32,7 +26,7 @@ def test_a_job_that_cannot_form_ends_in_one_line(process_id, alone):
             "print('joined')")
     start = time.time()
     done = subprocess.run(
-        [sys.executable, "-c", code, f"127.0.0.1:{_free_port()}", str(process_id), str(TIMEOUT_S)],
+        [sys.executable, "-c", code, f"127.0.0.1:{free_port()}", str(process_id), str(TIMEOUT_S)],
         env=dict(os.environ, JAX_PLATFORMS="cpu"), cwd=REPO, capture_output=True, text=True,
         timeout=60)
     elapsed = time.time() - start
