@@ -8,7 +8,8 @@ Tiers are directories, and each test is marked with its directory's name:
 * ``tests/e2e``          pipelines, sweeps, notebooks, several processes.
 
 ``-m "unit or integration or smoke"`` is the README's ten-minute command (``smoke``: the one
-small end-to-end pipeline); no ``-m`` runs everything.
+small end-to-end run, SFT -> RM -> PPO-ptx on 2 processes with the workdir on an emulated GCS,
+killed and resumed); no ``-m`` runs everything, the micro pipeline of every stage included.
 """
 import os
 

@@ -55,7 +55,7 @@ def _explain(results) -> str:
                      for i, (rc, text) in enumerate(results))
 
 
-@pytest.mark.smoke
+@pytest.mark.smoke     # the README's quick command runs this one end-to-end test
 def test_gcs_workdir_two_processes_killed_and_resumed_bit_exactly(gcs_emulator, gcs_path,
                                                                    tmp_path):
     t0 = time.time()

@@ -22,7 +22,6 @@ def _finite(tree) -> bool:
     return True
 
 
-@pytest.mark.smoke     # the README's quick command runs this one end-to-end test
 def test_micro_pipeline_every_stage_and_artifact(tmp_path):
     cfg = load_config(os.path.join(EXPERIMENTS, "instructgpt_tiny.py") + ":micro")
     results = run(cfg, str(tmp_path))
