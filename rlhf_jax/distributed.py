@@ -196,6 +196,21 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (nothing to wait for in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def on_main(write: Any, name: str) -> None:
+    """Call ``write()`` on process 0 alone (one writer per file of a shared workdir), then wait
+    for every process, so the file is there wherever it is read next."""
+    if is_main():
+        write()
+    barrier(name)
+
+
 def fetch(tree: Any) -> Any:
     """The global values of a pytree of (possibly multi-host) arrays, as numpy, on every process.
 

@@ -24,9 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import ml_collections
-from rlhf_jax import locking, registry, storage
+from rlhf_jax import distributed, locking, registry, storage
 from rlhf_jax.config import dpo_stage, group_method_stage, stage_configs
 from rlhf_jax.data import read_jsonl, write_jsonl
 from rlhf_jax.errors import ConfigError, Preempted, UserError
@@ -43,16 +42,6 @@ ALL_STAGES = registry.ALL_STAGES
 
 def _done_path(workdir: str, stage: str) -> str:
     return storage.join(workdir, stage, "DONE")
-
-
-def on_main(write: Callable[[], Any], name: str) -> None:
-    """Call ``write`` on process 0 alone: one writer per file of the shared workdir. Every
-    process then waits for it, so the file is there wherever it is read next."""
-    if jax.process_index() == 0:
-        write()
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -95,7 +84,7 @@ def run_stage(workdir: str, stage: str, fn: Callable[[], Any], timings: dict,
     seconds = time.time() - start
     timings[stage] = seconds
     text = json.dumps({"seconds": seconds, "result": result}, indent=2, default=str) + "\n"
-    on_main(lambda: storage.write_text(marker, text), f"rlhf_jax stage {stage} done")
+    distributed.on_main(lambda: storage.write_text(marker, text), f"rlhf_jax stage {stage} done")
     log.info("stage %-11s done in %.1fs", stage, seconds)
 
 
@@ -162,7 +151,7 @@ def make_comparisons_stage(cfg, workdir: str, files: dict[str, str]) -> dict[str
     def write() -> None:
         for name, rows in outputs.items():
             write_jsonl(storage.join(out_dir, f"{name}.jsonl"), rows)
-    on_main(write, "rlhf_jax comparisons written")
+    distributed.on_main(write, "rlhf_jax comparisons written")
     return {"n_train": len(train)}
 
 
@@ -359,7 +348,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any,
                 write_jsonl(rm_comparisons, rows)
                 write_jsonl(storage.join(stage_dir("rm"), "comparisons_holdout_group.jsonl"),
                             inside)
-            on_main(write, "rlhf_jax rm comparisons split")
+            distributed.on_main(write, "rlhf_jax rm comparisons split")
         return reward.train(section(cfg.rm, init_from=rm_base, data__train=rm_comparisons,
                                     normalize__demonstrations=files["sft"]), stage_dir("rm"))
     stage("rm", train_rm)
@@ -375,7 +364,7 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any,
             from rlhf_jax.world.export import read_jsonl as read_rows
             dpo_comparisons = storage.join(stage_dir("dpo"), "comparisons_train.jsonl")
             rows = labeler_group_split(read_rows(comparisons), holdout_group)[0]
-            on_main(lambda: write_jsonl(dpo_comparisons, rows), "rlhf_jax dpo comparisons")
+            distributed.on_main(lambda: write_jsonl(dpo_comparisons, rows), "rlhf_jax dpo comparisons")
         return dpo.train(section(dpo_stage_config(cfg, workdir, dpo_comparisons)),
                          stage_dir("dpo"))
     if "dpo" in methods:

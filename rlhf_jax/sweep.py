@@ -34,7 +34,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from rlhf_jax import pipeline, registry, storage
+from rlhf_jax import distributed, pipeline, registry, storage
 from rlhf_jax.config import apply_overrides
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.evaluation_report import finding_checks
@@ -188,7 +188,7 @@ def run(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             _link_shared(shared, point_dir, _stages(sweep, point, "shared"))
             storage.write_text(storage.join(point_dir, "config_pipeline.json"),
                                json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
-        pipeline.on_main(prepare, f"rlhf_jax sweep point {name}")
+        distributed.on_main(prepare, f"rlhf_jax sweep point {name}")
         stages = _stages(sweep, point, "stages") + ("eval",)
         results = pipeline.run(cfg, point_dir, stages=stages)
         own = {k: v for k, v in results.get("stage_seconds", {}).items() if k in stages}
@@ -211,7 +211,7 @@ def run(sweep: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         storage.write_text(storage.join(workdir, "sweep.json"),
                            json.dumps(summary, indent=2, sort_keys=True, default=float) + "\n")
         storage.write_text(storage.join(workdir, "sweep.md"), report(summary))
-    pipeline.on_main(write, "rlhf_jax sweep summary")
+    distributed.on_main(write, "rlhf_jax sweep summary")
     print(report(summary))
     return summary
 

@@ -35,7 +35,7 @@ import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from rlhf_jax import storage
+from rlhf_jax import distributed, storage
 from rlhf_jax.data.formats import write_jsonl
 from rlhf_jax.world.capability import make_capability_evals
 from rlhf_jax.world.corpus import corpus_words, pretraining_documents
@@ -178,7 +178,7 @@ def write_world(out_dir: str | os.PathLike, seed: int, sizes: Mapping[str, int] 
                    [" ".join([m["context"], *m["choices"]]) for m in capability["mc"]],
                    [f'{q["question"]} {q["answer"]}' for q in capability["qa"]])
 
-    if jax.process_index() == 0:
+    def write() -> None:
         write_jsonl(paths["pretrain"], docs)
         write_jsonl(paths["sft"], demonstrations)
         for split in PROMPT_FILES:
@@ -188,9 +188,7 @@ def write_world(out_dir: str | os.PathLike, seed: int, sizes: Mapping[str, int] 
         storage.write_json(paths["labelers"], pool.to_dict(), indent=1)
         storage.write_json(paths["world"], world.to_dict(), indent=1)
         build_word_tokenizer(vocabulary, paths["tokenizer"])
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("rlhf_jax write_world")
+    distributed.on_main(write, "rlhf_jax write_world")
     return paths
 
 
