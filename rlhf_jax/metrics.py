@@ -283,23 +283,49 @@ class _TensorBoardThread:
             raise RuntimeError(f"writing TensorBoard events failed: {self._error}") from self._error
 
 
+def _lines(path: str) -> Iterator[tuple[str | None, bool]]:
+    """``(text, ended by a newline)`` per line of ``path``; text is None where the bytes are
+    not UTF-8 (a damaged disk or a foreign writer), so one bad line cannot hide the others."""
+    lines = storage.read_bytes(path).split(b"\n")
+    last = lines.pop()          # b"" when the file ends with a newline
+    for i, line in enumerate(lines + [last] if last else lines):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        yield text, i < len(lines)
+
+
+def _record(text: str | None) -> Any:
+    """The JSON value of a line, or None when it has none."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def _truncate_jsonl_after(path: str, step: int) -> None:
-    """Keep the parsable lines of ``path`` whose step is at most ``step``."""
-    kept, changed = [], False
-    with storage.open(path) as handle:
-        for line in handle:
-            if not line.endswith("\n"):
-                changed = True      # even if it parses: the next append would run into it
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                changed = changed or bool(line.strip())
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) \
-                    and record["step"] > step:
+    """Keep the parsable lines of ``path`` whose step is at most ``step``; damaged lines (not
+    UTF-8, not JSON) go with a warning, a last line cut short by a kill silently."""
+    kept, changed, damaged = [], False, 0
+    for text, complete in _lines(path):
+        if not complete:
+            changed = True      # even if it parses: the next append would run into it
+        record = _record(text)
+        if record is None:
+            if text is None or text.strip():
                 changed = True
-                continue
-            kept.append(line.rstrip("\n") + "\n")
+                damaged += complete
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) \
+                and record["step"] > step:
+            changed = True
+            continue
+        kept.append(text + "\n")
+    if damaged:
+        log.warning("%s: dropped %d damaged line(s) (not UTF-8 or not JSON)", path, damaged)
     if changed:
         storage.write_text(path, "".join(kept))
 
@@ -308,19 +334,19 @@ def read_jsonl_metrics(path: str) -> list[dict]:
     """Read a JSONL metrics/table file written by :class:`MetricsWriter`.
 
     Non-finite spellings (``"NaN"``, ``"Infinity"``, ``"-Infinity"``) become floats again.
-    Lines that do not parse (a line cut short by a crash mid-write) are skipped with a warning
-    rather than making the whole log unreadable.
+    Lines that do not parse (a line cut short by a crash mid-write, bytes that are not UTF-8)
+    are skipped with a warning rather than making the whole log unreadable.
     """
     records = []
     skipped = 0
-    with storage.open(path) as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            try:
-                records.append(_restore_non_finite(json.loads(line)))
-            except json.JSONDecodeError:
-                skipped += 1
+    for text, _ in _lines(path):
+        if text is not None and not text.strip():
+            continue
+        record = _record(text)
+        if record is None:
+            skipped += 1
+        else:
+            records.append(_restore_non_finite(record))
     if skipped:
         warnings.warn(f"skipped {skipped} unparsable line(s) in {path}", stacklevel=2)
     return records

@@ -13,7 +13,15 @@ raises one :class:`~rlhf_jax.errors.ConfigError` listing every problem found, ea
   network's ``max_position``: past it, position lookups read out of range and train to NaN;
 * one vocabulary: policy, reference, reward and value networks (and the tokenizers saved beside
   them) must agree, since a token id means the same thing to all of them;
-* data files that exist.
+* data files that exist;
+* a model to start from: ``init_from`` (or a tokenizer to size a random start), PPO's
+  ``policy_from`` and ``reward_from``; LoRA ranks within the network's width.
+
+Then, once the config holds together, the data: every row of every file the stage will read
+is validated as the stage reads it (``rlhf_jax.data.formats``; a bad row raises its
+:class:`~rlhf_jax.data.formats.DataError` naming the file and line), and there must be a
+batch's worth of rows to train on after the validation split (PPO: a rollout's prompts).
+Only the tokenizer-dependent checks (rows dropped by ``data.overlong='drop'``) come later.
 
 Architectures are read from the config's model sections or from ``config.json`` /
 ``model_config.json`` of the directories it names: no weights are read.
@@ -28,6 +36,7 @@ import ml_collections
 
 from rlhf_jax import storage
 from rlhf_jax.config import stage_configs
+from rlhf_jax.data.formats import DEFAULT_MAX_K, DataError
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.registry import ADVANTAGES, DEFAULT_ENGINES, DEFAULT_SECTIONS, GROUP_ADVANTAGES
 
@@ -266,6 +275,10 @@ def _networks(p: _Problems, cfg: Any, kind: str) -> None:
             return
         tok = _tokenizer(source) or _tokenizer(_get(cfg, "tokenizer") or "")
         arch, where = _arch(source, _get(cfg, "model"), len(tok) if tok is not None else None)
+        if arch is None and not _get(cfg, "tokenizer"):
+            p.add("init_from", source, "a model directory (or tokenizer + model for a random "
+                                       "start)")
+            return
         nets = {"model": (arch, where, tok)}
         reference = _get(cfg, "reference_from") or ""
         if kind == "dpo" and reference and reference != source:
@@ -278,12 +291,28 @@ def _networks(p: _Problems, cfg: Any, kind: str) -> None:
         sources["value"] = _get(cfg, "value_from") or sources["reward"]
         sections = {"policy": _get(cfg, "policy_model"), "reward": _get(cfg, "reward_model")}
         sections["value"] = _get(cfg, "value_model") or sections["reward"]
+        missing: set[str] = set()      # each field once: the value falls back to reward_from
         for name, source in sources.items():
             field = f"{name}_from" if name != "value" or _get(cfg, "value_from") else "reward_from"
-            if _dir_problem(p, field, source):
-                return
-            arch, where = _arch(source, None if source else sections[name])
+            if field in missing:
+                continue
+            arch, where = (None, "") if _dir_problem(p, field, source) else \
+                _arch(source, None if source else sections[name])
+            if arch is None:
+                if not source:
+                    p.add(field, source, "a model directory (a stage's model/ or a transformers "
+                                         "checkpoint)")
+                missing.add(field)
+                continue
             nets[name] = (arch, where, _tokenizer(source))
+        if missing:
+            return
+        for section, name in (("ppo.lora", "policy"), ("ppo.value_lora", "value")):
+            rank, (arch, where, _) = _get(cfg, f"{section}.rank"), nets[name]
+            if isinstance(rank, int) and arch is not None and rank > arch.d_model:
+                p.add(f"{section}.rank", rank, f"at most the {name} network's width "
+                      f"d_model={arch.d_model} ({where}); a rank above it adds parameters, not "
+                      "expressiveness")
     policy_tok = next((t for _, _, t in nets.values() if t is not None), None)
     known = {n: v for n, v in nets.items() if v[0] is not None}
     if known:   # the tightest network bounds the lengths
@@ -306,6 +335,92 @@ def _networks(p: _Problems, cfg: Any, kind: str) -> None:
             if tok is not policy_tok and tok.get_vocab() != ref:
                 p.add(f"{name} tokenizer", "differs", f"the {toks[0][0]} tokenizer's vocabulary "
                       "(the same token ids for every network)")
+
+
+# (source, format, how it is read, its version) -> each row's strictly ordered pairs: a sweep's
+# points and a pipeline's checks see the same files again and again; each is read here once.
+_PAIRS_PER_ROW: dict[tuple, list[int]] = {}
+
+
+def _pairs_per_row(spec: str, fmt: str, data: Any, *, mapped: bool = True,
+                   max_k: int = DEFAULT_MAX_K) -> list[int]:
+    """One entry per row of a data source (its strictly ordered pairs), every row validated
+    with the arguments the stage reads it with (``mapped``: with ``data.field_map``)."""
+    from rlhf_jax.data.sources import read_source
+    data_dir = data.get("tfds_data_dir")
+    field_map = data.get("field_map") if mapped else None
+    version = None if spec.startswith("tfds:") else storage.mtime(spec)
+    key = (spec, fmt, data_dir, tuple(sorted(dict(field_map or {}).items())), max_k, version)
+    if key not in _PAIRS_PER_ROW:
+        rows = read_source(spec, fmt, data_dir=data_dir, field_map=field_map, max_k=max_k)
+        _PAIRS_PER_ROW[key] = [
+            sum(a != b for i, a in enumerate(ranks) for b in ranks[i + 1:])
+            for ranks in (row.get("ranking", ()) for row in rows)]
+    return _PAIRS_PER_ROW[key]
+
+
+def _sources(cfg: Any, kind: str) -> list[tuple[str, str, dict]]:
+    """``(field, format, read options)`` of every data file the stage reads."""
+    data = cfg.data
+    if kind == "sft":
+        out = [("data.train", data.format, {}), ("data.valid", data.format, {})]
+        if _get(cfg, "data.pretrain_mix", 0) > 0:
+            out.append(("data.pretrain_path", "pretrain", {"mapped": False}))
+    elif kind in ("rm", "dpo"):
+        out = [(f"data.{split}", "comparisons", {"max_k": data.max_k})
+               for split in ("train", "valid")]
+        if kind == "rm":
+            out.append(("normalize.demonstrations", "demonstrations", {"mapped": False}))
+    else:
+        out = [("data.prompts", "prompts", {})]
+        if _get(cfg, "ppo.ptx_coef", 0) > 0:
+            out.append(("data.pretrain", "pretrain", {"mapped": False}))
+    return [(field, fmt, options) for field, fmt, options in out if _get(cfg, field)]
+
+
+def _data(p: _Problems, cfg: Any, kind: str) -> None:
+    """Every row of the stage's data files, and a batch's worth of them to train on."""
+    per_row = {}
+    for field, fmt, options in _sources(cfg, kind):
+        try:
+            per_row[field] = _pairs_per_row(_get(cfg, field), fmt, cfg.data, **options)
+        except DataError:
+            raise
+        except ValueError as e:      # a TFDS source that is not prepared, a bad spec
+            p.items.append(f"{p.prefix}{field}={_get(cfg, field)!r}: {e}")
+    main = "data.prompts" if kind == "ppo" else "data.train"
+    if main in per_row:
+        _enough_rows(p, cfg, kind, main, per_row[main], has_valid="data.valid" in per_row)
+
+
+def _enough_rows(p: _Problems, cfg: Any, kind: str, main: str, per_row: list[int],
+                 has_valid: bool) -> None:
+    """What the stage's batch iterator will need, on rows alone (tokenization only drops)."""
+    if kind == "ppo":
+        b, g = cfg.ppo.rollout_batch_size, _get(cfg, "ppo.group_size", 1)
+        if len(per_row) < b // g:
+            p.add(main, _get(cfg, main), f"at least {b // g} prompts (ppo.rollout_batch_size={b} "
+                                          f"/ ppo.group_size={g}) for one rollout; it has "
+                                          f"{len(per_row)}")
+        return
+    from rlhf_jax.stages.sft import mix_sizes
+    from rlhf_jax.stages.supervised import split_rows
+    data, batch = cfg.data, cfg.train.batch_size
+    train = per_row if has_valid else split_rows(per_row, data.valid_fraction, cfg.seed)[0]
+    have, need, what = len(train), batch, f"train.batch_size={batch} rows"
+    if kind == "rm" and cfg.mode == "shuffled_pairs":
+        have, what = sum(train), f"train.batch_size={batch} pairs (mode='shuffled_pairs')"
+    elif kind == "sft" and data.format == "pretrain":    # chunking may make more rows
+        need, what = 1, "1 document"
+    elif kind == "sft" and _get(cfg, "data.pretrain_mix", 0) > 0:
+        need = mix_sizes(batch, data.pretrain_mix)[0]
+        what = f"{need} rows (train.batch_size={batch} less data.pretrain_mix's {batch - need})"
+    if have >= need:
+        return
+    has = str(have) if len(train) == len(per_row) else (
+        f"{len(per_row)} row(s), of which data.valid_fraction={data.valid_fraction} holds out "
+        f"{len(per_row) - len(train)} for validation, leaving {have}")
+    p.add(main, _get(cfg, main), f"at least {what} to train on; it has {has}")
 
 
 def _stage(p: _Problems, cfg: Any, kind: str) -> None:
@@ -357,6 +472,14 @@ def check(cfg: ml_collections.ConfigDict) -> None:
             _check(p, cfg, "eval.temperature", *POSITIVE)
         if not _get(cfg, "world.enabled", True):
             _data_paths(p, cfg, tuple(f"data.{k}" for k in (_get(cfg, "data") or {})))
+        problems += p.items
+    if problems:
+        raise ConfigError("config: " + "; ".join(problems))
+    # The data once the config holds together (its fields say how to read it): a bad row
+    # raises its own DataError naming the file and line.
+    for kind, stage in stages.items():
+        p = _Problems(f"{kind}." if pipeline else "")
+        _data(p, stage, kind)
         problems += p.items
     if problems:
         raise ConfigError("config: " + "; ".join(problems))

@@ -26,8 +26,18 @@ prompt appears it may be a string or a message list
       whose messages before the final assistant reply are the shared prompt.
     Every pair is read as K=2 with ranking ``[0, 1]`` (chosen first). An identical
     chosen/rejected pair is kept (public dumps hold a few; its loss has no gradient).
+    A K-way ranking that ranks two identical completions apart is refused with its
+    line: nobody can prefer a text to itself, so such a ranking was not made by looking
+    at the texts (a labeling or export bug), and every pair it yields is noise the
+    reward model's loss cannot learn from (``-log sigmoid(0)`` with no gradient) while
+    it still counts in the loss and the accuracy. Identical completions sharing a rank
+    are a tie and fine (the built-in labelers tie them).
 * ``prompts``:        ``{"prompt": str | [messages]}`` or ``{"messages": [messages]}``
   (the conversation so far; its last message must not be the assistant's).
+
+A line whose object repeats a key (at any depth) is refused naming the key: JSON
+parsers disagree on which copy wins, so the row would mean different things to
+different tools.
 
 Fields not listed above (for instance a ``"meta"`` dict consumed by a synthetic
 labeler) are kept untouched on the canonical row.
@@ -63,6 +73,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Iterable, Mapping
 
 from rlhf_jax import storage
@@ -429,6 +440,13 @@ def _validate_comparison(row: Mapping[str, Any], where: _Location, opts: _Option
         raise where.error("ranking", ranking, "non-negative ranks (0 = best)")
     if len(set(ranking)) < 2:
         raise where.error("ranking", ranking, "at least two different ranks (all completions are tied)")
+    first_of: dict[str, int] = {}
+    for j, completion in enumerate(completions):
+        i = first_of.setdefault(completion, j)
+        if ranking[i] != ranking[j]:
+            raise where.error("ranking", ranking,
+                              f"equal ranks for identical completions (completions[{i}] and "
+                              f"completions[{j}] are the same text)")
     canonical = {
         "prompt": prompt,
         "completions": list(completions),
@@ -524,6 +542,39 @@ def validate_rows(
     return canonical
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object hook: a dict, unless a key repeats (json would keep the last)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def _parse_line(text: str, source: str, line_number: int) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as e:
+        raise DataError(source, line_number, None, text,
+                        f"one JSON object per line ({e.msg} at column {e.colno})") from None
+    except _DuplicateKey as e:
+        raise DataError(source, line_number, e.key, None, "each key once",
+                        got=f"got a second {e.key!r} in one object") from None
+    except RecursionError:
+        raise DataError(source, line_number, None, None,
+                        f"JSON nested at most about {sys.getrecursionlimit()} levels deep "
+                        "(Python's recursion limit)", show_value=False) from None
+
+
 def read_jsonl(
     path: str | os.PathLike,
     fmt: str,
@@ -546,9 +597,11 @@ def read_jsonl(
     Raises:
         DataError: on the first bad line (malformed JSON, not an object, missing
             field, wrong type, whitespace-only prompt, K < 2 or K > ``max_k``,
-            ranking length != K, non-int ranks, all completions tied, a pair
-            whose transcripts or messages disagree before the final reply,
-            invalid UTF-8) or when the file holds no rows.
+            ranking length != K, non-int ranks, all completions tied, identical
+            completions ranked apart, a pair whose transcripts or messages
+            disagree before the final reply, invalid UTF-8, a key twice in one
+            object, nesting deeper than Python's recursion limit) or when the
+            file holds no rows.
     """
     check_format(fmt)
     opts = _Options(max_k, assistant_marker, human_marker)
@@ -567,12 +620,8 @@ def read_jsonl(
                             f"valid UTF-8 text (invalid byte at column {e.start + 1})") from None
         if not text.strip():
             continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(source, line_number, None, text,
-                            f"one JSON object per line ({e.msg} at column {e.colno})") from None
-        rows.append(_validate(obj, fmt, _Location(source, line_number), opts))
+        rows.append(_validate(_parse_line(text, source, line_number), fmt,
+                              _Location(source, line_number), opts))
     if not rows:
         raise DataError(source, None, None, None,
                         f"at least one '{fmt}' row, but the file is empty "

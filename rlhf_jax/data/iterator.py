@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rlhf_jax.errors import ConfigError
+
 _STATE_KEYS = ("seed", "epoch", "index")
 
 
@@ -156,8 +158,8 @@ def _check_layout(num_examples: int, global_batch_size: int, process_index: int,
             f"global_batch_size={global_batch_size} must be divisible by process_count={process_count} "
             "so every process gets the same number of examples"
         )
-    if num_examples < global_batch_size:
-        raise ValueError(
+    if num_examples < global_batch_size:   # the data (after overlong rows dropped), not the code
+        raise ConfigError(
             f"the dataset has {num_examples} examples, fewer than one global batch of {global_batch_size}; "
             "add data or lower the batch size"
         )

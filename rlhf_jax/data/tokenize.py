@@ -42,6 +42,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rlhf_jax.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 OVERLONG_CHOICES = ("truncate", "drop")
@@ -184,8 +186,9 @@ def _place_prompt_response(
 
 
 def _require_rows(n_kept: int, stats: TruncationStats, hint: str) -> None:
+    # The lengths and ``overlong`` the caller chose emptied the data: theirs to change.
     if n_kept == 0:
-        raise ValueError(f"no {stats.kind} left after tokenization ({stats}); {hint}")
+        raise ConfigError(f"data: no {stats.kind} left after tokenization ({stats}); {hint}")
 
 
 # ---------------------------------------------------------------------------

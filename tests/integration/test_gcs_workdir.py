@@ -127,9 +127,11 @@ def test_sweep_points_get_the_shared_stages(where, tmp_path_factory, request, mo
 
 def test_url_inputs_are_checked_like_local_ones(gcs_path):
     data = storage.join(gcs_path, "demos.jsonl")
-    storage.write_text(data, json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    # Its rows are read (from the URL) and validated too: a batch's worth of demonstrations.
+    storage.write_text(data, (json.dumps({"prompt": "a", "completion": "b"}) + "\n") * 20)
     cfg = sft_config()
     cfg.data.train = data
+    cfg.model.vocab_size = 64     # a random start of this architecture
     validate.check(cfg)
     cfg.data.valid = storage.join(gcs_path, "missing.jsonl")
     cfg.init_from = storage.join(gcs_path, "no_model")

@@ -27,6 +27,7 @@ from rlhf_jax.data import (
     validate_rows,
     write_jsonl,
 )
+from rlhf_jax.errors import UserError
 
 VOCAB = {
     "<pad>": 0, "<unk>": 1, "<bos>": 2, "<eos>": 3,
@@ -108,8 +109,41 @@ def test_empty_file_is_rejected_with_its_path(tmp_path):
     assert path in str(info.value)
 
 
+def test_a_key_twice_in_one_object_is_refused_naming_it(tmp_path):
+    path = write_lines(tmp_path / "dup.jsonl", [
+        json.dumps({"prompt": "a", "completion": "b"}),
+        '{"messages": [{"role": "user", "content": "a"}, '
+        '{"role": "assistant", "content": "b", "role": "user"}]}'])
+    with pytest.raises(DataError) as info:
+        read_jsonl(path, "demonstrations")
+    assert str(info.value) == (f"{path}, line 2: field 'role': got a second 'role' in one "
+                               "object -- expected each key once")
+
+
+def test_json_nested_past_the_recursion_limit_is_a_data_error(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    path = write_lines(tmp_path / "deep.jsonl", ['{"prompt": "a", "meta": ' + deep + "}"])
+    with pytest.raises(DataError, match=r"deep.jsonl, line 1: expected JSON nested at most "
+                                        r"about \d+ levels deep") as info:
+        read_jsonl(path, "prompts")
+    assert len(str(info.value)) < 300
+
+
+def test_identical_completions_ranked_apart_are_refused(tmp_path):
+    row = {"prompt": "p", "completions": ["x", "y", "x"], "ranking": [0, 1, 2]}
+    path = write_lines(tmp_path / "same.jsonl", [json.dumps(row)])
+    with pytest.raises(DataError, match=r"same.jsonl, line 1: field 'ranking': got \[0, 1, 2\] "
+                                        r"-- expected equal ranks for identical completions "
+                                        r"\(completions\[0\] and completions\[2\]"):
+        read_jsonl(path, "comparisons")
+    # Tied, identical completions are consistent (the built-in labelers tie them).
+    row["ranking"] = [0, 1, 0]
+    assert read_jsonl(write_lines(tmp_path / "tied.jsonl", [json.dumps(row)]),
+                      "comparisons")[0]["ranking"] == [0, 1, 0]
+
+
 def test_max_k_is_configurable(tmp_path):
-    row = {"prompt": "p", "completions": ["x"] * 10, "ranking": list(range(10))}
+    row = {"prompt": "p", "completions": [f"x{i}" for i in range(10)], "ranking": list(range(10))}
     path = write_lines(tmp_path / "k10.jsonl", [json.dumps(row)])
     assert len(read_jsonl(path, "comparisons", max_k=10)[0]["completions"]) == 10
 
@@ -214,7 +248,8 @@ def test_truncation_keeps_prompt_end_and_response_start(tokenizer):
 
 
 def test_everything_dropped_is_an_error(tokenizer):
-    with pytest.raises(ValueError, match="no demonstrations left"):
+    # A UserError: the CLI reports it in one line (exit 2), not as a traceback.
+    with pytest.raises(UserError, match="no demonstrations left"):
         tokenize_demonstrations([{"prompt": "a b c", "completion": "d"}], tokenizer, 2, 4, overlong="drop")
     with pytest.raises(ValueError, match="overlong"):
         tokenize_prompts([{"prompt": "a"}], tokenizer, 4, overlong="cut")
@@ -491,7 +526,7 @@ def test_state_restore_continues_identically():
 
 
 def test_iterator_rejects_bad_layouts():
-    with pytest.raises(ValueError, match="fewer than one global batch"):
+    with pytest.raises(UserError, match="fewer than one global batch"):   # the data's size
         BatchIterator(example_arrays(3), 4, seed=0, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="divisible by process_count=3"):
         BatchIterator(example_arrays(), 4, seed=0, process_index=0, process_count=3)

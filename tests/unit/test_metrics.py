@@ -92,6 +92,29 @@ def test_read_skips_a_line_cut_short_by_a_crash(tmp_path):
     assert records == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
 
 
+def test_read_skips_a_line_that_is_not_utf8(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 1.0}\n{"step": 2, "note": "\xff\xfe"}\n'
+                     b'{"step": 3, "loss": 0.5}\n')
+    with pytest.warns(UserWarning, match="1 unparsable"):
+        records = read_jsonl_metrics(str(path))
+    assert records == [{"step": 1, "loss": 1.0}, {"step": 3, "loss": 0.5}]
+
+
+def test_resume_drops_damaged_lines_with_a_warning(tmp_path, caplog):
+    """A resume rewrites metrics.jsonl without the lines that are not UTF-8 or not JSON (which
+    once stopped it with a UnicodeDecodeError), says so, and keeps every other line."""
+    path = tmp_path / "metrics.jsonl"
+    good = b'{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.7}\n'
+    path.write_bytes(good[:25] + b'{"step": 1, "x": "\xc3("}\n{not json}\n' + good[25:]
+                     + b'{"step": 3, "loss": 0.5}\n{"step": 4, "lo')
+    with caplog.at_level("WARNING", logger="rlhf_jax.metrics"):
+        with MetricsWriter(str(tmp_path), enabled=True) as writer:
+            writer.discard_after(2)
+    assert path.read_bytes() == good
+    assert "dropped 2 damaged line(s)" in caplog.text   # not the last line a kill cut short
+
+
 def test_latest_per_step_keeps_last_occurrence_sorted():
     records = [{"step": 2, "x": 1}, {"step": 1, "x": 2}, {"step": 2, "x": 3}, {"note": "no step"}]
     assert latest_per_step(records) == [{"step": 1, "x": 2}, {"step": 2, "x": 3}]

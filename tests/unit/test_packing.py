@@ -103,6 +103,7 @@ def test_sft_stage_pretrain_text_follows_data_overlong(tokenizer, tmp_path):
     path = str(tmp_path / "text.jsonl")
     write_jsonl(path, [{"text": "a b c d hello"}, {"text": "a"}] * 5)  # 6 and 2 tokens with <eos>
     cfg = sft_config()
+    cfg.tokenizer = _saved(tokenizer, tmp_path)
     cfg.data.format, cfg.data.train, cfg.data.valid_fraction = "pretrain", path, 0.0
     cfg.data.max_prompt_len, cfg.data.max_response_len = 2, 2          # rows of 4 tokens
     rows = {}
@@ -117,8 +118,15 @@ def test_sft_stage_pretrain_text_follows_data_overlong(tokenizer, tmp_path):
     assert [len(r) for r in rows.values()] == [10, 15, 5]
 
 
-def test_data_pack_must_be_a_bool():
+def _saved(tokenizer, tmp_path) -> str:
+    """A tokenizer directory: a random start's (validate refuses a config naming no model)."""
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    return str(tmp_path / "tok")
+
+
+def test_data_pack_must_be_a_bool(tokenizer, tmp_path):
     cfg = sft_config()
+    cfg.tokenizer = _saved(tokenizer, tmp_path)
     cfg.data.train = ""
     check(cfg)
     cfg.data.unlock()
