@@ -16,7 +16,9 @@ Multi-host: every process must construct the same :class:`Checkpointer` and call
 own shards), and the directory must be on storage all hosts share (e.g. ``gs://``).
 
 :func:`save_pytree` / :func:`load_pytree` store a single pytree outside any manager, for a
-stage's final output (e.g. the SFT params handed to the reward model and PPO stages).
+stage's final output (e.g. the SFT params handed to the reward model and PPO stages);
+:func:`saved_structure` reads what such a pytree holds (shapes and dtypes) without its arrays.
+A pytree that cannot be read (truncated, missing pieces) is a :class:`DamagedPytreeError`.
 
 :func:`atomic_write_text` / :func:`atomic_write_json` are :func:`rlhf_jax.storage.write_text` /
 :func:`~rlhf_jax.storage.write_json` under their older names.
@@ -34,6 +36,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from rlhf_jax import storage
+from rlhf_jax.errors import UserError
 
 PyTree = Any
 
@@ -249,11 +252,55 @@ def save_pytree(path: str | os.PathLike, tree: PyTree, *, overwrite: bool = Fals
     return absolute
 
 
+class DamagedPytreeError(UserError, ValueError):
+    """A saved pytree whose metadata or arrays cannot be read (a truncated or partial copy)."""
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def saved_structure(path: str | os.PathLike, expected: str) -> dict:
+    """The tree saved at ``path`` as nested dicts of ``jax.ShapeDtypeStruct`` (no sharding),
+    read from orbax's metadata: no arrays, and no dependence on the device topology it was saved
+    from. ``expected`` says what should be there, for the error naming a damaged directory."""
+    absolute = storage.absolute(path)
+    if not storage.isdir(absolute):
+        raise DamagedPytreeError(f"{absolute}: missing; expected {expected}")
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        item = checkpointer.metadata(absolute).item_metadata
+    except (OSError, ValueError) as e:
+        raise DamagedPytreeError(f"{absolute}: unreadable ({_root_cause(e)}); expected "
+                                 f"{expected}") from e
+    finally:
+        checkpointer.close()
+
+    def plain(node: Any) -> Any:
+        if hasattr(node, "items"):
+            return {key: plain(child) for key, child in node.items()}
+        if not hasattr(node, "shape") or not hasattr(node, "dtype"):
+            raise DamagedPytreeError(f"{absolute}: holds {type(node).__name__} where arrays "
+                                     f"belong; expected {expected}")
+        return jax.ShapeDtypeStruct(tuple(node.shape), node.dtype)
+
+    if item is None:   # orbax only warns about a directory that is no checkpoint
+        raise DamagedPytreeError(f"{absolute}: no orbax checkpoint metadata; expected {expected}")
+    tree = plain(item)
+    if not tree:
+        raise DamagedPytreeError(f"{absolute}: an empty tree; expected {expected}")
+    return tree
+
+
 def load_pytree(path: str | os.PathLike, target: PyTree | None = None) -> PyTree:
     """Load a pytree saved by :func:`save_pytree`.
 
     ``target`` (arrays or ``ShapeDtypeStruct`` with shardings) fixes shapes, dtypes and
     shardings of the result, as in :meth:`Checkpointer.restore`; None restores as saved.
+    Arrays that cannot be read (a truncated or partly copied directory) raise
+    :class:`DamagedPytreeError` naming the directory and TensorStore's reason.
     """
     absolute = storage.absolute(path)
     if not storage.isdir(absolute):
@@ -262,5 +309,12 @@ def load_pytree(path: str | os.PathLike, target: PyTree | None = None) -> PyTree
     checkpointer = ocp.StandardCheckpointer()
     try:
         return checkpointer.restore(absolute, abstract_tree)
+    except Exception as e:
+        # orbax wraps a failed array read in a bare Exception (TensorStore's ValueError as its
+        # cause); anything else is not about the files and keeps its traceback.
+        if type(e) is not Exception and not isinstance(e, (ValueError, OSError)):
+            raise
+        raise DamagedPytreeError(f"{absolute}: damaged, its arrays cannot be read "
+                                 f"({_root_cause(e)}); save or copy it again") from e
     finally:
         checkpointer.close()

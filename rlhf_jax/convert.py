@@ -12,7 +12,6 @@ writing the model directories themselves is :mod:`rlhf_jax.model_io`'s. ``merge_
 """
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -21,11 +20,13 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from rlhf_jax import storage
-from rlhf_jax.checkpoint import load_pytree
+from rlhf_jax.checkpoint import load_pytree, saved_structure
 from rlhf_jax.errors import UserError
-from rlhf_jax.model_io import (MODEL_CONFIG_FILE, PARAMS_DIR, is_our_checkpoint, load_model,
-                               load_our_checkpoint, read_extra, save_our_checkpoint)
-from rlhf_jax.models.hf import from_pretrained, save_pretrained
+from rlhf_jax.model_io import (HF_LAYOUT, LORA_LAYOUT, MODEL_CONFIG_FILE, OUR_LAYOUT, PARAMS_DIR,
+                               check_output_dir, is_our_checkpoint, load_model,
+                               load_our_checkpoint, read_extra, read_json_object,
+                               save_hf_checkpoint, save_our_checkpoint)
+from rlhf_jax.models.hf import from_pretrained
 from rlhf_jax.models.lora import ALL_TARGETS, LoRA, apply_lora, init_lora
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.sharding import as_auto_mesh
@@ -38,25 +39,31 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", mesh: Mesh
     """Convert a transformers checkpoint (config.json + safetensors) to our layout.
 
     ``dtype`` ("float32" or "bfloat16") is the stored parameter dtype and the compute dtype
-    recorded in ``model_config.json``. Returns the absolute ``out_dir``.
+    recorded in ``model_config.json``. ``out_dir`` must be new or empty unless ``overwrite``
+    (then it is replaced whole). Returns the absolute ``out_dir``.
     """
+    check_output_dir(out_dir, OUR_LAYOUT, overwrite=overwrite)
     mesh = as_auto_mesh(mesh)
     model, params, tokenizer = from_pretrained(hf_dir, mesh=mesh, dtype=jnp.dtype(dtype))
     return save_our_checkpoint(out_dir, model, params, tokenizer, overwrite=overwrite)
 
 
-def orbax_to_hf(our_dir: str, hf_dir: str, *, lora_dir: str | None = None) -> str:
+def orbax_to_hf(our_dir: str, hf_dir: str, *, lora_dir: str | None = None,
+                overwrite: bool = False) -> str:
     """Export our layout to a transformers checkpoint directory.
 
     LM-head models become the causal LM; scalar-head (reward / value) models the
     ``*ForSequenceClassification`` whose logit is the score normalized with the ``reward_norm``
     in ``extra.json`` (see ``rlhf_jax.models.hf``). Weights are written as float32 safetensors
-    beside config.json (and the tokenizer, if ``our_dir`` has one). Returns the absolute
+    beside config.json (and the tokenizer, if ``our_dir`` has one). ``hf_dir`` must be new or
+    empty unless ``overwrite`` (then it is replaced whole: safetensors of an earlier export
+    left beside the new file would be read as part of the model). Returns the absolute
     ``hf_dir``.
 
     ``lora_dir``: export ``our_dir`` (then the LoRA run's base, ours or a transformers
     directory) with those adapters merged in, as ``merge_lora`` would store it.
     """
+    check_output_dir(hf_dir, HF_LAYOUT, overwrite=overwrite)
     if lora_dir is not None:
         model, params, tokenizer, extra = merged_lora_model(our_dir, lora_dir)
     else:
@@ -67,13 +74,14 @@ def orbax_to_hf(our_dir: str, hf_dir: str, *, lora_dir: str | None = None) -> st
         reward_norm = (read_extra(our_dir) if extra is None else extra).get("reward_norm") or None
         log.info("%s: exporting a scalar-head model; reward normalization %s", our_dir,
                  reward_norm or "none")
-    return save_pretrained(hf_dir, model, params, tokenizer, reward_norm=reward_norm)
+    return save_hf_checkpoint(hf_dir, model, params, tokenizer, reward_norm=reward_norm,
+                              overwrite=overwrite)
 
 
 # --- LoRA merge --------------------------------------------------------------------------------
 
-LORA_META_FILE = "lora.json"
-LORA_ADAPTERS_DIR = "adapters"
+LORA_META_FILE = LORA_LAYOUT.marker
+LORA_ADAPTERS_DIR = LORA_LAYOUT.first
 
 
 def merge_lora(base_dir: str, lora_dir: str, out_dir: str, *, overwrite: bool = False) -> str:
@@ -86,6 +94,7 @@ def merge_lora(base_dir: str, lora_dir: str, out_dir: str, *, overwrite: bool = 
     PPO run's own ``model/`` when the base is stored in the parameter dtype the run used (the
     merge rounds to the base's dtype, as training does). Returns the absolute ``out_dir``.
     """
+    check_output_dir(out_dir, OUR_LAYOUT, overwrite=overwrite)
     model, params, tokenizer, extra = merged_lora_model(base_dir, lora_dir)
     return save_our_checkpoint(out_dir, model, params, tokenizer, extra=extra,
                                overwrite=overwrite)
@@ -104,7 +113,7 @@ def merged_lora_model(base_dir: str, lora_dir: str) -> tuple[Transformer, Any, A
                         "checkpoint (config.json + *.safetensors)")
     meta = read_lora_meta(lora_dir)
     adapters_dir = storage.join(lora_dir, LORA_ADAPTERS_DIR)
-    saved = _saved_adapter_shapes(adapters_dir)
+    saved = saved_structure(adapters_dir, "the orbax pytree of A and B that a LoRA run saves")
     stacked = "layers" in saved
     model, params, tokenizer, extra = load_model(base_dir, None, scan_layers=stacked)
     recorded = meta.get("base")
@@ -133,13 +142,7 @@ def read_lora_meta(lora_dir: str) -> dict:
               "as <workdir>/lora when ppo.lora.rank > 0)")
     if not storage.exists(meta_path):
         raise UserError(f"{meta_path}: missing; {layout}")
-    try:
-        meta = json.loads(storage.read_text(meta_path))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{meta_path}:{e.lineno}: invalid JSON ({e.msg})") from e
-    if not isinstance(meta, dict):
-        raise UserError(f"{meta_path}: expected a JSON object with rank, alpha, scale, targets; "
-                        f"got {type(meta).__name__}")
+    meta = read_json_object(meta_path, "rank, alpha, scale, targets")
     scale = meta.get("scale")
     # bool is an int to Python but never a meaningful scale.
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -148,37 +151,6 @@ def read_lora_meta(lora_dir: str) -> dict:
     if not storage.exists(adapters_dir):
         raise UserError(f"{adapters_dir}: missing; {layout}")
     return dict(meta, scale=float(scale))
-
-
-def _saved_adapter_shapes(adapters_dir: str) -> dict:
-    """The saved adapter tree as ShapeDtypeStructs, read from orbax's metadata: no arrays, and
-    no dependence on the device topology the adapters were saved from (a restore without a
-    target would need the saving run's devices)."""
-    import orbax.checkpoint as ocp
-    expected = "expected the orbax pytree of A and B that a LoRA run saves"
-    checkpointer = ocp.StandardCheckpointer()
-    try:
-        item = checkpointer.metadata(adapters_dir).item_metadata
-    except (OSError, ValueError) as e:
-        raise UserError(f"{adapters_dir}: unreadable ({' '.join(str(e).split())}); "
-                        f"{expected}") from e
-    finally:
-        checkpointer.close()
-
-    def plain(node: Any) -> Any:
-        if hasattr(node, "items"):
-            return {key: plain(child) for key, child in node.items()}
-        if not hasattr(node, "shape") or not hasattr(node, "dtype"):
-            raise UserError(f"{adapters_dir}: holds {type(node).__name__} where arrays belong; "
-                            f"{expected}")
-        return jax.ShapeDtypeStruct(tuple(node.shape), node.dtype)
-
-    if item is None:   # orbax only warns about a directory that is no checkpoint
-        raise UserError(f"{adapters_dir}: no orbax checkpoint metadata; {expected}")
-    tree = plain(item)
-    if not tree:
-        raise UserError(f"{adapters_dir}: an empty tree; {expected}")
-    return tree
 
 
 def _adapter_paths(tree: dict, where: str, path: tuple[str, ...] = ()) -> dict:

@@ -11,19 +11,24 @@ puts together. Our layout (what every stage writes as its output and reads as it
         tokenizer files     (optional) tokenizer.json, tokenizer_config.json, ...
 
 A transformers directory (config.json + safetensors) is read through ``rlhf_jax.models.hf``.
-:func:`load_model` takes either; :func:`save_our_checkpoint` writes ours. Either may be a URL
-(``gs://``): orbax reads and writes params there itself, the small files go through
+:func:`load_model` takes either; :func:`save_our_checkpoint` writes ours and
+:func:`save_hf_checkpoint` transformers', each whole (:func:`write_directory`: no file of an
+earlier save survives beside the new ones); :func:`check_model_dir` checks either against its
+weights' shapes without reading them, so damage is reported before anything loads. Either
+may be a URL (``gs://``): orbax reads and writes params there itself, the small files go through
 :mod:`rlhf_jax.storage`, and tokenizers and transformers weights are read from local copies.
 """
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import json
 import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,11 +36,13 @@ import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from rlhf_jax import storage
-from rlhf_jax.checkpoint import load_pytree, save_pytree
+from rlhf_jax.checkpoint import load_pytree, save_pytree, saved_structure
 from rlhf_jax.config import model_config_from
 from rlhf_jax.errors import UserError
 from rlhf_jax.models.config import TransformerConfig
-from rlhf_jax.models.hf import config_from_hf, from_pretrained, load_tokenizer, read_hf_config
+from rlhf_jax.models.hf import (TOKENIZER_FILES, CheckpointFormatError, check_pretrained,
+                                from_pretrained, has_tokenizer, load_tokenizer,
+                                save_pretrained)
 from rlhf_jax.models.params import (abstract_params, cast_floating, init_params, place_params,
                                     stack_layers, unstack_layers)
 from rlhf_jax.models.transformer import Transformer
@@ -50,57 +57,135 @@ EXTRA_FILE = "extra.json"
 
 # --- writing ours ---------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What kind of directory :func:`write_directory` writes.
+
+    ``marker``: the file that makes the directory what it is, written last; ``first``: the
+    entry written first (a directory on an object store holding it without ``marker`` is what
+    an interrupted write leaves); ``what``: its name in messages."""
+    marker: str
+    first: str
+    what: str
+
+
+OUR_LAYOUT = Layout(MODEL_CONFIG_FILE, PARAMS_DIR, f"a model ({MODEL_CONFIG_FILE} + {PARAMS_DIR}/)")
+HF_LAYOUT = Layout("config.json", "model.safetensors",
+                   "a transformers checkpoint (config.json + *.safetensors)")
+LORA_LAYOUT = Layout("lora.json", "adapters", "LoRA adapters (lora.json + adapters/)")
+
+
 def save_our_checkpoint(our_dir: str, model: Transformer, params: Any, tokenizer: Any = None,
                         *, extra: dict | None = None, overwrite: bool = False) -> str:
     """Write ``model_config.json``, the orbax ``params``, the tokenizer and ``extra.json`` (stage
     facts such as the reward model's normalization) into ``our_dir``: a stage's output.
 
-    A local directory is written whole into the sibling ``<our_dir>.saving`` and then swapped in
-    (an atomic exchange where the filesystem has one), so a kill at any moment leaves either the
-    previous complete model or the new one, never a directory without params. ``overwrite``
-    replaces an existing model; without it an existing model is an error. On object stores
-    (``gs://``), which have no directory rename, the files are written in place (see
-    :func:`_write_in_place`).
+    Written whole by :func:`write_directory`: a kill at any moment leaves the previous model or
+    the new one, never a mix. ``overwrite`` replaces whatever ``our_dir`` holds; without it a
+    directory that is not empty is an error.
 
     Multi-host: call on every process (the orbax save is collective); process 0 writes the
     config and tokenizer and does the swap.
     """
-    our_dir = storage.absolute(our_dir)
-    if storage.is_url(our_dir):
-        _write_in_place(our_dir, model, params, tokenizer, extra, overwrite)
-        return our_dir
+    return write_directory(
+        our_dir, lambda target: _write_model_files(target, model, params, tokenizer, extra),
+        OUR_LAYOUT, overwrite=overwrite)
+
+
+def save_hf_checkpoint(hf_dir: str, model: Transformer, params: Any, tokenizer: Any = None, *,
+                       reward_norm: dict | None = None, overwrite: bool = False) -> str:
+    """:func:`rlhf_jax.models.hf.save_pretrained` into ``hf_dir``, written whole as
+    :func:`save_our_checkpoint` writes ours: no safetensors of an earlier export stay beside
+    the new ones (readers would mix them). Multi-host: call on every process."""
+    return write_directory(
+        hf_dir, lambda target: save_pretrained(target, model, params, tokenizer,
+                                               reward_norm=reward_norm),
+        HF_LAYOUT, overwrite=overwrite)
+
+
+def write_directory(target: str, write: Callable[[str], Any], layout: Layout, *,
+                    overwrite: bool) -> str:
+    """Have ``write(directory)`` fill a directory that then replaces ``target`` whole.
+
+    Locally ``write`` fills the sibling ``<target>.saving``, which is then swapped in (an
+    atomic exchange where the filesystem has one): a kill at any moment leaves either the
+    previous content or the new, and nothing of the previous content survives beside the new.
+    On object stores (``gs://``), which have no directory rename, the previous content loses
+    its ``layout.marker`` first, is then deleted, and ``write`` fills ``target`` itself,
+    writing the marker last: a kill leaves no marker, so no reader takes a partial directory
+    for a complete one, and the rerun writes it again.
+
+    ``overwrite`` replaces whatever ``target`` holds; without it see :func:`check_output_dir`.
+    Returns the absolute ``target``. Multi-host: call on every process (``write`` is called on
+    each); process 0 clears, swaps and recovers.
+    """
+    target = storage.absolute(target)
     main = jax.process_index() == 0
-    staging = our_dir + _STAGING_SUFFIX
+    if storage.is_url(target):
+        check_output_dir(target, layout, overwrite=overwrite)
+        if main and storage.exists(target):
+            storage.remove(storage.join(target, layout.marker))
+            storage.rmtree(target)
+        _sync_processes(f"rlhf_jax write_directory {target}: cleared")
+        write(target)
+        _sync_processes(f"rlhf_jax write_directory {target}: written")
+        return target
+    staging = target + _STAGING_SUFFIX
     if main:
-        recover_model_dir(our_dir)
-    if not overwrite and os.path.exists(os.path.join(our_dir, PARAMS_DIR)):
-        _refuse_existing(our_dir)
+        recover_model_dir(target)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+    _sync_processes(f"rlhf_jax write_directory {target}: staging ready")
+    check_output_dir(target, layout, overwrite=overwrite)
+    try:
+        write(staging)
+    except BaseException:
+        if main and os.path.exists(staging):   # a full disk above all: free what it took
+            _remove_tree(staging)
+        raise
+    _sync_processes(f"rlhf_jax write_directory {target}: staged")
     if main:
-        os.makedirs(os.path.dirname(our_dir), exist_ok=True)
-    _sync_processes("rlhf_jax save_our_checkpoint: staging ready")
-    _write_model_files(staging, model, params, tokenizer, extra, overwrite=False)
-    _sync_processes("rlhf_jax save_our_checkpoint: staged")
-    if main:
-        _swap_in(staging, our_dir)
-    _sync_processes("rlhf_jax save_our_checkpoint: swapped")
-    return our_dir
+        _swap_in(staging, target)
+    _sync_processes(f"rlhf_jax write_directory {target}: swapped")
+    return target
 
 
-_STAGING_SUFFIX = ".saving"      # the new model while it is written; the old one after an exchange
-_REPLACED_SUFFIX = ".replaced"   # the previous model during a two-rename swap
+_STAGING_SUFFIX = ".saving"      # the new content while it is written; the old after an exchange
+_REPLACED_SUFFIX = ".replaced"   # the previous content during a two-rename swap
 
 
-def _refuse_existing(our_dir: str) -> None:
-    raise UserError(f"{our_dir}: already holds a model ({PARAMS_DIR}/); choose another "
-                    "directory or delete it")
+def check_output_dir(target: str, layout: Layout, *, overwrite: bool) -> None:
+    """Raise unless :func:`write_directory` may write ``target``: a new or empty directory, or
+    any with ``overwrite`` (replaced whole). Without ``overwrite`` a directory that holds
+    anything is refused, so that an earlier model (or unrelated files) is never deleted by
+    surprise; except, on an object store, what an interrupted write left there (``first``
+    without the marker), which the rerun replaces. Callers that load a model first check here
+    before loading."""
+    target = storage.absolute(target)
+    if storage.isfile(target):
+        raise UserError(f"{target}: a file; expected a directory to write {layout.what} into")
+    if overwrite or not storage.isdir(target):
+        return
+    names = storage.listdir(target)
+    if not names or (storage.is_url(target) and layout.first in names
+                     and layout.marker not in names):
+        return
+    if layout.marker in names:
+        raise UserError(f"{target}: already holds {layout.what}; choose another directory, "
+                        "delete it, or pass --overwrite")
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise UserError(f"{target}: not empty (holds {shown}); {layout.what} is written into a new "
+                    "or empty directory so that no earlier file mixes into it: choose another "
+                    "directory, delete it, or pass --overwrite")
 
 
 def _write_model_files(our_dir: str, model: Transformer, params: Any, tokenizer: Any,
-                       extra: dict | None, overwrite: bool) -> None:
+                       extra: dict | None) -> None:
     """Params first and ``model_config.json`` last: written in place (an object store), the
     directory only looks like a model once everything else is there."""
     storage.makedirs(our_dir)
-    save_pytree(storage.join(our_dir, PARAMS_DIR), params, overwrite=overwrite)
+    # The directory is new or cleared; overwrite=True only keeps a host whose listing of an
+    # object store is stale from refusing to save.
+    save_pytree(storage.join(our_dir, PARAMS_DIR), params, overwrite=True)
     if jax.process_index() == 0:
         storage.write_text(storage.join(our_dir, EXTRA_FILE),
                            json.dumps(extra or {}, indent=2, sort_keys=True))
@@ -110,56 +195,23 @@ def _write_model_files(our_dir: str, model: Transformer, params: Any, tokenizer:
         storage.write_text(storage.join(our_dir, MODEL_CONFIG_FILE), model.config.to_json())
 
 
-def _write_in_place(our_dir: str, model: Transformer, params: Any, tokenizer: Any,
-                    extra: dict | None, overwrite: bool) -> None:
-    """Save into a URL, where nothing can be renamed into place.
-
-    ``model_config.json`` + ``params/`` make a directory a model, so a previous model (or a
-    partial write that a kill left: params without the config) loses its config first and is
-    then deleted, and the new config is written last: a kill leaves no model, which the rerun
-    writes again, never params that do not match their config.
-    """
-    if not overwrite and is_our_checkpoint(our_dir):
-        _refuse_existing(our_dir)
-    if jax.process_index() == 0 and storage.exists(storage.join(our_dir, PARAMS_DIR)):
-        storage.remove(storage.join(our_dir, MODEL_CONFIG_FILE))
-        storage.rmtree(our_dir)
-    _sync_processes("rlhf_jax save_our_checkpoint: previous model removed")
-    # The directory is empty now; overwrite=True only keeps a host whose listing of the store is
-    # stale from refusing to save.
-    _write_model_files(our_dir, model, params, tokenizer, extra, overwrite=True)
-    _sync_processes("rlhf_jax save_our_checkpoint: written")
-
-
 def _sync_processes(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
-def _swap_in(staging: str, our_dir: str) -> None:
-    """Put the complete ``staging`` directory at ``our_dir``; the previous content is removed."""
-    if not os.path.exists(our_dir):
-        os.rename(staging, our_dir)
+def _swap_in(staging: str, target: str) -> None:
+    """Put the complete ``staging`` directory at ``target``; the previous content is removed."""
+    if not os.path.exists(target):
+        os.rename(staging, target)
         return
-    if not os.path.exists(os.path.join(our_dir, PARAMS_DIR)):
-        # An existing directory that is not a model (e.g. `convert` into a folder holding other
-        # files): add the model's entries to it, params last, since params + config is what
-        # makes a directory a model.
-        names = sorted(os.listdir(staging), key=lambda name: name == PARAMS_DIR)
-        for name in names:
-            target = os.path.join(our_dir, name)
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)
-        os.rmdir(staging)
+    if _exchange(staging, target):
+        _remove_tree(staging)           # now the previous content
         return
-    if _exchange(staging, our_dir):
-        _remove_tree(staging)           # now the previous model
-        return
-    replaced = our_dir + _REPLACED_SUFFIX
-    os.rename(our_dir, replaced)
-    os.rename(staging, our_dir)         # a kill between these two is undone by recover_model_dir
+    replaced = target + _REPLACED_SUFFIX
+    os.rename(target, replaced)
+    os.rename(staging, target)          # a kill between these two is undone by recover_model_dir
     _remove_tree(replaced)
 
 
@@ -185,7 +237,7 @@ def _remove_tree(path: str) -> None:
     try:
         shutil.rmtree(path)
     except OSError as error:
-        # The new model is in place; a leftover copy only costs disk and is retried next save.
+        # A leftover copy only costs disk, and the next save removes it.
         log.warning("could not remove %s (%s); delete it by hand", path, error)
 
 
@@ -218,10 +270,25 @@ def is_our_checkpoint(path: str) -> bool:
             and storage.exists(storage.join(path, PARAMS_DIR)))
 
 
+def read_json_object(path: str, expected: str) -> dict:
+    """The JSON object in file ``path``; anything else is a one-line error naming the file and
+    ``expected`` (what the object holds)."""
+    try:
+        data = json.loads(storage.read_text(path))
+    except json.JSONDecodeError as e:
+        raise CheckpointFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise CheckpointFormatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not isinstance(data, dict):
+        raise CheckpointFormatError(f"{path}: expected a JSON object with {expected}; got "
+                                    f"{type(data).__name__}")
+    return data
+
+
 def read_extra(our_dir: str) -> dict:
     """The stage facts stored with a model ({} when there are none)."""
     path = storage.join(storage.absolute(our_dir), EXTRA_FILE)
-    return json.loads(storage.read_text(path)) if storage.exists(path) else {}
+    return read_json_object(path, "stage facts") if storage.exists(path) else {}
 
 
 def read_model_config(our_dir: str) -> TransformerConfig:
@@ -232,12 +299,52 @@ def read_model_config(our_dir: str) -> TransformerConfig:
             f"{config_path}: missing; an rlhf_jax checkpoint directory holds {MODEL_CONFIG_FILE} "
             f"and {PARAMS_DIR}/ (for a transformers checkpoint use rlhf_jax.models.from_pretrained "
             "or `rlhf-jax convert`)")
+    fields = read_json_object(config_path, "TransformerConfig fields")
     try:
-        return TransformerConfig.from_dict(json.loads(storage.read_text(config_path)))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}:{e.lineno}: invalid JSON ({e.msg})") from e
+        return TransformerConfig.from_dict(fields)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{config_path}: not a valid TransformerConfig: {e}") from e
+        raise CheckpointFormatError(f"{config_path}: not a valid TransformerConfig: "
+                                    f"{' '.join(str(e).split())}") from e
+
+
+def check_params(our_dir: str, cfg: TransformerConfig) -> None:
+    """Raise unless ``our_dir/params`` holds exactly the arrays ``cfg`` describes, with their
+    shapes: read from orbax's metadata, no array is read. A ``model_config.json`` beside
+    another model's params would otherwise fail deep inside the restore."""
+    our_dir = storage.absolute(our_dir)
+    params_dir = storage.join(our_dir, PARAMS_DIR)
+    config_path = storage.join(our_dir, MODEL_CONFIG_FILE)
+    saved = _shapes(saved_structure(params_dir, f"the orbax params {config_path} describes"))
+    expected = _shapes(abstract_params(Transformer(cfg)))
+    differ = "the config and the params are of different models"
+    for name in sorted(expected.keys() | saved.keys()):
+        if name not in saved:
+            raise CheckpointFormatError(f"{params_dir}: no {name}, which {config_path} implies "
+                                        f"with shape {expected[name]}; {differ}")
+        if name not in expected:
+            raise CheckpointFormatError(f"{params_dir}: holds {name} {saved[name]}, which "
+                                        f"{config_path} does not describe; {differ}")
+        if saved[name] != expected[name]:
+            raise CheckpointFormatError(f"{params_dir}: {name} has shape {saved[name]}, but "
+                                        f"{config_path} implies {expected[name]}; {differ}")
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(key, "key", key)) for key in path): tuple(leaf.shape)
+            for path, leaf in leaves}
+
+
+def check_model_dir(source: str) -> TransformerConfig:
+    """The config of a model directory, ours or transformers', checked against the shapes of
+    its weights (orbax metadata, safetensors headers: no weights read). Validation runs it
+    before any model loads, so a damaged or mixed-up directory is one line, not a traceback
+    after minutes of loading."""
+    if is_our_checkpoint(source):
+        cfg = read_model_config(source)
+        check_params(source, cfg)
+        return cfg
+    return check_pretrained(source)
 
 
 def _restore_target(model: Transformer, mesh: Mesh | None) -> Any:
@@ -274,6 +381,7 @@ def load_our_checkpoint(our_dir: str, mesh: Mesh | None = None, *,
         raise ValueError(f"{our_dir}: overrides {structural} change the parameter tree of the "
                          "saved model; load it as saved and convert the params explicitly")
 
+    check_params(our_dir, saved_cfg)
     saved_model = Transformer(saved_cfg, mesh=mesh, rules=rules)
     params = load_pytree(storage.join(our_dir, PARAMS_DIR), _restore_target(saved_model, mesh))
 
@@ -318,28 +426,35 @@ def init_or_load_model(cfg: Any, mesh: Mesh, rng: jax.Array, **overrides: Any):
     """The stage's starting model: ``cfg.init_from`` if set, else random init of ``cfg.model``."""
     overrides = {**runtime_overrides(cfg), **overrides}
     if cfg.get("init_from"):
+        if not cfg.get("tokenizer") and not has_tokenizer(cfg.init_from):
+            raise UserError(f"init_from={cfg.init_from!r}: no tokenizer files ("
+                            f"{', '.join(TOKENIZER_FILES)}) beside the model, and no tokenizer "
+                            "is set; set --config.tokenizer=<directory with the tokenizer>")
         model, params, tokenizer, extra = load_model(cfg.init_from, mesh, **overrides)
         if tokenizer is None:
-            tokenizer = load_tokenizer(cfg.tokenizer)
+            tokenizer = _config_tokenizer(cfg)
         return model, params, tokenizer, extra
     if not cfg.get("tokenizer"):
         raise ValueError("config: set init_from (a model directory) or tokenizer + model")
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    if tokenizer is None:
-        raise FileNotFoundError(f"config.tokenizer={cfg.tokenizer!r}: no tokenizer files there")
+    tokenizer = _config_tokenizer(cfg)
     model = Transformer(model_config_from(cfg.model, tokenizer, **overrides), mesh=mesh)
     params = init_params(model, rng, mesh)
     return model, params, tokenizer, {}
 
 
+def _config_tokenizer(cfg: Any) -> Any:
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if tokenizer is None:
+        raise FileNotFoundError(f"config.tokenizer={cfg.tokenizer!r}: no tokenizer files there")
+    return tokenizer
+
+
 def model_config_for_build(model_cfg: Any, source: str = "", **overrides: Any) -> TransformerConfig:
     """A network's TransformerConfig without loading weights: the config stored in the
-    ``source`` model directory (ours or transformers') when one is named, else the architecture
-    section ``model_cfg`` (arch, sizes, vocab_size)."""
+    ``source`` model directory (ours or transformers', checked by :func:`check_model_dir`)
+    when one is named, else the architecture section ``model_cfg`` (arch, sizes, vocab_size)."""
     if source:
-        if is_our_checkpoint(source):
-            return read_model_config(source).replace(**overrides)
-        return config_from_hf(read_hf_config(source), source).replace(**overrides)
+        return check_model_dir(source).replace(**overrides)
     fields = dict(model_cfg or {})
     if not fields:
         raise ValueError("no architecture: set the model section (arch, sizes, vocab_size) or a "

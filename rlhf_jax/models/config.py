@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -52,7 +53,9 @@ class TransformerConfig:
     eos_token_id: int | None = None
 
     def __post_init__(self):
-        problems = []
+        problems = self._size_problems()
+        if problems:    # the checks below divide by these sizes
+            raise ValueError("invalid TransformerConfig: " + "; ".join(problems))
         if self.d_model % self.n_heads and self.head_dim is None:
             problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
@@ -65,6 +68,14 @@ class TransformerConfig:
                 problems.append(f"{name}={getattr(self, name)!r}; expected one of {sorted(_DTYPES)}")
         if problems:
             raise ValueError("invalid TransformerConfig: " + "; ".join(problems))
+
+    def _size_problems(self) -> list[str]:
+        sizes = {name: getattr(self, name) for name in
+                 ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_position")}
+        sizes.update({name: getattr(self, name) for name in ("n_kv_heads", "head_dim")
+                      if getattr(self, name) is not None})
+        return [f"{name}={value!r}: expected a positive integer" for name, value in sizes.items()
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1]
 
     def _rope_scaling_problems(self) -> list[str]:
         if self.rope_scaling == "default":
@@ -123,10 +134,17 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TransformerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object of TransformerConfig fields, got "
+                             f"{type(d).__name__}")
+        fields = dataclasses.fields(cls)
+        known = {f.name for f in fields}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown TransformerConfig fields {unknown}; known: {sorted(known)}")
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise ValueError(f"missing fields {missing}")
         return cls(**d)
 
 

@@ -7,7 +7,10 @@ architectures: GPT-2 (``GPT2LMHeadModel``), Llama (``LlamaForCausalLM``), Qwen2
 (``Qwen2ForCausalLM``), with plain RoPE or Llama 3.1 / 3.2's ``"llama3"`` RoPE scaling (read
 from ``rope_parameters`` or the older ``rope_scaling``, written back as ``rope_parameters``).
 Every tensor is checked against the shape ``config.json`` implies, and a mismatch names the file,
-the tensor, the shape found and the shape expected.
+the tensor, the shape found and the shape expected. These checks read the safetensors headers
+alone (:func:`check_pretrained`, run by validation), and they also refuse a truncated file and
+the files of two saves in one directory: an index whose ``weight_map`` and files disagree, or
+un-indexed files that hold the same tensor.
 
 Reward and value models (``head="scalar"``) travel as ``GPT2ForSequenceClassification`` /
 ``LlamaForSequenceClassification`` / ``Qwen2ForSequenceClassification`` with ``num_labels=1``.
@@ -31,7 +34,6 @@ PPO and evaluation do here:
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -156,22 +158,26 @@ def config_from_hf(hf: dict[str, Any], path: str = "config.json", **overrides: A
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
             raise CheckpointFormatError(f"{path}: scale_attn_by_inverse_layer_idx / "
                                         "reorder_and_upcast_attn are not supported")
-        d = hf["n_embd"]
-        cfg = dict(vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"],
-                   n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
-                   max_position=hf.get("n_positions", 1024),
+        d = _size(hf, "n_embd", path)
+        cfg = dict(vocab_size=_size(hf, "vocab_size", path), d_model=d,
+                   n_layers=_size(hf, "n_layer", path), n_heads=_size(hf, "n_head", path),
+                   d_ff=_size(hf, "n_inner", path, 4 * d),
+                   max_position=_size(hf, "n_positions", path, 1024),
                    norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                    tie_embeddings=hf.get("tie_word_embeddings", True), **ids)
         cfg.update(overrides)
-        return gpt2_config(**cfg)
+        return _made(gpt2_config, cfg, path)
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointFormatError(f"{path}: hidden_act {hf.get('hidden_act')!r} unsupported; expected 'silu'")
     if hf.get("use_sliding_window"):
         raise CheckpointFormatError(f"{path}: sliding-window attention is not supported")
-    cfg = dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-               n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-               n_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
-               d_ff=hf["intermediate_size"], max_position=hf.get("max_position_embeddings", 2048),
+    cfg = dict(vocab_size=_size(hf, "vocab_size", path), d_model=_size(hf, "hidden_size", path),
+               n_layers=_size(hf, "num_hidden_layers", path),
+               n_heads=_size(hf, "num_attention_heads", path),
+               n_kv_heads=_size(hf, "num_key_value_heads", path, None),
+               head_dim=_size(hf, "head_dim", path, None),
+               d_ff=_size(hf, "intermediate_size", path),
+               max_position=_size(hf, "max_position_embeddings", path, 2048),
                norm_eps=hf.get("rms_norm_eps", 1e-6),
                tie_embeddings=hf.get("tie_word_embeddings", False), **_rope_fields(hf, path), **ids)
     if arch == "llama":
@@ -182,9 +188,33 @@ def config_from_hf(hf: dict[str, Any], path: str = "config.json", **overrides: A
                 "(both must match)")
         cfg.update(qkv_bias=attn_bias, out_bias=attn_bias)
         cfg.update(overrides)
-        return llama_config(**cfg)
+        return _made(llama_config, cfg, path)
     cfg.update(overrides)
-    return qwen2_config(**cfg)
+    return _made(qwen2_config, cfg, path)
+
+
+_REQUIRED = object()
+
+
+def _size(hf: dict[str, Any], key: str, path: str, default: Any = _REQUIRED) -> Any:
+    """A size field of a transformers config: a positive integer, or ``default`` when the
+    field is absent (null counts as absent)."""
+    value = hf.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise CheckpointFormatError(f"{path}: missing {key!r}; expected a positive integer "
+                                        "(the file is incomplete or not a model's config.json)")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointFormatError(f"{path}: {key}={value!r}: expected a positive integer")
+    return value
+
+
+def _made(maker: Any, fields: dict[str, Any], path: str) -> TransformerConfig:
+    try:
+        return maker(**fields)
+    except ValueError as e:     # sizes that do not fit together, e.g. heads not dividing width
+        raise CheckpointFormatError(f"{path}: {' '.join(str(e).split())}") from e
 
 
 def _first(x: Any) -> Any:
@@ -324,37 +354,119 @@ def _entries(cfg: TransformerConfig, score: bool = False) -> Iterator[tuple]:
 
 # --- safetensors reading -----------------------------------------------------------------------
 
-class _TensorStore:
-    """Name -> (file, lazy reader) over one or more safetensors files; framework-free numpy."""
+INDEX_FILE = "model.safetensors.index.json"
 
-    def __init__(self, path: str):
-        from safetensors import safe_open
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        if not files:
-            bins = glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt"))
-            hint = (f" (found {', '.join(os.path.basename(b) for b in bins)}: pickled PyTorch "
-                    "files are never loaded; re-save with safe_serialization=True)") if bins else ""
-            raise FileNotFoundError(f"{path}: no *.safetensors files{hint}")
-        self.where: dict[str, str] = {}
-        self._handles = {}
-        for file in files:
-            handle = safe_open(file, framework="flax")
-            self._handles[file] = handle
-            for key in handle.keys():
-                self.where[key] = file
-        self.files = files
 
-    def resolve(self, name: str, prefixes: tuple[str, ...]) -> str | None:
-        for prefix in prefixes:
-            if prefix + name in self.where:
-                return prefix + name
-        return None
+def _read_header(path: str, name: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the header of safetensors file ``name`` in directory ``path``
+    (local or a URL; only the header is read), checked against the file's size, which a
+    truncated download or copy gives away."""
+    file = storage.join(path, name)
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[self.where[key]].get_slice(key).get_shape())
+    def damaged(what: str) -> CheckpointFormatError:
+        return CheckpointFormatError(f"{file}: {what}; copy or download it again")
 
-    def get(self, key: str) -> jax.Array:
-        return self._handles[self.where[key]].get_tensor(key)
+    with storage.open(file, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(0)
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise damaged(f"{size} bytes, too short for a safetensors file (truncated)")
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8:
+            raise damaged(f"its header claims {length} bytes but the file has {size} "
+                          "(truncated, or not a safetensors file)")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise damaged("its header is not JSON (not a safetensors file)") from e
+    if not isinstance(header, dict):
+        raise damaged("its header is not a JSON object (not a safetensors file)")
+    shapes, end = {}, 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            shapes[key] = tuple(int(d) for d in entry["shape"])
+            end = max(end, int(entry["data_offsets"][1]))
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise damaged(f"tensor {key!r} has no valid shape / data_offsets in the header") from e
+    if 8 + length + end != size:
+        state = "truncated" if 8 + length + end > size else "has bytes past its last tensor"
+        raise damaged(f"{state}: its header describes {8 + length + end} bytes, the file has "
+                      f"{size}")
+    return shapes
+
+
+def _weight_index(path: str) -> tuple[dict[str, str], dict[str, tuple[int, ...]], list[str]]:
+    """``(tensor -> file, tensor -> shape, files)`` of the safetensors in directory ``path``,
+    from their headers alone.
+
+    Files from two saves in one directory (an export over an earlier one) must not be mixed:
+    with ``model.safetensors.index.json`` its ``weight_map`` and the files must agree exactly,
+    and without one no tensor may be in two files.
+    """
+    names = storage.listdir(path)
+    files = [name for name in names if name.endswith(".safetensors")]
+    if not files:
+        bins = [name for name in names if name.endswith((".bin", ".pt"))]
+        hint = (f" (found {', '.join(bins)}: pickled PyTorch files are never loaded; re-save "
+                "with safe_serialization=True)") if bins else ""
+        raise FileNotFoundError(f"{path}: no *.safetensors files{hint}")
+    shapes_by_file = {name: _read_header(path, name) for name in files}
+    where: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    mixed = ("; the directory mixes files of different saves: delete it and export or "
+             "download the model again")
+    if INDEX_FILE in names:
+        index_path = storage.join(path, INDEX_FILE)
+        try:
+            weight_map = json.loads(storage.read_text(index_path)).get("weight_map")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointFormatError(f"{index_path}: not a JSON object with a weight_map "
+                                        f"({' '.join(str(e).split())})") from e
+        if not isinstance(weight_map, dict):
+            raise CheckpointFormatError(f"{index_path}: no weight_map object (tensor -> file)")
+        listed = set(weight_map.values())
+        if listed - set(files) or set(files) - listed:
+            raise CheckpointFormatError(
+                f"{path}: {INDEX_FILE} and the *.safetensors files disagree: it names "
+                f"{sorted(listed)}, the directory holds {sorted(files)}{mixed}")
+        for name, tensors in shapes_by_file.items():
+            indexed = {key for key, file in weight_map.items() if file == name}
+            if indexed != set(tensors):
+                key = sorted(indexed ^ set(tensors))[0]
+                where_key = "in" if key in tensors else "not in"
+                raise CheckpointFormatError(
+                    f"{path}: {INDEX_FILE} and {name} disagree: tensor {key!r} is {where_key} "
+                    f"{name} but the index says {weight_map.get(key, 'nothing')!r}{mixed}")
+    for name, tensors in shapes_by_file.items():
+        for key, shape in tensors.items():
+            if key in where:
+                raise CheckpointFormatError(
+                    f"{path}: tensor {key!r} is in both {where[key]} and {name} (several "
+                    f"*.safetensors without {INDEX_FILE} must not overlap){mixed}")
+            where[key], shapes[key] = name, shape
+    return where, shapes, files
+
+
+def _read_plan(path: str, cfg: TransformerConfig, score_head: bool) -> list[tuple]:
+    """``(our path, file, tensor name, to_ours)`` for every parameter ``cfg`` needs, each found
+    in directory ``path``'s safetensors with the shape config.json implies (headers only)."""
+    where, shapes, files = _weight_index(path)
+    prefixes = ("", "transformer.") if cfg.arch == "gpt2" else ("",)
+    plan = []
+    for ours, theirs, to_ours, _, hf_shape in _entries(cfg, score=score_head):
+        key = next((prefix + theirs for prefix in prefixes if prefix + theirs in where), None)
+        if key is None:
+            raise CheckpointFormatError(
+                f"{path}: tensor {theirs!r} (for {ours}) is missing from {', '.join(files)}")
+        if shapes[key] != tuple(hf_shape):
+            raise CheckpointFormatError(
+                f"{where[key]}: tensor {key!r} has shape {shapes[key]}, but config.json implies "
+                f"{tuple(hf_shape)}")
+        plan.append((ours, where[key], key, to_ours))
+    return plan
 
 
 def _set_path(tree: dict, path: str, value: Any) -> None:
@@ -381,26 +493,22 @@ def load_params(path: str, cfg: TransformerConfig, shardings: Any = None,
     sequence classifier's ``score.weight`` (instead of any LM head) as the scalar head, with bias
     ``score_offset``.
     """
-    store = _TensorStore(path)
-    prefixes = ("", "transformer.") if cfg.arch == "gpt2" else ("",)
+    from safetensors import SafetensorError, safe_open
     params: dict = {}
     if score_head:
         bias = jnp.full((1,), score_offset, dtype)
         if shardings is not None:
             bias = jax.device_put(bias, _get_path(shardings, "score_head/bias"))
         _set_path(params, "score_head/bias", bias)
-    for ours, theirs, to_ours, _, hf_shape in _entries(cfg, score=score_head):
-        key = store.resolve(theirs, prefixes)
-        if key is None:
-            raise CheckpointFormatError(
-                f"{path}: tensor {theirs!r} (for {ours}) is missing from "
-                f"{', '.join(os.path.basename(f) for f in store.files)}")
-        found = store.shape(key)
-        if found != tuple(hf_shape):
-            raise CheckpointFormatError(
-                f"{os.path.basename(store.where[key])}: tensor {key!r} has shape {found}, but "
-                f"config.json implies {tuple(hf_shape)}")
-        value = to_ours(store.get(key)).astype(dtype)
+    handles = {}
+    for ours, file, key, to_ours in _read_plan(path, cfg, score_head):
+        try:
+            if file not in handles:
+                handles[file] = safe_open(os.path.join(path, file), framework="flax")
+            value = to_ours(handles[file].get_tensor(key)).astype(dtype)
+        except SafetensorError as e:
+            raise CheckpointFormatError(f"{os.path.join(path, file)}: unreadable ({e}); copy or "
+                                        "download it again") from e
         if shardings is not None:
             value = jax.device_put(value, _get_path(shardings, ours))
         _set_path(params, ours, value)
@@ -416,9 +524,28 @@ def read_hf_config(path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"{config_path}: missing; a checkpoint directory needs config.json "
                                 "(transformers format) beside its *.safetensors files")
     try:
-        return json.loads(storage.read_text(config_path))
+        hf = json.loads(storage.read_text(config_path))
     except json.JSONDecodeError as e:
         raise CheckpointFormatError(f"{config_path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise CheckpointFormatError(f"{config_path}: not UTF-8 text ({e.reason} at byte "
+                                    f"{e.start})") from e
+    if not isinstance(hf, dict):
+        raise CheckpointFormatError(f"{config_path}: expected a JSON object (a transformers "
+                                    f"config), got {type(hf).__name__}")
+    return hf
+
+
+def check_pretrained(path: str) -> TransformerConfig:
+    """The config of the transformers checkpoint directory ``path`` (local or a URL), after
+    checking that its safetensors hold every tensor the config implies, with that shape, and
+    no file of another save: headers only, no weights read (validation runs it before any
+    model loads)."""
+    source = storage.absolute(path)
+    hf = read_hf_config(source)
+    cfg = config_from_hf(hf, storage.join(source, "config.json"))
+    _read_plan(source, cfg, is_sequence_classifier(hf) and cfg.head == "scalar")
+    return cfg
 
 
 _GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
@@ -426,6 +553,14 @@ _GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 # never fetched to read a tokenizer from a URL.
 _WEIGHTS = ("params", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack",
             "*.gguf", "*.onnx")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def has_tokenizer(path: str) -> bool:
+    """Whether directory ``path`` (local or a URL) holds a saved tokenizer."""
+    return any(storage.exists(storage.join(path, name)) for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(path: str):
@@ -438,8 +573,7 @@ def load_tokenizer(path: str):
     """
     # transformers.AutoTokenizer imports every model family's config (seconds): only when needed.
     from transformers import PreTrainedTokenizerFast
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    if not any(storage.exists(storage.join(path, n)) for n in names):
+    if not has_tokenizer(path):
         log.warning("%s: no tokenizer files; returning tokenizer=None", path)
         return None
     path = storage.local_copy(path, skip=_WEIGHTS)
@@ -537,10 +671,16 @@ def save_pretrained(path: str, model: Transformer, params: dict, tokenizer: Any 
     path = storage.absolute(path)
     if jax.process_index() == 0:
         with storage.writable_local(path) as local:
-            hf_config.save_pretrained(local)
             save_file(tensors, os.path.join(local, "model.safetensors"), metadata={"format": "pt"})
             if tokenizer is not None:
                 tokenizer.save_pretrained(local)
+        # config.json is what makes a directory a checkpoint: last, so that a write in place (an
+        # object store) that is cut short leaves none. What PretrainedConfig.save_pretrained
+        # writes, without its Hub upload.
+        if hasattr(hf_config, "validate"):
+            hf_config.validate()
+        storage.write_text(storage.join(path, "config.json"),
+                           hf_config.to_json_string(use_diff=True))
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 
 import jax
@@ -253,6 +254,87 @@ def test_missing_tensor(checkpoints, tmp_path):
         from_pretrained(path)
 
 
+def _shard(path: str, index: dict | None, **files: list[str]) -> None:
+    """Replace model.safetensors by ``files`` (name -> the tensors it holds), with ``index``
+    as model.safetensors.index.json's weight_map (None: no index)."""
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    os.remove(os.path.join(path, "model.safetensors"))
+    for name, keys in files.items():
+        save_file({k: tensors[k] for k in keys}, os.path.join(path, name))
+    if index is not None:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"weight_map": index}, f)
+
+
+@pytest.mark.parametrize("layout,message", [
+    ("index-names-a-missing-file", r"index\.json and the \*\.safetensors files disagree: it "
+                                   r"names \['a\.safetensors', 'gone\.safetensors'\]"),
+    ("file-holds-an-unindexed-tensor", r"index\.json and a\.safetensors disagree: tensor "
+                                       r"'.*' is in a\.safetensors but the index says 'b\."),
+    ("unindexed-files-overlap", r"tensor '.*' is in both a\.safetensors and b\.safetensors"),
+])
+def test_safetensors_of_two_saves_are_never_mixed(checkpoints, tmp_path, layout, message):
+    path = copy_checkpoint(checkpoints["llama"][0], tmp_path / "ckpt")
+    keys = sorted(load_file(os.path.join(path, "model.safetensors")))
+    half = len(keys) // 2
+    if layout == "index-names-a-missing-file":
+        _shard(path, {**{k: "a.safetensors" for k in keys[:half]},
+                      **{k: "gone.safetensors" for k in keys[half:]}}, **{"a.safetensors": keys})
+    elif layout == "file-holds-an-unindexed-tensor":
+        _shard(path, {**{k: "a.safetensors" for k in keys[:half]},
+                      **{k: "b.safetensors" for k in keys[half:]}},
+               **{"a.safetensors": keys[:half + 1], "b.safetensors": keys[half:]})
+    else:
+        _shard(path, None, **{"a.safetensors": keys[:half + 1], "b.safetensors": keys[half:]})
+    with pytest.raises(CheckpointFormatError, match=message):
+        model_io.check_model_dir(path)
+    with pytest.raises(CheckpointFormatError, match=message):
+        from_pretrained(path)
+
+
+def test_sharded_checkpoint_whose_index_agrees_loads(checkpoints, tmp_path):
+    path, _, reference = checkpoints["llama"]
+    path = copy_checkpoint(path, tmp_path / "ckpt")
+    keys = sorted(load_file(os.path.join(path, "model.safetensors")))
+    half = len(keys) // 2
+    _shard(path, {**{k: "a.safetensors" for k in keys[:half]},
+                  **{k: "b.safetensors" for k in keys[half:]}},
+           **{"a.safetensors": keys[:half], "b.safetensors": keys[half:]})
+    ids, mask = left_padded_batch()
+    model, params, _ = from_pretrained(path)
+    assert max_diff_at_real_positions(our_logits(model, params, ids, mask), reference,
+                                      mask) <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("cut", [100, 4, -100], ids=["inside-header", "inside-length",
+                                                     "inside-data"])
+def test_truncated_safetensors_is_named_before_any_tensor_is_read(checkpoints, tmp_path, cut):
+    path = copy_checkpoint(checkpoints["gpt2"][0], tmp_path / "ckpt")
+    file = os.path.join(path, "model.safetensors")
+    os.truncate(file, cut if cut > 0 else os.path.getsize(file) + cut)
+    with pytest.raises(CheckpointFormatError, match=rf"{re.escape(file)}: .*truncated"):
+        model_io.check_model_dir(path)
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"n_embd": None}, r"config\.json: missing 'n_embd'; expected a positive integer"),
+    ({"n_head": 0}, r"config\.json: n_head=0: expected a positive integer"),
+    ({"n_layer": -1}, r"config\.json: n_layer=-1: expected a positive integer"),
+    ({"n_head": 3}, r"config\.json: invalid TransformerConfig: d_model=32 is not divisible by "
+                    r"n_heads=3"),
+])
+def test_config_json_with_impossible_sizes(checkpoints, tmp_path, edit, message):
+    path = copy_checkpoint(checkpoints["gpt2"][0], tmp_path / "ckpt")
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config.update(edit)
+    config = {k: v for k, v in config.items() if v is not None}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(CheckpointFormatError, match=message):
+        from_pretrained(path)
+
+
 # --- conversion (rlhf-jax convert) -----------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -430,6 +512,54 @@ def test_convert_between_local_and_gcs(checkpoints, gcs_path, tmp_path, monkeypa
     assert tokenizer("the park")["input_ids"] == [3, 12]
     assert max_diff_at_real_positions(our_logits(model, params, ids, mask), reference,
                                       mask) <= PARITY_ATOL
+
+
+def test_export_to_gcs_over_an_earlier_one_leaves_none_of_its_files(checkpoints, gcs_path,
+                                                                     tmp_path, monkeypatch):
+    # An object store has no rename: the earlier export is refused without overwrite, and with
+    # it removed whole (config.json first) before the new files, config.json last.
+    monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path / "cache"))
+    path, _, reference = checkpoints["gpt2"]
+    ours = hf_to_orbax(path, str(tmp_path / "ours"))
+    hf_dir = storage.join(gcs_path, "hf")
+    storage.upload(path, hf_dir)
+    storage.write_bytes(storage.join(hf_dir, "model-stale.safetensors"),
+                        storage.read_bytes(storage.join(hf_dir, "model.safetensors")))
+    with pytest.raises(UserError, match="already holds a transformers checkpoint"):
+        orbax_to_hf(ours, hf_dir)
+    with pytest.raises(CheckpointFormatError, match=r"is in both model-stale\.safetensors and "
+                                                    r"model\.safetensors"):
+        model_io.check_model_dir(hf_dir)
+    orbax_to_hf(ours, hf_dir, overwrite=True)
+    assert "model-stale.safetensors" not in storage.listdir(hf_dir)
+    ids, mask = left_padded_batch()
+    model, params, _ = from_pretrained(hf_dir)
+    assert max_diff_at_real_positions(our_logits(model, params, ids, mask), reference,
+                                      mask) <= PARITY_ATOL
+
+
+def test_gcs_export_cut_short_leaves_no_config_and_is_rewritten(checkpoints, gcs_path,
+                                                                  monkeypatch):
+    model, params, _ = from_pretrained(checkpoints["gpt2"][0], with_tokenizer=False)
+    hf_dir = storage.join(gcs_path, "hf")
+
+    class Killed(Exception):
+        pass
+
+    real_write = storage.write_text
+
+    def dying_write(target, text):      # the weights are up; config.json, last, is not
+        if target.endswith("/config.json"):
+            raise Killed
+        real_write(target, text)
+
+    monkeypatch.setattr(storage, "write_text", dying_write)
+    with pytest.raises(Killed):
+        model_io.save_hf_checkpoint(hf_dir, model, params)
+    monkeypatch.undo()
+    assert storage.listdir(hf_dir) == ["model.safetensors"]
+    model_io.save_hf_checkpoint(hf_dir, model, params)     # the rerun, without overwrite
+    assert sorted(storage.listdir(hf_dir)) == ["config.json", "model.safetensors"]
 
 
 # --- meshes as users make them ---------------------------------------------------------------

@@ -405,13 +405,20 @@ def exported_policy(roles: Roles, trainable: PyTree, frozen: Frozen) -> PyTree:
 
 
 def save_adapters(lora_dir: str, role: Role, adapters: PyTree, policy_from: str) -> None:
-    """``lora_dir``: ``adapters/`` (orbax pytree of A and B) and ``lora.json`` (LoRA only)."""
+    """``lora_dir``: ``adapters/`` (orbax pytree of A and B) and ``lora.json`` (LoRA only),
+    replacing an earlier run's whole (``model_io.write_directory``), so that a kill during a
+    rerun's save never leaves a lora.json beside other adapters, or none."""
     if role.trains != LORA:
         return
-    ckpt_lib.save_pytree(storage.join(lora_dir, "adapters"), adapters, overwrite=True)
-    if jax.process_index() == 0:
-        storage.write_json(storage.join(lora_dir, "lora.json"), {
-            "rank": role.lora_rank, "alpha": float(role.lora_alpha),
-            "scale": float(role.lora_scale), "targets": list(role.lora_targets),
-            "base": policy_from, "n_params": lora_param_count(LoRA(adapters, role.lora_scale))},
-            indent=1)
+    layout = model_io.LORA_LAYOUT
+
+    def write(directory: str) -> None:
+        ckpt_lib.save_pytree(storage.join(directory, layout.first), adapters, overwrite=True)
+        if jax.process_index() == 0:
+            storage.write_json(storage.join(directory, layout.marker), {
+                "rank": role.lora_rank, "alpha": float(role.lora_alpha),
+                "scale": float(role.lora_scale), "targets": list(role.lora_targets),
+                "base": policy_from, "n_params": lora_param_count(LoRA(adapters, role.lora_scale))},
+                indent=1)
+
+    model_io.write_directory(lora_dir, write, layout, overwrite=True)
