@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from rlhf_jax import registry, storage
@@ -281,27 +283,178 @@ _INPUT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADire
                  FileExistsError)
 
 
+class _FailedWriteEchoes(logging.Filter):
+    """Quiets what background writers print after a write fails: each of orbax's pending array
+    writes logs its disk-full error with a traceback (absl, asyncio: dozens of them), each late
+    TensorStore callback into orbax's closed event loop prints an unraisable "Event loop is
+    closed" (more at interpreter exit), and a writer thread (TensorBoard's) dies with its
+    traceback. The failure itself still reaches ``main``, which says it in one line; ``hidden``
+    counts the disk-full reports dropped, so a run that ends without that line says so."""
+
+    LOGGERS = ("absl", "asyncio")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = 0
+        self._previous_hook = sys.unraisablehook
+        self._previous_thread_hook = threading.excepthook
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from rlhf_jax import errors
+        try:
+            message = record.getMessage()
+        except Exception:       # a malformed record is the logging module's to report
+            return True
+        if errors.disk_full(record.exc_info[1] if record.exc_info else None) or \
+                errors.disk_full(Exception(message)):
+            self.hidden += 1
+            return False
+        return True
+
+    def _unraisable(self, unraisable) -> None:
+        error = unraisable.exc_value
+        if (isinstance(error, RuntimeError) and str(error) == "Event loop is closed") or (
+                isinstance(error, ImportError) and "Python is likely shutting down" in str(error)):
+            return
+        self._previous_hook(unraisable)
+
+    def _thread_died(self, args) -> None:
+        from rlhf_jax import errors
+        if errors.disk_full(args.exc_value):
+            self.hidden += 1
+            return
+        self._previous_thread_hook(args)
+
+    def say_hidden(self) -> None:
+        """For a run that did not end on the full disk: what was hidden, in one line."""
+        if self.hidden:
+            print(f"rlhf-jax: warning: {self.hidden} reports of background writes that failed "
+                  "on a full disk were hidden; some output may be missing (--debug shows them)",
+                  file=sys.stderr)
+
+    def install(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        sys.unraisablehook = self._unraisable
+        threading.excepthook = self._thread_died
+
+    def remove(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+        if sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self._previous_hook
+        if threading.excepthook == self._thread_died:
+            threading.excepthook = self._previous_thread_hook
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; maps the errors of rlhf_jax.errors to one line and an exit code."""
     from rlhf_jax import errors
+    # Called as the program (the console script): the process ends with this command, and the
+    # writers' echoes of a failed write go on until interpreter exit.
+    whole_process = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    echoes = _FailedWriteEchoes()
+    if not debug:
+        echoes.install()
+    args = None
     try:
-        return _main(argv)
+        rest, overrides = _split_overrides(argv)
+        args = build_parser().parse_args(rest)
+        code = _main(args, overrides)
     except errors.Preempted as e:
+        echoes.say_hidden()
         print(f"rlhf-jax: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
-    except (errors.UserError, *_INPUT_ERRORS) as e:
+    except Exception as e:
+        disk_full = errors.disk_full(e)
         if debug:
+            raise
+        if disk_full is not None:
+            print(f"rlhf-jax: error: {_disk_full_message(args, *disk_full, e)}", file=sys.stderr)
+            return errors.EXIT_USER_ERROR
+        echoes.say_hidden()
+        if not isinstance(e, (errors.UserError, *_INPUT_ERRORS)):
             raise
         print(f"rlhf-jax: error: {_one_line(e)}", file=sys.stderr)
         return getattr(e, "exit_code", errors.EXIT_USER_ERROR)
+    finally:
+        if not whole_process:
+            echoes.remove()
+    echoes.say_hidden()
+    return code
 
 
-def _main(argv: list[str]) -> int:
-    rest, overrides = _split_overrides(argv)
-    args = build_parser().parse_args(rest)
-    from rlhf_jax import distributed, runtime
+def _disk_full_message(args: argparse.Namespace | None, error: BaseException,
+                       path: str | None, raised: BaseException | None = None) -> str:
+    """``no space left on device writing <path>; <what is intact>; <what to do>``: ``error``
+    says the disk is full, ``raised`` (what reached ``main``) what was being done where the
+    path is unknown."""
+    import errno
+    quota = (getattr(error, "errno", None) == errno.EDQUOT
+             or os.strerror(errno.EDQUOT) in str(error))
+    what = "no space left on device" + (" (disk quota exceeded)" if quota else "")
+    if path:
+        # orbax writes a step into "<step>.orbax-checkpoint-tmp/..."; its inner names say nothing.
+        parts = path.split("/")
+        tmp = next((i for i, part in enumerate(parts) if part.endswith(".orbax-checkpoint-tmp")),
+                   None)
+        what += " writing " + ("/".join(parts[:tmp + 1]) if tmp is not None else path)
+    elif raised is not None:
+        what += f" ({_one_line(raised)})"
+    return f"{what}; {_intact(args, path)}"
+
+
+def _intact(args: argparse.Namespace | None, path: str | None) -> str:
+    """What a full disk left intact, read from the workdir: the finished stages of a pipeline
+    and the committed checkpoints of the stage that was writing."""
+    command = getattr(args, "command", None)
+    workdir = getattr(args, "workdir", None)
+    if command == "eval":
+        return ("the previous report, if any, is intact (each file is replaced whole); free "
+                "space and rerun `rlhf-jax eval`")
+    if command not in TRAIN_COMMANDS or not workdir:
+        return "free space and rerun the same command"
+    resume = "free space and rerun the same command to resume"
+    try:
+        workdir = storage.absolute(workdir)
+        parts = []
+        if command == "pipeline":
+            done = [stage for stage in registry.ALL_STAGES
+                    if storage.exists(storage.join(workdir, stage, "DONE"))]
+            parts.append(f"finished stages ({', '.join(done)}) are intact" if done
+                         else "no stage had finished")
+        checkpoints = _checkpoint_dir(command, workdir, path)
+        if checkpoints is not None:
+            steps = sorted(int(name) for name in storage.listdir(checkpoints) if name.isdigit()) \
+                if storage.isdir(checkpoints) else []
+            parts.append(f"checkpoints up to step {steps[-1]} in {checkpoints} are intact"
+                         if steps else f"no checkpoint in {checkpoints} was committed yet")
+    except OSError:     # the full disk may fail these reads as well
+        parts = []
+    return "; ".join((parts or ["committed checkpoints and finished stages are intact"])
+                     + [resume])
+
+
+def _checkpoint_dir(command: str, workdir: str, path: str | None) -> str | None:
+    """The checkpoints directory of the stage that was writing ``path``: the one ``path`` is in,
+    else a stage command's own, else (a pipeline) that of the stage directory ``path`` is in."""
+    if path and "checkpoints" in path.split("/"):
+        parts = path.split("/")
+        return "/".join(parts[:parts.index("checkpoints") + 1])
+    if command in registry.COMMANDS:
+        return storage.join(workdir, "checkpoints")
+    prefix = workdir.rstrip("/") + "/"
+    if command == "pipeline" and path and path.startswith(prefix):
+        stage = path[len(prefix):].split("/")[0]
+        if stage in registry.ALL_STAGES:
+            return storage.join(workdir, stage, "checkpoints")
+    return None
+
+
+def _main(args: argparse.Namespace, overrides: list[str]) -> int:
+    from rlhf_jax import distributed, errors, runtime
     runtime.configure_logging(args.log_level)      # so that joining the job is logged
     # Before anything touches a device: every host joins the same runtime.
     distributed.initialize_from_args(args)
@@ -326,7 +479,9 @@ def _main(argv: list[str]) -> int:
             cfg = apply_overrides(ml_collections.ConfigDict(json.loads(storage.read_text(saved))),
                                   overrides)
         else:
-            raise SystemExit(f"error: {saved} not found; pass --config")
+            raise errors.UserError(
+                f"{saved}: not found; `rlhf-jax eval` reads the config the pipeline saved there "
+                "(is --workdir a pipeline workdir?); pass the pipeline's config with --config FILE")
         evaluate_workdir(cfg, args.workdir)
         return 0
     cfg = load_config(args.config)
@@ -388,12 +543,66 @@ def _allow_config_change(cfg) -> None:
             section.allow_config_change = True
 
 
+def _check_sample_flags(args: argparse.Namespace) -> None:
+    """The flags of `sample` that need no model to judge."""
+    import math
+    from rlhf_jax.errors import UserError
+    for flag, value in (("--max-new-tokens", args.max_new_tokens),
+                        ("--max-prompt-len", args.max_prompt_len),
+                        ("--num-samples", args.num_samples)):
+        if value < 1:
+            raise UserError(f"sample: {flag}={value}: expected a positive integer")
+    if args.top_k < 0:
+        raise UserError(f"sample: --top-k={args.top_k}: expected an integer >= 0 (0 = off)")
+    if not 0.0 < args.top_p <= 1.0:
+        raise UserError(f"sample: --top-p={args.top_p}: expected a number in (0, 1] (1 = off)")
+    if not args.greedy and not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UserError(f"sample: --temperature={args.temperature}: expected a finite number > 0 "
+                        "(--greedy for argmax decoding)")
+
+
+def _check_sample_model(args: argparse.Namespace, model_cfg, counts: list[int]) -> None:
+    """`sample`'s flags and prompts against the model's config (read without its weights)."""
+    from rlhf_jax.errors import UserError
+    where = f"--checkpoint {args.checkpoint}"
+    if model_cfg.head != "lm":
+        raise UserError(f"{where}: a model with a {model_cfg.head!r} head (a reward or value "
+                        "model) scores text and cannot sample; expected a policy's model "
+                        "directory (head 'lm'), e.g. <workdir>/sft/model")
+    if args.top_k > model_cfg.vocab_size:
+        raise UserError(f"sample: --top-k={args.top_k}: expected at most the model's vocab_size "
+                        f"{model_cfg.vocab_size} ({where})")
+    for number, (prompt, count) in enumerate(zip(args.prompt, counts), 1):
+        if not count:
+            raise UserError(f"sample: --prompt #{number} {prompt!r}: no tokens; expected text")
+    longest, new = max(counts), args.max_new_tokens
+    limit = model_cfg.max_position
+    if longest + new > limit:
+        fixes = [f"--max-new-tokens <= {limit - longest}"] if limit > longest else []
+        fixes += [f"--max-prompt-len <= {limit - new}"] if limit > new else []
+        raise UserError(
+            f"sample: the longest prompt keeps {longest} tokens (--max-prompt-len="
+            f"{args.max_prompt_len}) and --max-new-tokens={new}: {longest + new} positions, past "
+            f"the model's max_position={limit} ({where}); "
+            + (f"expected {' or '.join(fixes)}" if fixes else "expected a model with more positions"))
+
+
 def _sample(args: argparse.Namespace) -> int:
-    from rlhf_jax.evaluation import generate_texts
-    from rlhf_jax.model_io import load_model
-    model, params, tokenizer, _ = load_model(args.checkpoint, None)
+    from rlhf_jax.errors import UserError
+    _check_sample_flags(args)
+    from rlhf_jax.evaluation import generate_texts, prompt_token_counts
+    from rlhf_jax.model_io import load_model, model_config_for_build
+    from rlhf_jax.models.hf import load_tokenizer
+    if not storage.isdir(args.checkpoint):
+        raise UserError(f"--checkpoint {args.checkpoint}: no such directory; expected a model "
+                        "directory (a stage's <workdir>/model, or a transformers checkpoint)")
+    model_cfg = model_config_for_build(None, args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint)
     if tokenizer is None:
-        raise SystemExit(f"error: {args.checkpoint} has no tokenizer saved beside the model")
+        raise UserError(f"--checkpoint {args.checkpoint}: no tokenizer saved beside the model")
+    _check_sample_model(args, model_cfg,
+                        prompt_token_counts(tokenizer, args.prompt, args.max_prompt_len))
+    model, params, _, _ = load_model(args.checkpoint, None)
     prompts = [p for p in args.prompt for _ in range(args.num_samples)]
     out = generate_texts(model, params, tokenizer, prompts, max_prompt_len=args.max_prompt_len,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -9,11 +9,17 @@
 * :class:`Preempted` (exit 143 after SIGTERM, 130 after SIGINT, as if the signal had killed the
   process): the current step finished and a checkpoint was saved; run the same command again to
   resume.
+* A full disk or quota (exit 2): whatever raised it (an OSError, or orbax / TensorStore's
+  ValueError from a background write), :func:`disk_full` finds it and the CLI prints one line
+  naming the path and what is intact.
 
 Anything else is an internal error and keeps its traceback.
 """
 from __future__ import annotations
 
+import errno
+import os
+import re
 import signal
 
 EXIT_USER_ERROR = 2
@@ -51,3 +57,30 @@ class Preempted(Exception):
         self.exit_code = 128 + self.signum
         name = signal.Signals(self.signum).name
         super().__init__(message or f"stopped by {name}; run the same command again to resume")
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# TensorStore (orbax's writer) reports a failed write as a ValueError whose text carries the
+# OS error; only the text says that it was ENOSPC.
+_DISK_FULL_TEXTS = tuple(os.strerror(code) for code in DISK_FULL_ERRNOS) + tuple(
+    f"os_error_code='{code}'" for code in DISK_FULL_ERRNOS)
+_TENSORSTORE_PATH = re.compile(r'(?:Failed writing|Error writing local file):? "([^"]+)"')
+
+
+def disk_full(error: BaseException | None) -> tuple[BaseException, str | None] | None:
+    """``(the exception, the path it was writing or None)`` when ``error``, or any exception it
+    was raised from or that it groups, says the disk or quota is full; else None."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return e, e.filename if isinstance(e.filename, str) else None
+        text = str(e)
+        if any(marker in text for marker in _DISK_FULL_TEXTS):
+            paths = _TENSORSTORE_PATH.findall(text)
+            return e, paths[-1] if paths else None
+        stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None

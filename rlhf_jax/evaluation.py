@@ -23,6 +23,7 @@ from rlhf_jax import scoring
 from rlhf_jax.data import tokenize_demonstrations, tokenize_prompts
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.distributed import fetch
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.sampling import SamplingConfig, make_generate_fn
 from rlhf_jax.sharding import shard_global_batch
 
@@ -64,6 +65,21 @@ def _prompt_rows(prompts: Sequence[str | Mapping[str, Any]]) -> list[Mapping[str
     """Canonical prompt rows: a string becomes ``{"prompt": s}``; a row read by the data layer
     keeps its ``prompt_messages``, so chat models see their own template."""
     return [{"prompt": p} if isinstance(p, str) else p for p in prompts]
+
+
+def prompt_token_counts(tokenizer: Any, prompts: Sequence[str | Mapping[str, Any]],
+                        max_prompt_len: int) -> list[int]:
+    """The tokens of each prompt that ``generate_texts`` keeps (0: it tokenizes to nothing), so
+    a caller can check prompt + new tokens against a model's positions before loading it."""
+    rows = _prompt_rows(prompts)
+    try:
+        arrays, _ = tokenize_prompts(rows, tokenizer, max_prompt_len, "truncate")
+    except ConfigError:     # raised only when no prompt kept a token
+        return [0] * len(rows)
+    counts = [0] * len(rows)
+    for index, mask in zip(arrays["row_index"], arrays["attention_mask"]):
+        counts[int(index)] = int(mask.sum())
+    return counts
 
 
 def generate_texts(model: Transformer, params: Any, tokenizer: Any,

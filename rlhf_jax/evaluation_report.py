@@ -129,13 +129,93 @@ def write_responses(workdir: str, prompts: list[str], responses: dict[str, list[
     return path
 
 
+def _unfinished(workdir: str, stage: str, sub: str | None = None) -> str | None:
+    """Why ``stage`` has no usable output in ``workdir`` (None: its DONE marker and, with
+    ``sub``, its model directory ``sub`` exist). The marker is written after the stage's last
+    file, so a stage killed midway, or rerunning, has none."""
+    marker = storage.join(workdir, stage, "DONE")
+    if not storage.exists(marker):
+        return f"{stage} has not finished: {marker} missing"
+    if sub and not storage.isdir(storage.join(workdir, stage, sub)):
+        return f"{storage.join(workdir, stage, sub)} missing"
+    return None
+
+
+def plan(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str, Any]:
+    """What `rlhf-jax eval` can evaluate in a (partly) finished pipeline ``workdir``, decided
+    before anything loads: ``models`` to evaluate, ``skipped`` (what, and why), and whether the
+    RM (``rm``: RM scores), its pair accuracy (``rm_accuracy``) and the PPO init (``ppo_init``)
+    are there. Raises UserError for what no evaluation can do without: the world, the data it
+    reads, the SFT model every measure compares with, a reference model the config names."""
+    e = cfg.eval
+    needed = {"world": None} if cfg.world.enabled else {}
+    needed["sft"] = MODEL_DIRS["sft"][1]
+    for stage, sub in needed.items():
+        why = _unfinished(workdir, stage, sub)
+        if why:
+            raise UserError(f"eval {workdir}: {why}; every measure needs it: run `rlhf-jax "
+                            "pipeline` on this workdir until it has")
+    for key in ("eval_prompts", "sft", "capability_mc", "capability_qa", "comparisons_test"):
+        if key in files and not storage.exists(files[key]):
+            raise UserError(f"eval: data.{key}={files[key]!r}: not found; expected the JSONL "
+                            "file eval reads")
+    for key in ("reference_sft", "reference_base"):
+        if e.get(key) and not storage.isdir(e[key]):
+            raise UserError(f"eval.{key}={e[key]!r}: no such model directory")
+    if e.get("models") is not None:      # a sweep point evaluates only what it trained
+        unknown = sorted(set(e.models) - set(MODELS))
+        if unknown:
+            raise UserError(f"eval.models: {unknown} are not models; expected some of {list(MODELS)}")
+
+    methods = set(cfg.get("methods") or ())
+    skipped: dict[str, str] = {}
+    models = []
+    for name in MODELS:
+        stage, sub = MODEL_DIRS[name]
+        if stage == registry.BASE_STAGE and cfg.get("base_model"):
+            why = None if storage.isdir(cfg.base_model) else f"base_model={cfg.base_model!r} missing"
+        else:
+            why = _unfinished(workdir, stage, sub)
+        # An EMA the stage did not keep, or a method the run was not asked for, is no model.
+        expected = name not in OPTIONAL_MODELS or storage.isdir(storage.join(workdir, stage, sub)) \
+            or (sub != registry.EMA_DIR and stage in methods)
+        if why is None:
+            models.append(name)
+        elif expected:
+            skipped[name] = why
+    if e.get("models") is not None:
+        wanted = set(e.models) | ({"sft"} if e.models else set())   # win rates need SFT's answers
+        models = [m for m in models if m in wanted]
+        skipped = {m: why for m, why in skipped.items() if m in wanted}
+    rm_missing = _unfinished(workdir, "rm", registry.STAGES["rm"].model_dir)
+    rm_accuracy = rm_missing is None
+    if rm_missing:
+        skipped["RM scores and RM pair accuracy"] = rm_missing
+    elif cfg.world.enabled:
+        tests = [storage.join(workdir, "comparisons", f"test_{group}.jsonl")
+                 for group in ("train_labelers", "heldout_labelers")]
+        absent = [path for path in tests if not storage.exists(path)]
+        if absent:
+            rm_accuracy = False
+            skipped["RM pair accuracy"] = f"{absent[0]} missing"
+    return {"models": models, "skipped": skipped, "rm": rm_missing is None,
+            "rm_accuracy": rm_accuracy,
+            "ppo_init": _unfinished(workdir, PPO_INIT, registry.STAGES[PPO_INIT].model_dir) is None}
+
+
 def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str, Any]:
+    """Evaluate every model that finished in ``workdir`` (``plan``: what is skipped, and why, is
+    logged and kept in the results' ``skipped``)."""
     from rlhf_jax.model_io import load_model
     from rlhf_jax.runtime import setup_mesh
     from rlhf_jax.world import load_world
     from rlhf_jax.world.floors import FLOORS, floor_responses
 
     e = cfg.eval
+    todo = plan(cfg, workdir, files)
+    for what, why in todo["skipped"].items():
+        log.warning("eval: skipping %s: %s", what, why)
+    models = todo["models"]
     mesh = setup_mesh(cfg.sft)
     # Labelers exist only in the built-in world; on real data the report keeps the RM score, KL,
     # capability (when its files are given) and RM accuracy on a held-out comparisons file.
@@ -160,18 +240,10 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
             return load_model(cfg.base_model, mesh)
         return load_model(storage.join(workdir, stage, sub), mesh)
     sft_model, sft_params, tokenizer, _ = load("sft")
-    has_init = storage.isdir(storage.join(workdir, PPO_INIT, "model"))
-    init_params = load(PPO_INIT)[1] if has_init else sft_params
-    models = [m for m in MODELS if m not in OPTIONAL_MODELS
-              or storage.isdir(storage.join(workdir, *MODEL_DIRS[m]))]
-    if e.get("models") is not None:      # a sweep point evaluates only what it trained
-        unknown = sorted(set(e.models) - set(MODELS))
-        if unknown:
-            raise UserError(f"eval.models: {unknown} are not models; expected some of {list(MODELS)}")
-        wanted = set(e.models) | ({"sft"} if e.models else set())   # win rates need SFT's answers
-        models = [m for m in models if m in wanted]
-    rm, rm_params, _, rm_extra = load("rm")
-    norm = rm_extra.get("reward_norm") or {}
+    init_params = load(PPO_INIT)[1] if todo["ppo_init"] else sft_params
+    if todo["rm"]:
+        rm, rm_params, _, rm_extra = load("rm")
+        norm = rm_extra.get("reward_norm") or {}
     max_p, max_r = cfg.rm.data.max_prompt_len, cfg.rm.data.max_response_len
     # The polite prompts keep the whole original prompt: their length grows by the instruction's.
     polite_extra = _longest_prompt(tokenizer, [behaviour.POLITE_INSTRUCTION]) if polite_rows else 0
@@ -182,7 +254,7 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
 
     results: dict[str, Any] = {"win_rate_vs_sft": {}, "capability": {}, "kl_to_sft": {},
                                "kl_to_ppo_init": {}, "gold_score": {}, "gold_by_category": {},
-                               "proxy_score": {}, "samples": {},
+                               "proxy_score": {}, "samples": {}, "skipped": todo["skipped"],
                                "machine": machine_info(), "versions": package_versions()}
     if world is not None:
         results.update(behaviour={}, floors={}, knowledge_probe={}, copy_probe={})
@@ -219,9 +291,10 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
         if name in FROM_PPO_INIT:
             results["kl_to_ppo_init"][name] = ev.kl_to_reference(model, params, init_params,
                                                                  samples, mesh)
-        results["proxy_score"][name] = float(np.mean(ev.score_texts(
-            rm, rm_params, norm, tokenizer, prompt_rows, samples["texts"], max_prompt_len=max_p,
-            max_response_len=max_r, mesh=mesh)))
+        if todo["rm"]:
+            results["proxy_score"][name] = float(np.mean(ev.score_texts(
+                rm, rm_params, norm, tokenizer, prompt_rows, samples["texts"],
+                max_prompt_len=max_p, max_response_len=max_r, mesh=mesh)))
         if pool is not None:
             results["gold_by_category"][name], results["gold_score"][name] = _gold(
                 prompt_rows, samples["texts"], pool.heldout)
@@ -263,15 +336,16 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
                                            "qa_exact_match": qa}
         results["samples"][name] = [{"prompt": p, "response": r}
                                     for p, r in zip(prompts[:5], samples["texts"][:5])]
-        log.info("evaluated %s: proxy %.3f, KL %.3f", name, results["proxy_score"][name],
-                 results["kl_to_sft"][name])
+        proxy = results["proxy_score"].get(name)
+        log.info("evaluated %s: proxy %s, KL %.3f", name,
+                 "n/a (no RM)" if proxy is None else f"{proxy:.3f}", results["kl_to_sft"][name])
     if "base" in results["capability"]:
         results["capability"]["base_prompted"] = results["capability"]["base"]
     results["capability_score"] = {k: v["score"] for k, v in results["capability"].items()}
     results["rm_accuracy"] = {}
     if pool is None:
         write_responses(workdir, prompts, responses)
-        if files.get("comparisons_test"):
+        if files.get("comparisons_test") and todo["rm"]:
             rows = read_jsonl(files["comparisons_test"], "comparisons")
             results["rm_accuracy"]["test"] = ev.rm_pair_accuracy(
                 rm, rm_params, tokenizer, rows, max_prompt_len=max_p, max_response_len=max_r,
@@ -305,7 +379,9 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
         probes=probes, probe_responses=probe_responses, heldout_labelers=pool.heldout,
         references={k: responses[k] for k in ("reference_base",) if k in responses})
 
-    for group, labelers in (("train_labelers", pool.training), ("heldout_labelers", pool.heldout)):
+    groups = ((("train_labelers", pool.training), ("heldout_labelers", pool.heldout))
+              if todo["rm_accuracy"] else ())
+    for group, labelers in groups:
         rows = read_jsonl(storage.join(workdir, "comparisons", f"test_{group}.jsonl"),
                           "comparisons")
         acc = ev.rm_pair_accuracy(rm, rm_params, tokenizer, rows, max_prompt_len=max_p,
@@ -322,7 +398,7 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
         results.setdefault("sft_likelihood_accuracy_by_kind", {})[group] = sft_lik["by_kind"]
     # Leave-one-group-out: the RM never saw this labeler group's rankings.
     held_group = storage.join(workdir, "rm", "comparisons_holdout_group.jsonl")
-    if storage.exists(held_group):
+    if todo["rm"] and storage.exists(held_group):
         rows = read_jsonl(held_group, "comparisons")
         acc = ev.rm_pair_accuracy(rm, rm_params, tokenizer, rows, max_prompt_len=max_p,
                                   max_response_len=max_r, mesh=mesh)
@@ -335,8 +411,9 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
 def results_table(results: dict[str, Any]) -> str:
     """The headline table, one row per model."""
     rows = []
+    skipped = results.get("skipped", {})
     for name in MODELS:
-        if name in OPTIONAL_MODELS and name not in results.get("proxy_score", {}):
+        if name in skipped or (name in OPTIONAL_MODELS and name not in results.get("kl_to_sft", {})):
             continue
         win = results.get("win_rate_vs_sft", {}).get(name, {})
         ci = win.get("ci95", {}).get("heldout_labelers", [np.nan, np.nan])
@@ -356,6 +433,8 @@ def results_table(results: dict[str, Any]) -> str:
                          if not k.endswith("n_pairs"))
     footer = (f"\nRM pair accuracy: {accuracy or 'n/a'}"
               f"\nwall time: {results.get('wall_seconds', np.nan):.0f} s")
+    if skipped:     # a partly finished workdir: what the table leaves out, and why
+        footer += "\nskipped: " + "; ".join(f"{what} ({why})" for what, why in skipped.items())
     seconds = results.get("stage_seconds", {})
     if any(name in seconds for name in METHODS):     # methods compared: what each one cost
         footer += "\ntraining time: " + ", ".join(
