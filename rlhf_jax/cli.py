@@ -264,12 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "merge-lora: base model + --lora adapters -> rlhf_jax dir")
     conv.add_argument("src", help="source directory (with --lora: the base model the LoRA run "
                                   "started from, rlhf_jax or transformers)")
-    conv.add_argument("dst", help="destination directory (created)")
+    conv.add_argument("dst", help="destination directory (created; a non-empty one is refused "
+                                  "unless --overwrite)")
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="parameter dtype of the rlhf_jax copy (hf-to-jax only)")
     conv.add_argument("--lora", default=None, metavar="DIR",
                       help="a LoRA run's adapters (<ppo workdir>/lora: adapters/ + lora.json) "
                            "to merge into src, with lora.json's scale (jax-to-hf, merge-lora)")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace dst whole if it already holds anything (written beside it, "
+                           "then swapped in: a kill leaves the old or the new, never a mix)")
     return parser
 
 
@@ -523,14 +527,15 @@ def _convert(args: argparse.Namespace) -> int:
         if args.lora:
             raise UserError("convert hf-to-jax: --lora applies to jax-to-hf and merge-lora "
                             "(whose SRC may be a transformers directory)")
-        print(convert.hf_to_orbax(args.src, args.dst, dtype=args.dtype))
+        print(convert.hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite))
     elif args.direction == "jax-to-hf":
-        print(convert.orbax_to_hf(args.src, args.dst, lora_dir=args.lora))
+        print(convert.orbax_to_hf(args.src, args.dst, lora_dir=args.lora,
+                                  overwrite=args.overwrite))
     else:
         if not args.lora:
             raise UserError("convert merge-lora: --lora DIR is required (a LoRA run's "
                             "adapters/ + lora.json, e.g. runs/ppo/lora)")
-        print(convert.merge_lora(args.src, args.lora, args.dst))
+        print(convert.merge_lora(args.src, args.lora, args.dst, overwrite=args.overwrite))
     return 0
 
 

@@ -23,7 +23,7 @@ import pytest
 from rlhf_jax import cli, model_io
 from rlhf_jax.cli import main
 
-from test_hostile_inputs import EXP, Case, _inputs_intact, env, sft  # noqa: F401
+from test_hostile_inputs import EXP, Case, _inputs_intact, check_outcome, env, sft  # noqa: F401
 
 MICRO = EXP("instructgpt_tiny.py") + ":micro"
 # 30 tokens: with 8 new ones, past the env models' 32 positions.
@@ -180,18 +180,7 @@ def test_hostile_command(case: Command, env, tmp_path, capsys, monkeypatch):
             raise AssertionError(f"{case.id}: a model loaded before the input was refused")
         monkeypatch.setattr(model_io, "load_model", loaded)
     argv = case.argv(env) + (["--workdir", workdir] if case.workdir else [])
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == case.code, err[-2000:]
-    assert "Traceback" not in err
-    if case.code:
-        message = [line for line in err.splitlines() if line.startswith("rlhf-jax:")]
-        assert message, err[-2000:]
-        assert case.phrase in message[-1], message[-1]
-    else:
-        assert case.phrase in err, err[-2000:]
-    if case.intact:
-        assert case.intact(env, workdir), f"{case.id}: not intact after the error"
+    check_outcome(case, main(argv), capsys.readouterr().err, env, workdir)
 
 
 # --- a full disk --------------------------------------------------------------------------------
