@@ -280,7 +280,9 @@ class _TensorBoardThread:
         self._queue.put(None)
         self._thread.join()
         if self._error is not None:
-            raise RuntimeError(f"writing TensorBoard events failed: {self._error}") from self._error
+            # The directory in the text: the CLI's disk-full line names the path it finds there.
+            raise RuntimeError(f"writing TensorBoard events to {self._mirror.target} failed: "
+                               f"{self._error}") from self._error
 
 
 def _lines(path: str) -> Iterator[tuple[str | None, bool]]:
