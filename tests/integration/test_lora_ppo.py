@@ -304,7 +304,7 @@ def assert_trees_close(got, ref, what, rtol=1e-5, atol=1e-5):
                                    err_msg=f"{what}{jax.tree_util.keystr(path)}")
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), (8, 1, 1)],
+@pytest.mark.parametrize("shape", [(2, 2, 2), pytest.param((8, 1, 1), marks=pytest.mark.slow)],
                          ids=lambda shape: "x".join(map(str, shape)))
 def test_lora_steps_sharded_equal_single_device(lora_mesh_runs, lora_mesh_inputs, shape):
     ref, got = lora_mesh_runs((1, 1, 1)), lora_mesh_runs(shape)

@@ -119,6 +119,7 @@ def memory_plan_config(plan: bool) -> ml_collections.ConfigDict:
     return c
 
 
+@pytest.mark.slow     # two compiles of a 4096-word update: a minute of the quick tier's ten
 def test_memory_plan_shrinks_the_update_and_keeps_its_numbers():
     mesh = make_mesh((1, 1, 1))
     results = {}

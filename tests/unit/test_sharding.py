@@ -194,7 +194,8 @@ def compare_with_reference(label, logits, loss, grads, reference):
 
 @pytest.mark.parametrize("arch, mesh_shape", [
     ("llama", (8, 1, 1)), ("llama", (2, 2, 2)), ("llama", (1, 2, 4)), ("llama", (1, 1, 8)),
-    ("gpt2", (1, 2, 4)),
+    # GPT-2's sharded gradients also run in every sharded PPO test; this one is the slow tier's.
+    pytest.param("gpt2", (1, 2, 4), marks=pytest.mark.slow),
 ], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v)
 def test_sharded_forward_and_gradient_equal_single_device(arch, mesh_shape):
     config = sharding_config(arch)
