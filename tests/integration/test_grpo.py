@@ -403,8 +403,10 @@ def _mesh_run(toy, advantage, shape):
 # (8,1,1) is slow-marked as in test_ppo: (2,2,2) already splits the batch and the weights.
 @pytest.mark.parametrize("shape", [pytest.param((8, 1, 1), marks=pytest.mark.slow), (2, 2, 2)],
                          ids=lambda shape: "x".join(map(str, shape)))
-# RLOO's estimator is pinned against NumPy; its sharded run repeats GRPO's path (slow tier).
-@pytest.mark.parametrize("advantage", ["grpo", pytest.param("rloo", marks=pytest.mark.slow)])
+# The estimators are pinned against NumPy and the sharded PPO iteration is in the quick tier;
+# the group methods' sharded runs are the slow tier's.
+@pytest.mark.parametrize("advantage", [pytest.param("grpo", marks=pytest.mark.slow),
+                                       pytest.param("rloo", marks=pytest.mark.slow)])
 def test_sharded_iteration_equals_single_device(mesh_runs, advantage, shape):
     ref, got = mesh_runs(advantage, (1, 1, 1)), mesh_runs(advantage, shape)
     assert [(s["step"], s["prompt"], s["response"]) for s in got["samples"]] == \

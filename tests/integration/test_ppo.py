@@ -408,6 +408,7 @@ def _mesh_run(toy_dirs, shape):
     return dict(metrics=metrics[-1], params=jax.device_get(params), samples=samples)
 
 
+@pytest.mark.slow     # the quick tier's PPO-ptx runs: tests/e2e/test_gcs.py, the ptx objective tests
 def test_ptx_run_reports_ptx_loss(mesh_run):
     m = mesh_run((2, 2, 2))["metrics"]
     assert math.isfinite(m["ptx/loss"]) and 2.0 < m["ptx/loss"] < 6.0

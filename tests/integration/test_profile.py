@@ -93,6 +93,7 @@ def test_cli_rm_from_a_workdir_table_json_and_trace(tmp_path, capsys):
     assert {"train", "eval", "rm"} <= names
 
 
+@pytest.mark.slow     # the quick tier profiles a workdir through the RM test above
 def test_ppo_from_a_workdir_has_six_phases_and_counts_the_decode_loop(tmp_path, peak):
     cfg = load_config(MICRO)
     ppo_cfg = profile.stage_config(cfg, "ppo")

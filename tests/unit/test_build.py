@@ -83,6 +83,7 @@ def test_every_stage_builds_and_lowers_without_data(make_mesh):
     assert rollout.loop_body is not None and "func" in rollout.loop_body.lower().as_text()
 
 
+@pytest.mark.slow     # every quick-tier PPO test runs the built steps; this compiles them all again
 def test_built_ppo_steps_run_on_random_weights():
     """init_state + random_args feed every PPO step: one rollout -> experience -> update chain."""
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
