@@ -33,8 +33,9 @@ setup(
     packages=find_packages(include=["rlhf_jax", "rlhf_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
+        # The emulator is pinned: tests/gcs_emulator.py patches its request handlers.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
-                 "gcp-storage-emulator>=2024.8"],
+                 "gcp-storage-emulator==2026.7.19"],
         "torch": ["torch==2.13.0"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],
         # bench/ppo_speed.py. Tunix 0.1.7 (the third system) pins transformers/safetensors older
