@@ -19,9 +19,6 @@ own shards), and the directory must be on storage all hosts share (e.g. ``gs://`
 stage's final output (e.g. the SFT params handed to the reward model and PPO stages);
 :func:`saved_structure` reads what such a pytree holds (shapes and dtypes) without its arrays.
 A pytree that cannot be read (truncated, missing pieces) is a :class:`DamagedPytreeError`.
-
-:func:`atomic_write_text` / :func:`atomic_write_json` are :func:`rlhf_jax.storage.write_text` /
-:func:`~rlhf_jax.storage.write_json` under their older names.
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from rlhf_jax import storage
+from rlhf_jax import distributed, storage
 from rlhf_jax.errors import UserError
 
 PyTree = Any
@@ -56,10 +53,6 @@ def abstract_like(tree: PyTree) -> PyTree:
     """
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
-
-# Older names of storage.write_text / write_json, still imported by other modules.
-atomic_write_text = storage.write_text
-atomic_write_json = storage.write_json
 
 
 def _check_json_serialisable(meta: dict) -> None:
@@ -206,9 +199,7 @@ class Checkpointer:
             moved = os.path.join(self.directory, f"damaged-{step}-{int(time.time())}")
             if jax.process_index() == 0 and os.path.exists(source):
                 os.rename(source, moved)
-            if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
-                multihost_utils.sync_global_devices(f"rlhf_jax set_aside {step}")
+            distributed.barrier(f"rlhf_jax set_aside {step}")
             self._manager.reload()
         elif step in self._manager.all_steps():
             self._manager.delete(step)

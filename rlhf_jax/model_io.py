@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from rlhf_jax import storage
+from rlhf_jax import distributed, storage
 from rlhf_jax.checkpoint import load_pytree, save_pytree, saved_structure
 from rlhf_jax.config import model_config_from
 from rlhf_jax.errors import UserError
@@ -126,15 +126,15 @@ def write_directory(target: str, write: Callable[[str], Any], layout: Layout, *,
         if main and storage.exists(target):
             storage.remove(storage.join(target, layout.marker))
             storage.rmtree(target)
-        _sync_processes(f"rlhf_jax write_directory {target}: cleared")
+        distributed.barrier(f"rlhf_jax write_directory {target}: cleared")
         write(target)
-        _sync_processes(f"rlhf_jax write_directory {target}: written")
+        distributed.barrier(f"rlhf_jax write_directory {target}: written")
         return target
     staging = target + _STAGING_SUFFIX
     if main:
         recover_model_dir(target)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-    _sync_processes(f"rlhf_jax write_directory {target}: staging ready")
+    distributed.barrier(f"rlhf_jax write_directory {target}: staging ready")
     check_output_dir(target, layout, overwrite=overwrite)
     try:
         write(staging)
@@ -142,10 +142,10 @@ def write_directory(target: str, write: Callable[[str], Any], layout: Layout, *,
         if main and os.path.exists(staging):   # a full disk above all: free what it took
             _remove_tree(staging)
         raise
-    _sync_processes(f"rlhf_jax write_directory {target}: staged")
+    distributed.barrier(f"rlhf_jax write_directory {target}: staged")
     if main:
         _swap_in(staging, target)
-    _sync_processes(f"rlhf_jax write_directory {target}: swapped")
+    distributed.barrier(f"rlhf_jax write_directory {target}: swapped")
     return target
 
 
@@ -193,12 +193,6 @@ def _write_model_files(our_dir: str, model: Transformer, params: Any, tokenizer:
             with storage.writable_local(our_dir) as local:
                 tokenizer.save_pretrained(local)
         storage.write_text(storage.join(our_dir, MODEL_CONFIG_FILE), model.config.to_json())
-
-
-def _sync_processes(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
 
 
 def _swap_in(staging: str, target: str) -> None:
