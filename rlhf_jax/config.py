@@ -110,6 +110,7 @@ def sft_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "sft"
     c.profile_steps = ""               # "A:B": an XProf trace of steps A..B-1 in <workdir>/profile
+    c.tracker = "tensorboard"          # or "wandb" (offline unless a key is set) or "none"
     c.seed = 0
     c.init_from = ""                 # a model dir (stage output) or a transformers checkpoint dir
     c.tokenizer = ""                 # used when init_from is empty (random init of c.model)
@@ -125,6 +126,7 @@ def sft_config() -> ml_collections.ConfigDict:
     c.data.valid_fraction = 0.1
     c.data.tfds_data_dir = ""
     c.data.field_map = ml_collections.ConfigDict()
+    c.data.assistant_marker = "\n\nAssistant:"   # where a Human/Assistant transcript's reply starts
     c.data.max_prompt_len = 24
     c.data.max_response_len = 24
     c.data.overlong = "truncate"      # or "drop"
@@ -154,6 +156,7 @@ def rm_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "rm"
     c.profile_steps = ""               # "A:B": an XProf trace of steps A..B-1 in <workdir>/profile
+    c.tracker = "tensorboard"          # or "wandb" (offline unless a key is set) or "none"
     c.seed = 0
     c.mode = "kway"                    # "kway" (InstructGPT Eq. 1) or "shuffled_pairs" (baseline)
     c.init_from = ""                   # the SFT model dir (or a transformers checkpoint dir)
@@ -169,6 +172,7 @@ def rm_config() -> ml_collections.ConfigDict:
     c.data.valid_fraction = 0.1
     c.data.tfds_data_dir = ""
     c.data.field_map = ml_collections.ConfigDict()
+    c.data.assistant_marker = "\n\nAssistant:"   # where a Human/Assistant transcript's reply starts
     c.data.max_k = 9
     c.data.max_prompt_len = 24
     c.data.max_response_len = 24
@@ -203,6 +207,7 @@ def dpo_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "dpo"
     c.profile_steps = ""               # "A:B": an XProf trace of steps A..B-1 in <workdir>/profile
+    c.tracker = "tensorboard"          # or "wandb" (offline unless a key is set) or "none"
     c.seed = 0
     c.init_from = ""                   # the SFT model dir (or a transformers checkpoint dir)
     c.reference_from = ""              # the frozen reference; empty: init_from (DPO's usual)
@@ -219,6 +224,7 @@ def dpo_config() -> ml_collections.ConfigDict:
     c.data.valid_fraction = 0.1
     c.data.tfds_data_dir = ""
     c.data.field_map = ml_collections.ConfigDict()
+    c.data.assistant_marker = "\n\nAssistant:"   # where a Human/Assistant transcript's reply starts
     c.data.max_k = 9                   # a K-way row gives its C(K, 2) pairs in one batch element
     c.data.max_prompt_len = 24
     c.data.max_response_len = 24
@@ -246,6 +252,7 @@ def ppo_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "ppo"
     c.profile_steps = ""               # "A:B": an XProf trace of steps A..B-1 in <workdir>/profile
+    c.tracker = "tensorboard"          # or "wandb" (offline unless a key is set) or "none"
     c.seed = 0
     c.policy_from = ""                 # PPO-init SFT model dir: the policy and the KL reference
     c.reward_from = ""                 # reward model dir (scalar head + demo normalization)
@@ -265,6 +272,7 @@ def ppo_config() -> ml_collections.ConfigDict:
     c.data.pretrain = ""               # pretraining text for the ptx term ({"text"})
     c.data.tfds_data_dir = ""
     c.data.field_map = ml_collections.ConfigDict()
+    c.data.assistant_marker = "\n\nAssistant:"   # where a Human/Assistant transcript's reply starts
     c.data.max_prompt_len = 24
     c.data.max_response_len = 24       # = max new tokens per episode
     c.data.ptx_seq_len = 48
