@@ -135,7 +135,8 @@ class MetricsWriter:
     TensorBoard's events are uploaded at most every ``TENSORBOARD_UPLOAD_SECONDS`` and on close.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool | None = None) -> None:
+    def __init__(self, workdir: str, *, config: Any = None,
+                 enabled: bool | None = None) -> None:
         self.workdir = storage.absolute(workdir)
         self.enabled = _is_main_process() if enabled is None else enabled
         self.metrics_path = storage.join(self.workdir, METRICS_FILENAME)
@@ -388,6 +389,8 @@ class ProgressBar:
         desc: str = "",
         initial: int = 0,
         enabled: bool | None = None,
+        unit: str = "step",
+        unit_scale: int = 1,
     ) -> None:
         self.enabled = _is_main_process() if enabled is None else enabled
         self._bar = tqdm(
@@ -396,7 +399,8 @@ class ProgressBar:
             initial=initial,
             disable=not self.enabled,
             dynamic_ncols=True,
-            unit="step",
+            unit=unit,
+            unit_scale=unit_scale if unit_scale != 1 else False,
         )
         self._start_time = time.perf_counter()
         self.tokens_seen = 0
