@@ -277,7 +277,7 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         state, start_step, _ = reliability.resume(checkpointer, state, iterators, cfg)
         guard = reliability.FiniteGuard(name, ("loss", "grad_norm"), checkpointer)
         meta = lambda: reliability.checkpoint_meta(cfg, iterators)
-        writer = stack.enter_context(MetricsWriter(workdir))
+        writer = stack.enter_context(MetricsWriter(workdir, config=cfg))
         writer.discard_after(start_step)
         bar = stack.enter_context(ProgressBar(total_steps, desc=name, initial=start_step))
         log.info("DPO: %d steps of %d prompts x K=%d, beta %g", total_steps,

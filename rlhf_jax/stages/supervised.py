@@ -156,7 +156,7 @@ def supervised_loop(cfg: Any, workdir: str, stack: Any, preemption: reliability.
     state, start_step, _ = reliability.resume(checkpointer, state, iterators, cfg)
     guard = reliability.FiniteGuard(name, ("loss", "grad_norm"), checkpointer)
     meta = lambda: reliability.checkpoint_meta(cfg, iterators)
-    writer = stack.enter_context(MetricsWriter(workdir))
+    writer = stack.enter_context(MetricsWriter(workdir, config=cfg))
     writer.discard_after(start_step)
 
     bar = stack.enter_context(ProgressBar(total_steps, desc=name, initial=start_step))

@@ -60,12 +60,14 @@ def train(cfg: Any, workdir: str) -> dict[str, float]:
         kl_coef = float(meta.get("kl_coef", p.kl_coef))
         guard = reliability.FiniteGuard(name, checkpointer=checkpointer)
         checkpoint_meta = lambda: reliability.checkpoint_meta(cfg, iterators, kl_coef=kl_coef)
-        writer = stack.enter_context(MetricsWriter(workdir))
+        writer = stack.enter_context(MetricsWriter(workdir, config=cfg))
         writer.discard_after(start, tables=("samples",))
         timer = StepTimer()
         trace = TraceWindow(cfg.profile_steps, storage.join(workdir, "profile"))
         stack.callback(trace.close)
-        bar = stack.enter_context(ProgressBar(plan.n_iterations, desc=name, initial=start))
+        # Counted in episodes (tqdm scales each iteration by the rollout batch): episodes/s.
+        bar = stack.enter_context(ProgressBar(plan.n_iterations, desc=name, initial=start,
+                                              unit="episode", unit_scale=p.rollout_batch_size))
         log.info("PPO: %d iterations x %d episodes (%d prompts x %d), %d epochs x %d minibatches "
                  "of %d, advantage %s, ptx_coef %g", plan.n_iterations, p.rollout_batch_size,
                  plan.prompts_per_rollout, plan.group_size, p.epochs, plan.n_minibatches,
