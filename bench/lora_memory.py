@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
+from out_path import add_out_argument, out_path
 from rlhf_jax import compile as aot
 from rlhf_jax.config import apply_overrides, load_config
 
@@ -43,8 +45,9 @@ def main() -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--topology", required=True)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--out", required=True)
+    add_out_argument(parser, "lora_memory_<config>")
     args = parser.parse_args()
+    out = out_path(args.out, f"lora_memory_{os.path.splitext(os.path.basename(args.config))[0]}")
     lora = [f"ppo.ppo.{section}.{field}" for section in ("lora", "value_lora")
             for field in (f"rank={args.rank}", 'targets=("attn","mlp")')]
     report = {"config": args.config, "topology": args.topology, "rank": args.rank,
@@ -54,7 +57,7 @@ def main() -> None:
         full, low = report["full"][name], report["lora"][name]
         report[f"{name}_lora_over_full"] = round(
             low["peak_bytes_per_device"] / full["peak_bytes_per_device"], 3)
-    with open(args.out, "w") as f:
+    with open(out, "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps({k: v for k, v in report.items() if k.endswith("_over_full")}))
 

@@ -2,6 +2,8 @@
 
     JAX_PLATFORMS=cpu python bench/memory_plan.py [--out bench/results/memory_plan_gpt2_124m.json]
 
+(without ``--out``: a new ``bench/results/memory_plan_gpt2_124m-<UTC time>.json``)
+
 Builds the PPO program for GPT-2 124M shapes (vocab 50257, d 768, 12 layers) twice, from shapes
 alone, at the paper's minibatch geometry (64 episodes, 8 pretraining sequences each: compiled
 only) and at a small one (run): "before" = reference and RM in float32, log-probs over the full [B, N, V] logits, no remat;
@@ -22,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from out_path import add_out_argument, out_path
 from rlhf_jax.config import ppo_config
 from rlhf_jax.sharding import make_mesh
 from rlhf_jax.stages import ppo
@@ -81,8 +84,9 @@ def measure(plan: bool, paper_geometry: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results/memory_plan_gpt2_124m.json")
+    add_out_argument(parser, "memory_plan_gpt2_124m")
     args = parser.parse_args()
+    out = out_path(args.out, "memory_plan_gpt2_124m")
     paper = {"before": measure(False, True), "after": measure(True, True)}
     before, after = measure(False, False), measure(True, False)
     max_param_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(before.pop("_params"),
@@ -95,8 +99,8 @@ def main() -> None:
               "small_geometry": "minibatch 8 x (128 + 128), ptx 8 x 256, rollout 16 (run)",
               "before": before, "after": after, "max_param_diff": max_param_diff,
               "stat_abs_diff": stat_diff}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     gb = lambda n: f"{n / 2**30:.2f} GiB"
     for label, (b_, a_) in (("paper geometry", (paper["before"], paper["after"])),
@@ -107,7 +111,7 @@ def main() -> None:
                   f"temp {gb(b['temp'])} -> {gb(a['temp'])}")
     print(f"frozen reference + RM {gb(before['frozen_bytes'])} -> {gb(after['frozen_bytes'])}")
     print(f"same update: max |param diff| {max_param_diff:.2e}, stats diff "
-          f"{max(stat_diff.values()):.2e}; report in {args.out}")
+          f"{max(stat_diff.values()):.2e}; report in {out}")
 
 
 if __name__ == "__main__":

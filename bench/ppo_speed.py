@@ -80,6 +80,8 @@ import sys
 import tempfile
 import time
 
+from out_path import add_out_argument, out_path
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --- the workload ---------------------------------------------------------------------------------
@@ -608,7 +610,7 @@ def median_or_none(values):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=os.path.join(REPO, "bench", "results", "ppo_speed.json"))
+    add_out_argument(ap, "ppo_speed")
     ap.add_argument("--pairs", type=int, default=2, help="A B C rounds")
     ap.add_argument("--systems", default=",".join(ALL_SYSTEMS))
     ap.add_argument("--iterations", type=int, default=32)
@@ -633,6 +635,7 @@ def main(argv=None) -> None:
             json.dump(result, f, indent=1)
         return
 
+    out = out_path(args.out, "ppo_speed")
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(ALL_SYSTEMS)
     if unknown:
@@ -714,13 +717,13 @@ def main(argv=None) -> None:
         "pairs": pairs,
         "runs": runs,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     if not args.keep_tmp:
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(summary, indent=1))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

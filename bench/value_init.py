@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 
+from out_path import add_out_argument, out_path
 from rlhf_jax.config import load_config
 from rlhf_jax.pipeline import ppo_stage_config
 from rlhf_jax.stages import ppo
@@ -51,11 +52,12 @@ def main() -> None:
     parser.add_argument("--workdir", required=True, help="a finished `rlhf-jax pipeline` run")
     parser.add_argument("--config", default="experiments/instructgpt_tiny.py")
     parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--out", default="bench/results/value_init_tiny.json")
+    add_out_argument(parser, "value_init_tiny")
     args = parser.parse_args()
+    out = out_path(args.out, "value_init_tiny")
     result = run(args.config, args.workdir, args.iterations)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     print(f"{'init':<11} {'iter':>4} {'value loss':>10} {'expl. var':>9} {'v-clip':>6}")
     for name, rows in result["value_init"].items():
