@@ -260,11 +260,18 @@ def _lengths(p: _Problems, cfg: Any, name: str, max_position: int) -> None:
 
 
 def _data_paths(p: _Problems, cfg: Any, fields: tuple[str, ...]) -> None:
+    from rlhf_jax.data.sources import DATASET_SPECS, source_kind
     for field in fields:
         path = _get(cfg, field)
-        if isinstance(path, str) and path and not path.startswith("tfds:") \
-                and not storage.isfile(path):
-            p.add(field, path, "an existing JSONL file (or tfds:<name>:<split>)")
+        if not isinstance(path, str) or not path:
+            continue
+        try:
+            kind = source_kind(path)
+        except ConfigError as e:
+            p.items.append(f"{p.prefix}{field}: {e}")
+            continue
+        if kind in ("jsonl", "parquet") and not storage.isfile(path):
+            p.add(field, path, f"an existing JSONL file or .parquet file (or {DATASET_SPECS})")
 
 
 def _networks(p: _Problems, cfg: Any, kind: str) -> None:
@@ -346,13 +353,13 @@ def _pairs_per_row(spec: str, fmt: str, data: Any, *, mapped: bool = True,
                    max_k: int = DEFAULT_MAX_K) -> list[int]:
     """One entry per row of a data source (its strictly ordered pairs), every row validated
     with the arguments the stage reads it with (``mapped``: with ``data.field_map``)."""
-    from rlhf_jax.data.sources import read_source
-    data_dir = data.get("tfds_data_dir")
-    field_map = data.get("field_map") if mapped else None
-    version = None if spec.startswith("tfds:") else storage.mtime(spec)
-    key = (spec, fmt, data_dir, tuple(sorted(dict(field_map or {}).items())), max_k, version)
+    from rlhf_jax.data.sources import read_source, source_kind, source_options
+    options = source_options(data, mapped=mapped)
+    version = storage.mtime(spec) if source_kind(spec) in ("jsonl", "parquet") else None
+    key = (spec, fmt, options["data_dir"], tuple(sorted((options["field_map"] or {}).items())),
+           options["assistant_marker"], max_k, version)
     if key not in _PAIRS_PER_ROW:
-        rows = read_source(spec, fmt, data_dir=data_dir, field_map=field_map, max_k=max_k)
+        rows = read_source(spec, fmt, max_k=max_k, **options)
         _PAIRS_PER_ROW[key] = [
             sum(a != b for i, a in enumerate(ranks) for b in ranks[i + 1:])
             for ranks in (row.get("ranking", ()) for row in rows)]

@@ -164,6 +164,40 @@ def _extras(row: Mapping[str, Any], consumed: Iterable[str]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in consumed}
 
 
+def _lookup(row: Mapping[str, Any], dotted: str, target: str, where: _Location) -> Any:
+    value: Any = row
+    for part in dotted.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            have = abbreviate(sorted(value)) if isinstance(value, Mapping) else type(value).__name__
+            raise where.error(dotted, None, f"a field {dotted!r} (data.field_map maps {target!r} to it)",
+                              got=f"missing{'' if part == dotted else f' at {part!r}'} "
+                                  f"(the row has {have})")
+        value = value[part]
+    return value
+
+
+def _apply_field_map(row: Any, field_map: Mapping[str, str] | None, where: _Location) -> Any:
+    """``row`` with canonical fields taken from its own (``field_map``: canonical field -> source
+    field, nested fields with dots, e.g. ``{"prompt": "question", "topic": "info.topic"}``).
+
+    A renamed top-level source field is dropped; nested ones stay in their parent, and every
+    other field is kept as an extra. Rows that are not objects are left to the validator."""
+    if not field_map or not isinstance(row, Mapping):
+        return row
+    mapped = {target: _lookup(row, source, target, where) for target, source in field_map.items()}
+    consumed = {source for source in field_map.values() if "." not in source} - set(field_map)
+    rest = {k: v for k, v in row.items() if k not in consumed and k not in mapped}
+    return {**mapped, **rest}
+
+
+def map_fields(rows: Iterable[Any], field_map: Mapping[str, str] | None, *, source: str,
+               unit: str = "example") -> list[Any]:
+    """In-memory rows (numbered from 1) through ``field_map`` (see :func:`validate_rows`),
+    not validated: for sources whose format is not known."""
+    return [_apply_field_map(row, field_map, _Location(source, i, unit))
+            for i, row in enumerate(rows, start=1)]
+
+
 def render_messages_plain(messages: list[dict[str, str]]) -> str:
     """Plain-text prompt for tokenizers without a chat template.
 
@@ -529,14 +563,21 @@ def validate_rows(
     max_k: int = DEFAULT_MAX_K,
     assistant_marker: str = DEFAULT_ASSISTANT_MARKER,
     human_marker: str = DEFAULT_HUMAN_MARKER,
+    field_map: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Validate in-memory rows (numbered from 1) and return canonical dicts.
 
-    The markers are those of :func:`validate_row`.
+    The markers are those of :func:`validate_row`. ``field_map`` (canonical field -> the row's
+    field, dots for nested ones, e.g. ``{"prompt": "question"}``) renames fields first: a
+    renamed top-level field is dropped, every other field stays as an extra, and a row without
+    a mapped field is a :class:`DataError` naming it.
     """
     check_format(fmt)
     opts = _Options(max_k, assistant_marker, human_marker)
-    canonical = [_validate(row, fmt, _Location(source, i, unit), opts) for i, row in enumerate(rows, start=1)]
+    canonical = []
+    for i, row in enumerate(rows, start=1):
+        where = _Location(source, i, unit)
+        canonical.append(_validate(_apply_field_map(row, field_map, where), fmt, where, opts))
     if not canonical:
         raise DataError(source, None, None, [], f"at least one '{fmt}' row", show_value=False)
     return canonical
@@ -582,11 +623,13 @@ def read_jsonl(
     max_k: int = DEFAULT_MAX_K,
     assistant_marker: str = DEFAULT_ASSISTANT_MARKER,
     human_marker: str = DEFAULT_HUMAN_MARKER,
+    field_map: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Read and validate every row of a JSONL file of format ``fmt`` (a local path or a URL).
 
     ``assistant_marker``/``human_marker``: turn markers of implicit-prompt
-    transcript comparisons (see :func:`validate_row`).
+    transcript comparisons (see :func:`validate_row`); ``field_map``: renames each row's
+    fields first, as in :func:`validate_rows`.
 
     The file is read as bytes and decoded line by line so that invalid UTF-8
     is reported with its line number. Blank lines are skipped. A leading UTF-8
@@ -620,8 +663,9 @@ def read_jsonl(
                             f"valid UTF-8 text (invalid byte at column {e.start + 1})") from None
         if not text.strip():
             continue
-        rows.append(_validate(_parse_line(text, source, line_number), fmt,
-                              _Location(source, line_number), opts))
+        where = _Location(source, line_number)
+        row = _apply_field_map(_parse_line(text, source, line_number), field_map, where)
+        rows.append(_validate(row, fmt, where, opts))
     if not rows:
         raise DataError(source, None, None, None,
                         f"at least one '{fmt}' row, but the file is empty "

@@ -36,7 +36,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from rlhf_jax import storage
-from rlhf_jax.data.formats import DEFAULT_MAX_K, check_format, read_jsonl, validate_rows
+from rlhf_jax.data.formats import (DEFAULT_ASSISTANT_MARKER, DEFAULT_MAX_K, check_format, map_fields,
+                                   read_jsonl, validate_rows)
 
 _EXTRA_FIELD = "extra_json"
 _FINGERPRINT_KEY = "source_fingerprint"
@@ -300,24 +301,6 @@ def _from_jsonl_builder_example(example: dict[str, Any]) -> dict[str, Any]:
     return {**row, **extras}
 
 
-def _lookup(example: Mapping[str, Any], dotted: str, where: str) -> Any:
-    value: Any = example
-    for part in dotted.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            available = sorted(value.keys()) if isinstance(value, Mapping) else type(value).__name__
-            raise KeyError(f"{where}: field_map source {dotted!r} not found (at {part!r}); available: {available}")
-        value = value[part]
-    return value
-
-
-def _apply_field_map(example: dict[str, Any], field_map: Mapping[str, str], where: str) -> dict[str, Any]:
-    mapped = {target: _lookup(example, source, where) for target, source in field_map.items()}
-    # A top-level source field that was renamed is dropped; nested ones are left in their parent.
-    consumed = {source for source in field_map.values() if "." not in source} - set(field_map)
-    rest = {k: v for k, v in example.items() if k not in consumed and k not in mapped}
-    return {**mapped, **rest}
-
-
 def _resolve_builder(
     name_or_builder: str | tfds.core.DatasetBuilder, data_dir: str | None
 ) -> tfds.core.DatasetBuilder:
@@ -339,6 +322,7 @@ def load_tfds(
     *,
     fmt: str | None = None,
     max_k: int = DEFAULT_MAX_K,
+    assistant_marker: str = DEFAULT_ASSISTANT_MARKER,
 ) -> list[dict[str, Any]]:
     """Read one split of a prepared ArrayRecord TFDS dataset as canonical rows.
 
@@ -355,12 +339,14 @@ def load_tfds(
             :func:`build_tfds_from_jsonl`; when neither given nor inferable the
             decoded (and mapped) rows are returned unvalidated.
         max_k: largest K accepted when validating comparisons.
+        assistant_marker: where the reply of a Human/Assistant transcript starts
+            (implicit-prompt comparisons; see ``rlhf_jax.data.formats``).
     Returns:
         One dict per example, text decoded to ``str``, numbers as Python ints/floats.
     Raises:
         ValueError: the dataset is not prepared locally (nothing is ever downloaded)
             or was not prepared with ``file_format='array_record'``.
-        DataError: a row does not match ``fmt``.
+        DataError: a row does not match ``fmt``, or lacks a field ``field_map`` names.
     """
     builder = _resolve_builder(name_or_builder, None if data_dir is None else os.fspath(data_dir))
     if not builder.is_prepared():
@@ -380,9 +366,8 @@ def load_tfds(
     if inferred_fmt is not None:
         examples = [_from_jsonl_builder_example(ex) for ex in examples]
     where = f"tfds:{builder.name}[{split}]"
-    if field_map:
-        examples = [_apply_field_map(ex, field_map, f"{where} example {i}") for i, ex in enumerate(examples, 1)]
     fmt = fmt or inferred_fmt
     if fmt is None:
-        return examples
-    return validate_rows(examples, fmt, source=where, unit="example", max_k=max_k)
+        return map_fields(examples, field_map, source=where)
+    return validate_rows(examples, fmt, source=where, unit="example", max_k=max_k,
+                         assistant_marker=assistant_marker, field_map=field_map)

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from rlhf_jax import model_io, storage
 from rlhf_jax.data import BatchIterator, tokenize_demonstrations, tokenize_pretrain
-from rlhf_jax.data.sources import read_source
+from rlhf_jax.data.sources import read_source, source_options
 from rlhf_jax.models.params import init_params
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.program import Program, Step, abstract_batch, abstract_key, random_batch
@@ -91,12 +91,10 @@ def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict, dict | None]:
     """Tokenized (train, valid, pretrain-mix) arrays as numpy dicts with BATCH_KEYS."""
     data = cfg.data
     seq_len = data.max_prompt_len + data.max_response_len
-    rows = read_source(data.train, data.format, data_dir=data.get("tfds_data_dir"),
-                       field_map=data.get("field_map"))
+    rows = read_source(data.train, data.format, **source_options(data))
     if data.get("valid"):
         train_rows = rows
-        valid_rows = read_source(data.valid, data.format, data_dir=data.get("tfds_data_dir"),
-                                 field_map=data.get("field_map"))
+        valid_rows = read_source(data.valid, data.format, **source_options(data))
     else:
         train_rows, valid_rows = supervised.split_rows(rows, data.valid_fraction, cfg.seed)
 
@@ -115,7 +113,7 @@ def load_arrays(cfg: Any, tokenizer: Any) -> tuple[dict, dict, dict | None]:
     valid = tokenize(valid_rows, "valid") if valid_rows else None
     mix = None
     if data.pretrain_mix > 0:
-        mix_rows = read_source(data.pretrain_path, "pretrain", data_dir=data.get("tfds_data_dir"))
+        mix_rows = read_source(data.pretrain_path, "pretrain", **source_options(data, mapped=False))
         mix_arrays, stats = tokenize_pretrain(mix_rows, tokenizer, seq_len, "chunk", pack=pack)
         log.info("pretrain mix %s", stats)
         mix = {k: mix_arrays[k] for k in BATCH_KEYS}

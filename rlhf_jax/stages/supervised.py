@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import errors, locking, reliability, runtime, storage
 from rlhf_jax.data import tokenize_comparisons
-from rlhf_jax.data.sources import read_source
+from rlhf_jax.data.sources import read_source, source_options
 from rlhf_jax.metrics import MetricsWriter, ProgressBar, TraceWindow
 from rlhf_jax.optim import current_lr, make_lr_schedule, make_optimizer
 from rlhf_jax.sharding import shard_batch
@@ -103,8 +103,7 @@ def comparison_rows(data: Any, seed: int) -> tuple[list, list]:
     set, else a deterministic ``data.valid_fraction`` of ``data.train``. K-way rankings and
     TRL chosen/rejected pairs (K = 2) both come back as canonical K-way rows; the RM and DPO
     read the same files."""
-    read = lambda spec: read_source(spec, "comparisons", data_dir=data.get("tfds_data_dir"),
-                                    field_map=data.get("field_map"), max_k=data.max_k)
+    read = lambda spec: read_source(spec, "comparisons", max_k=data.max_k, **source_options(data))
     rows = read(data.train)
     if data.get("valid"):
         return rows, read(data.valid)

@@ -138,6 +138,7 @@ def test_url_inputs_are_checked_like_local_ones(gcs_path):
     with pytest.raises(ConfigError) as error:
         validate.check(cfg)
     assert str(error.value) == (
-        f"config: data.valid='{gcs_path}/missing.jsonl': expected an existing JSONL file (or "
-        f"tfds:<name>:<split>); init_from='{gcs_path}/no_model': expected a model directory "
+        f"config: data.valid='{gcs_path}/missing.jsonl': expected an existing JSONL file or "
+        ".parquet file (or tfds:<name>[/<config>]:<split> or hf:<dataset>[/<config>]:<split>); "
+        f"init_from='{gcs_path}/no_model': expected a model directory "
         "(ours, or a transformers checkpoint with config.json)")

@@ -402,7 +402,7 @@ def test_load_registered_tfds_dataset_with_field_map(tmp_path):
         {"prompt": "how are you", "topic": "chat", "info": {"topic": "chat"}},
         {"prompt": "hello", "topic": "greeting", "info": {"topic": "greeting"}},
     ]
-    with pytest.raises(KeyError, match="answer"):
+    with pytest.raises(DataError, match="example 1: field 'answer'"):
         load_tfds("rlhf_data_test_questions", "train", tmp_path, field_map={"prompt": "answer"})
     with pytest.raises(ValueError, match="not prepared"):
         load_tfds("rlhf_data_test_questions", "train", tmp_path / "elsewhere")

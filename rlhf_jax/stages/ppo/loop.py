@@ -17,7 +17,7 @@ from rlhf_jax import checkpoint as ckpt_lib
 from rlhf_jax import objectives as obj
 from rlhf_jax import locking, reliability, runtime, storage
 from rlhf_jax.data import BatchIterator, tokenize_pretrain, tokenize_prompts
-from rlhf_jax.data.sources import read_source
+from rlhf_jax.data.sources import read_source, source_options
 from rlhf_jax.errors import ConfigError, Preempted
 from rlhf_jax.metrics import MetricsWriter, ProgressBar, StepTimer, TraceWindow
 from rlhf_jax.model_io import save_our_checkpoint
@@ -190,8 +190,7 @@ def make_iterators(cfg: Any, tokenizer: Any, plan: Any) -> dict[str, BatchIterat
 def load_data(cfg: Any, tokenizer: Any, prompt_len: int) -> tuple[dict, dict | None]:
     """(prompt arrays, ptx arrays or None)."""
     data = cfg.data
-    rows = read_source(data.prompts, "prompts", data_dir=data.get("tfds_data_dir"),
-                       field_map=data.get("field_map"))
+    rows = read_source(data.prompts, "prompts", **source_options(data))
     arrays, stats = tokenize_prompts(rows, tokenizer, data.max_prompt_len, data.overlong)
     log.info("prompts %s", stats)
     if arrays["input_ids"].shape[1] != prompt_len:
@@ -200,7 +199,7 @@ def load_data(cfg: Any, tokenizer: Any, prompt_len: int) -> tuple[dict, dict | N
     prompts = {k: arrays[k] for k in ("input_ids", "attention_mask", "row_index")}
     if cfg.ppo.ptx_coef <= 0:
         return prompts, None
-    ptx_rows = read_source(data.pretrain, "pretrain", data_dir=data.get("tfds_data_dir"))
+    ptx_rows = read_source(data.pretrain, "pretrain", **source_options(data, mapped=False))
     ptx_arrays, stats = tokenize_pretrain(ptx_rows, tokenizer, data.ptx_seq_len, "chunk")
     log.info("ptx %s", stats)
     return prompts, {k: ptx_arrays[k] for k in PTX_KEYS}
