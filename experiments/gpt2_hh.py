@@ -1,16 +1,19 @@
-"""The same pipeline on real data: a local GPT-2 checkpoint and Anthropic-HH-style comparisons.
+r"""The same pipeline on real data: a local GPT-2 checkpoint and Anthropic-HH-style comparisons.
 
 Nothing is downloaded: point the paths at local files (any transformers GPT-2 directory; its
 tokenizer may have no pad token, EOS is used for padding)::
 
     rlhf-jax pipeline --config experiments/gpt2_hh.py --workdir runs/gpt2_hh \
         --config.base_model=/data/gpt2 \
-        --config.data.pretrain=/data/openwebtext.jsonl     # {"text"}
-        --config.data.sft=/data/hh_sft.jsonl               # {"prompt","completion"} or {"messages"}
-        --config.data.comparisons=/data/hh_train.jsonl     # {"chosen","rejected"} HH transcripts,
-        --config.data.comparisons_test=/data/hh_test.jsonl #   TRL rows, or K-way rankings
-        --config.data.ppo_prompts=/data/hh_prompts.jsonl   # {"prompt"}: text or messages
+        --config.data.pretrain=/data/openwebtext.jsonl \
+        --config.data.sft=/data/hh_sft.jsonl \
+        --config.data.comparisons=/data/hh_train.jsonl \
+        --config.data.comparisons_test=/data/hh_test.jsonl \
+        --config.data.ppo_prompts=/data/hh_prompts.jsonl \
         --config.data.eval_prompts=/data/hh_eval_prompts.jsonl
+
+The rows: pretraining text ``{"text"}``; demonstrations ``{"prompt", "completion"}`` or
+``{"messages"}``; prompts ``{"prompt"}`` as text or messages.
 
 Comparisons may be HH transcripts ``{"chosen", "rejected"}`` (the prompt is their shared text up
 to the last "\n\nAssistant:"), TRL rows (``prompt``/``chosen``/``rejected`` as strings or as
@@ -26,7 +29,7 @@ becomes a ``GPT2ForSequenceClassification`` scoring as ours, normalization inclu
 Any path may also be ``tfds:<name>:<split>`` (with ``<stage>.data.tfds_data_dir`` and
 ``field_map``). There are no labelers on real data, so the report gives RM scores, KL to SFT,
 RM accuracy on the held-out comparisons and samples; judge win rates with your own raters.
-Mesh: FSDP over all devices by default; set ``--config.<stage>.mesh.shape=(D,F,T)`` on a pod.
+Mesh: FSDP over all devices by default; set ``--config.<stage>.mesh.shape='(D,F,T)'`` on a pod.
 """
 import ml_collections
 

@@ -6,10 +6,12 @@ prompts as message lists) are formatted exactly as the model saw them in its own
 
     rlhf-jax pipeline --config experiments/qwen2_hh.py --workdir runs/qwen2_hh \\
         --config.base_model=/data/Qwen2.5-0.5B-Instruct \\
-        --config.rm_base_model=/data/qwen2_rm \\      # a Qwen2ForSequenceClassification (optional)
+        --config.rm_base_model=/data/qwen2_rm \\
         --config.data.pretrain=/data/text.jsonl --config.data.sft=/data/sft.jsonl \\
         --config.data.comparisons=/data/prefs.jsonl --config.data.comparisons_test=/data/prefs_test.jsonl \\
         --config.data.ppo_prompts=/data/prompts.jsonl --config.data.eval_prompts=/data/eval.jsonl
+
+``rm_base_model`` (optional) is a ``Qwen2ForSequenceClassification`` to start the RM from.
 
 A Llama checkpoint works the same way (``LlamaForCausalLM`` / ``LlamaForSequenceClassification``).
 Differences from the GPT-2 config: bfloat16 compute with float32 parameters, remat in every

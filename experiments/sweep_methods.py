@@ -6,7 +6,7 @@ with group baselines of ``group_size`` samples per prompt instead of a value net
 holds each method's win rate vs SFT with its CI, gold score, KL and capability; the point's
 ``stage_seconds`` are the new methods' wall times, ``shared_stage_seconds`` PPO's and PPO-ptx's.
 
-    rlhf-jax sweep --config experiments/sweep_methods.py --workdir runs/sweep_methods \
+    rlhf-jax sweep --config experiments/sweep_methods.py --workdir runs/sweep_methods \\
         --config.shared_from=runs/seeds/points/seed=0
 
 The same table at another seed of the seeds sweep (its world, labelers, SFT, RM and PPO runs;

@@ -2,7 +2,7 @@
 the validation reward (RM score on held-out prompts). SFT, RM and the PPO init are trained once.
 
     rlhf-jax sweep --config experiments/sweep_ptx.py --workdir runs/sweep_ptx
-    rlhf-jax sweep --config experiments/sweep_ptx.py --workdir runs/sweep_ptx \
+    rlhf-jax sweep --config experiments/sweep_ptx.py --workdir runs/sweep_ptx \\
         --config.shared_from=runs/seeds/points/seed=0      # reuse a finished pipeline's stages
 """
 import os

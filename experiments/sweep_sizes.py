@@ -4,7 +4,7 @@ model. One RM for every size (trained from the largest SFT), as the paper used o
 every policy size; the value networks start from it too.
 
     rlhf-jax sweep --config experiments/sweep_sizes.py --workdir runs/sweep_sizes
-    rlhf-jax sweep --config experiments/sweep_sizes.py --workdir runs/sweep_sizes \
+    rlhf-jax sweep --config experiments/sweep_sizes.py --workdir runs/sweep_sizes \\
         --config.shared_from=runs/seeds/points/seed=0     # the largest size is the default run
 """
 import os

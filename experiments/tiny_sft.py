@@ -1,6 +1,6 @@
 """SFT on a tiny model (a smoke-test scale; the pipeline config composes real runs).
 
-    rlhf-jax sft --config experiments/tiny_sft.py --workdir runs/sft \
+    rlhf-jax sft --config experiments/tiny_sft.py --workdir runs/sft \\
         --config.tokenizer=DIR --config.data.train=demos.jsonl
 """
 from rlhf_jax.config import sft_config

@@ -1,17 +1,17 @@
 """``rlhf-jax <command>``: parse flags, load an experiments/ config, call a stage.
 
-Training commands take ``--config experiments/<file>.py[:arg]``, ``--workdir DIR`` and any number
-of ``--config.a.b=value`` overrides (typed like the value they replace). Run
+Training commands take ``--config experiments/<file>.py[:arg]``, ``--workdir DIR`` (their output)
+and any number of ``--config.a.b=value`` overrides (typed like the value they replace); ``eval``
+and ``profile`` read a finished run with ``--from-workdir DIR``. Run
 ``rlhf-jax <command> --help`` for the options of one command, and
 ``rlhf-jax <command> --config FILE --show-config`` to print the resolved config.
 
-Multi-host: run the same command on every host. On a Cloud TPU pod nothing else is needed;
-elsewhere add ``--coordinator_address HOST:PORT --num_processes N --process_id I``.
+Flags are spelled with dashes (``--max-new-tokens``); the underscore spelling
+(``--max_new_tokens``) is accepted too. ``--log-level`` and ``--debug`` go before or after the
+command. Overrides keep the config's field names: ``--config.train.batch_size=8``.
 
-Exit codes: 0 done; 2 a problem with the inputs (config, data, checkpoint, path, permission),
-printed as one line ``rlhf-jax: error: ...`` (``--debug`` shows the traceback); 3 training
-produced NaN/Inf (the last finite checkpoint is kept); 143 / 130 stopped by SIGTERM / SIGINT
-after checkpointing (run the same command again to resume); 1 an internal error (traceback).
+Multi-host: run the same command on every host. On a Cloud TPU pod nothing else is needed;
+elsewhere add ``--coordinator-address HOST:PORT --num-processes N --process-id I``.
 """
 from __future__ import annotations
 
@@ -40,11 +40,74 @@ TRAIN_COMMANDS: dict[str, tuple[str, str]] = {
 EPILOG = """\
 config overrides:
   --config.a.b=value    set field a.b of the loaded config (type-checked against the current
-                        value; tuples as (1,2,4), booleans as true/false)
+                        value; tuples as '(1,2,4)', quoted for the shell; booleans as true/false)
 examples:
   rlhf-jax sft --config experiments/tiny_sft.py --workdir runs/sft --config.train.steps=100
-  rlhf-jax rm  --config experiments/tiny_rm.py  --workdir runs/rm  --config.init_from=runs/sft/model
+  rlhf-jax rm --config experiments/tiny_rm.py --workdir runs/rm --config.init_from=runs/sft/model
 """
+
+TRACKERS = ("tensorboard", "wandb", "none")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _exit_codes_text() -> str:
+    import textwrap
+    from rlhf_jax import errors
+    return "exit codes:\n" + "\n".join(
+        textwrap.fill(meaning, 96, initial_indent=f"  {code:<4}", subsequent_indent=" " * 6)
+        for code, meaning in errors.EXIT_CODES)
+
+
+def _dashed(option: str) -> str:
+    return "--" + option[2:].replace("_", "-") if option.startswith("--") else option
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's conventions: every long flag shown with dashes and accepted with
+    underscores as well, and a usage mistake reported as a UserError (one line, exit 2) instead
+    of argparse's usage text."""
+
+    def canonicalize(self) -> None:
+        """Spell every flag with dashes, those other modules define (distributed's) included."""
+        for action in self._actions:
+            action.option_strings = list(dict.fromkeys(map(_dashed, action.option_strings)))
+        # Shared with the parser's argument groups: refilled in place.
+        self._option_string_actions.clear()
+        self._option_string_actions.update(
+            {option: action for action in self._actions for option in action.option_strings})
+
+    def _respelled(self, args: Sequence[str]) -> list[str]:
+        """``--a_b[=v]`` as ``--a-b[=v]`` where that spells (or abbreviates) one of this parser's
+        flags; overrides and whatever follows ``--`` are left as they are."""
+        out = list(args)
+        for i, arg in enumerate(out):
+            if arg == "--":
+                break
+            if not arg.startswith("--") or "_" not in arg or arg.startswith("--config."):
+                continue
+            name, eq, value = arg.partition("=")
+            dashed = _dashed(name)
+            if any(option.startswith(dashed) for option in self._option_string_actions):
+                out[i] = dashed + eq + value
+        return out
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else args
+        return super().parse_known_args(self._respelled(args), namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # Unknown flags after a command are the command's: name its --help, not ours.
+            commands = getattr(self, "commands", {})
+            commands.get(getattr(parsed, "command", None), self).error(
+                f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+    def error(self, message: str):
+        from rlhf_jax.errors import UserError
+        command = self.prog.partition(" ")[2]
+        raise UserError(f"{command + ': ' if command else ''}{message}; see `{self.prog} --help`")
 
 
 def _call(target: str) -> Callable:
@@ -58,11 +121,15 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     argv = list(argv)
     while i < len(argv):
         arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
         if arg.startswith("--config."):
             body = arg[len("--config."):]
             if "=" not in body:
                 if i + 1 >= len(argv):
-                    raise SystemExit(f"error: {arg} needs a value (--config.key=value)")
+                    from rlhf_jax.errors import UserError
+                    raise UserError(f"{arg} needs a value (--config.key=value)")
                 body = f"{body}={argv[i + 1]}"
                 i += 1
             overrides.append(body)
@@ -108,13 +175,23 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _add_global_flags(parser: argparse.ArgumentParser, default: bool) -> None:
+    """``--log-level`` and ``--debug``, before the command (``default``: their defaults) and
+    after it (no defaults, so that an absent flag keeps the value given before the command)."""
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
+                        default="INFO" if default else argparse.SUPPRESS,
+                        help=f"python logging level: {', '.join(LOG_LEVELS)} (default INFO)")
+    parser.add_argument("--debug", action="store_true",
+                        default=False if default else argparse.SUPPRESS,
+                        help="show the traceback of an input error instead of one line")
+
+
 def _run_flags() -> argparse.ArgumentParser:
-    """Flags every command takes: the multi-host runtime and error reporting."""
+    """Flags every command takes: the multi-host runtime, logging and error reporting."""
     from rlhf_jax import distributed
     common = argparse.ArgumentParser(add_help=False)
+    _add_global_flags(common, default=False)
     distributed.add_arguments(common)
-    common.add_argument("--debug", action="store_true",
-                        help="show the traceback of input errors instead of one line")
     return common
 
 
@@ -122,17 +199,23 @@ def _add_train_parser(sub, name: str, help_text: str, parents: list) -> None:
     p = sub.add_parser(name, help=help_text, description=help_text, parents=parents,
                        epilog=EPILOG + "\n" + _config_fields(name),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--allow_config_change", action="store_true",
-                   help="resume from checkpoints made with other hyperparameters (otherwise an "
-                        "error names the fields that differ)")
     p.add_argument("--config", required=True,
                    help="experiment config file defining get_config(), optionally FILE.py:ARG")
     p.add_argument("--workdir", required=False,
                    help="output directory: metrics.jsonl, tb/, checkpoints/, model/ (required "
                         "unless --show-config)")
     p.add_argument("--show-config", action="store_true",
-                   help="print the resolved config (after overrides) and exit")
-    p.add_argument("--profile_steps", default="", metavar="A:B",
+                   help="print the resolved config (after overrides and these flags) and exit, "
+                        "training nothing")
+    p.add_argument("--tracker", choices=TRACKERS, default=None,
+                   help="where metrics go besides <workdir>/metrics.jsonl: tensorboard "
+                        "(<workdir>/tb), wandb (offline unless a W&B key is set) or none; sets "
+                        "the config's `tracker` (a pipeline or sweep: every stage's; default: "
+                        "the config's, tensorboard)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume from checkpoints made with other hyperparameters (otherwise an "
+                        "error names the fields that differ)")
+    p.add_argument("--profile-steps", default="", metavar="A:B",
                    help="write an XProf trace of steps (PPO: iterations) A .. B-1 to "
                         "<workdir>/profile (a pipeline or sweep: every stage's, in its own "
                         "directory), with each phase named; open it with TensorBoard's profile "
@@ -144,13 +227,16 @@ def _add_train_parser(sub, name: str, help_text: str, parents: list) -> None:
                         "'none' disables)")
 
 
-def set_profile_steps(cfg, spec: str) -> None:
-    """``--profile_steps``: on a stage's config, or on every stage section of a pipeline's."""
+def set_stage_field(cfg, field: str, value) -> None:
+    """Set ``field`` on a stage's config, on every stage section of a pipeline's, or on those
+    of a sweep's base pipeline: every config dict that has the field, searched from the top."""
     import ml_collections
-    sections = [cfg] if "profile_steps" in cfg else [
-        v for v in cfg.values() if isinstance(v, ml_collections.ConfigDict) and "profile_steps" in v]
-    for section in sections:
-        section.profile_steps = spec
+    if field in cfg:
+        setattr(cfg, field, value)
+        return
+    for section in cfg.values():
+        if isinstance(section, ml_collections.ConfigDict):
+            set_stage_field(section, field, value)
 
 
 def default_compilation_cache() -> str:
@@ -163,10 +249,21 @@ def default_compilation_cache() -> str:
     return os.path.join(base, "rlhf_jax", "jax_cache")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rlhf-jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", default="INFO", help="python logging level (default INFO)")
+def version() -> str:
+    """The installed distribution's version; the package's own where it is not installed."""
+    from importlib import metadata
+    try:
+        return metadata.version("rlhf_jax")
+    except metadata.PackageNotFoundError:
+        from rlhf_jax import __version__
+        return __version__
+
+
+def build_parser() -> _Parser:
+    parser = _Parser(prog="rlhf-jax", description=__doc__, epilog=_exit_codes_text(),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"rlhf-jax {version()}")
+    _add_global_flags(parser, default=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parents = [_run_flags()]
     for name, (_, help_text) in TRAIN_COMMANDS.items():
@@ -178,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "win rate against SFT judged by training and by held-out labelers with 95%% "
                     "CIs, gold and RM scores, KL to SFT, capability evals, RM pair accuracy. "
                     "Writes results.json, results.md and plots into the workdir.")
-    ev.add_argument("--workdir", required=True, help="a pipeline workdir")
+    ev.add_argument("--from-workdir", "--workdir", dest="from_workdir", required=True,
+                    metavar="DIR", help="the pipeline workdir to evaluate (its report is "
+                                        "written there; --workdir is the old name)")
     ev.add_argument("--config", default=None,
                     help="pipeline config (default: the config_pipeline.json the run saved)")
 
@@ -198,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--greedy", action="store_true", help="argmax decoding")
     sample.add_argument("--num-samples", type=int, default=1, help="samples per prompt (1)")
     sample.add_argument("--seed", type=int, default=0, help="PRNG seed (0)")
+    sample.add_argument("--chat", action="store_true",
+                        help="send each prompt as a user message through the tokenizer's chat "
+                             "template (a chat model's own format; the tokenizer must have one)")
 
     comp = sub.add_parser(
         "compile", parents=parents, help="compile every step of a stage ahead of time for a TPU topology (fits?)",
@@ -206,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "JAX_PLATFORMS=cpu), from abstract shapes only: no weights, no data. Reports "
                     "per step the peak bytes per device against the chip's HBM, FLOPs per step "
                     "(loop trip counts included), compile seconds, and an analytic step time and "
-                    "MFU at the chip's peak. Exits 1 naming the step and its largest buffers when "
-                    "a step does not fit.",
+                    "MFU at the chip's peak. Exits 4 naming the step and its largest buffers when "
+                    "a step does not fit (2 for a bad config or topology).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  JAX_PLATFORMS=cpu rlhf-jax compile --config experiments/llama3_8b.py "
                "--topology v5p:4x4x4 --stage all --out r.json")
@@ -243,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--warmup", type=int, default=1, help="untimed calls per step first (1)")
     prof.add_argument("--phases", default=None, metavar="A,B",
                       help="profile only these steps, e.g. update,value_update (default: all)")
-    prof.add_argument("--workdir", default=None,
-                      help="a pipeline workdir: profile with its trained models instead of random weights")
+    prof.add_argument("--from-workdir", "--workdir", dest="from_workdir", default=None,
+                      metavar="DIR", help="a pipeline workdir: profile with its trained models "
+                                          "instead of random weights (--workdir is the old name)")
     prof.add_argument("--trace", default=None, metavar="DIR", help="write a jax.profiler trace to DIR")
     prof.add_argument("--out", default=None, help="write the JSON report here")
 
@@ -267,13 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst", help="destination directory (created; a non-empty one is refused "
                                   "unless --overwrite)")
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                      help="parameter dtype of the rlhf_jax copy (hf-to-jax only)")
+                      help="parameter dtype of what is written: the rlhf_jax copy (hf-to-jax) or "
+                           "the safetensors files (jax-to-hf); default float32")
+    conv.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
+                      help="jax-to-hf: largest safetensors file, e.g. 500MB, 2GB (default 2GB); "
+                           "larger models are split into shards with an index")
     conv.add_argument("--lora", default=None, metavar="DIR",
                       help="a LoRA run's adapters (<ppo workdir>/lora: adapters/ + lora.json) "
                            "to merge into src, with lora.json's scale (jax-to-hf, merge-lora)")
     conv.add_argument("--overwrite", action="store_true",
                       help="replace dst whole if it already holds anything (written beside it, "
                            "then swapped in: a kill leaves the old or the new, never a mix)")
+    parser.commands = sub.choices
+    for each in (parser, *sub.choices.values()):
+        each.canonicalize()
     return parser
 
 
@@ -459,6 +569,10 @@ def _checkpoint_dir(command: str, workdir: str, path: str | None) -> str | None:
 
 def _main(args: argparse.Namespace, overrides: list[str]) -> int:
     from rlhf_jax import distributed, errors, runtime
+    if args.command in TRAIN_COMMANDS and args.show_config:
+        # Printing a config needs no device and no other host: it never joins the job.
+        print(_train_config(args, overrides))
+        return 0
     runtime.configure_logging(args.log_level)      # so that joining the job is logged
     # Before anything touches a device: every host joins the same runtime.
     distributed.initialize_from_args(args)
@@ -475,7 +589,7 @@ def _main(args: argparse.Namespace, overrides: list[str]) -> int:
     from rlhf_jax.config import apply_overrides, load_config
     if args.command == "eval":
         from rlhf_jax.pipeline import evaluate_workdir
-        saved = storage.join(args.workdir, "config_pipeline.json")
+        saved = storage.join(args.from_workdir, "config_pipeline.json")
         if args.config:
             cfg = apply_overrides(load_config(args.config), overrides)
         elif storage.exists(saved):
@@ -485,18 +599,14 @@ def _main(args: argparse.Namespace, overrides: list[str]) -> int:
         else:
             raise errors.UserError(
                 f"{saved}: not found; `rlhf-jax eval` reads the config the pipeline saved there "
-                "(is --workdir a pipeline workdir?); pass the pipeline's config with --config FILE")
-        evaluate_workdir(cfg, args.workdir)
-        return 0
-    cfg = load_config(args.config)
-    apply_overrides(cfg, overrides)
-    if args.profile_steps:
-        set_profile_steps(cfg, args.profile_steps)
-    if args.show_config:
-        print(cfg)
+                "(is --from-workdir a pipeline workdir?); pass the pipeline's config with "
+                "--config FILE")
+        evaluate_workdir(cfg, args.from_workdir)
         return 0
     if not args.workdir:
-        raise SystemExit("error: --workdir is required")
+        raise errors.UserError(f"{args.command}: --workdir DIR is required (the run's output "
+                               "directory; only --show-config runs without one)")
+    cfg = _train_config(args, overrides)
     from rlhf_jax import validate
     if args.command == "sweep":
         from rlhf_jax import sweep
@@ -520,6 +630,17 @@ def _main(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace, overrides: list[str]):
+    """A training command's config: the file, its overrides, then the flags that set fields."""
+    from rlhf_jax.config import apply_overrides, load_config
+    cfg = apply_overrides(load_config(args.config), overrides)
+    if args.profile_steps:
+        set_stage_field(cfg, "profile_steps", args.profile_steps)
+    if args.tracker:
+        set_stage_field(cfg, "tracker", args.tracker)
+    return cfg
+
+
 def _convert(args: argparse.Namespace) -> int:
     from rlhf_jax import convert
     from rlhf_jax.errors import UserError
@@ -530,7 +651,8 @@ def _convert(args: argparse.Namespace) -> int:
         print(convert.hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite))
     elif args.direction == "jax-to-hf":
         print(convert.orbax_to_hf(args.src, args.dst, lora_dir=args.lora,
-                                  overwrite=args.overwrite))
+                                  overwrite=args.overwrite, dtype=args.dtype,
+                                  max_shard_size=args.max_shard_size))
     else:
         if not args.lora:
             raise UserError("convert merge-lora: --lora DIR is required (a LoRA run's "
@@ -592,6 +714,20 @@ def _check_sample_model(args: argparse.Namespace, model_cfg, counts: list[int]) 
             + (f"expected {' or '.join(fixes)}" if fixes else "expected a model with more positions"))
 
 
+def _sample_prompts(args: argparse.Namespace, tokenizer) -> list:
+    """``--prompt`` texts as the sampler reads them: plain text, or (``--chat``) one user
+    message each, which the data layer renders with the tokenizer's chat template."""
+    from rlhf_jax.errors import UserError
+    if not args.chat:
+        return list(args.prompt)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"sample --chat: the tokenizer of --checkpoint {args.checkpoint} has no "
+                        "chat template; expected a chat model's directory (tokenizer_config.json "
+                        "with a chat_template), or drop --chat to send the prompts as plain text")
+    return [{"prompt": p, "prompt_messages": [{"role": "user", "content": p}]}
+            for p in args.prompt]
+
+
 def _sample(args: argparse.Namespace) -> int:
     from rlhf_jax.errors import UserError
     _check_sample_flags(args)
@@ -605,11 +741,13 @@ def _sample(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.checkpoint)
     if tokenizer is None:
         raise UserError(f"--checkpoint {args.checkpoint}: no tokenizer saved beside the model")
+    rows = _sample_prompts(args, tokenizer)
     _check_sample_model(args, model_cfg,
-                        prompt_token_counts(tokenizer, args.prompt, args.max_prompt_len))
+                        prompt_token_counts(tokenizer, rows, args.max_prompt_len))
     model, params, _, _ = load_model(args.checkpoint, None)
     prompts = [p for p in args.prompt for _ in range(args.num_samples)]
-    out = generate_texts(model, params, tokenizer, prompts, max_prompt_len=args.max_prompt_len,
+    rows = [row for row in rows for _ in range(args.num_samples)]
+    out = generate_texts(model, params, tokenizer, rows, max_prompt_len=args.max_prompt_len,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed,
                          batch_size=max(1, min(len(prompts), 64)))

@@ -71,7 +71,8 @@ as ``rlhf-jax profile`` reads them (``rlhf_jax.step_analysis``). Per step it rep
 
 When a step does not fit, the command prints one line per such step to stderr (stage, step, bytes
 needed vs available, the largest buffers: arguments by name and the largest HLO values) and exits
-1, after writing the report. ``compile_report`` returns the report as a dict for other callers;
+4 (``errors.EXIT_DOES_NOT_FIT``), after writing the report; a bad config or topology exits 2 like
+every other command's input error. ``compile_report`` returns the report as a dict for other callers;
 ``format_table`` renders it.
 """
 from __future__ import annotations
@@ -93,7 +94,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import collectives, registry, step_analysis, storage
+from rlhf_jax import collectives, errors, registry, step_analysis, storage
 from rlhf_jax.config import stage_configs
 from rlhf_jax.registry import GROUP_ADVANTAGES
 from rlhf_jax.sharding import MESH_AXES, resolve_mesh_shape
@@ -127,8 +128,8 @@ GRADIENT_STEPS = ("train", "update", "value_update", "ptx")
 FLOP_VARIANT_OVERRIDES = {"scan_layers": False, "remat": False}
 
 
-class CompileError(Exception):
-    """Bad input to ``compile``: the CLI prints it as one ``error: ...`` line."""
+class CompileError(errors.UserError):
+    """Bad input to ``compile`` (topology, stage, mesh): one ``rlhf-jax: error:`` line, exit 2."""
 
 
 # --- the hardware -------------------------------------------------------------------------------
@@ -865,28 +866,22 @@ def not_fitting(report: dict[str, Any]) -> list[str]:
                                 for b in r.get("largest_buffers", [])[:3])
             what = ("compile failed: " + r["error"]) if r.get("compile_failed") else (
                 f"needs {_fmt_bytes(need)} per device, {_fmt_bytes(cap)} available")
-            lines.append(f"error: {stage}/{name} does not fit on {report['topology']}: {what}"
+            lines.append(f"{stage}/{name} does not fit on {report['topology']}: {what}"
                          + (f"; largest buffers: {buffers}" if buffers else ""))
     return lines
 
 
 def run(args: Any, overrides: list[str]) -> int:
-    """``rlhf-jax compile``: the table on stdout, the JSON report to ``--out``; exit 1 when a step
-    does not fit (one line per step on stderr)."""
+    """``rlhf-jax compile``: the table on stdout, the JSON report to ``--out``; exit 4 when a step
+    does not fit (one line per step on stderr). Bad input raises a UserError (exit 2)."""
     from rlhf_jax.config import apply_overrides, load_config
-    try:
-        cfg = apply_overrides(load_config(args.config), overrides)
-    except (FileNotFoundError, AttributeError, KeyError, ValueError, SyntaxError) as e:
-        raise SystemExit(f"error: {_first_line(e)}") from None
+    cfg = apply_overrides(load_config(args.config), overrides)
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    try:
-        report = compile_report(cfg, args.topology, getattr(args, "stage", "all") or "all",
-                                progress=progress)
-    except CompileError as e:
-        raise SystemExit(f"error: {e}") from None
+    report = compile_report(cfg, args.topology, getattr(args, "stage", "all") or "all",
+                            progress=progress)
     report["config"] = args.config
     report["overrides"] = list(overrides)
     print(format_table(report))
@@ -896,5 +891,5 @@ def run(args: Any, overrides: list[str]) -> int:
         print(f"report written to {args.out}")
     problems = not_fitting(report)
     for line in problems:
-        print(line, file=sys.stderr)
-    return 1 if problems else 0
+        print(f"rlhf-jax: error: {line}", file=sys.stderr)
+    return errors.EXIT_DOES_NOT_FIT if problems else errors.EXIT_OK

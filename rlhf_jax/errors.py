@@ -12,8 +12,11 @@
 * A full disk or quota (exit 2): whatever raised it (an OSError, or orbax / TensorStore's
   ValueError from a background write), :func:`disk_full` finds it and the CLI prints one line
   naming the path and what is intact.
+* ``rlhf-jax compile`` finding a step that does not fit the chip's memory (exit 4): a verdict on
+  the config, not a mistake in it, so scripts can tell it from a config error (2).
 
-Anything else is an internal error and keeps its traceback.
+Anything else is an internal error (exit 1) and keeps its traceback. :data:`EXIT_CODES` lists
+them all, for ``rlhf-jax --help``.
 """
 from __future__ import annotations
 
@@ -22,8 +25,27 @@ import os
 import re
 import signal
 
+EXIT_OK = 0
+EXIT_INTERNAL = 1
 EXIT_USER_ERROR = 2
 EXIT_NON_FINITE = 3
+EXIT_DOES_NOT_FIT = 4
+EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "done"),
+    (EXIT_INTERNAL, "an internal error (a bug: the traceback is printed)"),
+    (EXIT_USER_ERROR, "a problem with the inputs (flag, config, data, checkpoint, path, "
+                      "permission, full disk): one line 'rlhf-jax: error: ...' (--debug shows the "
+                      "traceback)"),
+    (EXIT_NON_FINITE, "training produced NaN/Inf (the last finite checkpoint is kept)"),
+    (EXIT_DOES_NOT_FIT, "compile: a step does not fit the chip's memory (one line per step)"),
+    (EXIT_SIGINT, "stopped by SIGINT (Ctrl-C) after checkpointing: rerun the same command to "
+                  "resume"),
+    (EXIT_SIGTERM, "stopped by SIGTERM (preemption) after checkpointing: rerun the same command "
+                   "to resume"),
+)
 
 
 class UserError(Exception):

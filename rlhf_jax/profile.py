@@ -10,7 +10,7 @@ utilization are read as ``rlhf-jax compile`` reads them (``rlhf_jax.step_analysi
 random, of the config's shapes (no data, no checkpoint needed), or a pipeline workdir's trained
 models; the batches are always random tokens with all-ones masks. ``--trace DIR`` also writes a
 ``jax.profiler`` trace with every phase named (TensorBoard's profile plugin reads the
-``.xplane.pb``, https://ui.perfetto.dev the ``perfetto_trace.json.gz``). ``--workdir``,
+``.xplane.pb``, https://ui.perfetto.dev the ``perfetto_trace.json.gz``). ``--from-workdir``,
 ``--trace`` and ``--out`` may be URLs (``gs://...``, ``rlhf_jax.storage``).
 
 Library use (the CLI only adds argument checks and printing)::
@@ -63,6 +63,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax import registry, step_analysis, storage
+from rlhf_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -367,7 +368,7 @@ def _with_workdir_models(c: Any, stage: str, workdir: str, cfg: Any) -> Any:
     paths = {field: source(s) for field, s in registry.STAGES[stage].models_from.items()}
     for key, path in paths.items():
         if not storage.isdir(path):
-            raise FileNotFoundError(f"--workdir {workdir}: {path} not found (has the pipeline "
+            raise FileNotFoundError(f"--from-workdir {workdir}: {path} not found (has the pipeline "
                                     f"finished the stage {stage} starts from?)")
         with c.unlocked():
             c[key] = path
@@ -704,31 +705,39 @@ def format_table(report: dict[str, Any]) -> str:
 # --- the CLI ---------------------------------------------------------------------------------
 
 def run(args: Any, overrides: Sequence[str]) -> int:
-    """``rlhf-jax profile``: one-line errors for bad input, the table on stdout, JSON to --out."""
+    """``rlhf-jax profile``: the table on stdout, JSON to --out; bad input raises a UserError
+    (one line, exit 2) before anything is built."""
     from rlhf_jax.config import apply_overrides, load_config
+    workdir = args.from_workdir
     if args.steps < 1:
-        raise SystemExit(f"error: --steps={args.steps}: need at least 1 timed call")
+        raise UserError(f"--steps={args.steps}: expected at least 1 timed call")
     if args.warmup < 0:
-        raise SystemExit(f"error: --warmup={args.warmup}: must be >= 0")
-    if args.workdir and not storage.isdir(args.workdir):
-        raise SystemExit(f"error: --workdir {args.workdir}: no such directory")
+        raise UserError(f"--warmup={args.warmup}: expected an integer >= 0")
+    if workdir and not storage.isdir(workdir):
+        raise UserError(f"--from-workdir {workdir}: no such directory; expected a pipeline "
+                        "workdir")
     if args.trace and storage.exists(args.trace) and not storage.isdir(args.trace):
-        raise SystemExit(f"error: --trace {args.trace}: exists and is not a directory")
+        raise UserError(f"--trace {args.trace}: exists and is not a directory; expected a "
+                        "directory to write the trace in")
     if args.out and storage.isdir(args.out):
-        raise SystemExit(f"error: --out {args.out}: is a directory (give a .json file path)")
+        raise UserError(f"--out {args.out}: is a directory; expected a .json file path")
     try:
         cfg = apply_overrides(load_config(args.config), overrides)
-        stage_config(cfg, args.stage, args.workdir)     # checks the stage and workdir early
+        stage_config(cfg, args.stage, workdir)     # checks the stage and workdir early
+    except UserError:
+        raise
     except (FileNotFoundError, AttributeError, KeyError, ValueError, SyntaxError) as e:
-        raise SystemExit(f"error: {_one_line(e)}") from None
+        raise UserError(_one_line(e)) from e
     try:
         chosen = getattr(args, "phases", None)
         phases = [p.strip() for p in chosen.split(",") if p.strip()] if chosen else None
         report = profile_stage(cfg, args.stage, steps=args.steps, warmup=args.warmup,
-                               workdir=args.workdir, trace_dir=args.trace, phases=phases)
+                               workdir=workdir, trace_dir=args.trace, phases=phases)
+    except UserError:
+        raise
     except (FileNotFoundError, ValueError) as e:
         log.debug("profile failed", exc_info=True)
-        raise SystemExit(f"error: {_one_line(e)}") from None
+        raise UserError(_one_line(e)) from e
     report["config"] = args.config
     report["overrides"] = list(overrides)
     print(format_table(report))

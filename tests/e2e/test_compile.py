@@ -17,6 +17,7 @@ import pytest
 from rlhf_jax import compile as aot
 from rlhf_jax.config import (dpo_config, load_config, ppo_config, rm_config, sft_config,
                              stage_configs)
+from rlhf_jax.errors import UserError
 from rlhf_jax.models.params import abstract_params, cache_sharding
 from rlhf_jax.models.transformer import Transformer, init_cache
 from rlhf_jax.program import Program, Step, abstract_batch, abstract_key
@@ -305,10 +306,10 @@ def get_config(arg=None):
     ("cpu", "sft", ["sft.no_such=1"], "no field"),
 ])
 def test_bad_input_is_one_error_line(tiny_config_file, topology, stage, overrides, message):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:     # the CLI: one line, exit 2
         aot.run(_args(tiny_config_file, topology, stage), overrides)
     text = str(e.value)
-    assert text.startswith("error: ") and message in text and "\n" not in text, text
+    assert message in text and "\n" not in text, text
 
 
 def test_cli_writes_report_and_fails_when_a_step_does_not_fit(tiny_config_file, tmp_path, capsys):
@@ -323,7 +324,7 @@ def test_cli_writes_report_and_fails_when_a_step_does_not_fit(tiny_config_file, 
     assert not small["fits"]
     lines = aot.not_fitting(small)
     assert len(lines) == 2 and all("\n" not in line for line in lines)
-    assert lines[0].startswith("error: sft/train does not fit on cpu: needs ")
+    assert lines[0].startswith("sft/train does not fit on cpu: needs ")
     assert "per device, 9.8 KiB available; largest buffers: " in lines[0]
     assert any(b["kind"] == "argument" and b["name"].startswith("state") for b in
                aot.largest_arguments(train_step_of(tiny_config_file)))

@@ -13,6 +13,7 @@ import pytest
 
 from rlhf_jax import profile, storage
 from rlhf_jax.config import apply_overrides, load_config
+from rlhf_jax.errors import UserError
 from rlhf_jax.model_io import save_our_checkpoint
 from rlhf_jax.runtime import setup_mesh
 from rlhf_jax.sharding import make_mesh
@@ -47,7 +48,8 @@ def _check_phase(p, name=""):
 
 
 def _args(**kw):
-    base = dict(config=MICRO, stage="sft", steps=2, warmup=1, workdir=None, trace=None, out=None)
+    base = dict(config=MICRO, stage="sft", steps=2, warmup=1, from_workdir=None, trace=None,
+                out=None)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -68,7 +70,7 @@ def test_cli_rm_from_a_workdir_table_json_and_trace(tmp_path, capsys):
     save_our_checkpoint(str(tmp_path / "run" / "sft" / "model"), sft.models["policy"],
                         _constant_params(sft.state.params, 0.25))
     out, trace = tmp_path / "sub" / "rm.json", tmp_path / "trace"
-    args = _args(stage="rm", out=str(out), trace=str(trace), workdir=str(tmp_path / "run"))
+    args = _args(stage="rm", out=str(out), trace=str(trace), from_workdir=str(tmp_path / "run"))
     assert profile.run(args, ["rm.train.batch_size=8"]) == 0
     table = capsys.readouterr().out
     assert "matmul peak" in table and "train" in table and "eval" in table
@@ -203,25 +205,25 @@ def test_graft_keeps_a_fresh_head_and_rejects_other_architectures():
     (dict(config="experiments/nope.py"), [], "does not exist"),
     (dict(steps=0), [], "--steps"),
     (dict(warmup=-1), [], "--warmup"),
-    (dict(workdir="/nonexistent/run"), [], "--workdir"),
+    (dict(from_workdir="/nonexistent/run"), [], "--from-workdir"),
     (dict(), ["sft.nope=1"], "no field"),
     (dict(), ["sft.train.batch_size=3"], "batch_size"),
 ])
 def test_cli_bad_input_is_one_line(kw, overrides, message, tmp_path):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(UserError) as e:
         profile.run(_args(**kw), overrides)
     text = str(e.value)
-    assert text.startswith("error:") and message in text and "\n" not in text
+    assert message in text and "\n" not in text
 
 
 def test_cli_missing_stage_and_unfinished_workdir(tmp_path):
     single = tmp_path / "sft_only.py"
     single.write_text("from rlhf_jax.config import sft_config\n"
                       "def get_config(arg=None):\n    return sft_config()\n")
-    with pytest.raises(SystemExit, match="error: the config has no 'ppo' stage"):
+    with pytest.raises(UserError, match="the config has no 'ppo' stage"):
         profile.run(_args(config=str(single), stage="ppo"), [])
-    with pytest.raises(SystemExit, match=r"error: --workdir .*sft_ptx/model not found"):
-        profile.run(_args(stage="ppo", workdir=str(tmp_path)), [])
+    with pytest.raises(UserError, match=r"--from-workdir .*sft_ptx/model not found"):
+        profile.run(_args(stage="ppo", from_workdir=str(tmp_path)), [])
 
 
 def test_scanned_layers_are_counted_every_layer(peak):
@@ -256,9 +258,9 @@ def test_trace_and_report_to_gcs(gcs_path, tmp_path, monkeypatch, capsys):
     # The CLI's checks and the report file on a URL (the profiling itself is the tests' above).
     monkeypatch.setattr(profile, "profile_stage", lambda *a, **kw: {"stage": "sft"})
     monkeypatch.setattr(profile, "format_table", lambda report: "table")
-    with pytest.raises(SystemExit, match="--workdir .*: no such directory"):
-        profile.run(_args(workdir=storage.join(gcs_path, "none")), [])
-    with pytest.raises(SystemExit, match="--out .*: is a directory"):
+    with pytest.raises(UserError, match="--from-workdir .*: no such directory"):
+        profile.run(_args(from_workdir=storage.join(gcs_path, "none")), [])
+    with pytest.raises(UserError, match="--out .*: is a directory"):
         profile.run(_args(out=gcs_path), [])
     out = storage.join(gcs_path, "reports", "sft.json")
     assert profile.run(_args(out=out, trace=trace_dir), []) == 0

@@ -17,7 +17,7 @@ from rlhf_jax.metrics import TraceWindow, parse_steps
 def test_ppo_traces_the_asked_iterations_with_named_phases(toy_dirs, tmp_path):
     cfg = ppo_config(*toy_overrides(toy_dirs, "ppo.iterations=3", "ppo.rollout_batch_size=8",
                                     "ppo.minibatch_size=4"))
-    cli.set_profile_steps(cfg, "1:2")
+    cli.set_stage_field(cfg, "profile_steps", "1:2")
     assert cfg.profile_steps == "1:2"
     run_train(cfg, tmp_path / "run")
     xplanes = glob.glob(str(tmp_path / "run" / "profile" / "**" / "*.xplane.pb"), recursive=True)
