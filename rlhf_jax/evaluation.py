@@ -24,6 +24,7 @@ from rlhf_jax.data import tokenize_demonstrations, tokenize_prompts
 from rlhf_jax.models.transformer import Transformer
 from rlhf_jax.distributed import fetch
 from rlhf_jax.errors import ConfigError
+from rlhf_jax.metrics import progress
 from rlhf_jax.sampling import SamplingConfig, make_generate_fn
 from rlhf_jax.sharding import shard_global_batch
 
@@ -104,12 +105,15 @@ def generate_texts(model: Transformer, params: Any, tokenizer: Any,
     batch_size = _batch_size_for(mesh, batch_size)
     outs = {"sequences": [], "attention_mask": [], "response_mask": []}
     keys = ("input_ids", "attention_mask")
+    bar = progress(total=len(prompts), desc="sampling", unit="prompt", leave=False)
     for i, (batch, n_real) in enumerate(_padded_batches({k: arrays[k] for k in keys}, batch_size)):
         device = _place(batch, mesh)
         result = fetch(fn(params, device["input_ids"], device["attention_mask"],
                           jax.random.fold_in(jax.random.key(seed), i)))
         for k in outs:
             outs[k].append(np.asarray(result[k])[:n_real])
+        bar.update(n_real)
+    bar.close()
     out = {k: np.concatenate(v) for k, v in outs.items()}
     out["prompt_len"] = max_prompt_len
     out["temperature"] = 1.0 if greedy else float(temperature)

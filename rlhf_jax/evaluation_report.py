@@ -40,7 +40,7 @@ from rlhf_jax.data import read_jsonl
 from rlhf_jax.distributed import is_main
 from rlhf_jax.errors import UserError
 from rlhf_jax.world.export import read_jsonl as read_plain_jsonl
-from rlhf_jax.metrics import format_table, plot_curves, plot_win_rates
+from rlhf_jax.metrics import format_table, plot_curves, plot_win_rates, progress
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ def evaluate_pipeline(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str
             ref_model, ref_params, tokenizer, prompt_rows, max_prompt_len=max_p,
             max_new_tokens=max_r, temperature=e.temperature, seed=cfg.seed, mesh=mesh)["texts"]
         results["head_to_head_reference_base"] = reference_base
-    for name in models:
+    for name in progress(models, desc="eval", unit="model"):
         model, params = (sft_model, sft_params) if name == "sft" else load(*MODEL_DIRS[name])[:2]
         prompted = name == "base_prompted"
         model_prompts = [f"{prefix} {p}" for p in prompts] if prompted else prompt_rows

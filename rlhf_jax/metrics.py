@@ -3,8 +3,9 @@
 Every stage (SFT, reward model, PPO) logs through the same small set of tools:
 
 * :class:`MetricsWriter` appends one JSON line per logging step to ``workdir/metrics.jsonl``
-  and mirrors scalars to TensorBoard under ``workdir/tb/``; a ``gs://`` workdir gets the same
-  files (``rlhf_jax.storage``).
+  and hands scalars, tables and the run's config to its tracker (``rlhf_jax.tracking``:
+  TensorBoard under ``workdir/tb/``, Weights & Biases, or none); a ``gs://`` workdir gets the
+  same files (``rlhf_jax.storage``).
 * :class:`ProgressBar` is a tqdm bar with a tokens/s readout.
 * :class:`StepTimer` accumulates wall-clock seconds per named phase of a step.
 * :func:`plot_curves`, :func:`plot_win_rates` and :func:`format_table` turn results into
@@ -37,20 +38,16 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from rlhf_jax import storage
+from rlhf_jax import storage, tracking
 
 log = logging.getLogger(__name__)
 
 METRICS_FILENAME = "metrics.jsonl"
-TENSORBOARD_SUBDIR = "tb"
 
 # How non-finite floats are spelled in JSONL (the same spellings JavaScript uses).
 _NON_FINITE_TO_STRING = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _STRING_TO_NON_FINITE = {text: float(key) for key, text in _NON_FINITE_TO_STRING.items()}
 _RESERVED_KEYS = ("step", "time")
-# Seconds between uploads of TensorBoard events to a URL workdir: each upload rewrites whole
-# event files, and TensorBoard polls on about this scale anyway.
-TENSORBOARD_UPLOAD_SECONDS = 30.0
 
 
 def _is_main_process() -> bool:
@@ -116,39 +113,49 @@ def _append_json_line(path: str, record: Mapping[str, Any]) -> None:
 
 
 class MetricsWriter:
-    """Writes scalar metrics to ``workdir/metrics.jsonl`` and to TensorBoard (``workdir/tb``).
+    """Writes scalar metrics to ``workdir/metrics.jsonl`` and to the run's tracker.
 
     Args:
         workdir: run directory; created if missing.
+        config: the run's config: its ``tracker`` field picks the tracker ("tensorboard",
+            the default, under ``workdir/tb``; "wandb"; "none", see ``rlhf_jax.tracking``), which
+            also records the flattened config; its ``name`` names a W&B run.
+        tracker: overrides ``config.tracker``.
         enabled: whether this process writes anything. Defaults to ``jax.process_index() == 0``
             so a multi-host pod produces a single log. A disabled writer accepts every call and
             does nothing (it does not even fetch values from the devices).
 
     The JSONL file is opened in append mode, so a run resumed after a kill keeps its earlier
     lines. A resuming loop calls :meth:`discard_after` with the step it resumed from, which drops
-    the lines of the steps it is about to replay, so every step appears once.
+    the lines of the steps it is about to replay, so every step appears once; the tracker shows
+    each step once too.
 
     A URL workdir (``gs://...``) is written through local mirrors (``storage.Mirror``) of only
     the files the writer owns, never the rest of the workdir (checkpoints): a JSONL file is
     downloaded before the writer first appends to it (a resumed run keeps its lines) and
     uploaded whole after every record, so a crash loses at most the last one, as locally;
-    TensorBoard's events are uploaded at most every ``TENSORBOARD_UPLOAD_SECONDS`` and on close.
+    the tracker's files are uploaded at most every ``tracking.UPLOAD_SECONDS`` and on close.
     """
 
-    def __init__(self, workdir: str, *, config: Any = None,
+    def __init__(self, workdir: str, *, config: Any = None, tracker: str | None = None,
                  enabled: bool | None = None) -> None:
         self.workdir = storage.absolute(workdir)
         self.enabled = _is_main_process() if enabled is None else enabled
         self.metrics_path = storage.join(self.workdir, METRICS_FILENAME)
-        self._tensorboard = None
-        self._files = self._events = None
+        get = config.get if config is not None else {}.get
+        self.tracker = tracker or get("tracker") or "tensorboard"
+        tracking.check(self.tracker)
+        self._tracker = self._files = None
         if self.enabled:
             self._files = storage.Mirror(self.workdir, download=False)
-            # Never downloaded: a resumed run's TensorBoard writes a new event file beside the old.
-            self._events = storage.Mirror(storage.join(self.workdir, TENSORBOARD_SUBDIR),
-                                          download=False)
             self._files.pull(METRICS_FILENAME)
-            self._tensorboard = _TensorBoardThread(self._events)
+            self._tracker = tracking.open_thread(
+                self.tracker, self.workdir, config,
+                get("name") or storage.basename(self.workdir), format_table)
+
+    def _track(self, method: str, *args: Any) -> None:
+        if self._tracker is not None:
+            self._tracker.put(method, *args)
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Log scalar ``metrics`` for ``step``.
@@ -168,14 +175,14 @@ class MetricsWriter:
         _append_json_line(self._files.path(METRICS_FILENAME),
                           {"step": int(step), "time": time.time(), **scalars})
         self._files.sync()
-        self._tensorboard.put("scalars", int(step), scalars)
+        self._track("scalars", int(step), scalars)
 
     def write_table(self, step: int, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Append ``rows`` (e.g. generated samples) to ``workdir/<name>.jsonl`` and to TB text.
+        """Append ``rows`` (e.g. generated samples) to ``workdir/<name>.jsonl`` and the tracker.
 
-        Each row becomes one JSON line ``{"step": step, **row}``; the whole table is also logged
-        as a markdown table under TensorBoard tag ``name``. ``name`` may contain ``/``, which
-        becomes a subdirectory of ``workdir``.
+        Each row becomes one JSON line ``{"step": step, **row}``; the tracker gets the whole
+        table (TensorBoard: a markdown table under tag ``name``; W&B: a ``wandb.Table``).
+        ``name`` may contain ``/``, which becomes a subdirectory of ``workdir``.
         """
         if not self.enabled:
             return
@@ -186,104 +193,52 @@ class MetricsWriter:
             _append_json_line(table_path, {"step": int(step), **row})
         self._files.sync()
         if host_rows:
-            self._tensorboard.put("text", int(step), (name, format_table(host_rows)))
+            self._track("table", int(step), name, host_rows)
+
+    def write_summary(self, step: int, values: Mapping[str, float],
+                      tables: Mapping[str, Sequence[Mapping[str, Any]]] = {}) -> None:
+        """Give the tracker a run's results (W&B: its summary; TensorBoard: scalars at
+        ``step``) and ``tables`` of rows; nothing goes to JSONL (the caller keeps the results)."""
+        if self.enabled:
+            self._track("summary", int(step), dict(values),
+                        {name: list(rows) for name, rows in tables.items()})
 
     def discard_after(self, step: int, tables: Sequence[str] = ()) -> None:
         """Drop the records of steps after ``step`` from ``metrics.jsonl`` and the ``tables``.
 
-        Called when a run resumes from checkpoint ``step`` (0: from scratch): the steps after it
-        are run again and would otherwise be logged twice. Each file is rewritten atomically;
-        lines cut short by a kill go too. (TensorBoard's event files keep the replayed points.)
+        Called when a run resumes from checkpoint ``step`` (0: from scratch), before the first
+        write: the steps after it are run again and would otherwise be logged twice. Each file
+        is rewritten atomically; lines cut short by a kill go too. The tracker learns the step
+        and the last step logged before (see ``rlhf_jax.tracking``).
         """
         if not self.enabled:
             return
+        logged = 0
         for name in [METRICS_FILENAME] + [f"{table}.jsonl" for table in tables]:
             path = self._files.pull(name)
             if os.path.exists(path):
-                _truncate_jsonl_after(path, int(step))
+                logged = max(logged, _truncate_jsonl_after(path, int(step)))
         self._files.sync()
+        if self._tracker is not None:
+            self._tracker.resume(int(step), logged)
 
     def close(self) -> None:
-        """Write out and close TensorBoard and upload what a URL workdir lacks; safe to call
+        """Write out and close the tracker and upload what a URL workdir lacks; safe to call
         more than once."""
-        tensorboard, files, events = self._tensorboard, self._files, self._events
-        self._tensorboard = self._files = self._events = None
+        tracker, files = self._tracker, self._files
+        self._tracker = self._files = None
         try:
-            if tensorboard is not None:
-                tensorboard.close()
+            if tracker is not None:
+                tracker.close()
         finally:
-            for mirror in (events, files):
-                if mirror is not None:
-                    mirror.close()
+            if files is not None:
+                files.close()
 
     def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-class _TensorBoardThread:
-    """TensorBoard events written by a worker thread.
-
-    Importing tensorboardX costs 1-3 s and each flush a file write: on the loop's thread both
-    sit on the critical path (the import before the first compile, the flush every step). The
-    JSONL file stays synchronous, since it is what a crash must not lose; ``close`` drains the
-    queue and re-raises anything the thread hit. The thread also uploads the events of a URL
-    workdir (``mirror``), at most every ``TENSORBOARD_UPLOAD_SECONDS``; the caller closes the
-    mirror (the last upload).
-    """
-
-    def __init__(self, mirror: storage.Mirror) -> None:
-        import queue
-        import threading
-
-        self._queue: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        self._mirror = mirror
-        self._thread = threading.Thread(target=self._run, name="tensorboard", daemon=True)
-        self._thread.start()
-
-    def put(self, kind: str, step: int, payload: Any) -> None:
-        self._queue.put((kind, step, payload))
-
-    def _run(self) -> None:
-        writer = None
-        uploaded = time.monotonic()
-        try:
-            from tensorboardX import SummaryWriter
-            writer = SummaryWriter(logdir=self._mirror.local)
-            while (item := self._queue.get()) is not None:
-                kind, step, payload = item
-                if kind == "scalars":
-                    for name, value in payload.items():
-                        writer.add_scalar(name, value, global_step=step)
-                else:
-                    writer.add_text(payload[0], payload[1], global_step=step)
-                if self._queue.empty():
-                    writer.flush()
-                    if time.monotonic() - uploaded >= TENSORBOARD_UPLOAD_SECONDS:
-                        uploaded = time.monotonic()
-                        self._upload()
-        except BaseException as e:     # surfaced by close()
-            self._error = e
-        finally:
-            if writer is not None:
-                writer.close()
-
-    def _upload(self) -> None:
-        try:
-            self._mirror.sync()
-        except Exception as e:    # noqa: BLE001  # the next upload (or close's) tries again
-            log.warning("uploading TensorBoard events to %s failed: %s", self._mirror.target, e)
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            # The directory in the text: the CLI's disk-full line names the path it finds there.
-            raise RuntimeError(f"writing TensorBoard events to {self._mirror.target} failed: "
-                               f"{self._error}") from self._error
 
 
 def _lines(path: str) -> Iterator[tuple[str | None, bool]]:
@@ -309,10 +264,11 @@ def _record(text: str | None) -> Any:
         return None
 
 
-def _truncate_jsonl_after(path: str, step: int) -> None:
+def _truncate_jsonl_after(path: str, step: int) -> int:
     """Keep the parsable lines of ``path`` whose step is at most ``step``; damaged lines (not
-    UTF-8, not JSON) go with a warning, a last line cut short by a kill silently."""
-    kept, changed, damaged = [], False, 0
+    UTF-8, not JSON) go with a warning, a last line cut short by a kill silently. Returns the
+    highest step the file had (0: none)."""
+    kept, changed, damaged, highest = [], False, 0, 0
     for text, complete in _lines(path):
         if not complete:
             changed = True      # even if it parses: the next append would run into it
@@ -322,15 +278,17 @@ def _truncate_jsonl_after(path: str, step: int) -> None:
                 changed = True
                 damaged += complete
             continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) \
-                and record["step"] > step:
-            changed = True
-            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            highest = max(highest, record["step"])
+            if record["step"] > step:
+                changed = True
+                continue
         kept.append(text + "\n")
     if damaged:
         log.warning("%s: dropped %d damaged line(s) (not UTF-8 or not JSON)", path, damaged)
     if changed:
         storage.write_text(path, "".join(kept))
+    return highest
 
 
 def read_jsonl_metrics(path: str) -> list[dict]:
@@ -368,6 +326,23 @@ def latest_per_step(records: Sequence[Mapping[str, Any]]) -> list[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+# Seconds between redraws of a bar whose stream is not a terminal (a log file, CI): there each
+# redraw is one more line to scroll past. A terminal keeps tqdm's own rate.
+NON_TTY_MININTERVAL = 5.0
+
+
+def progress(iterable: Any = None, *, enabled: bool | None = None, **kwargs: Any) -> tqdm:
+    """A tqdm bar on stderr, shown on process 0 only (``enabled`` overrides), redrawn at most
+    every ``NON_TTY_MININTERVAL`` seconds when stderr is not a terminal; ``kwargs`` go to tqdm."""
+    import sys
+    stream = kwargs.get("file") or sys.stderr
+    isatty = getattr(stream, "isatty", None)
+    if not (isatty and isatty()):
+        kwargs.setdefault("mininterval", NON_TTY_MININTERVAL)
+    enabled = _is_main_process() if enabled is None else enabled
+    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, **kwargs)
+
+
 class ProgressBar:
     """A tqdm progress bar for training loops, with a running tokens/s readout.
 
@@ -376,10 +351,14 @@ class ProgressBar:
         desc: label shown left of the bar.
         initial: step to start from, e.g. the restored step when resuming.
         enabled: show the bar; defaults to process 0 only.
+        unit, unit_scale: what the bar counts; each step is ``unit_scale`` units (PPO: an
+            iteration is a rollout batch of episodes, so the rate reads episodes/s).
 
     ``update(n, tokens=..., **postfix)`` advances the bar and shows the postfix values (loss,
-    kl, ...); they stay shown until replaced (``set_postfix`` sets them without advancing). Throughput is total tokens passed to ``update`` divided by the wall-clock time
-    since the bar was created, so it includes every phase of the step (and compilation).
+    kl, ...); they stay shown until replaced (``set_postfix`` sets them without advancing).
+    Throughput is total tokens passed to ``update`` divided by the wall-clock time since the bar
+    was created, so it includes every phase of the step (and compilation). Off a terminal the
+    bar redraws at most every ``NON_TTY_MININTERVAL`` seconds (see :func:`progress`).
     Passing jax arrays in ``postfix`` forces a device sync; pass values you already fetched.
     """
 
@@ -393,15 +372,8 @@ class ProgressBar:
         unit_scale: int = 1,
     ) -> None:
         self.enabled = _is_main_process() if enabled is None else enabled
-        self._bar = tqdm(
-            total=total_steps,
-            desc=desc,
-            initial=initial,
-            disable=not self.enabled,
-            dynamic_ncols=True,
-            unit=unit,
-            unit_scale=unit_scale if unit_scale != 1 else False,
-        )
+        self._bar = progress(total=total_steps, desc=desc, initial=initial, enabled=self.enabled,
+                             unit=unit, unit_scale=unit_scale if unit_scale != 1 else False)
         self._start_time = time.perf_counter()
         self.tokens_seen = 0
         # Counted here rather than read from tqdm: a disabled tqdm bar does not count.

@@ -38,11 +38,13 @@ log = logging.getLogger(__name__)
 # They change how often things are logged or saved, or how the same numbers are computed, not
 # the numbers: logging / evaluation / sampling / checkpoint cadence and retention, the stage's
 # display name, the device mesh (a checkpoint restores onto any mesh), rematerialisation and
-# log-prob chunking (memory knobs), and ``allow_config_change`` itself. Paths (data, init_from,
-# tokenizer, ...) do count: a changed path may hold other data, and there is no cheap way to
-# tell a moved file from a different one; ``allow_config_change`` covers a moved workdir.
+# log-prob chunking (memory knobs), the experiment tracker (a resumed W&B run logs only new
+# steps; TensorBoard purges the replayed ones), and ``allow_config_change`` itself. Paths
+# (data, init_from, tokenizer, ...) do count: a changed path may hold other data, and there is
+# no cheap way to tell a moved file from a different one; ``allow_config_change`` covers a
+# moved workdir.
 CONFIG_FIELDS_FREE_ON_RESUME = frozenset({
-    "allow_config_change", "name", "mesh.shape", "model_runtime.remat",
+    "allow_config_change", "tracker", "name", "mesh.shape", "model_runtime.remat",
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.logprob_chunk",
     "ppo.sample_every", "ppo.n_samples_logged", "ppo.checkpoint_every", "ppo.logprob_chunk",

@@ -7,6 +7,7 @@ the stages, the CLI, ``profile`` and ``step_analysis`` share it without importin
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,9 @@ def configure_logging(level: str = "INFO") -> None:
     logs below WARNING: the others would repeat its every line. Call it again once
     ``jax.distributed`` is initialized; before that the process index is unknown, and asking
     for it would start the backend too early."""
+    # transformers announces on import that it found no PyTorch (this package needs none): its
+    # "advisory" warnings are off unless the user set the variable.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # force: a library imported earlier (absl, orbax) may have installed a root handler already,
     # which would turn basicConfig into a no-op and hide every INFO line.
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), force=True,

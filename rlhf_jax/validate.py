@@ -101,7 +101,18 @@ UNIT_OPEN = (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)")
 UNIT_CLOSED = (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
 
 
+def _tracker(p: _Problems, cfg: Any) -> None:
+    tracker = _get(cfg, "tracker", _MISSING)
+    if tracker is not _MISSING:
+        from rlhf_jax import tracking
+        try:
+            tracking.check(tracker)
+        except ConfigError as error:
+            p.items.append(p.prefix + str(error))
+
+
 def _common(p: _Problems, cfg: Any) -> None:
+    _tracker(p, cfg)
     spec = _get(cfg, "profile_steps", "")
     if spec:
         from rlhf_jax.metrics import parse_steps

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import metrics, storage
+from rlhf_jax import metrics, storage, tracking
 from rlhf_jax.metrics import (
     MetricsWriter,
     ProgressBar,
@@ -215,7 +215,7 @@ def _gcs_files(root) -> list[str]:
 
 
 def test_writer_on_gcs_mirrors_only_its_files_and_resumes(gcs_path, monkeypatch):
-    monkeypatch.setattr(metrics, "TENSORBOARD_UPLOAD_SECONDS", 0.0)   # upload on every flush
+    monkeypatch.setattr(tracking, "UPLOAD_SECONDS", 0.0)   # upload on every flush
     checkpoint = storage.join(gcs_path, "checkpoints", "7", "state")
     storage.write_text(checkpoint, "not the writer's")
     with MetricsWriter(gcs_path, enabled=True) as writer:
