@@ -14,8 +14,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 def add_out_argument(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--out", default=None, metavar="PATH",
-                        help=f"write the JSON here (default: a new bench/results/{name}-<UTC time>.json; "
-                             f"the committed bench/results/{name}.json is never replaced unless named)")
+                        help=f"write the JSON here (default: a new "
+                             f"bench/results/{name}-<UTC time>.json; the committed "
+                             f"bench/results/{name}.json is replaced only when named)")
 
 
 def out_path(out: str | None, name: str, *, now: datetime | None = None,

@@ -79,16 +79,17 @@ def findings(summary: dict) -> str:
         agg = summary["aggregate"].get(f"findings.{key}")
         if agg is None:   # not measured at every seed
             continue
-        lines.append(_row([finding["claim"], *(f"{p['findings'][key]['value']:.3f}" for p in points),
-                           f"{agg['mean']:.3f} +- {agg['std']:.3f}", f"{agg['holds']}/{agg['of']}"]))
+        values = [f"{p['findings'][key]['value']:.3f}" for p in points]
+        lines.append(_row([finding["claim"], *values, f"{agg['mean']:.3f} +- {agg['std']:.3f}",
+                           f"{agg['holds']}/{agg['of']}"]))
     return "\n".join(lines)
 
 
-def _share(point: dict, model: str, *path: str) -> float:
-    node = point.get("behaviour", {}).get(model, {})
+def _share(tree: dict, *path: str) -> float:
+    """The ``share`` at ``path`` under ``tree`` (nan where a model or measure is absent)."""
     for key in path:
-        node = node.get(key) or {}
-    share = node.get("share")
+        tree = tree.get(key) or {}
+    share = tree.get("share")
     return float("nan") if share is None else share
 
 
@@ -108,22 +109,14 @@ def policies(summary: dict) -> str:
             runs = [p["win_rate_vs_sft"][model] for p in points]
             held, train = ([r[k] for r in runs] for k in ("heldout_labelers", "train_labelers"))
             gold = [p["gold_score"][model] for p in points]
-        shares = [f"{np.nanmean([_share(p, model, key) for p in points]):.2f}" for key in
-                  ("correct_share", "off_task_share", "top_response_share", "hallucination_rate",
-                   "constraint_ok_share", "refusal_correct_share")]
-        rude = " / ".join(f"{np.nanmean([_share(p, model, 'rude_share', k) for p in points]):.2f}"
-                          for k in ("without", "with_polite"))
+        def mean(*path: str) -> str:
+            return f"{np.nanmean([_share(p, 'behaviour', model, *path) for p in points]):.2f}"
+        shares = [mean(key) for key in ("correct_share", "off_task_share", "top_response_share",
+                                        "hallucination_rate", "constraint_ok_share",
+                                        "refusal_correct_share")]
+        rude = f"{mean('rude_share', 'without')} / {mean('rude_share', 'with_polite')}"
         lines.append(_row([model, _mean_sd(held), _mean_sd(train), _mean_sd(gold), *shares, rude]))
     return "\n".join(lines)
-
-
-def _highlight_share(point: dict, path: str, model: str) -> float:
-    measure, *rest = path.split(".")
-    node = point["highlights"].get(measure, {}).get(model) or {}
-    for key in rest:
-        node = node.get(key) or {}
-    share = node.get("share")
-    return float("nan") if share is None else share
 
 
 def highlights(summary: dict) -> str:
@@ -133,8 +126,9 @@ def highlights(summary: dict) -> str:
     lines = [_row([f"measure (seeds {seeds})", *HIGHLIGHT_MODELS]),
              "|---|" + "---|" * len(HIGHLIGHT_MODELS)]
     for label, path in HIGHLIGHTS:
+        measure, *rest = path.split(".")
         cells = [" / ".join("n/a" if np.isnan(v) else f"{v:.2f}"
-                            for v in (_highlight_share(p, path, m) for p in points))
+                            for v in (_share(p, "highlights", measure, m, *rest) for p in points))
                  for m in HIGHLIGHT_MODELS]
         lines.append(_row([label, *cells]))
     return "\n".join(lines)
