@@ -569,10 +569,14 @@ def _checkpoint_dir(command: str, workdir: str, path: str | None) -> str | None:
 
 def _main(args: argparse.Namespace, overrides: list[str]) -> int:
     from rlhf_jax import distributed, errors, runtime
-    if args.command in TRAIN_COMMANDS and args.show_config:
+    if args.command in TRAIN_COMMANDS:
         # Printing a config needs no device and no other host: it never joins the job.
-        print(_train_config(args, overrides))
-        return 0
+        if args.show_config:
+            print(_train_config(args, overrides))
+            return 0
+        if not args.workdir:
+            raise errors.UserError(f"{args.command}: --workdir DIR is required (the run's "
+                                   "output directory; only --show-config runs without one)")
     runtime.configure_logging(args.log_level)      # so that joining the job is logged
     # Before anything touches a device: every host joins the same runtime.
     distributed.initialize_from_args(args)
@@ -603,9 +607,6 @@ def _main(args: argparse.Namespace, overrides: list[str]) -> int:
                 "--config FILE")
         evaluate_workdir(cfg, args.from_workdir)
         return 0
-    if not args.workdir:
-        raise errors.UserError(f"{args.command}: --workdir DIR is required (the run's output "
-                               "directory; only --show-config runs without one)")
     cfg = _train_config(args, overrides)
     from rlhf_jax import validate
     if args.command == "sweep":
