@@ -1,4 +1,4 @@
-"""The README's pod table, from the compile reports in ``bench/compile_reports/``.
+"""The pod table of docs/pod.md, from the compile reports in ``bench/compile_reports/``.
 
     python bench/pod_table.py      # markdown on stdout
 

@@ -1,5 +1,6 @@
-"""The README's generated tables equal what bench/readme_tables.py prints from committed data, and
-bench scripts write a new results file unless --out names one (bench/out_path.py)."""
+"""The README's generated tables equal what bench/readme_tables.py prints from committed data, its
+test command is the one .ci/run runs, and bench scripts write a new results file unless --out
+names one (bench/out_path.py)."""
 import importlib.util
 import os
 from datetime import datetime, timedelta, timezone
@@ -91,3 +92,14 @@ def test_bench_out_default_is_a_new_timestamped_file(tmp_path):
     # --out given: exactly that path, even the committed file.
     named = str(tmp_path / "ppo_speed.json")
     assert out_path.out_path(named, "ppo_speed", now=now, results=str(tmp_path)) == named
+
+
+def test_readme_test_command_is_the_one_ci_runs():
+    repo = os.path.dirname(BENCH)
+    with open(os.path.join(repo, ".ci", "run"), encoding="utf-8") as f:
+        ci = [line.strip() for line in f if line.startswith("pip install")]
+    with open(os.path.join(repo, "README.md"), encoding="utf-8") as f:
+        readme = f.read().splitlines()
+    assert len(ci) == 1 and "pytest" in ci[0]
+    # On the README's first screen, verbatim.
+    assert ci[0] in readme[:50]
