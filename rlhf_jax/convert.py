@@ -12,7 +12,9 @@ writing the model directories themselves is :mod:`rlhf_jax.model_io`'s. ``merge_
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any
 
 import jax
@@ -26,10 +28,12 @@ from rlhf_jax.model_io import (HF_LAYOUT, LORA_LAYOUT, MODEL_CONFIG_FILE, OUR_LA
                                check_output_dir, is_our_checkpoint, load_model,
                                load_our_checkpoint, read_extra, read_json_object,
                                save_hf_checkpoint, save_our_checkpoint)
-from rlhf_jax.models.hf import from_pretrained
+from rlhf_jax.models.config import TransformerConfig
+from rlhf_jax.models.hf import (check_export_dtype, from_pretrained, parse_size,
+                                resolve_model_path)
 from rlhf_jax.models.lora import ALL_TARGETS, LoRA, apply_lora, init_lora
 from rlhf_jax.models.transformer import Transformer
-from rlhf_jax.sharding import as_auto_mesh
+from rlhf_jax.sharding import as_auto_mesh, make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -49,33 +53,94 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", mesh: Mesh
 
 
 def orbax_to_hf(our_dir: str, hf_dir: str, *, lora_dir: str | None = None,
-                overwrite: bool = False) -> str:
+                overwrite: bool = False, dtype: str = "float32",
+                max_shard_size: int | str = "2GB") -> str:
     """Export our layout to a transformers checkpoint directory.
 
     LM-head models become the causal LM; scalar-head (reward / value) models the
     ``*ForSequenceClassification`` whose logit is the score normalized with the ``reward_norm``
-    in ``extra.json`` (see ``rlhf_jax.models.hf``). Weights are written as float32 safetensors
-    beside config.json (and the tokenizer, if ``our_dir`` has one). ``hf_dir`` must be new or
-    empty unless ``overwrite`` (then it is replaced whole: safetensors of an earlier export
-    left beside the new file would be read as part of the model). Returns the absolute
-    ``hf_dir``.
+    in ``extra.json`` (see ``rlhf_jax.models.hf``). Weights are written in ``dtype`` (float32
+    or bfloat16) as safetensors, sharded with ``model.safetensors.index.json`` past
+    ``max_shard_size`` ("2GB"-style or bytes), beside config.json, ``generation_config.json``
+    (an LM's bos / eos / pad ids and max_length), a README.md model card and the tokenizer, if
+    ``our_dir`` has one. ``hf_dir`` must be new or empty unless ``overwrite`` (then it is
+    replaced whole: safetensors of an earlier export left beside the new files would be read
+    as part of the model). Returns the absolute ``hf_dir``.
 
     ``lora_dir``: export ``our_dir`` (then the LoRA run's base, ours or a transformers
     directory) with those adapters merged in, as ``merge_lora`` would store it.
+
+    Process 0 alone fetches and writes, shard by shard. On several processes the model is
+    restored sharded over all devices (fsdp), so no host holds more than its share plus the
+    leaf being written (see ``save_pretrained``); with ``lora_dir`` the base is loaded whole on
+    each process, as ``merge_lora`` does.
     """
+    check_export_dtype(dtype)
+    parse_size(max_shard_size)
     check_output_dir(hf_dir, HF_LAYOUT, overwrite=overwrite)
+    our_dir = resolve_model_path(our_dir)
     if lora_dir is not None:
         model, params, tokenizer, extra = merged_lora_model(our_dir, lora_dir)
     else:
-        model, params, tokenizer = load_our_checkpoint(our_dir)
-        extra = None
+        mesh = make_mesh((1, -1, 1)) if jax.process_count() > 1 else None
+        model, params, tokenizer = load_our_checkpoint(our_dir, mesh)
+        extra = read_extra(our_dir)
     reward_norm = None
     if model.config.head == "scalar":
-        reward_norm = (read_extra(our_dir) if extra is None else extra).get("reward_norm") or None
+        reward_norm = extra.get("reward_norm") or None
         log.info("%s: exporting a scalar-head model; reward normalization %s", our_dir,
                  reward_norm or "none")
+    card = model_card(our_dir, hf_dir, model.config, extra, dtype, lora_dir)
     return save_hf_checkpoint(hf_dir, model, params, tokenizer, reward_norm=reward_norm,
-                              overwrite=overwrite)
+                              overwrite=overwrite, dtype=dtype, max_shard_size=max_shard_size,
+                              readme=card)
+
+
+def model_card(our_dir: str, hf_dir: str, cfg: TransformerConfig, extra: dict, dtype: str,
+               lora_dir: str | None) -> str:
+    """A short README.md for an export: what trained it, from what, and how to load it."""
+    stage = extra.get("stage") or "unknown"
+    scalar = cfg.head == "scalar"
+    kind = "reward / value model (one score per sequence)" if scalar else "causal LM"
+    if lora_dir:
+        origin = f"rlhf_jax's LoRA adapters `{lora_dir}` merged into `{our_dir}`"
+        base = our_dir
+    else:
+        origin = f"rlhf_jax's `{stage}` stage (`{our_dir}`)"
+        base = _stage_base(our_dir)
+    auto = "AutoModelForSequenceClassification" if scalar else "AutoModelForCausalLM"
+    lines = ["---", "library_name: transformers", "tags:", "- rlhf_jax", f"- {stage}", "---", "",
+             f"# {os.path.basename(hf_dir.rstrip('/')) or hf_dir}", "",
+             f"A {cfg.arch} {kind} from {origin}, exported with `rlhf-jax convert jax-to-hf`.", "",
+             f"- started from: `{base}`" if base else "- started from: not recorded",
+             f"- size: {cfg.n_layers} layers, d_model {cfg.d_model}, vocabulary {cfg.vocab_size}, "
+             f"context {cfg.max_position} tokens; weights in {dtype}"]
+    if scalar:
+        norm = extra.get("reward_norm")
+        lines.append(f"- the logit is the normalized score (raw - mean) / std, reward_norm "
+                     f"{json.dumps(norm, sort_keys=True)}" if norm else "- the logit is the raw score")
+    lines += ["", "```python", f"from transformers import AutoTokenizer, {auto}", "",
+              f'tokenizer = AutoTokenizer.from_pretrained("{hf_dir}")',
+              f'model = {auto}.from_pretrained("{hf_dir}")',
+              'score = model(**tokenizer("text to score", return_tensors="pt")).logits[0, 0]'
+              if scalar else
+              'ids = model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=32)',
+              "```", ""]
+    return "\n".join(lines)
+
+
+def _stage_base(our_dir: str) -> str | None:
+    """The model a stage started from (``init_from`` / ``policy_from``), from the one config a
+    training command saves beside its ``model/`` (``<workdir>/config_<command>.json``)."""
+    workdir = os.path.dirname(storage.absolute(our_dir).rstrip("/"))
+    names = [n for n in storage.listdir(workdir) if n.startswith("config_") and n.endswith(".json")]
+    if len(names) != 1:
+        return None
+    try:
+        saved = read_json_object(storage.join(workdir, names[0]), "the command's config")
+    except UserError:      # the card is only worse without it; the export itself is fine
+        return None
+    return saved.get("init_from") or saved.get("policy_from") or None
 
 
 # --- LoRA merge --------------------------------------------------------------------------------
@@ -106,7 +171,7 @@ def merged_lora_model(base_dir: str, lora_dir: str) -> tuple[Transformer, Any, A
     The base is loaded in the adapters' layout (stacked ``layers`` under scan_layers or not),
     whatever layout it was saved in; merged kernels keep the base's dtype, as in training.
     """
-    base_dir, lora_dir = storage.absolute(base_dir), storage.absolute(lora_dir)
+    base_dir, lora_dir = storage.absolute(resolve_model_path(base_dir)), storage.absolute(lora_dir)
     if not is_our_checkpoint(base_dir) and not storage.exists(storage.join(base_dir, "config.json")):
         raise UserError(f"{base_dir}: not a model directory; the LoRA base must be an rlhf_jax "
                         f"model ({MODEL_CONFIG_FILE} + {PARAMS_DIR}/) or a transformers "

@@ -14,15 +14,18 @@ A transformers directory (config.json + safetensors) is read through ``rlhf_jax.
 :func:`load_model` takes either; :func:`save_our_checkpoint` writes ours and
 :func:`save_hf_checkpoint` transformers', each whole (:func:`write_directory`: no file of an
 earlier save survives beside the new ones); :func:`check_model_dir` checks either against its
-weights' shapes without reading them, so damage is reported before anything loads. Either
-may be a URL (``gs://``): orbax reads and writes params there itself, the small files go through
-:mod:`rlhf_jax.storage`, and tokenizers and transformers weights are read from local copies.
+weights' shapes without reading them, so damage is reported before anything loads. A model
+named by a Hub id (``gpt2``, ``org/name``) is read from the local Hugging Face cache
+(:func:`resolve_model_path`). Either may be a URL (``gs://``): orbax reads and writes params
+there itself, the small files go through :mod:`rlhf_jax.storage`, and tokenizers and
+transformers weights are read from local copies.
 """
 from __future__ import annotations
 
 import ctypes
 import dataclasses
 import errno
+import fnmatch
 import json
 import logging
 import os
@@ -42,7 +45,7 @@ from rlhf_jax.errors import UserError
 from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.models.hf import (TOKENIZER_FILES, CheckpointFormatError, check_pretrained,
                                 from_pretrained, has_tokenizer, load_tokenizer,
-                                save_pretrained)
+                                resolve_model_path, save_pretrained)
 from rlhf_jax.models.params import (abstract_params, cast_floating, init_params, place_params,
                                     stack_layers, unstack_layers)
 from rlhf_jax.models.transformer import Transformer
@@ -62,15 +65,16 @@ class Layout:
     """What kind of directory :func:`write_directory` writes.
 
     ``marker``: the file that makes the directory what it is, written last; ``first``: the
-    entry written first (a directory on an object store holding it without ``marker`` is what
-    an interrupted write leaves); ``what``: its name in messages."""
+    entry written first, or a pattern of the entries written first (a directory on an object
+    store holding one without ``marker`` is what an interrupted write leaves); ``what``: its
+    name in messages."""
     marker: str
     first: str
     what: str
 
 
 OUR_LAYOUT = Layout(MODEL_CONFIG_FILE, PARAMS_DIR, f"a model ({MODEL_CONFIG_FILE} + {PARAMS_DIR}/)")
-HF_LAYOUT = Layout("config.json", "model.safetensors",
+HF_LAYOUT = Layout("config.json", "*.safetensors",
                    "a transformers checkpoint (config.json + *.safetensors)")
 LORA_LAYOUT = Layout("lora.json", "adapters", "LoRA adapters (lora.json + adapters/)")
 
@@ -93,13 +97,15 @@ def save_our_checkpoint(our_dir: str, model: Transformer, params: Any, tokenizer
 
 
 def save_hf_checkpoint(hf_dir: str, model: Transformer, params: Any, tokenizer: Any = None, *,
-                       reward_norm: dict | None = None, overwrite: bool = False) -> str:
-    """:func:`rlhf_jax.models.hf.save_pretrained` into ``hf_dir``, written whole as
-    :func:`save_our_checkpoint` writes ours: no safetensors of an earlier export stay beside
-    the new ones (readers would mix them). Multi-host: call on every process."""
+                       reward_norm: dict | None = None, overwrite: bool = False,
+                       **export: Any) -> str:
+    """:func:`rlhf_jax.models.hf.save_pretrained` into ``hf_dir`` (``export``: its ``dtype``,
+    ``max_shard_size`` and ``readme``), written whole as :func:`save_our_checkpoint` writes
+    ours: no safetensors of an earlier export stay beside the new ones (readers would mix
+    them). Multi-host: call on every process."""
     return write_directory(
         hf_dir, lambda target: save_pretrained(target, model, params, tokenizer,
-                                               reward_norm=reward_norm),
+                                               reward_norm=reward_norm, **export),
         HF_LAYOUT, overwrite=overwrite)
 
 
@@ -166,7 +172,7 @@ def check_output_dir(target: str, layout: Layout, *, overwrite: bool) -> None:
     if overwrite or not storage.isdir(target):
         return
     names = storage.listdir(target)
-    if not names or (storage.is_url(target) and layout.first in names
+    if not names or (storage.is_url(target) and fnmatch.filter(names, layout.first)
                      and layout.marker not in names):
         return
     if layout.marker in names:
@@ -334,6 +340,7 @@ def check_model_dir(source: str) -> TransformerConfig:
     its weights (orbax metadata, safetensors headers: no weights read). Validation runs it
     before any model loads, so a damaged or mixed-up directory is one line, not a traceback
     after minutes of loading."""
+    source = resolve_model_path(source)
     if is_our_checkpoint(source):
         cfg = read_model_config(source)
         check_params(source, cfg)
@@ -363,7 +370,7 @@ def load_our_checkpoint(our_dir: str, mesh: Mesh | None = None, *,
     axes (``jax.make_mesh``'s default); it is used as its Auto twin.
     """
     mesh = as_auto_mesh(mesh)
-    our_dir = storage.absolute(our_dir)
+    our_dir = storage.absolute(resolve_model_path(our_dir))
     saved_cfg = read_model_config(our_dir)
     cfg = saved_cfg.replace(**config_overrides)
     structural = [name for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
@@ -393,7 +400,9 @@ def load_our_checkpoint(our_dir: str, mesh: Mesh | None = None, *,
 
 
 def load_model(source: str, mesh: Mesh | None, **overrides: Any):
-    """``(model, params, tokenizer, extra)`` from a stage output dir or a transformers dir."""
+    """``(model, params, tokenizer, extra)`` from a stage output dir or a transformers dir
+    (either may be a Hub id in the local cache)."""
+    source = resolve_model_path(source)
     if is_our_checkpoint(source):
         model, params, tokenizer = load_our_checkpoint(source, mesh, **overrides)
         return model, params, tokenizer, read_extra(source)

@@ -244,18 +244,25 @@ def _arch(source: str, section: Any, tokenizer_vocab: int | None = None):
 def _dir_problem(p: _Problems, field: str, path: str) -> bool:
     if not path:
         return False
-    if not storage.isdir(path):
-        p.add(field, path, "a model directory (ours, or a transformers checkpoint with config.json)")
+    from rlhf_jax.models.hf import ModelNotFoundError, resolve_model_path
+    try:
+        if storage.isdir(resolve_model_path(path)):
+            return False
+    except ModelNotFoundError as e:      # a Hub id the local cache does not hold
+        p.items.append(f"{p.prefix}{field}: {e}")
         return True
-    return False
+    p.add(field, path, "a model directory (ours, or a transformers checkpoint with config.json)")
+    return True
 
 
 def _tokenizer(path: str):
-    if not path or not storage.isdir(path):
+    from rlhf_jax.models.hf import ModelNotFoundError, has_tokenizer, load_tokenizer, \
+        resolve_model_path
+    try:
+        path = resolve_model_path(path) if path else ""
+    except ModelNotFoundError:           # _dir_problem reports it
         return None
-    from rlhf_jax.model_io import load_tokenizer
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    if not any(storage.exists(storage.join(path, n)) for n in names):
+    if not path or not storage.isdir(path) or not has_tokenizer(path):
         return None
     return load_tokenizer(path)
 

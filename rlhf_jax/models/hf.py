@@ -34,9 +34,11 @@ PPO and evaluation do here:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,6 +66,39 @@ SCORE_OFFSET_KEY = "rlhf_jax_score_offset"
 
 class CheckpointFormatError(UserError, ValueError):
     """A checkpoint directory that does not match what its config.json describes."""
+
+
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model named by a Hub id (``gpt2``, ``org/name``) that the local cache does not hold."""
+
+
+# What the Hub accepts as a model id: ``name`` or ``org/name``. Anything else is a path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def resolve_model_path(path: str) -> str:
+    """``path`` itself when it exists (or is a URL, or cannot be a Hub id); else a Hub model id
+    (``gpt2``, ``Qwen/Qwen2.5-0.5B``) resolved to its snapshot directory in the local Hugging
+    Face cache (``HF_HOME`` / ``HF_HUB_CACHE``). Nothing is downloaded: an id the cache does
+    not hold is a :class:`ModelNotFoundError` saying how to download it. Every loader of a
+    model or tokenizer directory runs its argument through here."""
+    text = os.fspath(path)
+    if (not text or storage.is_url(text) or os.path.exists(os.path.expanduser(text))
+            or not _HUB_ID.match(text)):
+        return text
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    try:
+        return snapshot_download(text, local_files_only=True)
+    except (LocalEntryNotFoundError, HFValidationError) as e:
+        # Its subclass (an incomplete snapshot) says what the cached copy lacks.
+        incomplete = "" if type(e) in (LocalEntryNotFoundError, HFValidationError) else (
+            f" ({' '.join(str(e).split())})")
+        raise ModelNotFoundError(
+            f"{text}: not a directory and not in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}){incomplete}; nothing is downloaded at run time: run "
+            f"`hf download {text}` (or `huggingface-cli download {text}`) on a machine with "
+            "network and the same HF_HOME, or give a model directory") from None
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -541,7 +576,7 @@ def check_pretrained(path: str) -> TransformerConfig:
     checking that its safetensors hold every tensor the config implies, with that shape, and
     no file of another save: headers only, no weights read (validation runs it before any
     model loads)."""
-    source = storage.absolute(path)
+    source = storage.absolute(resolve_model_path(path))
     hf = read_hf_config(source)
     cfg = config_from_hf(hf, storage.join(source, "config.json"))
     _read_plan(source, cfg, is_sequence_classifier(hf) and cfg.head == "scalar")
@@ -559,7 +594,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 def has_tokenizer(path: str) -> bool:
-    """Whether directory ``path`` (local or a URL) holds a saved tokenizer."""
+    """Whether directory ``path`` (local, a URL or a cached Hub id) holds a saved tokenizer."""
+    path = resolve_model_path(path)
     return any(storage.exists(storage.join(path, name)) for name in TOKENIZER_FILES)
 
 
@@ -573,6 +609,7 @@ def load_tokenizer(path: str):
     """
     # transformers.AutoTokenizer imports every model family's config (seconds): only when needed.
     from transformers import PreTrainedTokenizerFast
+    path = resolve_model_path(path)
     if not has_tokenizer(path):
         log.warning("%s: no tokenizer files; returning tokenizer=None", path)
         return None
@@ -591,8 +628,8 @@ def load_tokenizer(path: str):
 def from_pretrained(path: str, mesh: Mesh | None = None, dtype: Any = jnp.float32, *,
                     rules: LogicalRules = DEFAULT_RULES, with_tokenizer: bool = True,
                     **config_overrides: Any) -> tuple[Transformer, dict, Any]:
-    """``model, params, tokenizer`` from a transformers checkpoint directory (local, or a URL
-    read from a local copy of the whole directory).
+    """``model, params, tokenizer`` from a transformers checkpoint directory (local, a URL
+    read from a local copy of the whole directory, or a Hub id in the local cache).
 
     ``dtype`` is the parameter and compute dtype (override ``dtype=``/``param_dtype=`` names
     through ``config_overrides``, e.g. ``scan_layers=True, remat=True, dropout=0.1``).
@@ -600,7 +637,7 @@ def from_pretrained(path: str, mesh: Mesh | None = None, dtype: Any = jnp.float3
     ``mesh`` may have Explicit axes (``jax.make_mesh``'s default); it is used as its Auto twin.
     """
     mesh = as_auto_mesh(mesh)
-    source = storage.absolute(path)
+    source = storage.absolute(resolve_model_path(path))
     hf = read_hf_config(source)
     path = storage.local_copy(source)
     dtype_name = jnp.dtype(dtype).name
@@ -626,54 +663,128 @@ def from_pretrained(path: str, mesh: Mesh | None = None, dtype: Any = jnp.float3
     return model, params, tokenizer
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+EXPORT_DTYPES = ("float32", "bfloat16")
+GENERATION_CONFIG_FILE = "generation_config.json"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes in ``value``: an int, or a string such as ``"2GB"`` (10^9), ``"500MiB"`` (2^20)."""
+    match = _SIZE.match(str(value))
+    size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").upper()]) if match else 0
+    if size < 1:
+        raise UserError(f"max_shard_size={value!r}: expected a positive size such as 2GB, 500MB, "
+                        "1GiB or a number of bytes")
+    return size
+
+
+def check_export_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype safetensors are written in (``bfloat16`` is ml_dtypes')."""
+    if dtype not in EXPORT_DTYPES:
+        raise UserError(f"dtype={dtype!r}: expected one of {', '.join(EXPORT_DTYPES)} for the "
+                        "exported weights")
+    return np.dtype(jnp.dtype(dtype))
+
+
+def _fetch(x: jax.Array, main: bool) -> np.ndarray | None:
+    """One leaf's global value on process 0 (None elsewhere). A leaf no single process can read
+    (sharded across hosts) is all-gathered: a collective, so every process calls this for
+    every leaf in the same order; each host then holds one leaf at a time, never the model."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+        value = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return value if main else None
+    return np.asarray(jax.device_get(x)) if main else None
+
+
+def _export_groups(cfg: TransformerConfig, scalar: bool) -> dict[str, list[tuple]]:
+    """HF tensor name -> the entries (our leaves) it is made of, in export order: one leaf each,
+    but GPT-2's fused c_attn (q, k and v side by side)."""
+    prefix = "transformer." if cfg.arch == "gpt2" else ""
+    groups: dict[str, list[tuple]] = {}
+    for entry in _entries(cfg, score=scalar):
+        theirs = entry[1]
+        groups.setdefault(theirs if theirs.startswith("score.") else prefix + theirs, []).append(entry)
+    return groups
+
+
+def _export_tensor(params: dict, group: list[tuple], main: bool) -> np.ndarray | None:
+    """One HF tensor in float32 from its leaves (fetched on process 0; see :func:`_fetch`)."""
+    values = [_fetch(_get_path(params, ours), main) for ours, *_ in group]
+    if not main:
+        return None
+    values = [v.astype(np.float32) for v in values]
+    to_hf = group[0][3]
+    if to_hf is not None:
+        return to_hf(values[0])
+    # GPT-2's c_attn: [in, q | k | v] (biases [q | k | v]).
+    return np.concatenate([v.reshape(v.shape[0], -1) if v.ndim == 3 else v.reshape(-1)
+                           for v in values], axis=-1)
+
+
+def _shard_plan(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Tensors in order, a new shard whenever the next one would take this one past ``limit``
+    (a tensor larger than ``limit`` gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
 
 
 def save_pretrained(path: str, model: Transformer, params: dict, tokenizer: Any = None, *,
-                    reward_norm: dict | None = None) -> str:
-    """Write ``config.json`` + ``model.safetensors`` (+ tokenizer) that transformers loads.
+                    reward_norm: dict | None = None, dtype: str = "float32",
+                    max_shard_size: int | str = "2GB", readme: str | None = None) -> str:
+    """Write ``config.json`` + safetensors (+ tokenizer, ``generation_config.json`` for an LM,
+    ``readme`` as README.md) that transformers loads.
 
     head="lm" gives the causal LM; head="scalar" the ``*ForSequenceClassification`` whose logit
     is the normalized score ``(raw - mean) / std`` for ``reward_norm`` ``{"mean", "std"}``
     (identity when None; see the module doc for where the constant goes).
-    Every process must call it on a multi-host run (the gather is collective); process 0 writes.
-    Weights are written in float32 (numpy has no bfloat16).
+    Weights are written in ``dtype`` (float32 or bfloat16), as one ``model.safetensors`` or,
+    past ``max_shard_size`` (bytes, or ``"2GB"``-style), as ``model-0000i-of-0000n.safetensors``
+    with ``model.safetensors.index.json``. Every process must call it on a multi-host run;
+    process 0 alone fetches and writes, one shard at a time (a leaf split across hosts is
+    all-gathered leaf by leaf, see :func:`_fetch`).
     """
     from safetensors.numpy import save_file
+    out_dtype = check_export_dtype(dtype)
+    limit = parse_size(max_shard_size)
     cfg = model.config
     scalar = cfg.head == "scalar"
     if reward_norm and not scalar:
         raise ValueError("reward_norm applies to scalar-head (reward) models; got head='lm'")
     hf_config = config_to_hf(cfg)
+    main = jax.process_index() == 0
     params = unstack_layers(params)
-    tensors: dict[str, np.ndarray] = {}
-    prefix = "transformer." if cfg.arch == "gpt2" else ""
-    fused: dict[str, list] = {}
-    for ours, theirs, _, to_hf, _ in _entries(cfg, score=scalar):
-        value = _to_host(_get_path(params, ours)).astype(np.float32)
-        if to_hf is None:   # GPT-2's fused c_attn: collect q, k, v and concatenate below
-            fused.setdefault(theirs, []).append(value.reshape(value.shape[0], -1)
-                                                if value.ndim == 3 else value.reshape(-1))
-            continue
-        name = theirs if theirs.startswith("score.") else prefix + theirs
-        tensors[name] = np.ascontiguousarray(to_hf(value))
-    for theirs, parts in fused.items():
-        tensors[prefix + theirs] = np.ascontiguousarray(np.concatenate(parts, axis=-1))
+    groups = _export_groups(cfg, scalar)
+    folded: dict[str, np.ndarray | None] = {}
     if scalar:
-        bias = float(_to_host(params["score_head"]["bias"]).astype(np.float64).reshape(-1)[0])
-        offset = _fold_normalization(cfg, tensors, prefix, bias, reward_norm)
+        folded, offset = _fold_normalization(cfg, params, groups, reward_norm, out_dtype, main)
         if offset is not None:
             setattr(hf_config, SCORE_OFFSET_KEY, offset)
+    sizes = {name: int(np.prod(group[0][4])) * out_dtype.itemsize for name, group in groups.items()}
+    shards = _shard_plan(sizes, limit)
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     path = storage.absolute(path)
-    if jax.process_index() == 0:
-        with storage.writable_local(path) as local:
-            save_file(tensors, os.path.join(local, "model.safetensors"), metadata={"format": "pt"})
-            if tokenizer is not None:
-                tokenizer.save_pretrained(local)
+    with (storage.writable_local(path) if main else contextlib.nullcontext()) as local:
+        for file, names in zip(files, shards):
+            tensors = {name: folded[name] if name in folded else
+                       _export_tensor(params, groups[name], main) for name in names}
+            if main:
+                save_file({name: np.ascontiguousarray(value.astype(out_dtype))
+                           for name, value in tensors.items()},
+                          os.path.join(local, file), metadata={"format": "pt"})
+        if main:
+            _write_companions(local, cfg, tokenizer, readme, files, shards, sizes)
+    if main:
         # config.json is what makes a directory a checkpoint: last, so that a write in place (an
         # object store) that is cut short leaves none. What PretrainedConfig.save_pretrained
         # writes, without its Hub upload.
@@ -684,33 +795,62 @@ def save_pretrained(path: str, model: Transformer, params: dict, tokenizer: Any 
     return path
 
 
-def _fold_normalization(cfg: TransformerConfig, tensors: dict[str, np.ndarray], prefix: str,
-                        bias: float, reward_norm: dict | None) -> float | None:
-    """Rewrite the exported score so that it is ``((w.h + bias) - mean) / std``.
+def _write_companions(local: str, cfg: TransformerConfig, tokenizer: Any, readme: str | None,
+                      files: list[str], shards: list[list[str]], sizes: dict[str, int]) -> None:
+    """The index of a sharded export, the tokenizer, an LM's generation defaults, the card."""
+    if len(files) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": {name: file for file, names in zip(files, shards) for name in names}}
+        with open(os.path.join(local, INDEX_FILE), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(local)
+    if cfg.head == "lm":
+        from transformers import GenerationConfig
+        ids = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if getattr(cfg, k) is not None}
+        GenerationConfig(max_length=cfg.max_position, **ids).to_json_file(
+            os.path.join(local, GENERATION_CONFIG_FILE), use_diff=True)
+    if readme is not None:
+        with open(os.path.join(local, "README.md"), "w", encoding="utf-8") as f:
+            f.write(readme)
 
-    Returns the constant left for config.json (Llama / Qwen2), or None when it was folded into
-    the weights (GPT-2).
+
+def _fold_normalization(cfg: TransformerConfig, params: dict, groups: dict[str, list[tuple]],
+                        reward_norm: dict | None, out_dtype: np.dtype,
+                        main: bool) -> tuple[dict[str, np.ndarray | None], float | None]:
+    """The exported score tensors, rewritten so that the score is ``((w.h + bias) - mean) /
+    std``: ``{HF name: tensor}`` (None on processes other than 0) and the constant left for
+    config.json (Llama / Qwen2), or None when it was folded into the weights (GPT-2).
     """
     norm = reward_norm or {}
     mean, std = float(norm.get("mean", 0.0)), float(norm.get("std", 1.0))
     if not std > 0:
         raise ValueError(f"reward_norm std={std}: must be positive")
-    tensors["score.weight"] = (tensors["score.weight"].astype(np.float64) / std).astype(np.float32)
-    c = (bias - mean) / std
+    weight = _export_tensor(params, groups["score.weight"], main)
+    bias = _fetch(params["score_head"]["bias"], main)
+    # Every process returns the same names: the others then skip the same collectives.
+    folded = {"score.weight": weight}
+    ln_f = "transformer.ln_f.bias"
+    if cfg.arch == "gpt2":
+        folded[ln_f] = _export_tensor(params, groups[ln_f], main)
+    if not main:
+        return folded, None
+    # The weight actually written (in out_dtype) is the one the shift must be measured against.
+    weight = folded["score.weight"] = (weight.astype(np.float64) / std).astype(out_dtype)
+    c = (float(bias.astype(np.float64).reshape(-1)[0]) - mean) / std
     if not c:
-        return None
+        return folded, None
     if cfg.arch != "gpt2":
         log.warning("transformers' logits for this %s reward model are ours minus %.6g "
                     "(config.json %s; RMSNorm has no bias to fold it into); rankings and "
                     "pairwise preferences are unaffected", cfg.arch, c, SCORE_OFFSET_KEY)
-        return c
+        return folded, c
     # The score is the only reader of ln_f's output in GPT2ForSequenceClassification, so shifting
-    # ln_f.bias along w adds exactly c to the logit and changes nothing else. The float32 weight
-    # actually written is the one the shift must be measured against.
-    w = tensors["score.weight"][0].astype(np.float64)
+    # ln_f.bias along w adds exactly c to the logit and changes nothing else.
+    w = weight[0].astype(np.float64)
     norm2 = float(w @ w)
     if norm2 == 0.0:
         raise ValueError("score head weight is all zeros: its constant score cannot be exported")
-    key = prefix + "ln_f.bias"
-    tensors[key] = (tensors[key].astype(np.float64) + c * w / norm2).astype(np.float32)
-    return None
+    folded[ln_f] = (folded[ln_f].astype(np.float64) + c * w / norm2).astype(out_dtype)
+    return folded, None

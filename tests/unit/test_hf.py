@@ -557,9 +557,10 @@ def test_gcs_export_cut_short_leaves_no_config_and_is_rewritten(checkpoints, gcs
     with pytest.raises(Killed):
         model_io.save_hf_checkpoint(hf_dir, model, params)
     monkeypatch.undo()
-    assert storage.listdir(hf_dir) == ["model.safetensors"]
+    assert storage.listdir(hf_dir) == ["generation_config.json", "model.safetensors"]
     model_io.save_hf_checkpoint(hf_dir, model, params)     # the rerun, without overwrite
-    assert sorted(storage.listdir(hf_dir)) == ["config.json", "model.safetensors"]
+    assert sorted(storage.listdir(hf_dir)) == ["config.json", "generation_config.json",
+                                               "model.safetensors"]
 
 
 # --- meshes as users make them ---------------------------------------------------------------
