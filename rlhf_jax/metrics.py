@@ -143,7 +143,7 @@ class MetricsWriter:
         self.enabled = _is_main_process() if enabled is None else enabled
         self.metrics_path = storage.join(self.workdir, METRICS_FILENAME)
         get = config.get if config is not None else {}.get
-        self.tracker = tracker or get("tracker") or "tensorboard"
+        self.tracker = tracker if tracker is not None else get("tracker", "tensorboard")
         tracking.check(self.tracker)
         self._tracker = self._files = None
         if self.enabled:

@@ -224,6 +224,48 @@ def check(cfg: ml_collections.ConfigDict, stages: tuple[str, ...] | None = None)
                 from None
 
 
+# The results a tracker gets as numbers (every number under these keys, "/"-joined) and as a
+# table per model: the headline of results.md. The rest of results.json is too fine-grained to
+# chart (behaviour, highlights, probes: over a thousand numbers).
+TRACKED_RESULTS = ("gold_score", "proxy_score", "kl_to_sft", "kl_to_ppo_init", "capability_score",
+                   "win_rate_vs_sft", "rm_accuracy", "stage_seconds", "wall_seconds")
+
+
+def _numbers(tree: Any, prefix: str) -> dict[str, float]:
+    if isinstance(tree, (dict, list)):
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        return {k: v for key, value in items for k, v in _numbers(value, f"{prefix}/{key}").items()}
+    return {prefix: tree} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
+
+
+def results_for_tracker(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, list[dict]]]:
+    """The numbers of ``results`` under ``TRACKED_RESULTS``, and the tables "results" (a row per
+    model: scores, KL, held-out and training labelers' win rate vs SFT) and "samples"."""
+    values = {k: v for key in TRACKED_RESULTS if key in results
+              for k, v in _numbers(results[key], key).items()}
+    per_model = ("gold_score", "proxy_score", "kl_to_sft", "capability_score")
+    rows = [{"model": name, **{key: results.get(key, {}).get(name) for key in per_model},
+             **{f"win_{group}": results.get("win_rate_vs_sft", {}).get(name, {}).get(group)
+                for group in ("heldout_labelers", "train_labelers")}}
+            for name in results.get("gold_score", {})]
+    samples = [{"model": name, **row} for name, model_rows in results.get("samples", {}).items()
+               for row in model_rows]
+    return values, {"results": rows, "samples": samples}
+
+
+def track_results(cfg: ml_collections.ConfigDict, workdir: str, results: dict[str, Any]) -> None:
+    """Give the evaluation to the tracker the stages used (a run of its own, ``workdir/eval``):
+    W&B's summary / TensorBoard's scalars at step 1, and the results and samples tables. A new
+    evaluation replaces the last one (``discard_after(0)``: TensorBoard purges its points)."""
+    from rlhf_jax.metrics import MetricsWriter
+    sections = [cfg[stage] for stage in ALL_STAGES if stage in cfg and "tracker" in cfg[stage]]
+    tracker = cfg.get("tracker") or (sections[0].tracker if sections else None)
+    values, tables = results_for_tracker(results)
+    with MetricsWriter(storage.join(workdir, "eval"), config=cfg, tracker=tracker) as writer:
+        writer.discard_after(0)
+        writer.write_summary(1, values, tables)
+
+
 def evaluate_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """`rlhf-jax eval`: (re-)evaluate the models of a pipeline workdir and rewrite the report."""
     from rlhf_jax import evaluation_report
@@ -240,6 +282,7 @@ def evaluate_workdir(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, 
             if key in previous:
                 results[key] = previous[key]
     evaluation_report.write_report(results, workdir)
+    track_results(cfg, workdir, results)
     print(evaluation_report.results_table(results))
     return results
 
@@ -397,5 +440,6 @@ def _run(cfg: ml_collections.ConfigDict, workdir: str, preemption: Any,
     results["wall_seconds"] = float(sum(timings.values()))
     results["this_invocation_seconds"] = time.time() - start
     evaluation_report.write_report(results, workdir)
+    track_results(cfg, workdir, results)
     print(evaluation_report.results_table(results))
     return results

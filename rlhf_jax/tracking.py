@@ -172,8 +172,10 @@ class TensorBoard:
 
         self._render_table = render_table
         # Events of steps after the checkpoint (logged before a kill) are hidden from here on.
-        self.writer = SummaryWriter(logdir=directory, purge_step=None if resume_step is None
-                                    else resume_step + 1)
+        # tensorboardX names a file by the second it opened it in: the suffix keeps a writer of
+        # the same second from overwriting its predecessor's file, and their order by name.
+        self.writer = SummaryWriter(logdir=directory, filename_suffix=f".{time.time_ns()}",
+                                    purge_step=None if resume_step is None else resume_step + 1)
         if config:
             # In this run's own event file (add_hparams would start a run directory of its own).
             events = self.writer._get_file_writer()
@@ -251,6 +253,10 @@ class Wandb:
 
     def close(self) -> None:
         self.run.finish()
+        # finish() returns before W&B's service process has written the run's last records;
+        # the files must be whole now (a URL workdir uploads them next), and the next stage's
+        # run starts its own service.
+        self._wandb.teardown()
 
 
 def open_thread(tracker: str, workdir: str, config: Any, name: str,
