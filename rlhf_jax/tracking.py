@@ -212,19 +212,22 @@ def wandb_mode() -> str | None:
 
 
 class Wandb:
-    """A W&B run whose files are in ``directory/wandb``; steps up to ``logged_step`` (what an
-    earlier life of the same run logged) are skipped."""
+    """A W&B run whose files are in ``directory/wandb`` (the workdir ``target``'s, mirrored);
+    steps up to ``logged_step`` (what an earlier life of the same run logged) are skipped."""
 
-    def __init__(self, directory: str, config: Mapping[str, Any] | None, *, run_id: str,
-                 name: str, logged_step: int) -> None:
+    def __init__(self, directory: str, target: str, config: Mapping[str, Any] | None, *,
+                 run_id: str, name: str, logged_step: int) -> None:
         import wandb
         self._wandb = wandb
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT") or WANDB_DEFAULT_PROJECT, dir=directory,
             id=run_id, name=name or None, resume="allow", mode=wandb_mode(),
             config=dict(config or {}),
-            # Console capture would copy the progress bar and every log line into the run.
-            settings=wandb.Settings(console="off"))
+            # Console capture would copy the progress bar and every log line into the run;
+            # quiet: no history sparklines at the end of every stage (one line of ours instead).
+            settings=wandb.Settings(console="off", quiet=True))
+        self._offline = self.run.settings.mode == "offline"
+        self._run_dir = storage.join(target, os.path.relpath(self.run.settings.sync_dir, directory))
         # Online, the server also knows where the run got to (run.step: its next step).
         self.logged_step = max(logged_step, self.run.step - 1)
 
@@ -257,6 +260,9 @@ class Wandb:
         # the files must be whole now (a URL workdir uploads them next), and the next stage's
         # run starts its own service.
         self._wandb.teardown()
+        if self._offline:
+            log.info("W&B run %s (offline) in %s; `wandb sync` it to upload", self.run.id,
+                     self._run_dir)
 
 
 def open_thread(tracker: str, workdir: str, config: Any, name: str,
@@ -276,6 +282,6 @@ def open_thread(tracker: str, workdir: str, config: Any, name: str,
         # W&B writes <dir>/wandb/: a mirror of the workdir itself, holding only that.
         mirror = storage.Mirror(workdir, download=False)
         return TrackerThread(
-            lambda _, logged: Wandb(mirror.local, flat, run_id=run_id, name=name,
+            lambda _, logged: Wandb(mirror.local, workdir, flat, run_id=run_id, name=name,
                                     logged_step=logged if resumed else 0), mirror)
     return None

@@ -213,7 +213,8 @@ def test_eval_results_go_to_the_tracker_as_numbers_and_tables(tmp_path):
         pipeline.track_results(cfg, str(tmp_path), results)
     events = EventAccumulator(str(tmp_path / "eval" / "tb"))
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("gold_score/ppo")] == [(1, pytest.approx(0.3))]
+    assert [(e.step, e.value) for e in events.Scalars("gold_score/ppo")] \
+        == [(1, pytest.approx(0.3))]
     assert "results/text_summary" in events.Tags()["tensors"]
 
 
