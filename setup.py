@@ -35,7 +35,8 @@ setup(
     extras_require={
         # The emulator is pinned: tests/gcs_emulator.py patches its request handlers.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
-                 "gcp-storage-emulator==2026.7.19", "wandb>=0.19", "datasets>=3.0"],
+                 "gcp-storage-emulator==2026.7.19", "wandb>=0.19", "tensorboard>=2.16",
+                 "datasets>=3.0"],
         # --tracker wandb, and `tensorboard --logdir WORKDIR` to view the curves.
         "tracking": ["wandb>=0.19", "tensorboard>=2.16"],
         # data.train=hf:<dataset>: read from the local Hugging Face datasets cache.
