@@ -255,3 +255,18 @@ def test_sample_chat_without_a_template_is_a_user_error():
     with pytest.raises(errors.UserError, match="runs/x/model has no chat template") as e:
         cli._sample_prompts(args, _tokenizer(None))
     assert "\n" not in str(e.value)
+
+
+# --- convert ------------------------------------------------------------------------------------
+
+def test_convert_passes_dtype_and_shard_size_to_jax_to_hf(monkeypatch, capsys):
+    """The flags reach rlhf_jax.convert (what it writes with them: tests/unit/test_hf.py)."""
+    from rlhf_jax import convert
+    calls = []
+    monkeypatch.setattr(convert, "orbax_to_hf", lambda src, dst, **kw: calls.append(kw) or dst)
+    assert cli.main(["convert", "jax-to-hf", "runs/a/model", "out", "--dtype", "bfloat16",
+                     "--max_shard_size", "500MB", "--overwrite"]) == 0
+    assert cli.main(["convert", "jax-to-hf", "runs/a/model", "out"]) == 0
+    assert calls == [dict(lora_dir=None, overwrite=True, dtype="bfloat16", max_shard_size="500MB"),
+                     dict(lora_dir=None, overwrite=False, dtype="float32", max_shard_size="2GB")]
+    assert capsys.readouterr().out == "out\nout\n"
