@@ -285,7 +285,10 @@ def build_parser() -> _Parser:
         "sample", parents=parents, help="sample responses from a model directory",
         description="Sample from a model directory (a stage output such as runs/tiny/ppo/model, "
                     "or a transformers checkpoint directory) with the jitted KV-cache sampler.")
-    sample.add_argument("--checkpoint", required=True, help="model directory")
+    sample.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="model directory (a stage's <workdir>/model, a transformers "
+                             "checkpoint), or a Hub id (gpt2, org/name) in the local Hugging Face "
+                             "cache")
     sample.add_argument("--prompt", action="append", required=True,
                         help="prompt text (repeat the flag for several prompts)")
     sample.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (32)")
@@ -734,8 +737,9 @@ def _sample(args: argparse.Namespace) -> int:
     _check_sample_flags(args)
     from rlhf_jax.evaluation import generate_texts, prompt_token_counts
     from rlhf_jax.model_io import load_model, model_config_for_build
-    from rlhf_jax.models.hf import load_tokenizer
-    if not storage.isdir(args.checkpoint):
+    from rlhf_jax.models.hf import load_tokenizer, resolve_model_path
+    # A Hub id not in the local cache raises here, saying how to download it.
+    if not storage.isdir(resolve_model_path(args.checkpoint)):
         raise UserError(f"--checkpoint {args.checkpoint}: no such directory; expected a model "
                         "directory (a stage's <workdir>/model, or a transformers checkpoint)")
     model_cfg = model_config_for_build(None, args.checkpoint)

@@ -122,6 +122,8 @@ def _error_line(capsys) -> str:
     (["sft"], "sft: the following arguments are required: --config"),
     (["sample", "--checkpoint", "m", "--prompt", "p", "--max-new-tokens", "x"],
      "argument --max-new-tokens: invalid int value: 'x'"),
+    (["sample", "--checkpoint", "no-such-org/no-such-model", "--prompt", "p"],
+     "no-such-org/no-such-model: not a directory and not in the local Hugging Face cache"),
     (["--log-level", "loud", "sft", "--config", TINY_SFT], "argument --log-level: invalid choice"),
     (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
     ([], "the following arguments are required: COMMAND"),
