@@ -332,14 +332,17 @@ NON_TTY_MININTERVAL = 5.0
 
 
 def progress(iterable: Any = None, *, enabled: bool | None = None, **kwargs: Any) -> tqdm:
-    """A tqdm bar on stderr, shown on process 0 only (``enabled`` overrides), redrawn at most
-    every ``NON_TTY_MININTERVAL`` seconds when stderr is not a terminal; ``kwargs`` go to tqdm."""
+    """A tqdm bar on stderr, shown on process 0 only (``enabled`` overrides); ``kwargs`` go to
+    tqdm. When stderr is not a terminal it redraws at most every ``NON_TTY_MININTERVAL``
+    seconds, and a bar opened while another is shown stays hidden: tqdm reaches a second bar's
+    line by writing newlines and cursor-up codes, two lines of log for every inner bar."""
     import sys
+    enabled = _is_main_process() if enabled is None else enabled
     stream = kwargs.get("file") or sys.stderr
     isatty = getattr(stream, "isatty", None)
     if not (isatty and isatty()):
         kwargs.setdefault("mininterval", NON_TTY_MININTERVAL)
-    enabled = _is_main_process() if enabled is None else enabled
+        enabled = enabled and all(bar.disable for bar in list(getattr(tqdm, "_instances", ())))
     return tqdm(iterable, disable=not enabled, dynamic_ncols=True, **kwargs)
 
 

@@ -218,8 +218,21 @@ def test_eval_results_go_to_the_tracker_as_numbers_and_tables(tmp_path):
     assert "results/text_summary" in events.Tags()["tensors"]
 
 
-def test_progress_defaults_to_process_zero_and_keeps_a_terminals_rate(monkeypatch):
-    monkeypatch.setattr(sys, "stderr", _Terminal())
-    assert metrics.progress(range(3), enabled=True).mininterval == 0.1
-    monkeypatch.setattr(sys, "stderr", io.StringIO())
-    assert metrics.progress(range(3), enabled=True).mininterval == metrics.NON_TTY_MININTERVAL
+@pytest.mark.parametrize("stream", [io.StringIO, _Terminal])
+def test_eval_bars_nest_on_a_terminal_and_add_no_lines_off_one(stream, monkeypatch):
+    out = stream()
+    monkeypatch.setattr(sys, "stderr", out)
+    for _ in metrics.progress(["sft", "ppo"], desc="eval", unit="model", enabled=True):
+        inner = metrics.progress(total=8, desc="sampling", unit="prompt", leave=False,
+                                 enabled=True)
+        inner.update(8)
+        inner.close()
+    if stream is _Terminal:
+        assert "sampling" in out.getvalue() and out.getvalue().count("\n") > 1
+    else:
+        # The outer bar alone, on one line: the inner one would move between lines with
+        # newlines and cursor-up codes.
+        assert "sampling" not in out.getvalue() and out.getvalue().count("\n") == 1
+        assert "2/2" in out.getvalue()
+        with metrics.progress(total=1, enabled=True) as alone:
+            assert alone.mininterval == metrics.NON_TTY_MININTERVAL and not alone.disable
