@@ -331,19 +331,37 @@ def latest_per_step(records: Sequence[Mapping[str, Any]]) -> list[dict]:
 NON_TTY_MININTERVAL = 5.0
 
 
+class _LogLines:
+    """A bar's stream off a terminal: each redraw becomes a line of its own. tqdm starts a
+    redraw with a carriage return and ends none with a newline, which a terminal overwrites in
+    place, but a log keeps: a log line written meanwhile would continue the bar's line."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:        # not a bar's blank-out (leave=False) nor the newline of its close
+            self._stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
 def progress(iterable: Any = None, *, enabled: bool | None = None, **kwargs: Any) -> tqdm:
     """A tqdm bar on stderr, shown on process 0 only (``enabled`` overrides); ``kwargs`` go to
-    tqdm. When stderr is not a terminal it redraws at most every ``NON_TTY_MININTERVAL``
-    seconds, and a bar opened while another is shown stays hidden: tqdm reaches a second bar's
-    line by writing newlines and cursor-up codes, two lines of log for every inner bar."""
+    tqdm. When stderr is not a terminal each redraw is a line (``_LogLines``), at most one every
+    ``NON_TTY_MININTERVAL`` seconds, and a bar opened while another is shown stays hidden: tqdm
+    would reach the second bar's line with newlines and cursor-up codes."""
     import sys
     enabled = _is_main_process() if enabled is None else enabled
-    stream = kwargs.get("file") or sys.stderr
+    stream = kwargs.pop("file", None) or sys.stderr
     isatty = getattr(stream, "isatty", None)
     if not (isatty and isatty()):
+        stream = _LogLines(stream)
         kwargs.setdefault("mininterval", NON_TTY_MININTERVAL)
         enabled = enabled and all(bar.disable for bar in list(getattr(tqdm, "_instances", ())))
-    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, **kwargs)
+    return tqdm(iterable, file=stream, disable=not enabled, dynamic_ncols=True, **kwargs)
 
 
 class ProgressBar:
