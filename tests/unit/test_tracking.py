@@ -118,7 +118,7 @@ def test_wandb_offline_resume_continues_the_run_and_logs_each_step_once(tmp_path
     assert configs[0]["tracker"] == "wandb" and configs[0]["mesh.shape"] == [-1, 1, 1]
 
 
-def test_wandb_on_a_gcs_workdir_uploads_the_run(gcs_path, monkeypatch):
+def test_wandb_on_a_gcs_workdir_uploads_the_run_and_its_summary(gcs_path, monkeypatch):
     pytest.importorskip("wandb")
     from rlhf_jax import storage
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -127,13 +127,18 @@ def test_wandb_on_a_gcs_workdir_uploads_the_run(gcs_path, monkeypatch):
     with MetricsWriter(gcs_path, config=config_with("wandb"), enabled=True) as writer:
         writer.discard_after(0)
         writer.write(1, {"loss": 1.0})
+        writer.write_summary(2, {"gold_score/sft": 0.25}, {"results": [{"model": "sft"}]})
     run_id = storage.read_text(storage.join(gcs_path, "wandb_id")).strip()
     runs = [name for name in storage.listdir(storage.join(gcs_path, "wandb"))
             if name.startswith("offline-run-")]
     assert len(runs) == 1 and runs[0].endswith(run_id)
     uploaded = storage.read_bytes(storage.join(gcs_path, "wandb", runs[0], f"run-{run_id}.wandb"))
     records = wandb_file_records(uploaded)       # the whole run, closed
-    assert kinds(records).count("history") == 1 and kinds(records)[-1] == "exit"
+    assert kinds(records).count("history") == 2 and kinds(records)[-1] == "exit"
+    summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+               for r in records if r.WhichOneof("record_type") == "summary"
+               for item in r.summary.update}
+    assert summary["gold_score/sft"] == 0.25 and summary["results/_type"] == "table-file"
 
 
 @pytest.mark.parametrize("tracker", ["mlflow", ""])
