@@ -6,8 +6,10 @@ the stages, the CLI, ``profile`` and ``step_analysis`` share it without importin
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,15 +66,93 @@ def compile_ahead(program: Any, names: Sequence[str]) -> dict[str, Any]:
     restores weights and reads data, and XLA compiles the steps side by side (it releases the
     GIL), instead of one after the other inside the first iteration. A loop that calls these
     executables cannot recompile: a changed shape or sharding is an error, not a silent compile.
+    A step this process compiled before (the same stage run again, PPO's steps in PPO-ptx) is
+    reused (see ``compiled_step``).
     """
     import concurrent.futures
 
     options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    devices = tuple(d.id for d in program.mesh.devices.flat) if hasattr(program, "mesh") else ()
     pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="compile")
-    futures = {name: pool.submit(lambda step: step.lower().compile(compiler_options=options),
-                                 program.steps[name]) for name in names}
+    futures = {name: pool.submit(compiled_step, program.steps[name], options, devices)
+               for name in names}
     pool.shutdown(wait=False)
     return futures
+
+
+# Executables this process compiled, by what they compile (most recent last): a process that
+# runs a stage twice (a test's reference run, PPO then PPO-ptx in one pipeline) compiles once.
+_COMPILED: collections.OrderedDict[str, Any] = collections.OrderedDict()
+_COMPILED_LOCK = threading.Lock()
+_COMPILED_KEEP = 32
+
+
+def compiled_step(step: Any, options: dict | None, devices: Sequence[int] = ()) -> Any:
+    """``step.lower().compile(options)``, or the executable this process (or, on a multi-process
+    CPU run, this process index in an earlier run) already compiled from the same lowering.
+
+    JAX's persistent cache serves only process 0 of a multi-process CPU job: each process's
+    topology fingerprint enters the cache key and only process 0 writes entries. The others
+    would compile every step in every run, and process 0 would wait for them at the first
+    collective. There this process keeps its executables itself, serialized next to JAX's
+    cache (``<cache dir>/rlhf_jax_process_<i>/``). On accelerators the keys agree across
+    processes and JAX's cache is enough.
+    """
+    import hashlib
+    import json
+    lowered = step.lower()
+    text = lowered.as_text() if hasattr(lowered, "as_text") else None
+    if text is None:        # not a jax.stages.Lowered: nothing to key it by
+        return lowered.compile(compiler_options=options)
+    key = hashlib.sha256("\0".join([
+        jax.__version__, os.environ.get("XLA_FLAGS", ""), json.dumps(options, sort_keys=True),
+        repr(tuple(devices)), text]).encode()).hexdigest()
+    with _COMPILED_LOCK:
+        if key in _COMPILED:
+            _COMPILED.move_to_end(key)
+            return _COMPILED[key]
+    path = _process_store(key)
+    compiled = _load_executable(path, lowered) if path else None
+    if compiled is None:
+        compiled = lowered.compile(compiler_options=options)
+        if path:
+            _store_executable(path, compiled)
+    with _COMPILED_LOCK:
+        _COMPILED[key] = compiled
+        while len(_COMPILED) > _COMPILED_KEEP:
+            _COMPILED.popitem(last=False)
+    return compiled
+
+
+def _process_store(key: str) -> str | None:
+    """Where this process keeps executable ``key`` across runs, or None where JAX's persistent
+    cache serves it (one process, an accelerator, or no cache directory)."""
+    directory = jax.config.jax_compilation_cache_dir
+    if not directory or jax.process_count() == 1 or jax.default_backend() != "cpu":
+        return None
+    return storage.join(directory, f"rlhf_jax_process_{jax.process_index()}", key)
+
+
+def _load_executable(path: str, lowered: Any) -> Any:
+    from jax.experimental import serialize_executable
+    try:
+        if not storage.exists(path):
+            return None
+        return serialize_executable.deserialize_and_load(
+            storage.read_bytes(path), jax.tree_util.tree_structure(lowered.args_info),
+            lowered.out_tree)
+    except Exception as e:       # a damaged or foreign entry: compile instead
+        log.warning("could not load the compiled step %s (%s); compiling it", path, e)
+        return None
+
+
+def _store_executable(path: str, compiled: Any) -> None:
+    from jax.experimental import serialize_executable
+    try:
+        serialized, _, _ = serialize_executable.serialize(compiled)
+        storage.write_bytes(path, serialized)
+    except Exception as e:       # a cache that cannot be written only costs a compile later
+        log.warning("could not keep the compiled step in %s (%s)", path, e)
 
 
 class SideThread:

@@ -169,3 +169,26 @@ def test_compile_and_profile_report_the_same_memory_and_cost():
     assert {k: row[k] for k in mem} == mem
     assert row["as_compiled_flops_per_device"] == phase["flops_per_device"] == 8192
     assert phase["flops"] == 8 * 8192
+
+
+def test_a_step_compiled_before_in_this_process_is_reused():
+    """A stage run twice in one process (PPO then PPO-ptx, a test's reference run) compiles each
+    step once; another mesh's devices or other compiler options compile it again."""
+    lowerings = []
+
+    class Step:
+        def __init__(self, scale):
+            self.scale = scale
+
+        def lower(self):
+            lowerings.append(self.scale)
+            return jax.jit(lambda x: x * self.scale).lower(jax.ShapeDtypeStruct((3,), jnp.float32))
+
+    first = runtime.compiled_step(Step(2.0), None, (0,))
+    assert runtime.compiled_step(Step(2.0), None, (0,)) is first        # same lowering: reused
+    assert runtime.compiled_step(Step(3.0), None, (0,)) is not first    # other program
+    assert runtime.compiled_step(Step(2.0), None, (1,)) is not first    # other devices
+    assert runtime.compiled_step(Step(2.0), {"xla_backend_optimization_level": 0},
+                                 (0,)) is not first
+    np.testing.assert_array_equal(first(jnp.ones(3)), 2.0 * np.ones(3))
+    assert lowerings == [2.0, 2.0, 3.0, 2.0, 2.0]        # lowered every time: that is the key
