@@ -24,6 +24,7 @@ at most every ``UPLOAD_SECONDS`` and on close.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -90,15 +91,17 @@ def wandb_run_id(workdir: str) -> tuple[str, bool]:
 class TrackerThread:
     """Records for a tracker, written by a worker thread (see the module docstring).
 
-    ``open_tracker(resume_step, logged_step)`` makes the tracker on the worker's first record;
+    The worker imports ``package`` at once; ``open_tracker(resume_step, logged_step)`` makes
+    the tracker on the worker's first record;
     ``resume`` (called before any record) sets its arguments: the checkpoint step a run resumes
     from and the last step an earlier life logged. ``close`` drains the queue, closes the
     tracker, uploads ``mirror`` (a URL workdir's local files) and re-raises anything the thread
     hit.
     """
 
-    def __init__(self, open_tracker: Callable[[int | None, int], Any],
-                 mirror: storage.Mirror) -> None:
+    def __init__(self, open_tracker: Callable[[int | None, int], Any], mirror: storage.Mirror,
+                 package: str) -> None:
+        self._package = package
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._open = open_tracker
@@ -118,6 +121,8 @@ class TrackerThread:
         tracker = None
         uploaded = time.monotonic()
         try:
+            # At once, while the loop compiles (XLA releases the GIL), not at the first record.
+            importlib.import_module(self._package)
             while (item := self._queue.get()) is not None:
                 method, *args = item
                 if method == "resume":
@@ -276,12 +281,12 @@ def open_thread(tracker: str, workdir: str, config: Any, name: str,
         mirror = storage.Mirror(storage.join(workdir, TENSORBOARD_SUBDIR), download=False)
         return TrackerThread(
             lambda resume_step, _: TensorBoard(mirror.local, flat, resume_step, render_table),
-            mirror)
+            mirror, "tensorboardX")
     if tracker == "wandb":
         run_id, resumed = wandb_run_id(workdir)
         # W&B writes <dir>/wandb/: a mirror of the workdir itself, holding only that.
         mirror = storage.Mirror(workdir, download=False)
         return TrackerThread(
             lambda _, logged: Wandb(mirror.local, workdir, flat, run_id=run_id, name=name,
-                                    logged_step=logged if resumed else 0), mirror)
+                                    logged_step=logged if resumed else 0), mirror, "wandb")
     return None
