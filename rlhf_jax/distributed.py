@@ -211,6 +211,29 @@ def on_main(write: Any, name: str) -> None:
     barrier(name)
 
 
+# Long enough for process 0 to compile the largest step it shares (see ``publish``).
+RECEIVE_TIMEOUT_S = 3600
+
+
+def _key_value_store() -> Any:
+    # The coordination service's key-value store, which JAX itself uses to hand a compiled
+    # binary from one host to the others (jax_share_binary_between_hosts).
+    from jax._src import distributed as jax_distributed
+    return jax_distributed.global_state.client
+
+
+def publish(key: str, data: bytes) -> None:
+    """Process 0 hands ``data`` to every process that calls ``receive(key)``, whenever it does:
+    no collective, so processes may be at different points, on any thread."""
+    _key_value_store().key_value_set_bytes(f"rlhf_jax/{key}", data, allow_overwrite=True)
+
+
+def receive(key: str, timeout_s: float = RECEIVE_TIMEOUT_S) -> bytes:
+    """What process 0 ``publish``ed under ``key``, waiting for it up to ``timeout_s``."""
+    return _key_value_store().blocking_key_value_get_bytes(f"rlhf_jax/{key}",
+                                                           int(timeout_s * 1000))
+
+
 def fetch(tree: Any) -> Any:
     """The global values of a pytree of (possibly multi-host) arrays, as numpy, on every process.
 

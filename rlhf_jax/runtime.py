@@ -67,7 +67,7 @@ def compile_ahead(program: Any, names: Sequence[str]) -> dict[str, Any]:
     GIL), instead of one after the other inside the first iteration. A loop that calls these
     executables cannot recompile: a changed shape or sharding is an error, not a silent compile.
     A step this process compiled before (the same stage run again, PPO's steps in PPO-ptx) is
-    reused (see ``compiled_step``).
+    reused, and a multi-process CPU job compiles each step once (see ``compiled_step``).
     """
     import concurrent.futures
 
@@ -88,15 +88,15 @@ _COMPILED_KEEP = 32
 
 
 def compiled_step(step: Any, options: dict | None, devices: Sequence[int] = ()) -> Any:
-    """``step.lower().compile(options)``, or the executable this process (or, on a multi-process
-    CPU run, this process index in an earlier run) already compiled from the same lowering.
+    """``step.lower().compile(options)``, or the executable this process already compiled from
+    the same lowering, or (a multi-process CPU job) the one process 0 compiled.
 
     JAX's persistent cache serves only process 0 of a multi-process CPU job: each process's
     topology fingerprint enters the cache key and only process 0 writes entries. The others
-    would compile every step in every run, and process 0 would wait for them at the first
-    collective. There this process keeps its executables itself, serialized next to JAX's
-    cache (``<cache dir>/rlhf_jax_process_<i>/``). On accelerators the keys agree across
-    processes and JAX's cache is enough.
+    would compile every step in every run, on the same cores, while process 0 waits for them
+    at the first collective. There process 0 compiles (or loads) each step and hands the
+    executable to the others. On accelerators the keys agree across hosts and JAX's cache is
+    enough.
     """
     import hashlib
     import json
@@ -111,12 +111,11 @@ def compiled_step(step: Any, options: dict | None, devices: Sequence[int] = ()) 
         if key in _COMPILED:
             _COMPILED.move_to_end(key)
             return _COMPILED[key]
-    path = _process_store(key)
-    compiled = _load_executable(path, lowered) if path else None
+    compiled = None
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        compiled = _shared_by_process_0(lowered, options, f"executable/{key}")
     if compiled is None:
         compiled = lowered.compile(compiler_options=options)
-        if path:
-            _store_executable(path, compiled)
     with _COMPILED_LOCK:
         _COMPILED[key] = compiled
         while len(_COMPILED) > _COMPILED_KEEP:
@@ -124,35 +123,74 @@ def compiled_step(step: Any, options: dict | None, devices: Sequence[int] = ()) 
     return compiled
 
 
-def _process_store(key: str) -> str | None:
-    """Where this process keeps executable ``key`` across runs, or None where JAX's persistent
-    cache serves it (one process, an accelerator, or no cache directory)."""
-    directory = jax.config.jax_compilation_cache_dir
-    if not directory or jax.process_count() == 1 or jax.default_backend() != "cpu":
-        return None
-    return storage.join(directory, f"rlhf_jax_process_{jax.process_index()}", key)
+def _shared_by_process_0(lowered: Any, options: dict | None, key: str) -> Any:
+    """Process 0 compiles and publishes; the others load what it published. None where this
+    process must compile for itself.
 
-
-def _load_executable(path: str, lowered: Any) -> Any:
+    Only a freshly compiled executable serializes whole: one JAX loaded from its persistent
+    cache re-serializes without some of its kernels ("Function ... not found" when run). So
+    process 0 also keeps what it compiled in ``<cache dir>/rlhf_jax_shared/``, and a later run
+    hands those bytes on.
+    """
     from jax.experimental import serialize_executable
-    try:
-        if not storage.exists(path):
+
+    from rlhf_jax import distributed
+    if jax.process_index() != 0:
+        data = distributed.receive(key)
+        if not data:
             return None
         return serialize_executable.deserialize_and_load(
-            storage.read_bytes(path), jax.tree_util.tree_structure(lowered.args_info),
-            lowered.out_tree)
-    except Exception as e:       # a damaged or foreign entry: compile instead
-        log.warning("could not load the compiled step %s (%s); compiling it", path, e)
-        return None
+            data, jax.tree_util.tree_structure(lowered.args_info), lowered.out_tree)
+    kept = _shared_store(key)
+    try:
+        if kept and storage.exists(kept):
+            data = storage.read_bytes(kept)
+            compiled = serialize_executable.deserialize_and_load(
+                data, jax.tree_util.tree_structure(lowered.args_info), lowered.out_tree)
+        else:
+            hits = _cache_hits()
+            compiled = lowered.compile(compiler_options=options)
+            data = b"" if _cache_hits() > hits else _serialized(compiled)
+            if data and kept:
+                storage.write_bytes(kept, data)
+    except BaseException:
+        distributed.publish(key, b"")       # the others compile (and fail) for themselves
+        raise
+    distributed.publish(key, data)
+    return compiled
 
 
-def _store_executable(path: str, compiled: Any) -> None:
+def _serialized(compiled: Any) -> bytes:
     from jax.experimental import serialize_executable
     try:
-        serialized, _, _ = serialize_executable.serialize(compiled)
-        storage.write_bytes(path, serialized)
-    except Exception as e:       # a cache that cannot be written only costs a compile later
-        log.warning("could not keep the compiled step in %s (%s)", path, e)
+        return serialize_executable.serialize(compiled)[0]
+    except Exception as e:      # e.g. a host callback in the program: each process compiles
+        log.debug("a compiled step cannot be shared: %s", e)
+        return b""
+
+
+def _shared_store(key: str) -> str | None:
+    directory = jax.config.jax_compilation_cache_dir
+    return storage.join(directory, "rlhf_jax_shared", key.replace("/", "_")) if directory else None
+
+
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_thread_hits = threading.local()
+_hit_listener_lock = threading.Lock()
+_hit_listener_installed = False
+
+
+def _cache_hits() -> int:
+    """Persistent-cache loads so far on this thread (JAX reports a load on the compiling thread)."""
+    global _hit_listener_installed
+    with _hit_listener_lock:
+        if not _hit_listener_installed:
+            def count(event: str, **_: Any) -> None:
+                if event == _CACHE_HIT_EVENT:
+                    _thread_hits.count = getattr(_thread_hits, "count", 0) + 1
+            jax.monitoring.register_event_listener(count)
+            _hit_listener_installed = True
+    return getattr(_thread_hits, "count", 0)
 
 
 class SideThread:
