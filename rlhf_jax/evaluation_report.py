@@ -129,6 +129,15 @@ def write_responses(workdir: str, prompts: list[str], responses: dict[str, list[
     return path
 
 
+def _model_dir_exists(path: str) -> bool:
+    """A model directory, or a Hub id the local Hugging Face cache holds."""
+    from rlhf_jax.models.hf import ModelNotFoundError, resolve_model_path
+    try:
+        return storage.isdir(resolve_model_path(path))
+    except ModelNotFoundError:
+        return False
+
+
 def _unfinished(workdir: str, stage: str, sub: str | None = None) -> str | None:
     """Why ``stage`` has no usable output in ``workdir`` (None: its DONE marker and, with
     ``sub``, its model directory ``sub`` exist). The marker is written after the stage's last
@@ -173,7 +182,8 @@ def plan(cfg: Any, workdir: str, files: dict[str, str]) -> dict[str, Any]:
     for name in MODELS:
         stage, sub = MODEL_DIRS[name]
         if stage == registry.BASE_STAGE and cfg.get("base_model"):
-            why = None if storage.isdir(cfg.base_model) else f"base_model={cfg.base_model!r} missing"
+            why = None if _model_dir_exists(cfg.base_model) else \
+                f"base_model={cfg.base_model!r} missing"
         else:
             why = _unfinished(workdir, stage, sub)
         # An EMA the stage did not keep, or a method the run was not asked for, is no model.

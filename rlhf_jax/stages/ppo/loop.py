@@ -192,7 +192,7 @@ def load_data(cfg: Any, tokenizer: Any, prompt_len: int) -> tuple[dict, dict | N
     data = cfg.data
     rows = read_source(data.prompts, "prompts", **source_options(data))
     arrays, stats = tokenize_prompts(rows, tokenizer, data.max_prompt_len, data.overlong)
-    log.info("prompts %s", stats)
+    stats.log(log)
     if arrays["input_ids"].shape[1] != prompt_len:
         raise ValueError(f"prompts tokenized to {arrays['input_ids'].shape[1]} tokens; expected "
                          f"data.max_prompt_len={prompt_len}")
@@ -201,7 +201,7 @@ def load_data(cfg: Any, tokenizer: Any, prompt_len: int) -> tuple[dict, dict | N
         return prompts, None
     ptx_rows = read_source(data.pretrain, "pretrain", **source_options(data, mapped=False))
     ptx_arrays, stats = tokenize_pretrain(ptx_rows, tokenizer, data.ptx_seq_len, "chunk")
-    log.info("ptx %s", stats)
+    stats.log(log)
     return prompts, {k: ptx_arrays[k] for k in PTX_KEYS}
 
 
