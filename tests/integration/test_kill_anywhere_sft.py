@@ -7,12 +7,15 @@ import os
 import shutil
 import time
 
+import pytest
+
 from kill_anywhere import (Progress, Watcher, assert_same_outputs, data, kill_plan,  # noqa: F401
                            leftovers, reference_run, run_with_kills, sft_args)
 
 RUN = ("--config.train.steps=24", "--config.train.checkpoint_every=4")
 
 
+@pytest.mark.heavy     # the quick tier's kill and resume: tests/e2e/test_gcs.py
 def test_sft_killed_anywhere_ends_as_if_never_killed(data, capsys):
     reference, killed = (os.path.join(data["root"], name) for name in ("ka_sft_ref", "ka_sft"))
     ref = reference_run(sft_args(data, reference, *RUN), reference)

@@ -88,6 +88,7 @@ def test_zero_b_experience_equals_plain_policy(lora_nets):
     np.testing.assert_array_equal(got.kl, 0.0)
 
 
+@pytest.mark.heavy     # the quick tier's LoRA PPO: the train, checkpoint and no-recompile tests
 def test_update_moves_only_adapters_by_the_chain_rule(lora_nets):
     n = lora_nets
     cfg, lora = n["cfg"], n["lora"]
@@ -304,7 +305,8 @@ def assert_trees_close(got, ref, what, rtol=1e-5, atol=1e-5):
                                    err_msg=f"{what}{jax.tree_util.keystr(path)}")
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), pytest.param((8, 1, 1), marks=pytest.mark.slow)],
+@pytest.mark.parametrize("shape", [pytest.param((2, 2, 2), marks=pytest.mark.heavy),
+                                   pytest.param((8, 1, 1), marks=pytest.mark.slow)],
                          ids=lambda shape: "x".join(map(str, shape)))
 def test_lora_steps_sharded_equal_single_device(lora_mesh_runs, lora_mesh_inputs, shape):
     ref, got = lora_mesh_runs((1, 1, 1)), lora_mesh_runs(shape)

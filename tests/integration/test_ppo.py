@@ -417,7 +417,10 @@ def test_ptx_run_reports_ptx_loss(mesh_run):
 
 
 # (8,1,1) is slow-marked: pure data parallelism is already what the toy run uses (mesh (-1,1,1)).
-@pytest.mark.parametrize("shape", [pytest.param((8, 1, 1), marks=pytest.mark.slow), (2, 2, 2)])
+# The quick tier's sharded == unsharded checks: tests/unit/test_sharding.py (forward and gradient
+# on several meshes) and the sampler layout's (tests/integration/test_sampler.py).
+@pytest.mark.parametrize("shape", [pytest.param((8, 1, 1), marks=pytest.mark.slow),
+                                   pytest.param((2, 2, 2), marks=pytest.mark.heavy)])
 def test_sharded_iteration_equals_single_device(mesh_run, shape):
     ref, got = mesh_run((1, 1, 1)), mesh_run(shape)
     # Same seed -> same samples on any mesh (sharding-invariant PRNG).

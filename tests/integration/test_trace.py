@@ -14,6 +14,7 @@ from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import TraceWindow, parse_steps
 
 
+@pytest.mark.heavy     # the quick tier traces through test_trace_window_to_gcs_uploads_on_close
 def test_ppo_traces_the_asked_iterations_with_named_phases(toy_dirs, tmp_path):
     cfg = ppo_config(*toy_overrides(toy_dirs, "ppo.iterations=3", "ppo.rollout_batch_size=8",
                                     "ppo.minibatch_size=4"))

@@ -372,6 +372,7 @@ def compile_in_subprocess(mode: str) -> str:
     return result.stderr
 
 
+@pytest.mark.heavy     # compiles every step of three stages
 def test_compiles_have_no_involuntary_full_rematerialization():
     # The capture works: the old unconstrained lookup does trigger the warning.
     assert REMAT_WARNING in compile_in_subprocess("control")
