@@ -310,6 +310,7 @@ def one_step(program, mesh, weights, batch):
     return jax.device_get((ref_logps, metrics, new_state.params, evaluated))
 
 
+@pytest.mark.heavy     # the quick tier's sharded == unsharded: tests/unit/test_sharding.py
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
 def test_sharded_steps_equal_single_device(programs, weights, batches, shape):
     ref_logps, metrics, params, evaluated = one_step(*programs((1, 1, 1)), weights, batches[2])

@@ -331,7 +331,7 @@ def runs(toy):
     return get
 
 
-@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+@pytest.mark.parametrize("advantage", ["grpo", pytest.param("rloo", marks=pytest.mark.heavy)])
 def test_micro_train_end_to_end(runs, advantage):
     run = runs(advantage)
     metrics = run["metrics"]

@@ -205,6 +205,7 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.heavy     # a full disk is also the quick tier's hostile-input row; tests/e2e/test_disk_full.py mounts one
 def test_disk_full_writing_metrics_is_one_line_and_a_rerun_resumes(env, tmp_path, capsys,
                                                                      monkeypatch):
     """ENOSPC from a plain write (metrics.jsonl at step 5): one line naming the file and the

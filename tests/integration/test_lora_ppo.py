@@ -149,6 +149,7 @@ def lora_run(toy_dirs):  # noqa: F811
     return dict(cfg=cfg, workdir=str(workdir), final=final, compiles=compiles)
 
 
+@pytest.mark.heavy     # trains LoRA PPO; the quick tier's LoRA: tests/unit/test_lora.py, test_value_lora, test_lora_export
 def test_lora_train_writes_merged_model_and_adapters(lora_run, toy_dirs):  # noqa: F811
     workdir = lora_run["workdir"]
     assert np.isfinite(lora_run["final"]["ptx/loss"])
@@ -175,6 +176,7 @@ def test_lora_train_writes_merged_model_and_adapters(lora_run, toy_dirs):  # noq
     assert os.path.isdir(os.path.join(workdir, "model_ema"))
 
 
+@pytest.mark.heavy     # trains LoRA PPO; the quick tier's LoRA: tests/unit/test_lora.py, test_value_lora, test_lora_export
 def test_lora_checkpoints_hold_only_adapters(lora_run):
     """The checkpoint restores into build()'s abstract state, whose policy is the adapters."""
     cfg = lora_run["cfg"]
@@ -195,6 +197,7 @@ def test_lora_checkpoints_hold_only_adapters(lora_run):
     assert jax.tree.structure(restored.policy.params) == jax.tree.structure(adapters)
 
 
+@pytest.mark.heavy     # trains LoRA PPO; the quick tier's LoRA: tests/unit/test_lora.py, test_value_lora, test_lora_export
 def test_lora_no_recompilation_across_iterations(lora_run):
     compiles = lora_run["compiles"]
     assert len(compiles) == LORA_ITERATIONS and compiles[0] > 0

@@ -62,6 +62,7 @@ def _all_equal(tree, value):
     return all(np.all(np.asarray(x) == value) for x in jax.tree.leaves(tree))
 
 
+@pytest.mark.heavy     # the quick tier profiles GRPO with random weights and counts scanned layers
 def test_cli_rm_from_a_workdir_table_json_and_trace(tmp_path, capsys):
     """RM from <workdir>/sft/model (an LM: the RM keeps a fresh score head), through the CLI."""
     cfg = load_config(MICRO)
@@ -95,7 +96,7 @@ def test_cli_rm_from_a_workdir_table_json_and_trace(tmp_path, capsys):
     assert {"train", "eval", "rm"} <= names
 
 
-@pytest.mark.slow     # the quick tier profiles a workdir through the RM test above
+@pytest.mark.slow     # the full tier profiles a workdir through the RM test above
 def test_ppo_from_a_workdir_has_six_phases_and_counts_the_decode_loop(tmp_path, peak):
     cfg = load_config(MICRO)
     ppo_cfg = profile.stage_config(cfg, "ppo")
@@ -160,6 +161,7 @@ def test_lora_ppo_from_a_workdir_fills_the_frozen_bases_and_keeps_fresh_adapters
     assert _all_equal(state.value.params["score_head"], 0.75)
 
 
+@pytest.mark.heavy     # the quick tier profiles GRPO with random weights and counts scanned layers
 def test_dpo_random_weights_times_ref_logps_update_eval(peak):
     """The pipeline config's dpo section (policy and reference: the SFT architecture)."""
     report = profile.profile_stage(load_config(MICRO), "dpo", steps=1, warmup=1, peak=peak)

@@ -446,6 +446,7 @@ def _one_step(built, batch):
     return jax.device_get(metrics), jax.device_get(new_state.params)
 
 
+@pytest.mark.heavy     # the quick tier's sharded == unsharded: tests/unit/test_sharding.py
 @pytest.mark.parametrize("stage", ["sft", "rm"])
 def test_sharded_step_equals_unsharded(stage, train_steps, lm_params, rm_params):
     batch = {"sft": sft_batch, "rm": rm_batch}[stage](1)

@@ -106,6 +106,7 @@ def test_zero_b_values_equal_the_plain_value_network(value_nets):
     assert np.abs(ref.old_values).max() > 1e-3      # the comparison is not of zeros
 
 
+@pytest.mark.heavy     # the quick tier trains the value LoRA end to end (test_value_lora_train_learns_...)
 def test_value_update_moves_b_and_head_by_the_chain_rule(value_nets):
     n = value_nets
     cfg, scale, trainable = n["cfg"], n["scale"], n["trainable"]
