@@ -1,12 +1,20 @@
-"""PPO speed: the same tiny PPO workload on rlhf_jax, TRL 1.12 and Tunix 0.1.7, alternated.
+"""PPO speed: the same PPO workload on rlhf_jax, TRL 1.12 and Tunix 0.1.7, alternated.
 
 A benchmark, not a test. Run it from the repository root::
 
-    python bench/ppo_speed.py --out bench/results/ppo_speed.json --pairs 3 \
+    python bench/ppo_speed.py --out bench/results/ppo_speed.json --pairs 3 [--size tiny|gpt2_124m] \
         [--systems rlhf_jax,trl,tunix] [--iterations 32] [--threads N] [--log-dir DIR] [--keep-tmp]
 
 (bench/results/ppo_speed.json was written by that command with ``--pairs 3``, about 10 minutes on
-2 shared cores.)
+2 shared cores; bench/results/ppo_speed_gpt2_124m.json by ``--size gpt2_124m``, see its
+``command``.)
+
+``--size`` (default ``tiny``, the workload below) picks the network and sequence lengths;
+``gpt2_124m`` is GPT-2 small's shape: 12 layers, d_model 768, 12 heads, d_ff 3072, 1024 positions,
+vocabulary 50,257 (the byte-level tokens below padded with unused ``v<id>`` tokens, so embedding
+and LM head are full size), 64 prompts of exactly 64 tokens drawn from the whole vocabulary, 64 new
+tokens per rollout, 3 iterations by default (one takes minutes per system on 2 cores); everything
+else is as listed below.
 
 (``pip install -e .[bench]`` brings TRL, torch and Tunix; Tunix 0.1.7 is installed with
 ``--no-deps`` so it does not move jax/flax/transformers, see the report in the JSON.)
@@ -86,53 +94,78 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --- the workload ---------------------------------------------------------------------------------
 
-VOCAB_SIZE = 260
 SPECIALS = ["<pad>", "<eos>", "<unk>", "<sep>"]
 PAD_ID, EOS_ID = 0, 1
-N_LAYERS, D_MODEL, N_HEADS, D_FF, MAX_POSITION = 2, 64, 4, 256, 64
-N_PROMPTS, PROMPT_MIN, PROMPT_MAX = 64, 8, 16
-ROLLOUTS, NEW_TOKENS, TEMPERATURE = 16, 24, 0.7
+BYTE_VOCAB = len(SPECIALS) + 256
+N_PROMPTS = 64
+ROLLOUTS, TEMPERATURE = 16, 0.7
+# What --size changes: the network and the sequence lengths (and the default iteration count, so
+# that one A B C round stays within tens of minutes on 2 cores). Everything else is shared.
+SIZES = {
+    "tiny": dict(VOCAB_SIZE=BYTE_VOCAB, N_LAYERS=2, D_MODEL=64, N_HEADS=4, D_FF=256, MAX_POSITION=64,
+                 PROMPT_MIN=8, PROMPT_MAX=16, NEW_TOKENS=24, ITERATIONS=32),
+    # GPT-2 small's shapes. The 50,257-entry vocabulary is the byte-level one padded with unused
+    # tokens, so the embedding and the LM head (a fifth of the FLOPs per token) are full size.
+    "gpt2_124m": dict(VOCAB_SIZE=50257, N_LAYERS=12, D_MODEL=768, N_HEADS=12, D_FF=3072,
+                      MAX_POSITION=1024, PROMPT_MIN=64, PROMPT_MAX=64, NEW_TOKENS=64, ITERATIONS=3),
+}
 EPOCHS, MINIBATCHES, MINIBATCH = 4, 2, 8
 KL_COEF, LR, SEED = 0.05, 1e-4, 0
 ALL_SYSTEMS = ("rlhf_jax", "trl", "tunix")
 
-DIFFERENCES = [
-    "Weights: each system initializes its own random weights (its own init scheme, seed 0); "
-    "the architecture and sizes are the same (TRL: transformers GPT2LMHeadModel / "
-    "GPT2ForSequenceClassification; Tunix: a GPT-2 written for this benchmark in flax.nnx with "
-    "Tunix's model protocol, since Tunix 0.1.7 ships no GPT-2).",
-    "Prompt padding: rlhf_jax and Tunix left-pad every prompt to 16; TRL pads each batch to its "
-    "longest prompt (almost always 16 with 16 prompts of 8-16 tokens).",
-    "Optimizer steps: rlhf_jax and TRL take 4 epochs x 2 minibatches of 8 = 8 optimizer steps "
-    "per iteration. Tunix ties an optimizer step to a rollout 'mini batch': to roll out 16 at "
-    "once it runs mini_batch_size=16 with train_micro_batch_size=8 (gradient accumulation over "
-    "2 micro-batches of 8), i.e. the same 4 x 16 forward/backward sequences per iteration but "
-    "4 optimizer steps of 16 (the alternative, mini_batch_size=8, would roll out 8 at a time).",
-    "Minibatch shuffling: rlhf_jax and TRL draw a new random permutation of the 16 episodes per "
-    "epoch; Tunix keeps its 2 fixed micro-batches (their order is shuffled per epoch).",
-    "Optimizers: rlhf_jax has separate policy and value Adam (b2 0.95, grad-norm clip 1.0); "
-    "Tunix likewise (built here with the same optax chain); TRL has one AdamW (b2 0.999, no "
-    "clipping: its PPO loop never clips) over policy+value with loss = pg + 0.1 * vf.",
-    "Temperature in the losses: rlhf_jax and TRL compute log-probs (old, reference, new) at "
-    "the sampling temperature 0.7; Tunix 0.1.7's PPO computes them at temperature 1.",
-    "KL: k1 (log pi - log pi_ref) per token subtracted from the reward in rlhf_jax and TRL; "
-    "Tunix uses kl_method='kl' (the same k1) in the reward.",
-    "Stop token: all three stop an episode at <eos> (TRL: stop_token='eos'; responses are "
-    "truncated after it and the score is read there). TRL and Tunix still run all 24 decoding "
-    "steps unless every sequence has stopped.",
-    "Tunix 0.1.7's PPO builds its per-token reward tensor as zeros_like(completion_ids), an "
-    "int32 array, so the reward-model score added at the last token is truncated to an integer "
-    "before the (float) KL penalty is subtracted (JAX warns about the unsafe cast); this changes "
-    "what is learned, not the amount of computation.",
-    "Tunix vanilla rollout reuses one sampling seed (RolloutConfig.seed) on every call; the "
-    "policy changes between calls, so samples still differ.",
-    "rlhf_jax's training call also writes metrics.jsonl, TensorBoard events and the final "
-    "model (its train() always does); TRL and Tunix write nothing (report_to none, no saving).",
-]
+
+def use_size(name: str) -> None:
+    """Make ``name`` the workload of this process. The children, the Tunix model port and the
+    report read these module-level names; a process runs one size, so rebinding them once, before
+    any of that runs, keeps every function's signature as it was for importers."""
+    globals().update({k: v for k, v in SIZES[name].items() if k != "ITERATIONS"})
+
+
+use_size("tiny")
+
+
+def differences() -> list[str]:
+    return [
+        "Weights: each system initializes its own random weights (its own init scheme, seed 0); "
+        "the architecture and sizes are the same (TRL: transformers GPT2LMHeadModel / "
+        "GPT2ForSequenceClassification; Tunix: a GPT-2 written for this benchmark in flax.nnx with "
+        "Tunix's model protocol, since Tunix 0.1.7 ships no GPT-2).",
+        (f"Prompt padding: rlhf_jax and Tunix left-pad every prompt to {PROMPT_MAX}; TRL pads each batch "
+         f"to its longest prompt (almost always {PROMPT_MAX} with 16 prompts of {PROMPT_MIN}-{PROMPT_MAX} "
+         "tokens)." if PROMPT_MIN < PROMPT_MAX else
+         f"Prompt padding: none, every prompt is {PROMPT_MAX} tokens in all three systems."),
+        "Optimizer steps: rlhf_jax and TRL take 4 epochs x 2 minibatches of 8 = 8 optimizer steps "
+        "per iteration. Tunix ties an optimizer step to a rollout 'mini batch': to roll out 16 at "
+        "once it runs mini_batch_size=16 with train_micro_batch_size=8 (gradient accumulation over "
+        "2 micro-batches of 8), i.e. the same 4 x 16 forward/backward sequences per iteration but "
+        "4 optimizer steps of 16 (the alternative, mini_batch_size=8, would roll out 8 at a time).",
+        "Minibatch shuffling: rlhf_jax and TRL draw a new random permutation of the 16 episodes per "
+        "epoch; Tunix keeps its 2 fixed micro-batches (their order is shuffled per epoch).",
+        "Optimizers: rlhf_jax has separate policy and value Adam (b2 0.95, grad-norm clip 1.0); "
+        "Tunix likewise (built here with the same optax chain); TRL has one AdamW (b2 0.999, no "
+        "clipping: its PPO loop never clips) over policy+value with loss = pg + 0.1 * vf.",
+        "Temperature in the losses: rlhf_jax and TRL compute log-probs (old, reference, new) at "
+        "the sampling temperature 0.7; Tunix 0.1.7's PPO computes them at temperature 1.",
+        "KL: k1 (log pi - log pi_ref) per token subtracted from the reward in rlhf_jax and TRL; "
+        "Tunix uses kl_method='kl' (the same k1) in the reward.",
+        "Stop token: all three stop an episode at <eos> (TRL: stop_token='eos'; responses are "
+        "truncated after it and the score is read there). TRL and Tunix still run all "
+        f"{NEW_TOKENS} decoding steps unless every sequence has stopped.",
+        "Tunix 0.1.7's PPO builds its per-token reward tensor as zeros_like(completion_ids), an "
+        "int32 array, so the reward-model score added at the last token is truncated to an integer "
+        "before the (float) KL penalty is subtracted (JAX warns about the unsafe cast); this changes "
+        "what is learned, not the amount of computation.",
+        "Tunix vanilla rollout reuses one sampling seed (RolloutConfig.seed) on every call; the "
+        "policy changes between calls, so samples still differ.",
+        "rlhf_jax's training call also writes metrics.jsonl, TensorBoard events and the final "
+        "model (its train() always does); TRL and Tunix write nothing (report_to none, no saving).",
+    ]
 
 
 def byte_tokens() -> list[str]:
-    return SPECIALS + [f"b{i:02x}" for i in range(256)]
+    """The token names by id: the specials, 256 bytes, then (at sizes with a bigger vocabulary)
+    fillers ``v<id>`` that prompts and samples may use like any other token."""
+    return SPECIALS + [f"b{i:02x}" for i in range(256)] + [f"v{i}" for i in range(BYTE_VOCAB, VOCAB_SIZE)]
 
 
 def make_prompts(seed: int = SEED) -> list[list[int]]:
@@ -559,6 +592,14 @@ def versions() -> dict:
     return out
 
 
+def git_state() -> dict:
+    """The code measured: other work may sit uncommitted in the same checkout during a run."""
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout
+    return {"commit": git("rev-parse", "HEAD").strip(),
+            "uncommitted": [l[3:] for l in git("status", "--porcelain", "--untracked-files=no").splitlines()]}
+
+
 def child_env(threads: int) -> dict:
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(threads),
@@ -575,6 +616,7 @@ def run_child(kind: str, args, tmp: str, prompts_path: str, log_dir: str, tag: s
     log_path = os.path.join(log_dir, f"{tag}.log")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--result", result_path,
            "--prompts", prompts_path, "--iterations", str(args.iterations), "--threads", str(args.threads),
+           "--size", args.size,
            "--tmp", tmp]
     cpus = sorted(os.sched_getaffinity(0))[:args.threads]
     load_before = os.getloadavg()
@@ -583,17 +625,20 @@ def run_child(kind: str, args, tmp: str, prompts_path: str, log_dir: str, tag: s
     if kind == "rlhf_jax" and args.compilation_cache:
         env["RLHF_JAX_BENCH_CACHE"] = os.path.abspath(args.compilation_cache)
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              preexec_fn=lambda: os.sched_setaffinity(0, cpus), cwd=REPO,
-                              timeout=args.timeout)
+        try:
+            returncode = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        preexec_fn=lambda: os.sched_setaffinity(0, cpus), cwd=REPO,
+                                        timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:   # recorded as a failed run; the other runs go on
+            returncode = f"killed after --timeout {args.timeout} s"
     wall = time.time() - t0
-    out = {"returncode": proc.returncode, "wall_process_s": wall,
+    out = {"returncode": returncode, "wall_process_s": wall,
            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "log": log_path}
-    if proc.returncode == 0 and os.path.exists(result_path):
+    if returncode == 0 and os.path.exists(result_path):
         out.update(json.load(open(result_path)))
     else:
         out["error_tail"] = open(log_path, encoding="utf-8", errors="replace").read()[-3000:]
-    print(f"[{tag}] rc={proc.returncode} wall_process={wall:.1f}s steady_eps={out.get('steady_eps')} "
+    print(f"[{tag}] rc={returncode} wall_process={wall:.1f}s steady_eps={out.get('steady_eps')} "
           f"wall_train={out.get('wall_train_s')} trained={out.get('trained')} load={load_before}",
           flush=True)
     return out
@@ -608,12 +653,88 @@ def median_or_none(values):
     return statistics.median(values) if values else None
 
 
+def nth(items, i):
+    return items[i] if items is not None and i < len(items) else None
+
+
+def build_report(args, runs: dict, started: str, peak_before: dict, peak_after: dict | None,
+                 loadavg_start, loadavg_end) -> dict:
+    pairs = []
+    for i in range(args.pairs):
+        row = {}
+        ours = nth(runs.get("rlhf_jax"), i) or {}
+        for other in ("trl", "tunix"):
+            theirs = nth(runs.get(other), i)
+            if not ours or not theirs:
+                continue
+            row[f"steady_eps_ratio_rlhf_jax_over_{other}"] = ratio(ours.get("steady_eps"), theirs.get("steady_eps"))
+            row[f"median_eps_ratio_rlhf_jax_over_{other}"] = ratio(ours.get("median_eps"), theirs.get("median_eps"))
+            row[f"wall_train_ratio_rlhf_jax_over_{other}"] = ratio(ours.get("wall_train_s"), theirs.get("wall_train_s"))
+            row[f"wall_process_ratio_rlhf_jax_over_{other}"] = ratio(ours.get("wall_process_s"),
+                                                                     theirs.get("wall_process_s"))
+        pairs.append(row)
+    summary = {}
+    for system, rs in runs.items():
+        summary[system] = {k: median_or_none([r.get(k) for r in rs]) for k in
+                           ("steady_eps", "median_eps", "first_iteration_s", "wall_train_s", "wall_process_s")}
+        summary[system]["all_trained"] = all(r.get("trained") for r in rs)
+    for key in sorted({k for row in pairs for k in row}):
+        summary[key] = median_or_none([row.get(key) for row in pairs])
+    if "rlhf_jax" in runs:
+        phases = {}
+        for r in runs["rlhf_jax"]:
+            for k, v in (r.get("phase_median_s") or {}).items():
+                phases.setdefault(k, []).append(v)
+        summary["rlhf_jax"]["phase_median_s"] = {k: statistics.median(v) for k, v in phases.items()}
+
+    return {
+        "command": "python bench/ppo_speed.py " + " ".join(sys.argv[1:]),
+        # False in the copy written after every run: a run cut short still leaves its numbers
+        "complete": peak_after is not None,
+        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+                    "cpus_used": sorted(os.sched_getaffinity(0))[:args.threads], "threads": args.threads,
+                    "platform": platform.platform(),
+                    "matmul_fp32_2048_before": {k: v for k, v in peak_before.items() if "gflops" in k},
+                    "matmul_fp32_2048_after": {k: v for k, v in (peak_after or {}).items() if "gflops" in k},
+                    "loadavg_start": loadavg_start, "loadavg_end": loadavg_end},
+        "versions": versions(),
+        "git": git_state(),
+        "workload": {"size": args.size,
+                     "model": {"arch": "gpt2", "n_layers": N_LAYERS, "d_model": D_MODEL, "n_heads": N_HEADS,
+                               "d_ff": D_FF, "max_position": MAX_POSITION, "vocab_size": VOCAB_SIZE},
+                     "prompts": {"n": N_PROMPTS, "min_len": PROMPT_MIN, "max_len": PROMPT_MAX, "seed": SEED},
+                     "iterations": args.iterations, "rollouts_per_iteration": ROLLOUTS,
+                     "episodes": args.iterations * ROLLOUTS, "new_tokens": NEW_TOKENS,
+                     "temperature": TEMPERATURE, "ppo_epochs": EPOCHS, "minibatches": MINIBATCHES,
+                     "minibatch_size": MINIBATCH, "kl_coef": KL_COEF, "lr": LR,
+                     "thread_settings": "sched_setaffinity(first N CPUs), OMP/MKL/OPENBLAS_NUM_THREADS=N, "
+                                        "OMP_WAIT_POLICY=PASSIVE, torch.set_num_threads(N), JAX_PLATFORMS=cpu",
+                     "differences": differences()},
+        "definitions": {
+            "steady_eps": "(iterations-1)*16 / (end of last iteration - end of first iteration)",
+            "median_eps": "16 / median iteration time over iterations >= 2",
+            "first_iteration_s": "start of the training call -> end of iteration 1 (setup + compile + it. 1)",
+            "wall_train_s": "start of the training call -> end (see docstring for what each call covers)",
+            "wall_process_s": "parent: child start -> exit (imports, model init, training call, teardown)",
+            "ratios": "rlhf_jax value / other value: eps ratios > 1 and wall ratios < 1 favour rlhf_jax",
+        },
+        "summary": summary,
+        "pairs": pairs,
+        "runs": runs,
+    }
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_out_argument(ap, "ppo_speed")
     ap.add_argument("--pairs", type=int, default=2, help="A B C rounds")
     ap.add_argument("--systems", default=",".join(ALL_SYSTEMS))
-    ap.add_argument("--iterations", type=int, default=32)
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                    help="tiny: 2 layers, d_model 64, 16+24-token sequences; gpt2_124m: GPT-2 small "
+                         "(12 layers, d_model 768, vocabulary 50,257), 64+64-token sequences")
+    ap.add_argument("--iterations", type=int, default=None,
+                    help="PPO iterations per run (default: 32 tiny, 3 gpt2_124m)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per child run")
     ap.add_argument("--log-dir", default="", help="keep the child logs here (default: a temp dir, removed)")
@@ -628,6 +749,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts")
     ap.add_argument("--tmp")
     args = ap.parse_args(argv)
+    use_size(args.size)
+    if args.iterations is None:
+        args.iterations = SIZES[args.size]["ITERATIONS"]
 
     if args.child:
         result = CHILDREN[args.child](args)
@@ -651,78 +775,22 @@ def main(argv=None) -> None:
     loadavg_start = os.getloadavg()
     peak_before = run_child("peak", args, tmp, prompts_path, log_dir, "peak_before")
     runs = {s: [] for s in systems}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     for pair in range(args.pairs):
         for system in systems:
             runs[system].append(run_child(system, args, tmp, prompts_path, log_dir, f"{system}_{pair}"))
+            with open(out, "w", encoding="utf-8") as f:
+                json.dump(build_report(args, runs, started, peak_before, None, loadavg_start,
+                                       os.getloadavg()), f, indent=1)
     peak_after = run_child("peak", args, tmp, prompts_path, log_dir, "peak_after")
     loadavg_end = os.getloadavg()
 
-    pairs = []
-    for i in range(args.pairs):
-        row = {}
-        ours = runs.get("rlhf_jax", [None] * args.pairs)[i] or {}
-        for other in ("trl", "tunix"):
-            theirs = runs.get(other, [None] * args.pairs)[i] if other in runs else None
-            if not ours or not theirs:
-                continue
-            row[f"steady_eps_ratio_rlhf_jax_over_{other}"] = ratio(ours.get("steady_eps"), theirs.get("steady_eps"))
-            row[f"median_eps_ratio_rlhf_jax_over_{other}"] = ratio(ours.get("median_eps"), theirs.get("median_eps"))
-            row[f"wall_train_ratio_rlhf_jax_over_{other}"] = ratio(ours.get("wall_train_s"), theirs.get("wall_train_s"))
-            row[f"wall_process_ratio_rlhf_jax_over_{other}"] = ratio(ours.get("wall_process_s"),
-                                                                     theirs.get("wall_process_s"))
-        pairs.append(row)
-    summary = {}
-    for system, rs in runs.items():
-        summary[system] = {k: median_or_none([r.get(k) for r in rs]) for k in
-                           ("steady_eps", "median_eps", "first_iteration_s", "wall_train_s", "wall_process_s")}
-        summary[system]["all_trained"] = all(r.get("trained") for r in rs)
-    for key in sorted({k for row in pairs for k in row}):
-        summary[key] = median_or_none([row.get(key) for row in pairs])
-    if "rlhf_jax" in runs:
-        phases = {}
-        for r in runs["rlhf_jax"]:
-            for k, v in (r.get("phase_median_s") or {}).items():
-                phases.setdefault(k, []).append(v)
-        summary["rlhf_jax"]["phase_median_s"] = {k: statistics.median(v) for k, v in phases.items()}
-
-    report = {
-        "command": "python bench/ppo_speed.py " + " ".join(sys.argv[1:]),
-        "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-                    "cpus_used": sorted(os.sched_getaffinity(0))[:args.threads], "threads": args.threads,
-                    "platform": platform.platform(),
-                    "matmul_fp32_2048_before": {k: v for k, v in peak_before.items() if "gflops" in k},
-                    "matmul_fp32_2048_after": {k: v for k, v in peak_after.items() if "gflops" in k},
-                    "loadavg_start": loadavg_start, "loadavg_end": loadavg_end},
-        "versions": versions(),
-        "workload": {"model": {"arch": "gpt2", "n_layers": N_LAYERS, "d_model": D_MODEL, "n_heads": N_HEADS,
-                               "d_ff": D_FF, "max_position": MAX_POSITION, "vocab_size": VOCAB_SIZE},
-                     "prompts": {"n": N_PROMPTS, "min_len": PROMPT_MIN, "max_len": PROMPT_MAX, "seed": SEED},
-                     "iterations": args.iterations, "rollouts_per_iteration": ROLLOUTS,
-                     "episodes": args.iterations * ROLLOUTS, "new_tokens": NEW_TOKENS,
-                     "temperature": TEMPERATURE, "ppo_epochs": EPOCHS, "minibatches": MINIBATCHES,
-                     "minibatch_size": MINIBATCH, "kl_coef": KL_COEF, "lr": LR,
-                     "thread_settings": "sched_setaffinity(first N CPUs), OMP/MKL/OPENBLAS_NUM_THREADS=N, "
-                                        "OMP_WAIT_POLICY=PASSIVE, torch.set_num_threads(N), JAX_PLATFORMS=cpu",
-                     "differences": DIFFERENCES},
-        "definitions": {
-            "steady_eps": "(iterations-1)*16 / (end of last iteration - end of first iteration)",
-            "median_eps": "16 / median iteration time over iterations >= 2",
-            "first_iteration_s": "start of the training call -> end of iteration 1 (setup + compile + it. 1)",
-            "wall_train_s": "start of the training call -> end (see docstring for what each call covers)",
-            "wall_process_s": "parent: child start -> exit (imports, model init, training call, teardown)",
-            "ratios": "rlhf_jax value / other value: eps ratios > 1 and wall ratios < 1 favour rlhf_jax",
-        },
-        "summary": summary,
-        "pairs": pairs,
-        "runs": runs,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    report = build_report(args, runs, started, peak_before, peak_after, loadavg_start, loadavg_end)
     with open(out, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     if not args.keep_tmp:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(report["summary"], indent=1))
     print(f"wrote {out}")
 
 
