@@ -59,6 +59,14 @@ def enable_compilation_cache(directory: str) -> None:
 CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
+def cpu_compiler_options() -> dict[str, Any] | None:
+    """``CPU_COMPILER_OPTIONS``, unless ``XLA_FLAGS`` sets the optimization level: the user's
+    flag wins (per-compile options would override it)."""
+    if "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    return dict(CPU_COMPILER_OPTIONS)
+
+
 def compile_ahead(program: Any, names: Sequence[str]) -> dict[str, Any]:
     """Start lowering and compiling ``program``'s steps ``names`` on worker threads.
 
@@ -71,7 +79,7 @@ def compile_ahead(program: Any, names: Sequence[str]) -> dict[str, Any]:
     """
     import concurrent.futures
 
-    options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    options = cpu_compiler_options() if jax.default_backend() == "cpu" else None
     devices = tuple(d.id for d in program.mesh.devices.flat) if hasattr(program, "mesh") else ()
     pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="compile")
     futures = {name: pool.submit(compiled_step, program.steps[name], options, devices)

@@ -23,10 +23,10 @@ from typing import Any
 
 def compiler_options(platform: str) -> dict[str, Any] | None:
     """The XLA options training compiles its steps with on ``platform`` (the platform of the
-    devices the step runs on, not the host's): ``runtime.CPU_COMPILER_OPTIONS`` on CPU
+    devices the step runs on, not the host's): ``runtime.cpu_compiler_options()`` on CPU
     (as ``runtime.compile_ahead``), the compiler's defaults elsewhere."""
-    from rlhf_jax.runtime import CPU_COMPILER_OPTIONS
-    return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else None
+    from rlhf_jax.runtime import cpu_compiler_options
+    return cpu_compiler_options() if platform == "cpu" else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,7 +62,7 @@ def _all_equal(tree, value):
     return all(np.all(np.asarray(x) == value) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.heavy     # the quick tier profiles GRPO with random weights and counts scanned layers
+@pytest.mark.heavy     # the quick tier's profile: scanned layers counted every layer, bad input
 def test_cli_rm_from_a_workdir_table_json_and_trace(tmp_path, capsys):
     """RM from <workdir>/sft/model (an LM: the RM keeps a fresh score head), through the CLI."""
     cfg = load_config(MICRO)
@@ -161,7 +161,7 @@ def test_lora_ppo_from_a_workdir_fills_the_frozen_bases_and_keeps_fresh_adapters
     assert _all_equal(state.value.params["score_head"], 0.75)
 
 
-@pytest.mark.heavy     # the quick tier profiles GRPO with random weights and counts scanned layers
+@pytest.mark.heavy     # the quick tier's profile: scanned layers counted every layer, bad input
 def test_dpo_random_weights_times_ref_logps_update_eval(peak):
     """The pipeline config's dpo section (policy and reference: the SFT architecture)."""
     report = profile.profile_stage(load_config(MICRO), "dpo", steps=1, warmup=1, peak=peak)
@@ -176,6 +176,7 @@ def test_dpo_random_weights_times_ref_logps_update_eval(peak):
     json.dumps(report)
 
 
+@pytest.mark.heavy     # the quick tier's profile: scanned layers counted every layer, bad input
 def test_grpo_ppo_random_weights_has_no_value_update(peak):
     """--config.ppo.ppo.advantage=grpo: the pipeline's grpo stage (no ptx, its group_size)."""
     cfg = apply_overrides(load_config(MICRO), ["ppo.ppo.advantage=grpo"])
