@@ -455,6 +455,7 @@ def main(argv=None) -> None:
     os.makedirs(args.log_dir, exist_ok=True)
     with open(os.path.join(tmp, "prompts.json"), "w", encoding="utf-8") as f:
         json.dump(make_prompts(SIZES[args.size]["vocab_size"]), f)
+    print(f"models, prompts and logs in {tmp}", flush=True)
 
     state = {"command": "python bench/generate_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "loadavg_start": os.getloadavg(),
@@ -473,6 +474,13 @@ def main(argv=None) -> None:
     if setup["returncode"]:
         raise SystemExit(f"setup failed:\n{setup['error_tail']}")
     record("peak_before", run_child("peak", args, tmp, "peak_before"))
+    if args.early_stop_workdir:   # quick (a tiny model): first, so a run cut short keeps it
+        for policy in ("sft_ptx/model", "ppo/model"):
+            state["early_stop"][policy] = run_child(
+                "early_stop", args, tmp, f"early_stop_{policy.split('/')[0]}", policy=policy,
+                early_stop_workdir=os.path.abspath(args.early_stop_workdir),
+                early_stop_batches=args.early_stop_batches)
+            record("early_stop", state["early_stop"])
     for pair, batch, system in order:
         tag = f"{system}_b{batch}_{pair}"
         state["logits"][pair, batch, system] = os.path.join(tmp, f"{tag}_logits.npy")
@@ -480,13 +488,6 @@ def main(argv=None) -> None:
             run_child(system, args, tmp, tag, batch=batch, logits=state["logits"][pair, batch, system]))
         _compare_logits(state["runs"], state["logits"], order[:order.index((pair, batch, system)) + 1])
         record("runs", state["runs"])
-    if args.early_stop_workdir:
-        for policy in ("sft_ptx/model", "ppo/model"):
-            state["early_stop"][policy] = run_child(
-                "early_stop", args, tmp, f"early_stop_{policy.split('/')[0]}", policy=policy,
-                early_stop_workdir=os.path.abspath(args.early_stop_workdir),
-                early_stop_batches=args.early_stop_batches)
-            record("early_stop", state["early_stop"])
     record("peak_after", run_child("peak", args, tmp, "peak_after"))
     record("finished", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     print(json.dumps(build_report(args, systems, batches, state)["summary"], indent=1))
