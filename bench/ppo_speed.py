@@ -619,6 +619,7 @@ def run_child(kind: str, args, tmp: str, prompts_path: str, log_dir: str, tag: s
            "--size", args.size,
            "--tmp", tmp]
     cpus = sorted(os.sched_getaffinity(0))[:args.threads]
+    code = git_state()   # per run: other work may commit while a long comparison runs
     load_before = os.getloadavg()
     t0 = time.time()
     env = child_env(args.threads)
@@ -632,7 +633,7 @@ def run_child(kind: str, args, tmp: str, prompts_path: str, log_dir: str, tag: s
         except subprocess.TimeoutExpired:   # recorded as a failed run; the other runs go on
             returncode = f"killed after --timeout {args.timeout} s"
     wall = time.time() - t0
-    out = {"returncode": returncode, "wall_process_s": wall,
+    out = {"returncode": returncode, "wall_process_s": wall, "git": code,
            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "log": log_path}
     if returncode == 0 and os.path.exists(result_path):
         out.update(json.load(open(result_path)))
