@@ -6,8 +6,8 @@ A benchmark, not a test. Run it from the repository root::
         [--systems rlhf_jax,trl,tunix] [--iterations 32] [--threads N] [--log-dir DIR] [--keep-tmp]
 
 (bench/results/ppo_speed.json was written by that command with ``--pairs 3``, about 10 minutes on
-2 shared cores; bench/results/ppo_speed_gpt2_124m.json by ``--size gpt2_124m``, see its
-``command``.)
+2 shared cores; bench/results/ppo_speed_gpt2_124m*.json by ``--size gpt2_124m --pairs 1
+--iterations 2``, about 15 minutes a round on 2 quiet cores, see each file's ``command``.)
 
 ``--size`` (default ``tiny``, the workload below) picks the network and sequence lengths;
 ``gpt2_124m`` is GPT-2 small's shape: 12 layers, d_model 768, 12 heads, d_ff 3072, 1024 positions,
