@@ -140,21 +140,15 @@ def _shared_by_process_0(lowered: Any, options: dict | None, key: str) -> Any:
     process 0 also keeps what it compiled in ``<cache dir>/rlhf_jax_shared/``, and a later run
     hands those bytes on.
     """
-    from jax.experimental import serialize_executable
-
     from rlhf_jax import distributed
     if jax.process_index() != 0:
         data = distributed.receive(key)
-        if not data:
-            return None
-        return serialize_executable.deserialize_and_load(
-            data, jax.tree_util.tree_structure(lowered.args_info), lowered.out_tree)
+        return _loaded(data, lowered) if data else None
     kept = _shared_store(key)
     try:
         if kept and storage.exists(kept):
             data = storage.read_bytes(kept)
-            compiled = serialize_executable.deserialize_and_load(
-                data, jax.tree_util.tree_structure(lowered.args_info), lowered.out_tree)
+            compiled = _loaded(data, lowered)
         else:
             hits = _cache_hits()
             compiled = lowered.compile(compiler_options=options)
@@ -166,6 +160,13 @@ def _shared_by_process_0(lowered: Any, options: dict | None, key: str) -> Any:
         raise
     distributed.publish(key, data)
     return compiled
+
+
+def _loaded(data: bytes, lowered: Any) -> Any:
+    """The executable ``_serialized`` made, loaded for this process's devices."""
+    from jax.experimental import serialize_executable
+    return serialize_executable.deserialize_and_load(
+        data, jax.tree_util.tree_structure(lowered.args_info), lowered.out_tree)
 
 
 def _serialized(compiled: Any) -> bytes:
