@@ -23,7 +23,7 @@ with mask 0. A pad id the model itself sampled inside its response has mask 1, s
 the id, tells padding apart (``evaluation.decode_response`` keeps such a token in the text).
 
 With a mesh the batch is split over ('data', 'fsdp') and the KV cache follows
-``cache_sharding``; parameters keep their model shardings.
+``cache_shardings``; parameters keep their model shardings.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from rlhf_jax.models.params import cache_sharding, param_shardings
+from rlhf_jax.models.params import cache_shardings, param_shardings
 from rlhf_jax.models.transformer import Cache, Transformer, init_cache
 from rlhf_jax.sharding import as_auto_mesh, batch_sharding, replicated
 
@@ -196,7 +196,7 @@ def generate(model: Transformer, params: PyTree, prompt_ids: Array, prompt_mask:
       prompt_ids: [B, P] int, left-padded. prompt_mask: [B, P] (1 = real token); every row needs
         at least one real token, and the last column must be real (left padding).
       rng: a PRNG key (ignored when greedy). mesh: when given, the KV cache is constrained to
-        ``cache_sharding`` (batch over ('data', 'fsdp'), KV heads over 'tensor').
+        ``cache_shardings`` (batch over ('data', 'fsdp'), KV heads over 'tensor').
 
     Returns a dict of:
       sequences [B, P+N] int32: prompt then response (response right-padded with pad);
@@ -256,15 +256,14 @@ def generate(model: Transformer, params: PyTree, prompt_ids: Array, prompt_mask:
 
 def _cache_constraint(model: Transformer, mesh: Mesh | None,
                       cache: Cache) -> Callable[[Cache], Cache]:
-    """A function pinning cache arrays to ``cache_sharding`` (identity without a mesh).
+    """A function pinning cache arrays to ``cache_shardings`` (identity without a mesh).
 
     Pinning inside the loop keeps the carried cache from drifting to a layout GSPMD guessed.
     """
     if mesh is None:
         return lambda c: c
-    shardings = {name: cache_sharding(model, mesh, array.shape) for name, array in cache.items()}
-    return lambda c: {name: jax.lax.with_sharding_constraint(array, shardings[name])
-                      for name, array in c.items()}
+    shardings = cache_shardings(model, mesh, cache)
+    return lambda c: jax.lax.with_sharding_constraint(c, shardings)
 
 
 GENERATE_OUTPUT_NDIMS = {"sequences": 2, "response_ids": 2, "response_mask": 2, "logprobs": 2,

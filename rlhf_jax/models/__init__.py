@@ -4,12 +4,12 @@ from rlhf_jax.models.config import (TransformerConfig, gpt2_config, llama_config
 from rlhf_jax.models.hf import CheckpointFormatError, from_pretrained, save_pretrained
 from rlhf_jax.models.params import (abstract_params, init_params, param_shardings, place_params,
                                     stack_layers, unstack_layers)
-from rlhf_jax.models.transformer import (CACHE_AXES, Transformer, default_position_ids,
+from rlhf_jax.models.transformer import (Transformer, cache_shapes, default_position_ids,
                                          init_cache)
 
 __all__ = [
-    "CACHE_AXES", "CheckpointFormatError", "Transformer", "TransformerConfig", "abstract_params",
-    "default_position_ids", "from_pretrained", "gpt2_config", "init_cache", "init_params",
+    "CheckpointFormatError", "Transformer", "TransformerConfig", "abstract_params",
+    "cache_shapes", "default_position_ids", "from_pretrained", "gpt2_config", "init_cache", "init_params",
     "llama_config", "param_shardings", "place_params", "qwen2_config", "save_pretrained",
     "stack_layers", "tiny_config", "unstack_layers",
 ]

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from rlhf_jax.models.transformer import CACHE_AXES, Transformer
+from rlhf_jax.models.transformer import Cache, Transformer, cache_axes
 from rlhf_jax.sharding import as_auto_mesh, logical_to_spec, shardings_from_boxed
 
 PyTree = Any
@@ -73,9 +73,16 @@ def place_params(params: PyTree, model: Transformer, mesh: Mesh | None) -> PyTre
     return jax.device_put(params, param_shardings(model, mesh))
 
 
-def cache_sharding(model: Transformer, mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+def cache_shardings(model: Transformer, mesh: Mesh, cache: Cache) -> Cache:
+    """Shardings for a KV cache (arrays or ``ShapeDtypeStruct``s from ``cache_shapes``), same tree."""
     mesh = as_auto_mesh(mesh)
-    return NamedSharding(mesh, logical_to_spec(CACHE_AXES, mesh, model.rules, shape=shape))
+
+    def one(name: str, leaf) -> NamedSharding:
+        axes = cache_axes(name, leaf.ndim)
+        return NamedSharding(mesh, logical_to_spec(axes, mesh, model.rules, shape=leaf.shape))
+
+    return {name: jax.tree.map(lambda leaf, name=name: one(name, leaf), buffers)
+            for name, buffers in cache.items()}
 
 
 def stack_layers(params: PyTree, n_layers: int) -> PyTree:

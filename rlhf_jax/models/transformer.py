@@ -15,9 +15,14 @@ Parameter tree (``layers`` is stacked with a leading layer axis when ``scan_laye
     layer_i/mlp/gate|up/kernel [D, F], down/kernel [F, D]       (SwiGLU)
     final_norm/{scale, bias}          lm_head/kernel [D, V] (untied)   score_head/{kernel [D,1], bias [1]}
 
-KV cache: ``{"k": [L, B, S, KV, Dh], "v": ...}``. All sequences of a batch write slot
-``cache_index`` together; left padding is handled by the attention mask over slots and by
-per-sequence position ids, so prefill + one-token steps give the full forward's logits.
+KV cache (``init_cache``): per layer, keys and values ``[B, KV, S, Dh]``, head-major, so both
+attention products of a decode step are batched matmuls over (B, KV) with no transposed copy of
+the cache per layer and token (and bf16 x bf16 -> f32 dots stay supported on CPU). Unscanned
+layers keep one buffer per layer (``{"k": (k_0, .., k_{L-1}), "v": (...)}``), so the decode loop
+updates each in place instead of restacking all layers every token; scanned layers stack them
+under a leading layer axis. All sequences of a batch write slot ``cache_index``
+together; left padding is handled by the attention mask over slots and by per-sequence position
+ids, so prefill + one-token steps give the full forward's logits.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from rlhf_jax.models.config import TransformerConfig
 from rlhf_jax.sharding import DEFAULT_RULES, LogicalRules, as_auto_mesh, with_logical_constraint
 
 Array = jax.Array
-Cache = dict[str, Array]
+Cache = dict[str, Any]   # "k", "v": a stacked array or a tuple of per-layer arrays
 
 _NEG_INF = -1e30  # finite, so fully-masked rows (left padding) give uniform weights, not NaN
 
@@ -235,22 +240,25 @@ class Attention(_Sharded):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-        new_cache = None
-        if layer_cache is not None:
-            cache_k, cache_v = layer_cache
-            start = (0, cache_index, 0, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-            new_cache = (cache_k, cache_v)
-            k, v = cache_k.astype(cfg.compute_dtype), cache_v.astype(cfg.compute_dtype)
-
         b, t = q.shape[:2]
         q = q.reshape(b, t, kv, h // kv, dh)   # group query heads over their shared K/V head
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        new_cache = None
+        if layer_cache is None:
+            scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        else:
+            cache_k, cache_v = layer_cache     # [B, KV, S, Dh] each
+            cache_k = jax.lax.dynamic_update_slice(
+                cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype), (0, 0, cache_index, 0))
+            cache_v = jax.lax.dynamic_update_slice(
+                cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype), (0, 0, cache_index, 0))
+            new_cache = (cache_k, cache_v)
+            k, v = cache_k.astype(cfg.compute_dtype), cache_v.astype(cfg.compute_dtype)
+            scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
         scores = scores / jnp.sqrt(jnp.float32(dh))
         scores = jnp.where(allowed[:, :, None], scores, _NEG_INF)
         weights = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, h, dh)
+        values = "bskd" if layer_cache is None else "bksd"
+        out = jnp.einsum(f"bkgts,{values}->btkgd", weights, v).reshape(b, t, h, dh)
         out = Projection(2, (cfg.d_model,), ("heads", "head_dim", "embed"), cfg.out_bias, cfg,
                          name="o")(out)
         return out, new_cache
@@ -291,15 +299,38 @@ def default_position_ids(attention_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+_CACHE_AXES = {"k": ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim"),
+               "v": ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")}
+
+
+def cache_shapes(config: TransformerConfig, batch_size: int, max_length: int,
+                 dtype: Any = None) -> Cache:
+    """The cache's structure as ``jax.ShapeDtypeStruct`` leaves (see the module docs)."""
+    dtype = dtype or config.compute_dtype
+    kv, dh = config.kv_heads, config.dims_per_head
+    layer = {"k": (batch_size, kv, max_length, dh), "v": (batch_size, kv, max_length, dh)}
+    if config.scan_layers:
+        return {name: jax.ShapeDtypeStruct((config.n_layers, *shape), dtype)
+                for name, shape in layer.items()}
+    return {name: tuple(jax.ShapeDtypeStruct(shape, dtype) for _ in range(config.n_layers))
+            for name, shape in layer.items()}
+
+
 def init_cache(config: TransformerConfig, batch_size: int, max_length: int,
                dtype: Any = None) -> Cache:
     """An empty KV cache with ``max_length`` slots (prompt + generated tokens)."""
-    shape = (config.n_layers, batch_size, max_length, config.kv_heads, config.dims_per_head)
-    dtype = dtype or config.compute_dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                        cache_shapes(config, batch_size, max_length, dtype))
 
 
-CACHE_AXES = ("cache_layers", "cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+def cache_axes(name: str, ndim: int) -> tuple[str, ...]:
+    """Logical axes of one cache buffer: ``name`` "k" or "v"; ``ndim`` 5 when layers are stacked."""
+    return ("cache_layers",) * (ndim - 4) + _CACHE_AXES[name]
+
+
+def cache_slots(cache: Cache) -> int:
+    """How many token slots a cache holds."""
+    return jax.tree.leaves(cache["v"])[0].shape[-2]
 
 
 class Transformer(_Sharded):
@@ -320,7 +351,7 @@ class Transformer(_Sharded):
         cfg = self.config
         b, t = input_ids.shape
         if attention_mask is None:
-            attention_mask = jnp.ones((b, t) if cache is None else (b, cache["k"].shape[2]), jnp.int32)
+            attention_mask = jnp.ones((b, t) if cache is None else (b, cache_slots(cache)), jnp.int32)
         if cache is not None and cache_index is None:
             raise ValueError("a KV-cache call needs cache_index (the slot of the first new token)")
         if position_ids is None:
@@ -385,7 +416,7 @@ class Transformer(_Sharded):
             if updated is not None:
                 new_k.append(updated[0])
                 new_v.append(updated[1])
-        new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+        new_cache = None if cache is None else {"k": tuple(new_k), "v": tuple(new_v)}
         return x, new_cache
 
     def lm_logits(self, x: Array, embed: "Embed") -> Array:

@@ -18,8 +18,8 @@ from rlhf_jax import compile as aot
 from rlhf_jax.config import (dpo_config, load_config, ppo_config, rm_config, sft_config,
                              stage_configs)
 from rlhf_jax.errors import UserError
-from rlhf_jax.models.params import abstract_params, cache_sharding
-from rlhf_jax.models.transformer import Transformer, init_cache
+from rlhf_jax.models.params import abstract_params, cache_shardings
+from rlhf_jax.models.transformer import Transformer, cache_shapes, init_cache
 from rlhf_jax.program import Program, Step, abstract_batch, abstract_key
 from rlhf_jax.sharding import batch_sharding, replicated
 from rlhf_jax.stages.supervised import optimizer_from
@@ -189,8 +189,8 @@ def toy_build(cfg, mesh, *, model_overrides=None) -> Program:
         return jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), -1)), {}
 
     train = make_train_step(loss_fn, optimizer, mesh, shardings_of(state), batch)
-    cache_shape = (model.config.n_layers, b, p + n, model.config.kv_heads, model.config.dims_per_head)
-    c_sh = cache_sharding(model, mesh, cache_shape)
+    cache_shape = cache_shapes(model.config, b, p + n)
+    c_sh = cache_shardings(model, mesh, cache_shape)
 
     def decode(params, token, cache, index):
         mask = jnp.ones((b, p + n), jnp.int32)
@@ -214,9 +214,9 @@ def toy_build(cfg, mesh, *, model_overrides=None) -> Program:
     params_abs = abstract_params(model, mesh)
     p_sh = shardings_of(params_abs)
     rollout_fn = jax.jit(rollout, in_shardings=(p_sh, shard(2)), out_shardings=shard(2))
-    decode_fn = jax.jit(decode, in_shardings=(p_sh, shard(2), {"k": c_sh, "v": c_sh}, replicated(mesh)))
-    cache_abs = {k: jax.ShapeDtypeStruct(cache_shape, model.config.compute_dtype, sharding=c_sh)
-                 for k in ("k", "v")}
+    decode_fn = jax.jit(decode, in_shardings=(p_sh, shard(2), c_sh, replicated(mesh)))
+    cache_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                             cache_shape, c_sh)
     decode_step = Step("decode", decode_fn, (params_abs, jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=shard(2)),
                                              cache_abs, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))),
                        tokens=b)

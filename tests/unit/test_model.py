@@ -89,8 +89,14 @@ def test_kv_cache_decoding_equals_full_forward(arch, scan_layers):
     slot_mask = np.zeros((batch, total), np.int32)
     slot_mask[:, :prompt_len] = mask[:, :prompt_len]
     prefill, cache = step(params, ids[:, :prompt_len], slot_mask, cache, 0)
-    chex.assert_shape(cache["k"], (model.config.n_layers, batch, total, model.config.kv_heads,
-                                   model.config.dims_per_head))
+    kv, dh, n_layers = model.config.kv_heads, model.config.dims_per_head, model.config.n_layers
+    if scan_layers:     # keys and values [B, KV, S, Dh], stacked over layers
+        chex.assert_shape(cache["k"], (n_layers, batch, kv, total, dh))
+        chex.assert_shape(cache["v"], (n_layers, batch, kv, total, dh))
+    else:               # one buffer per layer, updated in place by the decode loop
+        assert len(cache["k"]) == len(cache["v"]) == n_layers
+        chex.assert_shape(cache["k"], [(batch, kv, total, dh)] * n_layers)
+        chex.assert_shape(cache["v"], [(batch, kv, total, dh)] * n_layers)
     real = mask[:, :prompt_len].astype(bool)
     diffs = [np.abs(np.asarray(prefill) - full[:, :prompt_len])[real].max()]
     for t in range(prompt_len, total):

@@ -21,8 +21,8 @@ from jax.sharding import Mesh
 
 from rlhf_jax import model_io
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.models.params import cache_sharding
-from rlhf_jax.models.transformer import Transformer
+from rlhf_jax.models.params import cache_shardings
+from rlhf_jax.models.transformer import Transformer, cache_shapes
 from rlhf_jax.optim import make_lr_schedule, make_optimizer
 from rlhf_jax.program import Program, Step, abstract_batch, abstract_key, abstract_like, random_batch
 from rlhf_jax.sampling import SamplingConfig
@@ -228,15 +228,14 @@ def optimizers(p: Any, n_iterations: int, updates: int):
 
 def decode_body(policy: Transformer, params: Any, batch: int, slots: int, mesh: Mesh) -> Step:
     """The rollout's decode loop body as its own step (XLA counts a loop body's FLOPs once)."""
-    cache_shape = (policy.config.n_layers, batch, slots, policy.config.kv_heads,
-                   policy.config.dims_per_head)
-    c_sh = cache_sharding(policy, mesh, cache_shape)
-    cache = {k: jax.ShapeDtypeStruct(cache_shape, policy.config.compute_dtype, sharding=c_sh)
-             for k in ("k", "v")}
+    shapes = cache_shapes(policy.config, batch, slots)
+    c_sh = cache_shardings(policy, mesh, shapes)
+    cache = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                         shapes, c_sh)
     shard, rep = functools.partial(batch_sharding, mesh), replicated(mesh)
     fn = jax.jit(functools.partial(decode_step, model=policy),
-                 in_shardings=(shardings_of(params), shard(2), shard(2), {"k": c_sh, "v": c_sh}, rep),
-                 out_shardings=(shard(2), {"k": c_sh, "v": c_sh}), donate_argnums=3)
+                 in_shardings=(shardings_of(params), shard(2), shard(2), c_sh, rep),
+                 out_shardings=(shard(2), c_sh), donate_argnums=3)
     args = (params, jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=shard(2)),
             jax.ShapeDtypeStruct((batch, slots), jnp.int32, sharding=shard(2)), cache,
             jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
