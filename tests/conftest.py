@@ -88,7 +88,7 @@ def gcs_emulator():
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py"), "start",
-         "--host=127.0.0.1",
+         "--host=127.0.0.1", "--quiet",
          f"--port={port}", "--in-memory", f"--default-bucket={GCS_BUCKET}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     host = f"http://127.0.0.1:{port}"
