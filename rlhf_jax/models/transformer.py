@@ -26,6 +26,7 @@ ids, so prefill + one-token steps give the full forward's logits.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -99,6 +100,41 @@ class Norm(nn.Module):
         return scale.astype(cfg.compute_dtype) * h.astype(cfg.compute_dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def project(x: Array, kernel: Array, in_dims: int) -> Array:
+    """``x``'s last ``in_dims`` dims contracted with ``kernel``'s first ``in_dims``.
+
+    Autodiff's gradients, with the weight gradient's product ordered activations-first
+    (``x^T g``). Autodiff orders it ``(g^T x)^T``, for which XLA:CPU's matmul wants a transposed
+    copy of the gradient, and it fuses the gradient's whole elementwise producer chain (layer-norm
+    and residual backward) into that copy, which then runs far below memory speed: ~15% of a
+    GPT-2-124M PPO update. Ordered this way the transposed operand is the stored activation, a
+    plain copy. Equal to autodiff up to float rounding (the matmul sums in another order).
+    """
+    return _project(x, kernel, in_dims)
+
+
+def _project(x: Array, kernel: Array, in_dims: int) -> Array:
+    contract = tuple(range(x.ndim - in_dims, x.ndim))
+    return jax.lax.dot_general(x, kernel, ((contract, tuple(range(in_dims))), ((), ())))
+
+
+def _project_fwd(x: Array, kernel: Array, in_dims: int):
+    return _project(x, kernel, in_dims), (x, kernel)
+
+
+def _project_bwd(in_dims: int, residuals, g: Array):
+    x, kernel = residuals
+    batch = tuple(range(x.ndim - in_dims))
+    g_features = tuple(range(len(batch), g.ndim))
+    dx = jax.lax.dot_general(g, kernel, ((g_features, tuple(range(in_dims, kernel.ndim))), ((), ())))
+    dkernel = jax.lax.dot_general(x, g, ((batch, batch), ((), ())))
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 class Projection(nn.Module):
     """``x @ kernel (+ bias)`` with a multi-dim kernel and logical axes per kernel dim."""
     in_dims: int                 # how many trailing dims of x are contracted
@@ -114,9 +150,7 @@ class Projection(nn.Module):
         in_shape = x.shape[x.ndim - self.in_dims:]
         kernel = self.param("kernel", _init(self.stddev, self.kernel_axes),
                             (*in_shape, *self.features), cfg.params_dtype)
-        contract = tuple(range(x.ndim - self.in_dims, x.ndim))
-        y = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
-                                ((contract, tuple(range(self.in_dims))), ((), ())))
+        y = project(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype), self.in_dims)
         if self.use_bias:
             bias = self.param("bias", _zeros(self.kernel_axes[self.in_dims:]), self.features,
                               cfg.params_dtype)

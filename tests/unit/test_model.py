@@ -318,3 +318,30 @@ def test_invalid_rope_scaling_config(overrides, message):
 def test_llama3_rope_needs_rope_positions():
     with pytest.raises(ValueError, match=r"needs position='rope', got 'learned'"):
         tiny_config("gpt2", **LLAMA3)
+
+
+# --- the projection's hand-ordered backward pass ----------------------------------------------
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("x_shape,kernel_shape,in_dims", [
+    ((2, 5, 8), (8, 3, 4), 1),        # q/k/v: [B, T, D] @ [D, H, Dh]
+    ((2, 5, 3, 4), (3, 4, 8), 2),     # o: [B, T, H, Dh] @ [H, Dh, D]
+    ((7, 8), (8, 6), 1),
+])
+def test_projection_gradients_equal_autodiff(x_shape, kernel_shape, in_dims, dtype):
+    from rlhf_jax.models.transformer import project
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+    kernel = jnp.asarray(rng.standard_normal(kernel_shape), dtype)
+    contract = tuple(range(x.ndim - in_dims, x.ndim))
+    plain = lambda x, k: jax.lax.dot_general(x, k, ((contract, tuple(range(in_dims))), ((), ())))
+    out = plain(x, kernel)
+    g = jnp.asarray(rng.standard_normal(out.shape), dtype)
+    np.testing.assert_array_equal(project(x, kernel, in_dims), out)
+    ours = jax.vjp(lambda x, k: project(x, k, in_dims), x, kernel)[1](g)
+    reference = jax.vjp(plain, x, kernel)[1](g)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    for a, b in zip(ours, reference):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol * float(jnp.abs(b).max()))
