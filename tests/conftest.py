@@ -7,11 +7,11 @@ Tiers are directories, and each test is marked with its directory's name:
 * ``tests/integration``  a stage, or a few steps of one, on tiny models;
 * ``tests/e2e``          pipelines, sweeps, notebooks, several processes.
 
-``-m "(unit or integration or smoke) and not (slow or heavy)"`` is the README's ten-minute
-command (``smoke``: the one small end-to-end run, SFT -> RM -> PPO-ptx on 2 processes with the
-workdir on an emulated GCS, killed and resumed; ``heavy``: unit or integration checks that the
-full tier, ``-m "not slow"``, runs instead); no ``-m`` runs everything, the micro pipeline of
-every stage included.
+``-m "(unit or integration) and not (slow or heavy)"`` and then ``-m smoke`` on its own are the
+README's ten-minute command (``smoke``: the one small end-to-end run, SFT -> RM -> PPO-ptx on 2
+processes with the workdir on an emulated GCS, killed and resumed; alone because it starts its
+own processes; ``heavy``: unit or integration checks that the full tier, ``-m "not slow"``, runs
+instead); no ``-m`` runs everything, the micro pipeline of every stage included.
 """
 import os
 
