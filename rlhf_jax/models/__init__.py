@@ -9,7 +9,7 @@ from rlhf_jax.models.transformer import (Transformer, cache_shapes, default_posi
 
 __all__ = [
     "CheckpointFormatError", "Transformer", "TransformerConfig", "abstract_params",
-    "cache_shapes", "default_position_ids", "from_pretrained", "gpt2_config", "init_cache", "init_params",
-    "llama_config", "param_shardings", "place_params", "qwen2_config", "save_pretrained",
+    "cache_shapes", "default_position_ids", "from_pretrained", "gpt2_config", "init_cache",
+    "init_params", "llama_config", "param_shardings", "place_params", "qwen2_config", "save_pretrained",
     "stack_layers", "tiny_config", "unstack_layers",
 ]

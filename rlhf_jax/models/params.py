@@ -76,13 +76,8 @@ def place_params(params: PyTree, model: Transformer, mesh: Mesh | None) -> PyTre
 def cache_shardings(model: Transformer, mesh: Mesh, cache: Cache) -> Cache:
     """Shardings for a KV cache (arrays or ``ShapeDtypeStruct``s from ``cache_shapes``), same tree."""
     mesh = as_auto_mesh(mesh)
-
-    def one(name: str, leaf) -> NamedSharding:
-        axes = cache_axes(name, leaf.ndim)
-        return NamedSharding(mesh, logical_to_spec(axes, mesh, model.rules, shape=leaf.shape))
-
-    return {name: jax.tree.map(lambda leaf, name=name: one(name, leaf), buffers)
-            for name, buffers in cache.items()}
+    return jax.tree.map(lambda leaf: NamedSharding(mesh, logical_to_spec(
+        cache_axes(leaf.ndim), mesh, model.rules, shape=leaf.shape)), cache)
 
 
 def stack_layers(params: PyTree, n_layers: int) -> PyTree:

@@ -20,9 +20,9 @@ attention products of a decode step are batched matmuls over (B, KV) with no tra
 the cache per layer and token (and bf16 x bf16 -> f32 dots stay supported on CPU). Unscanned
 layers keep one buffer per layer (``{"k": (k_0, .., k_{L-1}), "v": (...)}``), so the decode loop
 updates each in place instead of restacking all layers every token; scanned layers stack them
-under a leading layer axis. All sequences of a batch write slot ``cache_index``
-together; left padding is handled by the attention mask over slots and by per-sequence position
-ids, so prefill + one-token steps give the full forward's logits.
+under a leading layer axis. All sequences of a batch write slot ``cache_index`` together; left
+padding is handled by the attention mask over slots and by per-sequence position ids, so
+prefill + one-token steps give the full forward's logits.
 """
 from __future__ import annotations
 
@@ -333,21 +333,19 @@ def default_position_ids(attention_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-_CACHE_AXES = {"k": ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim"),
-               "v": ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")}
+_CACHE_AXES = ("cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
 
 
 def cache_shapes(config: TransformerConfig, batch_size: int, max_length: int,
                  dtype: Any = None) -> Cache:
     """The cache's structure as ``jax.ShapeDtypeStruct`` leaves (see the module docs)."""
     dtype = dtype or config.compute_dtype
-    kv, dh = config.kv_heads, config.dims_per_head
-    layer = {"k": (batch_size, kv, max_length, dh), "v": (batch_size, kv, max_length, dh)}
+    shape = (batch_size, config.kv_heads, max_length, config.dims_per_head)
     if config.scan_layers:
-        return {name: jax.ShapeDtypeStruct((config.n_layers, *shape), dtype)
-                for name, shape in layer.items()}
-    return {name: tuple(jax.ShapeDtypeStruct(shape, dtype) for _ in range(config.n_layers))
-            for name, shape in layer.items()}
+        buffers = jax.ShapeDtypeStruct((config.n_layers, *shape), dtype)
+    else:
+        buffers = tuple(jax.ShapeDtypeStruct(shape, dtype) for _ in range(config.n_layers))
+    return {"k": buffers, "v": buffers}
 
 
 def init_cache(config: TransformerConfig, batch_size: int, max_length: int,
@@ -357,9 +355,9 @@ def init_cache(config: TransformerConfig, batch_size: int, max_length: int,
                         cache_shapes(config, batch_size, max_length, dtype))
 
 
-def cache_axes(name: str, ndim: int) -> tuple[str, ...]:
-    """Logical axes of one cache buffer: ``name`` "k" or "v"; ``ndim`` 5 when layers are stacked."""
-    return ("cache_layers",) * (ndim - 4) + _CACHE_AXES[name]
+def cache_axes(ndim: int) -> tuple[str, ...]:
+    """Logical axes of one K or V cache buffer (``ndim`` 5 when layers are stacked)."""
+    return ("cache_layers",) * (ndim - 4) + _CACHE_AXES
 
 
 def cache_slots(cache: Cache) -> int:
